@@ -1,0 +1,41 @@
+rockspec_format = "3.0"
+package = "flowservice"
+version = "scm-1"
+source = {
+  url = "git+https://github.com/lua-flowservice/lua-flowservice.git",
+}
+description = {
+  summary = "Re-trigger failed Adobe Experience Platform dataflow runs (Flow Service API)",
+  detailed = [[
+A Lua module with its HTTP core in C over libcurl: flowservice.retrigger(run_id, opts)
+calls POST {base}/runs/{RUN_ID}/action?op=re-trigger on Adobe's Flow Service and returns
+the new run's { id, etag }, or nil and a structured error.
+]],
+  homepage = "https://github.com/lua-flowservice/lua-flowservice",
+  license = "MIT",
+}
+dependencies = {
+  "lua >= 5.1, < 5.5",
+  "lua-cjson >= 2.1.0",
+}
+external_dependencies = {
+  -- Debian keeps curl.h under /usr/include/<multiarch>: pass CURL_INCDIR there
+  CURL = { header = "curl/curl.h", library = "curl" },
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["flowservice"] = "lua/flowservice.lua",
+    ["flowservice.errors"] = "lua/flowservice/errors.lua",
+    ["flowservice.core"] = {
+      sources = { "src/core.c", "src/engine.c", "src/request.c" },
+      libraries = { "curl" },
+      incdirs = { "$(CURL_INCDIR)" },
+      libdirs = { "$(CURL_LIBDIR)" },
+    },
+  },
+}
+test = {
+  type = "command",
+  command = "make test",
+}

@@ -1,0 +1,365 @@
+-- Start, stop and steer the fake Flow Service (fake/) from plain Lua.
+--
+--   local fake = require "spec.support.fake"
+--   local server = fake.start{ tls = { cert = ..., key = ..., http2 = false },
+--                              fixture = "fake/runs.json" }
+--   ... server.url, server.tls_url, server:scenario{ status = 429, retry_after = "1" } ...
+--   server:stop()
+--
+-- The server is a real nginx on loopback with its own prefix directory, so it
+-- neither needs nor touches a system nginx. Control requests go through the
+-- curl command line, not through the code under test.
+
+local cjson = require("cjson").new()
+
+local assert, error, ipairs, pairs, pcall, setmetatable, tonumber, tostring, type =
+      assert, error, ipairs, pairs, pcall, setmetatable, tonumber, tostring, type
+local io_open, io_popen = io.open, io.popen
+local os_execute, os_getenv, os_remove, os_time = os.execute, os.getenv, os.remove, os.time
+local math_random = math.random
+local str_format = string.format
+local table_concat = table.concat
+
+local fake = { _VERSION = "0.1.0" }
+
+-- What fake/runs.json accepts; handy for tests and the demo.
+fake.credentials = {
+  access_token = "fake-token",
+  api_key = "fake-api-key",
+  org = "FAKEORG@AdobeOrg",
+  sandbox = "prod",
+}
+
+local NGINX = os_getenv("FAKE_NGINX") or "nginx"
+local START_TRIES = 20
+local WAIT_SECONDS = 5
+
+---------------------------------------------------------------------------
+-- shell helpers
+
+local function q(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- os.execute returns a number on 5.1 and (ok, how, code) on 5.2+.
+local function execute(cmd)
+  local a, _, c = os_execute(cmd)
+  if type(a) == "number" then return a == 0, a end
+  return a == true, c
+end
+
+local function capture(cmd)
+  local p = assert(io_popen(cmd, "r"))
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+
+local function read_file(path)
+  local f = io_open(path, "rb")
+  if not f then return nil end
+  local data = f:read("*a")
+  f:close()
+  return data
+end
+
+local function write_file(path, data)
+  local f = assert(io_open(path, "wb"))
+  assert(f:write(data))
+  f:close()
+end
+
+local function sleep(seconds)
+  execute("sleep " .. tostring(seconds))
+end
+
+local function alive(pid)
+  return execute(str_format("kill -0 %d 2>/dev/null", pid))
+end
+
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  local pwd = capture("pwd"):gsub("\n$", "")
+  return pwd .. "/" .. path
+end
+
+-- Paths end up inside nginx.conf and a Lua string there: refuse characters
+-- that would need quoting rather than quote them halfway.
+local function safe_path(path, what)
+  if path:find('[%c"\'{};$\\]') then
+    error(what .. " path has characters nginx.conf cannot take: " .. path, 3)
+  end
+  return path
+end
+
+-- The repository root, found from this file, so tests may run from anywhere.
+local function repo_root()
+  local source = debug.getinfo(1, "S").source
+  local dir = source:sub(2):match("^(.*)/[^/]*$") or "."
+  local root = capture("cd " .. q(absolute(dir) .. "/../..") .. " && pwd -P"):gsub("\n$", "")
+  return root
+end
+
+-- A port from /dev/urandom, so parallel processes started in the same second
+-- differ, without reseeding the math.random that busted itself uses.
+local function random_port()
+  local f = io_open("/dev/urandom", "rb")
+  local n
+  if f then
+    local b = f:read(4)
+    f:close()
+    n = 0
+    for i = 1, #b do n = n * 256 + b:byte(i) end
+  else
+    n = math_random(0, 2 ^ 30)
+  end
+  return 20000 + n % 41000
+end
+
+local function escape_segment(s)
+  return (tostring(s):gsub("[^%w%-%._~]", function(c)
+    return str_format("%%%02X", c:byte())
+  end))
+end
+
+---------------------------------------------------------------------------
+-- HTTP through the curl CLI
+
+local function curl(args, out_file, header_file)
+  local cmd = { "curl -s --noproxy '*' --max-time 10 -o", q(out_file),
+                "-w '%{http_code}'" }
+  if header_file then cmd[#cmd + 1] = "-D " .. q(header_file) end
+  for _, a in ipairs(args) do cmd[#cmd + 1] = a end
+  local code = tonumber(capture(table_concat(cmd, " ") .. " 2>/dev/null"))
+  local body = read_file(out_file) or ""
+  os_remove(out_file)
+  return code, body
+end
+
+local function parse_headers(text)
+  local headers = {}
+  -- With -D, curl writes every response (e.g. a 100 Continue too); keep the last.
+  local last = text:match(".*\r?\n\r?\n(HTTP/.+)$") or text
+  for line in last:gmatch("[^\r\n]+") do
+    local name, value = line:match("^([^:]+):%s*(.-)%s*$")
+    if name then
+      name = name:lower()
+      local old = headers[name]
+      if old == nil then headers[name] = value
+      elseif type(old) == "table" then old[#old + 1] = value
+      else headers[name] = { old, value } end
+    end
+  end
+  return headers
+end
+
+---------------------------------------------------------------------------
+-- the server object
+
+local Server = {}
+Server.__index = Server
+
+function Server:_control(method, path, body)
+  if self.stopped then error("fake server is stopped", 3) end
+  local args = { "-X " .. method }
+  if body then
+    local file = self.prefix .. "/control-body.json"
+    write_file(file, body)
+    args[#args + 1] = "-H 'Content-Type: application/json' --data-binary @" .. q(file)
+  end
+  args[#args + 1] = q(self.url .. path)
+  local code, text = curl(args, self.prefix .. "/control-out")
+  return code, text
+end
+
+local function control_json(self, method, path, body)
+  local code, text = self:_control(method, path, body)
+  if code ~= 200 then
+    error(str_format("fake: %s %s answered %s: %s", method, path, tostring(code), text), 3)
+  end
+  return cjson.decode(text)
+end
+
+function Server:reset()
+  control_json(self, "POST", "/_fake/reset", "")
+end
+
+function Server:scenario(t)
+  assert(type(t) == "table", "scenario must be a table")
+  control_json(self, "POST", "/_fake/scenario", cjson.encode(t))
+end
+
+function Server:requests()
+  return control_json(self, "GET", "/_fake/requests")
+end
+
+function Server:clear_requests()
+  control_json(self, "DELETE", "/_fake/requests")
+end
+
+function Server:runs()
+  return control_json(self, "GET", "/_fake/runs")
+end
+
+function Server:run(id)
+  local code, text = self:_control("GET", "/_fake/runs/" .. escape_segment(id))
+  if code == 404 then return nil end
+  if code ~= 200 then error("fake: GET run answered " .. tostring(code) .. ": " .. text, 2) end
+  return cjson.decode(text)
+end
+
+-- Not part of the client's world: a plain curl request, for the fake's own
+-- tests and for scripts that want to poke the server by hand.
+--   opts.method ("GET"), opts.path ("/"), opts.headers { name = value },
+--   opts.auth (true: add fake.credentials' headers), opts.body (string),
+--   opts.tls (use tls_url), opts.cacert (else -k), opts.http2 (ask for h2)
+-- Returns { status = n (0 when no HTTP answer), headers = {lowercase = value}, body = s }.
+function Server:http(opts)
+  opts = opts or {}
+  local args = { "-X " .. (opts.method or "GET") }
+  local headers = {}
+  if opts.auth then
+    headers["Authorization"] = "Bearer " .. fake.credentials.access_token
+    headers["x-api-key"] = fake.credentials.api_key
+    headers["x-gw-ims-org-id"] = fake.credentials.org
+    headers["x-sandbox-name"] = fake.credentials.sandbox
+  end
+  for k, v in pairs(opts.headers or {}) do headers[k] = v end
+  for k, v in pairs(headers) do
+    -- "Name;" is curl's way to send a header with an empty value
+    args[#args + 1] = "-H " .. q(v == "" and (k .. ";") or (k .. ": " .. v))
+  end
+  if opts.body then
+    local file = self.prefix .. "/http-body"
+    write_file(file, opts.body)
+    args[#args + 1] = "--data-binary @" .. q(file)
+  end
+  local base = self.url
+  if opts.tls then
+    base = assert(self.tls_url, "server has no TLS listener")
+    args[#args + 1] = opts.cacert and ("--cacert " .. q(opts.cacert)) or "-k"
+    args[#args + 1] = opts.http2 and "--http2" or "--http1.1"
+  end
+  args[#args + 1] = q(base .. (opts.path or "/"))
+  local header_file = self.prefix .. "/http-headers"
+  local code, body = curl(args, self.prefix .. "/http-out", header_file)
+  local header_text = read_file(header_file) or ""
+  os_remove(header_file)
+  return { status = code or 0, headers = parse_headers(header_text), body = body }
+end
+
+-- Stop by pid: TERM the master, wait for it (and its worker) to go, then
+-- remove the prefix. Safe to call twice, and from __gc.
+function Server:stop()
+  if self.stopped then return end
+  self.stopped = true
+  local pids = { self.pid, self.worker_pid }
+  if self.pid then execute(str_format("kill -TERM %d 2>/dev/null", self.pid)) end
+  for _ = 1, WAIT_SECONDS * 20 do
+    local any = false
+    for _, pid in pairs(pids) do
+      if alive(pid) then any = true end
+    end
+    if not any then break end
+    sleep(0.05)
+  end
+  for _, pid in pairs(pids) do
+    if alive(pid) then execute(str_format("kill -KILL %d 2>/dev/null", pid)) end
+  end
+  -- Only ever remove a directory this module made.
+  if self.prefix and self.prefix:match("^/.+/flowservice%-fake%.[%w]+$") then
+    execute("rm -rf " .. q(self.prefix))
+  end
+end
+
+-- A test file that dies half-way must not leave nginx behind.
+local function finalize(self) pcall(Server.stop, self) end
+local Server_mt = { __index = Server, __gc = finalize, __close = finalize }
+
+---------------------------------------------------------------------------
+-- starting
+
+local function tls_block(tls, port)
+  local cert = safe_path(absolute(assert(tls.cert, "tls.cert is required")), "tls.cert")
+  local key = safe_path(absolute(assert(tls.key, "tls.key is required")), "tls.key")
+  return table_concat({
+    str_format("        listen 127.0.0.1:%d ssl%s;", port, tls.http2 and " http2" or ""),
+    str_format('        ssl_certificate "%s";', cert),
+    str_format('        ssl_certificate_key "%s";', key),
+  }, "\n")
+end
+
+local function bind_failure(text)
+  return text:find("Address already in use", 1, true) or text:find("bind() to", 1, true)
+end
+
+function fake.start(opts)
+  opts = opts or {}
+  local root = repo_root()
+  local fake_dir = safe_path(root .. "/fake", "fake/")
+  local fixture = safe_path(absolute(opts.fixture or (fake_dir .. "/runs.json")), "fixture")
+  if not read_file(fixture) then error("fixture not readable: " .. fixture, 2) end
+  local template = assert(read_file(fake_dir .. "/nginx.conf.in"))
+
+  local prefix = capture("mktemp -d \"${TMPDIR:-/tmp}/flowservice-fake.XXXXXXXX\""):gsub("\n$", "")
+  assert(prefix:match("^/.+/flowservice%-fake%.[%w]+$"), "mktemp failed: " .. prefix)
+  safe_path(prefix, "prefix")
+  local server = setmetatable({ prefix = prefix, fixture = fixture }, Server_mt)
+
+  local port, tls_port, started, last_log
+  for _ = 1, START_TRIES do
+    port = random_port()
+    repeat tls_port = random_port() until tls_port ~= port
+    local values = {
+      PREFIX = prefix,
+      FAKEDIR = fake_dir,
+      FIXTURE_LUA = str_format("%q", fixture),
+      PORT = tostring(port),
+      TLS = opts.tls and tls_block(opts.tls, tls_port) or "",
+    }
+    local conf = template:gsub("@([%u_]+)@", function(name)
+      return assert(values[name], "unknown slot @" .. name .. "@")
+    end)
+    write_file(prefix .. "/nginx.conf", conf)
+    os_remove(prefix .. "/error.log")
+    -- Output to a file, never a pipe: the daemon would keep a pipe open.
+    local ok = execute(str_format("%s -p %s -c %s -e %s > %s 2>&1 < /dev/null",
+      NGINX, q(prefix .. "/"), q(prefix .. "/nginx.conf"), q(prefix .. "/error.log"),
+      q(prefix .. "/start.log")))
+    if ok then started = true break end
+    last_log = (read_file(prefix .. "/start.log") or "") .. (read_file(prefix .. "/error.log") or "")
+    if not bind_failure(last_log) then break end
+  end
+  if not started then
+    server.stopped = true
+    execute("rm -rf " .. q(prefix))
+    error("fake: nginx did not start:\n" .. tostring(last_log), 2)
+  end
+
+  server.port = port
+  server.url = "http://127.0.0.1:" .. port
+  if opts.tls then
+    server.tls_port = tls_port
+    server.tls_url = "https://127.0.0.1:" .. tls_port
+    server.tls_localhost_url = "https://localhost:" .. tls_port
+  end
+
+  -- nginx has daemonized; wait for the pid file and a health answer.
+  for _ = 1, WAIT_SECONDS * 20 do
+    server.pid = server.pid or tonumber(read_file(prefix .. "/nginx.pid") or "")
+    if server.pid then
+      local code, text = server:_control("GET", "/_fake/health")
+      if code == 200 then
+        -- cjson decodes every number as a float; pids are used in commands
+        server.worker_pid = math.floor(cjson.decode(text).pid)
+        return server
+      end
+    end
+    sleep(0.05)
+  end
+  local log = read_file(prefix .. "/error.log") or ""
+  server:stop()
+  error("fake: nginx started but never answered /_fake/health:\n" .. log, 2)
+end
+
+return fake

@@ -1,0 +1,36 @@
+/*
+** Lua 5.1 / LuaJIT shims, so the rest of src/ reads as Lua 5.4 code.
+** LuaJIT 2.1 already ships luaL_setfuncs and luaL_newlib: the shims carry
+** their own names so they can never clash with its exported symbols.
+*/
+#ifndef FLOWSERVICE_COMPAT_H
+#define FLOWSERVICE_COMPAT_H
+
+#include "lua.h"
+#include "lauxlib.h"
+
+#if LUA_VERSION_NUM < 502
+
+static void fs_compat_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
+  luaL_checkstack(L, nup + 1, "too many upvalues");
+  for (; l->name != NULL; l++) {
+    int i;
+    for (i = 0; i < nup; i++)  /* copy upvalues to the top */
+      lua_pushvalue(L, -nup);
+    lua_pushcclosure(L, l->func, nup);
+    lua_setfield(L, -(nup + 2), l->name);
+  }
+  lua_pop(L, nup);
+}
+
+#define fs_setfuncs fs_compat_setfuncs
+#define fs_rawlen(L, i) lua_objlen((L), (i))
+
+#else
+
+#define fs_setfuncs luaL_setfuncs
+#define fs_rawlen(L, i) lua_rawlen((L), (i))
+
+#endif
+
+#endif
