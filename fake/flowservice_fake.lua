@@ -28,6 +28,7 @@ local ERROR_TYPE_BASE = "https://ns.adobe.com/aep/errors/"
 
 local state = {
   fixture_path = nil,
+  fixture_text = nil,
   credentials = nil,   -- { access_tokens = set, api_keys = set, orgs = set, sandboxes = set }
   flows = nil,         -- id -> flow
   runs = nil,          -- array of run objects, fixture order, new runs appended
@@ -99,12 +100,10 @@ end
 ---------------------------------------------------------------------------
 -- fixture
 
-local function load_fixture(path)
-  local text, err = read_file(path)
-  if not text then error("fake: cannot read fixture: " .. tostring(err)) end
+local function load_fixture(text)
   local ok, doc = pcall(cjson.decode, text)
   if not ok or type(doc) ~= "table" then
-    error("fake: fixture " .. path .. " is not a JSON object: " .. tostring(doc))
+    error("fake: fixture " .. state.fixture_path .. " is not a JSON object: " .. tostring(doc))
   end
   local creds = doc.credentials or {}
   state.credentials = {
@@ -127,13 +126,19 @@ end
 
 -- Called from init_by_lua (in the master, before the worker forks), so a bad
 -- fixture stops nginx from starting instead of failing the first request.
+-- The text is kept: reset decodes it again rather than rereading the file,
+-- because the worker runs as another user (nobody, when started as root)
+-- and may not be allowed to read it.
 function _M.init(fixture_path)
+  local text, err = read_file(fixture_path)
+  if not text then error("fake: cannot read fixture: " .. tostring(err)) end
   state.fixture_path = fixture_path
-  load_fixture(fixture_path)
+  state.fixture_text = text
+  load_fixture(text)
 end
 
 local function reset()
-  load_fixture(state.fixture_path)
+  load_fixture(state.fixture_text)
   state.scenarios = {}
   state.requests = {}
 end
@@ -545,6 +550,10 @@ local function dispatch()
 
   local rec = record(method, raw_path, true, sc)
   local request_id = single(rec.headers["x-request-id"]) or nil
+  -- nginx's not_modified filter answers its own HTML 412 to any 200 whose
+  -- request carries If-Match but whose response has no ETag. The fake does
+  -- the If-Match check itself (from rec.headers), so hide it from nginx.
+  ngx.req.clear_header("If-Match")
   if delay then ngx.sleep(delay) end
 
   if sc.drop == "after" then return "abort" end

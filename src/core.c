@@ -576,6 +576,8 @@ int luaopen_flowservice_core(lua_State *L) {
   lua_setfield(L, -4, "defaults");
   fs_setfuncs(L, functions, 2);
   set_string(L, "_VERSION", FS_VERSION);
-  set_string(L, "curl_version", curl_version());
+  /* not curl_version(): it initialises libldap/libsasl, whose memory is
+  ** lost when Lua unloads the library at exit */
+  set_string(L, "curl_version", curl_version_info(CURLVERSION_NOW)->version);
   return 1;
 }

@@ -48,11 +48,12 @@ local function execute(cmd)
   return a == true, c
 end
 
+-- Output and, on 5.2+, the exit status (5.1's close does not report it).
 local function capture(cmd)
   local p = assert(io_popen(cmd, "r"))
   local out = p:read("*a")
-  p:close()
-  return out
+  local _, _, code = p:close()
+  return out, code
 end
 
 local function read_file(path)
@@ -73,8 +74,13 @@ local function sleep(seconds)
   execute("sleep " .. tostring(seconds))
 end
 
+-- Read /proc rather than `kill -0`: a master that exited but is not yet
+-- reaped (PID 1 in some containers reaps slowly) still answers kill -0.
 local function alive(pid)
-  return execute(str_format("kill -0 %d 2>/dev/null", pid))
+  local stat = read_file(str_format("/proc/%d/stat", pid))
+  if not stat then return false end
+  local st = stat:match("%) (%a)")
+  return st ~= "Z" and st ~= "X"
 end
 
 local function absolute(path)
@@ -130,10 +136,10 @@ local function curl(args, out_file, header_file)
                 "-w '%{http_code}'" }
   if header_file then cmd[#cmd + 1] = "-D " .. q(header_file) end
   for _, a in ipairs(args) do cmd[#cmd + 1] = a end
-  local code = tonumber(capture(table_concat(cmd, " ") .. " 2>/dev/null"))
+  local out, exit_code = capture(table_concat(cmd, " ") .. " 2>/dev/null")
   local body = read_file(out_file) or ""
   os_remove(out_file)
-  return code, body
+  return tonumber(out), body, exit_code
 end
 
 local function parse_headers(text)
@@ -213,7 +219,8 @@ end
 --   opts.method ("GET"), opts.path ("/"), opts.headers { name = value },
 --   opts.auth (true: add fake.credentials' headers), opts.body (string),
 --   opts.tls (use tls_url), opts.cacert (else -k), opts.http2 (ask for h2)
--- Returns { status = n (0 when no HTTP answer), headers = {lowercase = value}, body = s }.
+-- Returns { status = n (0 when no HTTP answer), headers = {lowercase = value},
+-- body = s, curl_exit = n (curl's exit status: 52 empty reply, 18 short body) }.
 function Server:http(opts)
   opts = opts or {}
   local args = { "-X " .. (opts.method or "GET") }
@@ -242,10 +249,11 @@ function Server:http(opts)
   end
   args[#args + 1] = q(base .. (opts.path or "/"))
   local header_file = self.prefix .. "/http-headers"
-  local code, body = curl(args, self.prefix .. "/http-out", header_file)
+  local code, body, exit_code = curl(args, self.prefix .. "/http-out", header_file)
   local header_text = read_file(header_file) or ""
   os_remove(header_file)
-  return { status = code or 0, headers = parse_headers(header_text), body = body }
+  return { status = code or 0, headers = parse_headers(header_text), body = body,
+           curl_exit = exit_code }
 end
 
 -- Stop by pid: TERM the master, wait for it (and its worker) to go, then
@@ -272,8 +280,28 @@ function Server:stop()
   end
 end
 
--- A test file that dies half-way must not leave nginx behind.
+-- A test file that dies half-way must not leave nginx behind: __gc covers a
+-- Lua error that drops the server, the watchdog covers a process that is
+-- killed (SIGKILL, SIGPIPE into `| head`, Ctrl-C) and never runs __gc.
 local function finalize(self) pcall(Server.stop, self) end
+
+local WATCHDOG = [[
+alive() { [ -r /proc/$1/stat ] && ! grep -q ') Z ' /proc/$1/stat 2>/dev/null; }
+while alive "$0" && alive "$1"; do sleep 1; done
+if alive "$1"; then
+  kill -TERM "$1"
+  i=0; while alive "$1" && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  rm -rf "$2"
+fi
+]]
+
+-- setsid: its own session, so the Ctrl-C that kills the tests spares it.
+local function start_watchdog(server)
+  local owner = tonumber((capture("echo $PPID")))   -- the shell's parent: this process
+  if not owner then return end
+  execute(str_format("setsid sh -c %s %d %d %s >/dev/null 2>&1 </dev/null &",
+                     q(WATCHDOG), owner, server.pid, q(server.prefix)))
+end
 local Server_mt = { __index = Server, __gc = finalize, __close = finalize }
 
 ---------------------------------------------------------------------------
@@ -304,6 +332,9 @@ function fake.start(opts)
   local prefix = capture("mktemp -d \"${TMPDIR:-/tmp}/flowservice-fake.XXXXXXXX\""):gsub("\n$", "")
   assert(prefix:match("^/.+/flowservice%-fake%.[%w]+$"), "mktemp failed: " .. prefix)
   safe_path(prefix, "prefix")
+  -- Run as root, nginx's worker becomes "nobody": it must be able to enter
+  -- the prefix (mktemp makes it 0700) to reach its temp directories.
+  execute("chmod 755 " .. q(prefix))
   local server = setmetatable({ prefix = prefix, fixture = fixture }, Server_mt)
 
   local port, tls_port, started, last_log
@@ -352,6 +383,7 @@ function fake.start(opts)
       if code == 200 then
         -- cjson decodes every number as a float; pids are used in commands
         server.worker_pid = math.floor(cjson.decode(text).pid)
+        start_watchdog(server)
         return server
       end
     end

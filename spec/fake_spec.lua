@@ -1,0 +1,495 @@
+-- Tests of the fake Flow Service itself (fake/ and spec/support/fake.lua),
+-- driven with the curl command line, so they do not depend on the client.
+
+local fake = require "spec.support.fake"
+local cjson = require("cjson").new()
+
+local RUN = "4fb0418e-1804-45d6-8d56-dd51f05c0baf"          -- failed, enabled batch flow
+local FLOW = "fb5d688d-7698-4db6-a45e-8d510fa38dba"
+local RUN_SUCCESS_EMPTY = "85207196-0b5a-4a30-810d-652a7c9bba19"
+local RUN_SUCCESS_RECORDS = "74bf93af-1a48-495c-a676-129b8c7c88fa"
+local RUN_IN_PROGRESS = "4b4d9994-47a0-49a4-a74c-4fae634d1444"
+local RUN_PARTIAL = "2d233407-f793-42e3-9656-26a8318c1a05"
+local RUN_CAPITAL_FAILED = "7cb50575-f551-4357-ae96-9dd3a00a4260"
+local RUN_DISABLED_FLOW = "6f04fa55-31e7-4f05-9b82-9ff5a7d1f6f3"
+local RUN_STREAMING = "dad368aa-a84e-4222-b76e-1da9ba55b673"
+
+local UUID4 = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
+
+local function action(id, op)
+  return "/runs/" .. id .. "/action?op=" .. (op or "re-trigger")
+end
+
+local function sh(cmd)
+  local ok = os.execute(cmd)
+  return ok == true or ok == 0
+end
+
+local function alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local state = f:read("*a"):match("%) (%a)")
+  f:close()
+  return state ~= "Z"
+end
+
+local function dir_exists(path)
+  return sh("test -d '" .. path .. "'")
+end
+
+local function now()
+  local p = io.popen("date +%s.%N")
+  local t = tonumber(p:read("*a"))
+  p:close()
+  return t
+end
+
+describe("fake Flow Service", function()
+  local server
+
+  setup(function()
+    server = fake.start()
+  end)
+
+  teardown(function()
+    server:stop()
+  end)
+
+  before_each(function()
+    server:reset()
+  end)
+
+  describe("start", function()
+    it("runs nginx in its own prefix and answers health", function()
+      assert.matches("^http://127%.0%.0%.1:%d+$", server.url)
+      assert.is_nil(server.tls_url)
+      assert.is_number(server.pid)
+      assert.is_true(alive(server.pid))
+      assert.is_true(dir_exists(server.prefix))
+      local res = server:http{ path = "/_fake/health" }
+      assert.equal(200, res.status)
+      assert.is_true(cjson.decode(res.body).ok)
+    end)
+
+    it("refuses a fixture that is not JSON, with nginx's message", function()
+      local dir = server.prefix .. "/badfixture"
+      assert.is_true(sh("mkdir -p '" .. dir .. "' && echo 'not json' > '" .. dir .. "/runs.json'"))
+      local ok, err = pcall(fake.start, { fixture = dir .. "/runs.json" })
+      assert.is_false(ok)
+      assert.matches("not a JSON object", tostring(err))
+    end)
+  end)
+
+  describe("seed", function()
+    it("loads the fixture runs with exact epoch-ms values and quoted etags", function()
+      local runs = server:runs()
+      assert.equal(13, #runs)
+      local run = server:run(RUN)
+      assert.equal(FLOW, run.flowId)
+      assert.equal('"0a00c1b2-0000-0200-0000-6390a5c90000"', run.etag)
+      assert.equal(1670444672602, run.createdAt)
+      assert.equal("1670444672602", string.format("%.0f", run.createdAt))
+      assert.equal("failed", run.metrics.statusSummary.status)
+      assert.equal(0, run.metrics.recordSummary.outputRecordCount)
+      assert.is_nil(server:run("00000000-0000-4000-8000-000000000000"))
+    end)
+  end)
+
+  describe("re-trigger", function()
+    it("answers with a new run and leaves the original as it was", function()
+      local before = server:run(RUN)
+      local res = server:http{ method = "POST", path = action(RUN), auth = true,
+                               headers = { ["x-request-id"] = "req-1" } }
+      assert.equal(200, res.status)
+      assert.equal("application/json", res.headers["content-type"])
+      assert.equal("req-1", res.headers["x-request-id"])
+      local body = cjson.decode(res.body)
+      assert.matches(UUID4, body.id)
+      assert.matches('^"%x+%-0000%-0200%-0000%-%x+"$', body.etag)
+      assert.not_equal(RUN, body.id)
+
+      local new = server:run(body.id)
+      assert.equal(FLOW, new.flowId)
+      assert.equal(body.etag, new.etag)
+      assert.equal("inProgress", new.metrics.statusSummary.status)
+      assert.equal(0, new.metrics.recordSummary.outputRecordCount)
+      assert.is_true(math.abs(new.createdAt / 1000 - os.time()) < 5)
+      assert.same(before, server:run(RUN))
+      assert.equal(14, #server:runs())
+
+      -- a failed run can be re-triggered again, with another new run
+      local again = cjson.decode(server:http{ method = "POST", path = action(RUN), auth = true }.body)
+      assert.not_equal(body.id, again.id)
+      assert.equal(15, #server:runs())
+    end)
+
+    it("accepts RE_TRIGGER, percent-escaped ids and a matching If-Match", function()
+      assert.equal(200, server:http{ method = "POST", path = action(RUN, "RE_TRIGGER"), auth = true }.status)
+      local escaped = RUN:gsub("%-", "%%2D")
+      assert.equal(200, server:http{ method = "POST", path = action(escaped), auth = true }.status)
+      local etag = server:run(RUN_SUCCESS_EMPTY).etag
+      assert.equal(200, server:http{ method = "POST", path = action(RUN_SUCCESS_EMPTY), auth = true,
+                                     headers = { ["If-Match"] = etag } }.status)
+      assert.equal(200, server:http{ method = "POST", path = action(RUN_CAPITAL_FAILED), auth = true }.status)
+      server:reset()
+      assert.equal(13, #server:runs())
+    end)
+
+    local function problem(path, headers)
+      local res = server:http{ method = "POST", path = path, auth = true, headers = headers }
+      local body = cjson.decode(res.body)
+      return res.status, body.type and body.type:match("[^/]+$"), body, res
+    end
+
+    it("answers Flow Service problem documents for refused actions", function()
+      local cases = {
+        { action(RUN, "delete"), 400, "FLOW-1401-400" },
+        { action(RUN, ""), 400, "FLOW-1401-400" },
+        { action("00000000-0000-4000-8000-000000000000"), 404, "FLOW-1101-404" },
+        { action(RUN_DISABLED_FLOW), 400, "FLOW-1388-400" },
+        { action(RUN_STREAMING), 400, "FLOW-1333-400" },
+        { action(RUN_SUCCESS_RECORDS), 400, "FLOW-1387-400" },
+        { action(RUN_IN_PROGRESS), 400, "FLOW-1387-400" },
+        { action(RUN_PARTIAL), 400, "FLOW-1387-400" },
+      }
+      for _, c in ipairs(cases) do
+        local status, code, body = problem(c[1])
+        assert.equal(c[2], status, c[1])
+        assert.equal(c[3], code, c[1])
+        assert.equal(c[2], body.status)
+        assert.is_string(body.title)
+        assert.is_string(body.errorMessage)
+        assert.is_string(body.report["detailed-message"])
+        assert.is_string(body.report["request-id"])
+      end
+      local _, _, body = problem(action(RUN_IN_PROGRESS), { ["x-request-id"] = "trace-7" })
+      assert.equal("The flowRunId=" .. RUN_IN_PROGRESS
+                   .. " is in an invalid state inProgress for the action re-trigger",
+                   body.report["detailed-message"])
+      assert.equal("trace-7", body.report["request-id"])
+      local _, _, missing = problem(action("no-such-run"))
+      assert.matches("flowRunId=no%-such%-run", missing.report["detailed-message"])
+      assert.equal(13, #server:runs())
+    end)
+
+    it("answers 412 when If-Match differs from the run's etag", function()
+      local status, code = problem(action(RUN), { ["If-Match"] = '"stale"' })
+      assert.equal(412, status)
+      assert.equal("FLOW-1404-412", code)
+    end)
+
+    it("answers an old-style 404 for unknown paths and methods", function()
+      local res = server:http{ path = "/runs", auth = true }
+      assert.equal(404, res.status)
+      assert.same({ errorMessage = "Not found: GET /runs" }, cjson.decode(res.body))
+      res = server:http{ method = "GET", path = action(RUN), auth = true }
+      assert.equal(404, res.status)
+    end)
+  end)
+
+  describe("gateway", function()
+    local full = {
+      ["Authorization"] = "Bearer fake-token",
+      ["x-api-key"] = "fake-api-key",
+      ["x-gw-ims-org-id"] = "FAKEORG@AdobeOrg",
+      ["x-sandbox-name"] = "prod",
+    }
+    local function with(changes)
+      local h = {}
+      for k, v in pairs(full) do h[k] = v end
+      for k, v in pairs(changes) do h[k] = v or nil end
+      return h
+    end
+
+    it("checks credentials in order, with Adobe's bodies", function()
+      local cases = {
+        { { Authorization = false }, 403, "403010" },
+        { { Authorization = "Basic abc" }, 401, "401013" },
+        { { Authorization = "Bearer wrong" }, 401, "401013" },
+        { { Authorization = false, ["x-api-key"] = false }, 403, "403010" },
+        { { ["x-api-key"] = false }, 403, "403000" },
+        { { ["x-api-key"] = "wrong" }, 403, "403003" },
+        { { ["x-gw-ims-org-id"] = false }, 400, "400003" },
+        { { ["x-gw-ims-org-id"] = "OTHER@AdobeOrg" }, 403, "403025" },
+      }
+      for i, c in ipairs(cases) do
+        local res = server:http{ method = "POST", path = action(RUN), headers = with(c[1]) }
+        assert.equal(c[2], res.status, "case " .. i)
+        local body = cjson.decode(res.body)
+        assert.equal(c[3], body.error_code, "case " .. i)
+        assert.is_string(body.message)
+      end
+      local res = server:http{ method = "POST", path = action(RUN),
+                               headers = with{ ["x-sandbox-name"] = false } }
+      assert.equal(400, res.status)
+      assert.matches("/FLOW%-2105%-400$", cjson.decode(res.body).type)
+      res = server:http{ method = "POST", path = action(RUN), headers = with{ ["x-sandbox-name"] = "Prod" } }
+      assert.equal(404, res.status)
+      assert.matches("/FLOW%-2100%-404$", cjson.decode(res.body).type)
+      -- the second sandbox of the fixture is valid too
+      assert.equal(200, server:http{ method = "POST", path = action(RUN),
+                                     headers = with{ ["x-sandbox-name"] = "dev" } }.status)
+      -- nothing refused created a run
+      assert.equal(14, #server:runs())
+    end)
+  end)
+
+  describe("scenarios", function()
+    local function retrigger(extra)
+      local opts = { method = "POST", path = action(RUN), auth = true }
+      for k, v in pairs(extra or {}) do opts[k] = v end
+      return server:http(opts)
+    end
+
+    it("answers 429 with Retry-After and the gateway body", function()
+      server:scenario{ match = "^POST /runs/", status = 429, retry_after = "2" }
+      local res = retrigger()
+      assert.equal(429, res.status)
+      assert.equal("2", res.headers["retry-after"])
+      assert.same({ error_code = "429050", message = "Too many requests" }, cjson.decode(res.body))
+      assert.equal(200, retrigger().status)  -- times defaults to 1
+    end)
+
+    it("answers 503 with a FLOW-1103-503 problem document, skipping the gateway", function()
+      server:scenario{ status = 503, times = 2 }
+      local res = server:http{ method = "POST", path = action(RUN) }   -- no credentials
+      assert.equal(503, res.status)
+      assert.matches("/FLOW%-1103%-503$", cjson.decode(res.body).type)
+      assert.equal(503, retrigger().status)
+      assert.equal(200, retrigger().status)
+    end)
+
+    it("sends a given status, headers and body verbatim", function()
+      server:scenario{ status = 502, body = "<html>bad gateway</html>",
+                       headers = { ["Content-Type"] = "text/html", ["X-Extra"] = "1" } }
+      local res = retrigger()
+      assert.equal(502, res.status)
+      assert.equal("<html>bad gateway</html>", res.body)
+      assert.equal("text/html", res.headers["content-type"])
+      assert.equal("1", res.headers["x-extra"])
+    end)
+
+    it("matches by pattern, in FIFO order, and times = -1 lasts until reset", function()
+      server:scenario{ match = "^GET /teapot", status = 418, times = -1 }
+      server:scenario{ status = 500 }
+      server:scenario{ status = 501 }
+      assert.equal(418, server:http{ path = "/teapot" }.status)
+      assert.equal(418, server:http{ path = "/teapot" }.status)
+      assert.equal(500, retrigger().status)
+      assert.equal(501, retrigger().status)
+      assert.equal(200, retrigger().status)
+      assert.equal(418, server:http{ path = "/teapot" }.status)
+      server:reset()
+      assert.equal(403, server:http{ path = "/teapot" }.status)
+    end)
+
+    it("refuses malformed scenarios", function()
+      assert.has_error(function() server:scenario{ bogus = 1 } end)
+      assert.has_error(function() server:scenario{ match = "[(" } end)
+      assert.has_error(function() server:scenario{ drop = "sometimes" } end)
+    end)
+
+    it("delays", function()
+      server:scenario{ delay = 0.2 }
+      local t0 = now()
+      assert.equal(200, retrigger().status)
+      assert.is_true(now() - t0 >= 0.2)
+    end)
+
+    it("drops the connection before and after reading the body", function()
+      server:scenario{ drop = "before" }
+      local res = retrigger{ body = "payload-1" }
+      assert.equal(0, res.status)
+      assert.equal(52, res.curl_exit)   -- empty reply from server
+      server:scenario{ drop = "after" }
+      res = retrigger{ body = "payload-2" }
+      assert.equal(0, res.status)
+      local log = server:requests()
+      assert.equal(2, #log)
+      assert.is_nil(log[1].body)
+      assert.equal("payload-2", log[2].body)
+      assert.equal(13, #server:runs())
+    end)
+
+    it("truncates a reply", function()
+      server:scenario{ truncate = true }
+      local res = retrigger()
+      assert.equal(200, res.status)
+      assert.equal(18, res.curl_exit)   -- partial file
+      assert.equal('{"id":"', res.body)
+      assert.equal("100", res.headers["content-length"])
+    end)
+
+    it("sends an oversized valid JSON body", function()
+      server:scenario{ oversize = 100000 }
+      local res = retrigger()
+      assert.equal(200, res.status)
+      assert.equal(100000, #res.body)
+      assert.equal("x", cjson.decode(res.body).id)
+    end)
+
+    it("sends the body slowly, complete and with a correct length", function()
+      server:scenario{ slow_body = 0.3 }
+      local t0 = now()
+      local res = retrigger()
+      assert.is_true(now() - t0 >= 0.3)
+      assert.equal(200, res.status)
+      assert.equal(0, res.curl_exit)
+      assert.equal(tostring(#res.body), res.headers["content-length"])
+      assert.matches(UUID4, cjson.decode(res.body).id)
+    end)
+
+    it("closes the connection after a reply when asked, and keeps it alive otherwise", function()
+      local creds = "-H 'Authorization: Bearer fake-token' -H 'x-api-key: fake-api-key'"
+        .. " -H 'x-gw-ims-org-id: FAKEORG@AdobeOrg' -H 'x-sandbox-name: prod'"
+      local function two_posts()
+        server:clear_requests()
+        local url = server.url .. action(RUN)
+        assert.is_true(sh("curl -s --noproxy '*' --max-time 5 -X POST " .. creds
+                          .. " -o /dev/null -o /dev/null '" .. url .. "' '" .. url .. "'"))
+        return server:requests()
+      end
+      local log = two_posts()
+      assert.equal(log[1].connection, log[2].connection)
+      assert.equal(2, log[2].connection_requests)
+
+      server:scenario{ close = true }
+      local res = retrigger()
+      assert.equal("close", res.headers["connection"])
+      assert.matches(UUID4, cjson.decode(res.body).id)
+      server:scenario{ close = true }
+      log = two_posts()
+      assert.not_equal(log[1].connection, log[2].connection)
+      assert.equal(1, log[2].connection_requests)
+    end)
+  end)
+
+  describe("request log", function()
+    it("records requests as received, but not control requests", function()
+      server:clear_requests()
+      server:http{ method = "POST", path = action(RUN:gsub("%-", "%%2D"), "re-trigger") .. "&x=1&x=2",
+                   auth = true, body = '{"a":1}',
+                   headers = { ["Content-Type"] = "application/json", ["X-Request-Id"] = "r-9" } }
+      server:http{ path = "/_fake/health" }
+      server:runs()
+      local log = server:requests()
+      assert.equal(1, #log)
+      local r = log[1]
+      assert.equal("POST", r.method)
+      assert.equal("/runs/" .. RUN:gsub("%-", "%%2D") .. "/action?op=re-trigger&x=1&x=2", r.uri)
+      assert.equal("/runs/" .. RUN:gsub("%-", "%%2D") .. "/action", r.path)
+      assert.same({ op = "re-trigger", x = { "1", "2" } }, r.args)
+      assert.equal("Bearer fake-token", r.headers["authorization"])
+      assert.equal("r-9", r.headers["x-request-id"])
+      assert.matches("\r\nX%-Request%-Id: r%-9\r\n", r.raw_header)
+      assert.equal('{"a":1}', r.body)
+      assert.equal(1.1, r.http_version)
+      assert.is_false(r.tls)
+      assert.is_number(r.connection)
+      assert.equal(1, r.connection_requests)
+      assert.is_true(math.abs(r.time - os.time()) < 5)
+
+      server:clear_requests()
+      assert.same({}, server:requests())
+    end)
+
+    it("keeps repeated headers as arrays and records refused requests", function()
+      server:clear_requests()
+      assert.is_true(sh("curl -s --noproxy '*' -o /dev/null -H 'X-Dup: a' -H 'X-Dup: b' '"
+                        .. server.url .. "/runs'"))
+      local r = server:requests()[1]
+      assert.same({ "a", "b" }, r.headers["x-dup"])
+      assert.equal("", r.body)
+    end)
+  end)
+
+  describe("handler errors", function()
+    it("answer 500 with a JSON problem document", function()
+      -- a run whose metrics is a number makes the handler fail on purpose
+      local dir = server.prefix .. "/brokenfixture"
+      local f = assert(io.open("fake/runs.json")):read("*a")
+      local doc = cjson.decode(f)
+      doc.runs[1].metrics = 5
+      sh("mkdir -p '" .. dir .. "'")
+      local out = assert(io.open(dir .. "/runs.json", "w"))
+      out:write(cjson.encode(doc))
+      out:close()
+      local broken = fake.start{ fixture = dir .. "/runs.json" }
+      local ok, err = pcall(function()
+        local res = broken:http{ method = "POST", path = action(RUN), auth = true }
+        assert.equal(500, res.status)
+        assert.equal("application/json", res.headers["content-type"])
+        assert.matches("/FLOW%-1102%-500$", cjson.decode(res.body).type)
+      end)
+      broken:stop()
+      assert(ok, err)
+    end)
+  end)
+
+  describe("TLS", function()
+    local tls_server, certdir
+
+    setup(function()
+      certdir = server.prefix .. "/certs"
+      assert.is_true(sh("mkdir -p '" .. certdir .. "' && openssl req -x509 -newkey ec"
+        .. " -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=localhost"
+        .. " -addext subjectAltName=DNS:localhost,IP:127.0.0.1"
+        .. " -keyout '" .. certdir .. "/server.key' -out '" .. certdir .. "/server.pem'"
+        .. " >/dev/null 2>&1"))
+      tls_server = fake.start{ tls = { cert = certdir .. "/server.pem", key = certdir .. "/server.key",
+                                       http2 = true } }
+    end)
+
+    teardown(function()
+      if tls_server then tls_server:stop() end
+    end)
+
+    it("serves the same API over TLS, HTTP/1.1 and HTTP/2", function()
+      assert.matches("^https://127%.0%.0%.1:%d+$", tls_server.tls_url)
+      assert.matches("^https://localhost:%d+$", tls_server.tls_localhost_url)
+      local cacert = certdir .. "/server.pem"
+      local res = tls_server:http{ method = "POST", path = action(RUN), auth = true,
+                                   tls = true, cacert = cacert }
+      assert.equal(200, res.status)
+      res = tls_server:http{ method = "POST", path = action(RUN), auth = true,
+                             tls = true, cacert = cacert, http2 = true }
+      assert.equal(200, res.status)
+      local log = tls_server:requests()
+      assert.is_true(log[1].tls)
+      assert.equal(1.1, log[1].http_version)
+      assert.equal(2, log[2].http_version)
+      assert.is_nil(log[2].raw_header)   -- nginx cannot give it for HTTP/2
+    end)
+
+    it("truncates and closes over TLS too", function()
+      local cacert = certdir .. "/server.pem"
+      tls_server:scenario{ truncate = true }
+      local res = tls_server:http{ method = "POST", path = action(RUN), auth = true,
+                                   tls = true, cacert = cacert }
+      assert.equal(18, res.curl_exit)
+      tls_server:scenario{ close = true }
+      res = tls_server:http{ method = "POST", path = action(RUN), auth = true,
+                             tls = true, cacert = cacert }
+      assert.equal(200, res.status)
+      assert.equal("close", res.headers["connection"])
+      tls_server:scenario{ truncate = true }
+      res = tls_server:http{ method = "POST", path = action(RUN), auth = true,
+                             tls = true, cacert = cacert, http2 = true }
+      assert.not_equal(0, res.curl_exit)
+    end)
+  end)
+
+  describe("stop", function()
+    it("stops nginx by pid, removes the prefix, and is idempotent", function()
+      local other = fake.start()
+      local pid, worker, prefix = other.pid, other.worker_pid, other.prefix
+      assert.is_true(alive(pid))
+      other:stop()
+      assert.is_false(alive(pid))
+      assert.is_false(alive(worker))
+      assert.is_false(dir_exists(prefix))
+      other:stop()
+      assert.has_error(function() other:runs() end)
+    end)
+  end)
+end)

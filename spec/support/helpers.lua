@@ -1,0 +1,42 @@
+-- Small things every spec needs: valid options for a fake server, fixture
+-- run ids, a monotonic clock (luasystem, which busted itself depends on).
+local fake = require "spec.support.fake"
+local system = require "system"
+
+local _M = {}
+
+_M.creds = fake.credentials
+
+-- Runs of fake/runs.json, by what they are good for.
+_M.runs = {
+  failed = "4fb0418e-1804-45d6-8d56-dd51f05c0baf",
+  failed_mixed_case = "7cb50575-f551-4357-ae96-9dd3a00a4260",
+  success_no_records = "85207196-0b5a-4a30-810d-652a7c9bba19",
+  success_with_records = "74bf93af-1a48-495c-a676-129b8c7c88fa",
+  in_progress = "4b4d9994-47a0-49a4-a74c-4fae634d1444",
+  disabled_flow = "6f04fa55-31e7-4f05-9b82-9ff5a7d1f6f3",
+  streaming_flow = "dad368aa-a84e-4222-b76e-1da9ba55b673",
+  unknown = "00000000-0000-4000-8000-000000000000",
+}
+
+-- Options that the fake accepts, pointed at base_url, with overrides.
+function _M.opts(base_url, extra)
+  local o = {
+    access_token = _M.creds.access_token,
+    api_key = _M.creds.api_key,
+    org_id = _M.creds.org,
+    sandbox = _M.creds.sandbox,
+    base_url = base_url,
+    timeout = 10,
+  }
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return o
+end
+
+_M.now = system.monotime
+
+-- A loopback port where nothing listens: bound by nobody, below the
+-- ephemeral range, and refused at once.
+_M.closed_port = 9
+
+return _M
