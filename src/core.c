@@ -171,7 +171,10 @@ static int opt_boolean(lua_State *L, int opts, const char *name) {
 
 static void check_run_id(lua_State *L, fs_args *a) {
   size_t len;
-  a->run_id = luaL_checklstring(L, 1, &len);
+  if (lua_type(L, 1) != LUA_TSTRING)  /* not even a number: ids are text */
+    luaL_argerror(L, 1, lua_pushfstring(L,
+                  "run id must be a non-empty string, got %s", luaL_typename(L, 1)));
+  a->run_id = lua_tolstring(L, 1, &len);
   if (len == 0)
     luaL_argerror(L, 1, "run id must be a non-empty string");
   if (!fs_header_value_ok(a->run_id, len))

@@ -1,22 +1,37 @@
--- Start, stop and steer the fake Flow Service (fake/) from plain Lua.
+-- Start, stop and steer the fake Flow Service (fake/) from plain Lua
+-- (5.1 to 5.4, LuaJIT).
 --
 --   local fake = require "spec.support.fake"
---   local server = fake.start{ tls = { cert = ..., key = ..., http2 = false },
---                              fixture = "fake/runs.json" }
---   ... server.url, server.tls_url, server:scenario{ status = 429, retry_after = "1" } ...
---   server:stop()
+--   local server = fake.start{                  -- every field optional
+--     tls = { cert = "server.pem", key = "server.key", http2 = false },
+--     fixture = "fake/runs.json",               -- the default
+--   }
+--   server.url                 "http://127.0.0.1:PORT", the client's base_url
+--   server.tls_url             "https://127.0.0.1:TLSPORT" (nil without tls)
+--   server.tls_localhost_url   "https://localhost:TLSPORT"
+--   server.pid, server.worker_pid, server.prefix, server.port, server.tls_port
+--   server:stop()              TERM by pid, wait, remove the prefix; idempotent
+--   server:reset()             reseed runs, clear scenarios and the request log
+--   server:scenario(t)         queue a scenario; raises if the fake refuses it
+--   server:requests()          recorded requests, oldest first
+--   server:clear_requests()
+--   server:runs()              all runs (array), server:run(id) one run or nil
+--   server:http(opts)          a plain curl request (see below), for tests/demos
+--   fake.credentials           the token, api key, org and sandbox the fixture accepts
 --
 -- The server is a real nginx on loopback with its own prefix directory, so it
 -- neither needs nor touches a system nginx. Control requests go through the
--- curl command line, not through the code under test.
+-- curl command line, not through the code under test. Set FAKE_NGINX to use
+-- another nginx binary.
 
 local cjson = require("cjson").new()
 
 local assert, error, ipairs, pairs, pcall, setmetatable, tonumber, tostring, type =
       assert, error, ipairs, pairs, pcall, setmetatable, tonumber, tostring, type
 local io_open, io_popen = io.open, io.popen
-local os_execute, os_getenv, os_remove, os_time = os.execute, os.getenv, os.remove, os.time
-local math_random = math.random
+local os_execute, os_getenv, os_remove = os.execute, os.getenv, os.remove
+local debug_getinfo = debug.getinfo
+local math_floor, math_random = math.floor, math.random
 local str_format = string.format
 local table_concat = table.concat
 
@@ -100,7 +115,7 @@ end
 
 -- The repository root, found from this file, so tests may run from anywhere.
 local function repo_root()
-  local source = debug.getinfo(1, "S").source
+  local source = debug_getinfo(1, "S").source
   local dir = source:sub(2):match("^(.*)/[^/]*$") or "."
   local root = capture("cd " .. q(absolute(dir) .. "/../..") .. " && pwd -P"):gsub("\n$", "")
   return root
@@ -382,7 +397,7 @@ function fake.start(opts)
       local code, text = server:_control("GET", "/_fake/health")
       if code == 200 then
         -- cjson decodes every number as a float; pids are used in commands
-        server.worker_pid = math.floor(cjson.decode(text).pid)
+        server.worker_pid = math_floor(cjson.decode(text).pid)
         start_watchdog(server)
         return server
       end
