@@ -33,6 +33,7 @@ deps:
 build: $(TREE)/lib/lua/5.4/flowservice/core.so
 
 $(TREE)/lib/lua/5.4/flowservice/core.so: $(SOURCES) $(HEADERS) $(ROCKSPEC) lua/flowservice.lua lua/flowservice/*.lua
+	@mkdir -p $(BUILD)
 	luarocks --lua-version=5.4 make --tree=$(TREE) --deps-mode=none \
 	  CURL_INCDIR=$(CURL_INCDIR) CFLAGS="$(CFLAGS) -fPIC $(STRICT)" $(ROCKSPEC) >$(BUILD)/luarocks.log 2>&1 \
 	  || { cat $(BUILD)/luarocks.log; exit 1; }

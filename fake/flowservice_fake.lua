@@ -1,6 +1,6 @@
 -- A fake Adobe Flow Service, run by nginx (LuaJIT, Lua 5.1 syntax) from
 -- fake/nginx.conf.in. It answers POST /runs/{id}/action the way the real
--- service does (see /work/shared/FLOWSERVICE_API.md), records every request,
+-- service does (see the API sheet, ../shared/FLOWSERVICE_API.md), records every request,
 -- and can be told, through /_fake/ control endpoints, to misbehave in the
 -- ways a client has to survive: errors, delays, dropped or truncated replies.
 --

@@ -316,6 +316,33 @@ describe("flowservice.retrigger", function()
       assert.is_true(err.sent)
     end)
 
+    it("goes through the proxy option", function()
+      -- a host that cannot resolve: only the proxy (the fake) can answer
+      local run, err = flowservice.retrigger(runs.failed,
+        opts { base_url = "http://flowservice.example.invalid", proxy = server.url })
+      assert.is_nil(err)
+      assert.is_string(run.id)
+      assert.equal("flowservice.example.invalid", only_request().headers.host)
+    end)
+
+    it("ignores proxy environment variables when proxy = ''", function()
+      local function retrigger_with_env_proxy(proxy_option)
+        local chunk = ([[
+          local fs = require "flowservice"
+          local run, err = fs.retrigger(%q, { access_token = "fake-token", api_key = "fake-api-key",
+            org_id = "FAKEORG@AdobeOrg", base_url = %q, proxy = %s })
+          io.write(run and "ok" or err.kind)]]):format(runs.failed, server.url, proxy_option)
+        local p = assert(io.popen(("env http_proxy=http://127.0.0.1:%d lua5.4 -e %q"):format(
+          h.closed_port, "package.path = 'build/tree/share/lua/5.4/?.lua;' .. package.path; "
+          .. "package.cpath = 'build/tree/lib/lua/5.4/?.so;' .. package.cpath; " .. chunk)))
+        local out = p:read("*a")
+        p:close()
+        return out
+      end
+      assert.equal("network", retrigger_with_env_proxy("nil")) -- libcurl honours http_proxy
+      assert.equal("ok", retrigger_with_env_proxy('""'))
+    end)
+
     it("does not follow redirects (the headers carry credentials)", function()
       server:scenario { status = 307, headers = { Location = server.url .. "/elsewhere" }, body = "" }
       local _, err = flowservice.retrigger(runs.failed, opts())
