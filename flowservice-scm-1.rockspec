@@ -19,8 +19,10 @@ dependencies = {
   "lua-cjson >= 2.1.0",
 }
 external_dependencies = {
-  -- Debian keeps curl.h under /usr/include/<multiarch>: pass CURL_INCDIR there
-  CURL = { header = "curl/curl.h", library = "curl" },
+  -- Only the library is looked up: Debian keeps curl.h under
+  -- /usr/include/<multiarch>, which LuaRocks does not search but gcc does.
+  -- Elsewhere, CURL_DIR (or CURL_INCDIR and CURL_LIBDIR) points at libcurl.
+  CURL = { library = "curl" },
 }
 build = {
   type = "builtin",

@@ -249,8 +249,9 @@ static void push_request_id(lua_State *L) {
 /* Leaves on the stack the strings it makes (bearer value, request id). */
 static void check_args(lua_State *L, fs_args *a) {
   const int opts = 2;
-  const char **h = a->header;
+  const char **h;
   memset(a, 0, sizeof *a);
+  h = a->header;
   check_run_id(L, a);
   luaL_checktype(L, opts, LUA_TTABLE);
   check_option_keys(L, opts);
