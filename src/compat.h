@@ -11,7 +11,7 @@
 
 #if LUA_VERSION_NUM < 502
 
-static void fs_compat_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
+static inline void fs_compat_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
   luaL_checkstack(L, nup + 1, "too many upvalues");
   for (; l->name != NULL; l++) {
     int i;

@@ -1,370 +1,68 @@
 /*
 ** flowservice.core: the Lua-facing side of the C module.
-** Checks arguments, marshals the options table into a libcurl request,
-** runs it on the engine and hands Lua a finished result. Nothing of a
-** caller's options outlives the call; no state lives outside Lua.
+**
+**   retrigger(run_id, opts)       one call on a fresh engine (blocking)
+**   new(opts [, token_later])     a client: an engine whose connections last
+**   client:retrigger(run_id, opts) / client:request(opts, shape)   blocking
+**   client:submit_retrigger(...) / client:submit(...) -> transfer  non-blocking
+**   client:step() / client:wait(s) / client:timeout() / client:close()
+**   transfer:done() / transfer:result() / transfer:cancel()
+**
+** Lua sees only finished results: no Lua runs while libcurl works.
 */
-#include <float.h>
-#include <math.h>
-#include <stdio.h>
+#define _POSIX_C_SOURCE 200809L  /* clock_gettime */
+
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#if defined(__linux__)
-#include <sys/random.h>
-#endif
 
 #include "compat.h"
 #include "engine.h"
 #include "request.h"
 
-#define FS_VERSION "0.1.0"
-#define FS_CALL_MT "flowservice.call"
+#define FS_CLIENT_MT "flowservice.client"
+#define FS_TRANSFER_MT "flowservice.transfer"
+#define FS_UV_DECODE lua_upvalueindex(1)  /* cjson.safe.new().decode */
 
-/* Request defaults: kept beside the code that marshals them. */
-#define FS_DEFAULT_BASE_URL "https://platform.adobe.io/data/foundation/flowservice"
-#define FS_DEFAULT_SANDBOX "prod"
-#define FS_DEFAULT_OP "re-trigger"
-#define FS_DEFAULT_TIMEOUT 60.0
-#define FS_DEFAULT_CONNECT_TIMEOUT 10.0
-#define FS_DEFAULT_MAX_BODY (8.0 * 1024 * 1024)
-#define FS_MAX_SECONDS 86400.0  /* a longer wait is a mistake, not a wish */
-#define FS_MAX_MAX_BODY (1024.0 * 1024 * 1024)
-
-/* Upvalues of the request functions. */
-#define FS_UV_DECODE lua_upvalueindex(1)
-#define FS_UV_USER_AGENT lua_upvalueindex(2)
-
-/* lua-cjson's config-table style: every option, with the type it takes. */
-static const struct {
-  const char *name;
-  int type;
-} fs_options[] = {
-  {"access_token", LUA_TSTRING}, {"api_key", LUA_TSTRING},
-  {"org_id", LUA_TSTRING}, {"sandbox", LUA_TSTRING},
-  {"base_url", LUA_TSTRING}, {"op", LUA_TSTRING},
-  {"if_match", LUA_TSTRING}, {"request_id", LUA_TSTRING},
-  {"headers", LUA_TTABLE}, {"timeout", LUA_TNUMBER},
-  {"connect_timeout", LUA_TNUMBER}, {"ca_file", LUA_TSTRING},
-  {"ca_path", LUA_TSTRING}, {"proxy", LUA_TSTRING},
-  {"insecure", LUA_TBOOLEAN}, {"user_agent", LUA_TSTRING},
-  {"max_body", LUA_TNUMBER}, {NULL, LUA_TNONE}
-};
-
-/* The headers every call sends, in wire order. The first four carry
-** identity and may only come from their options. */
-enum {
-  H_AUTHORIZATION, H_API_KEY, H_ORG_ID, H_SANDBOX, H_PROTECTED = H_SANDBOX,
-  H_CONTENT_TYPE, H_ACCEPT, H_REQUEST_ID, H_IF_MATCH, H_USER_AGENT, H_COUNT
-};
-
-static const char *const fs_header_names[H_COUNT] = {
-  "Authorization", "x-api-key", "x-gw-ims-org-id", "x-sandbox-name",
-  "Content-Type", "Accept", "x-request-id", "If-Match", "User-Agent"
-};
-
-static const char *const fs_header_options[H_PROTECTED + 1] = {
-  "access_token", "api_key", "org_id", "sandbox"
-};
-
-typedef struct fs_args {
-  const char *run_id;
-  const char *base_url;
-  const char *op;
-  const char *header[H_COUNT];   /* NULL: not sent */
-  int headers_table;             /* stack index of opts.headers, or 0 */
-  size_t max_body;
-  fs_transport transport;
-} fs_args;
-
-/* A call's C resources, owned by a userdata so a Lua error frees them. */
-typedef struct fs_call {
+typedef struct fs_client {
   fs_engine engine;
-  fs_transfer transfer;
+  int closed;
+} fs_client;
+
+enum { FS_RUN_ACTION, FS_RAW };
+
+/* A transfer owned by Lua: freed by __gc whatever happens to the call. */
+typedef struct fs_call {
+  fs_transfer t;
+  int kind;
+  int taken;          /* its result was handed to Lua */
+  char *request_id;   /* the x-request-id sent */
 } fs_call;
-
-
-/* ---------------------------------------------------------------------
-** Argument checks
-*/
-
-static int opt_error(lua_State *L, const char *name, const char *what) {
-  return luaL_argerror(L, 2, lua_pushfstring(L, "option '%s' %s", name, what));
-}
-
-static void check_option_keys(lua_State *L, int opts) {
-  lua_pushnil(L);
-  while (lua_next(L, opts) != 0) {
-    const char *key;
-    int i;
-    if (lua_type(L, -2) != LUA_TSTRING)
-      luaL_argerror(L, 2, lua_pushfstring(L, "option names must be strings, got %s",
-                                          luaL_typename(L, -2)));
-    key = lua_tostring(L, -2);
-    for (i = 0; fs_options[i].name != NULL; i++)
-      if (strcmp(fs_options[i].name, key) == 0)
-        break;
-    if (fs_options[i].name == NULL)
-      opt_error(L, key, "is unknown");
-    if (lua_type(L, -1) != fs_options[i].type)
-      opt_error(L, key, lua_pushfstring(L, "must be a %s, got %s",
-                                        lua_typename(L, fs_options[i].type),
-                                        luaL_typename(L, -1)));
-    lua_pop(L, 1);
-  }
-}
-
-/* Raw field access: a metatable on the options must not add options. */
-static int opt_get(lua_State *L, int opts, const char *name) {
-  lua_pushstring(L, name);
-  lua_rawget(L, opts);
-  return lua_type(L, -1);
-}
-
-/* The string stays alive: the options table on the stack refers to it. */
-static const char *opt_string(lua_State *L, int opts, const char *name,
-                              const char *def, int required) {
-  size_t len;
-  const char *s;
-  if (opt_get(L, opts, name) == LUA_TNIL) {
-    lua_pop(L, 1);
-    if (required)
-      opt_error(L, name, "is required");
-    return def;
-  }
-  s = lua_tolstring(L, -1, &len);
-  lua_pop(L, 1);
-  if (!fs_header_value_ok(s, len))
-    opt_error(L, name, "contains CR, LF or NUL");
-  if (len == 0 && (required || def != NULL))
-    opt_error(L, name, "must not be empty");
-  return s;
-}
-
-static long opt_milliseconds(lua_State *L, int opts, const char *name,
-                             double def) {
-  double seconds = def;
-  if (opt_get(L, opts, name) != LUA_TNIL)
-    seconds = (double)lua_tonumber(L, -1);
-  lua_pop(L, 1);
-  if (!(seconds > 0 && seconds <= FS_MAX_SECONDS))  /* also rejects NaN */
-    opt_error(L, name, "must be a positive number of seconds (at most a day)");
-  return (long)ceil(seconds * 1000);
-}
-
-static size_t opt_bytes(lua_State *L, int opts, const char *name, double def) {
-  double n = def;
-  if (opt_get(L, opts, name) != LUA_TNIL)
-    n = (double)lua_tonumber(L, -1);
-  lua_pop(L, 1);
-  if (!(n >= 1 && n <= FS_MAX_MAX_BODY && floor(n) == n))
-    opt_error(L, name, "must be a whole number of bytes from 1 to 1 GiB");
-  return (size_t)n;
-}
-
-static int opt_boolean(lua_State *L, int opts, const char *name) {
-  int b;
-  opt_get(L, opts, name);
-  b = lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  return b;
-}
-
-static void check_run_id(lua_State *L, fs_args *a) {
-  size_t len;
-  if (lua_type(L, 1) != LUA_TSTRING)  /* not even a number: ids are text */
-    luaL_argerror(L, 1, lua_pushfstring(L,
-                  "run id must be a non-empty string, got %s", luaL_typename(L, 1)));
-  a->run_id = lua_tolstring(L, 1, &len);
-  if (len == 0)
-    luaL_argerror(L, 1, "run id must be a non-empty string");
-  if (!fs_header_value_ok(a->run_id, len))
-    luaL_argerror(L, 1, "run id contains CR, LF or NUL");
-  if (strcmp(a->run_id, ".") == 0 || strcmp(a->run_id, "..") == 0)
-    luaL_argerror(L, 1, "run id may not be '.' or '..'");  /* path traversal */
-}
-
-static int header_index(const char *name) {
-  int i;
-  for (i = 0; i < H_COUNT; i++)
-    if (curl_strequal(name, fs_header_names[i]))
-      return i;
-  return -1;
-}
-
-/* opts.headers, first pass: validate all, let them replace our defaults. */
-static void check_extra_headers(lua_State *L, fs_args *a) {
-  if (a->headers_table == 0)
-    return;
-  lua_pushnil(L);
-  while (lua_next(L, a->headers_table) != 0) {
-    size_t nlen, vlen;
-    const char *name, *value;
-    int i;
-    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
-      opt_error(L, "headers", "must map header names to string values");
-    name = lua_tolstring(L, -2, &nlen);
-    value = lua_tolstring(L, -1, &vlen);
-    if (!fs_header_name_ok(name, nlen))
-      opt_error(L, "headers", "holds a name that is not an HTTP token");
-    if (!fs_header_value_ok(value, vlen))
-      opt_error(L, "headers", lua_pushfstring(L,
-                "holds a value for '%s' with CR, LF or NUL", name));
-    i = header_index(name);
-    if (i >= 0 && i <= H_PROTECTED)
-      opt_error(L, "headers", lua_pushfstring(L,
-                "may not set '%s' (use the option '%s')",
-                fs_header_names[i], fs_header_options[i]));
-    if (i >= 0)
-      a->header[i] = value;
-    lua_pop(L, 1);
-  }
-}
-
-/* A fresh id per attempt lets Adobe support find the exact request. */
-static void push_request_id(lua_State *L) {
-  unsigned char b[16];
-  char id[37];
-  size_t got = 0;
-#if defined(__linux__)
-  ssize_t n = getrandom(b, sizeof b, GRND_NONBLOCK);
-  got = n > 0 ? (size_t)n : 0;
-#endif
-  if (got < sizeof b) {  /* a tracing id, not a secret: a weak fallback is fine */
-    unsigned long x = (unsigned long)time(NULL) ^ (unsigned long)clock()
-                      ^ (unsigned long)(size_t)&got;
-    for (; got < sizeof b; got++) {
-      x = x * 6364136223846793005UL + 1442695040888963407UL;
-      b[got] = (unsigned char)(x >> 33);
-    }
-  }
-  b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);  /* version 4 */
-  b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);  /* RFC 4122 variant */
-  snprintf(id, sizeof id,
-           "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-           b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10],
-           b[11], b[12], b[13], b[14], b[15]);
-  lua_pushstring(L, id);
-}
-
-/* Leaves on the stack the strings it makes (bearer value, request id). */
-static void check_args(lua_State *L, fs_args *a) {
-  const int opts = 2;
-  const char **h;
-  memset(a, 0, sizeof *a);
-  h = a->header;
-  check_run_id(L, a);
-  luaL_checktype(L, opts, LUA_TTABLE);
-  check_option_keys(L, opts);
-  h[H_AUTHORIZATION] = lua_pushfstring(L, "Bearer %s",
-      opt_string(L, opts, "access_token", NULL, 1));
-  h[H_API_KEY] = opt_string(L, opts, "api_key", NULL, 1);
-  h[H_ORG_ID] = opt_string(L, opts, "org_id", NULL, 1);
-  h[H_SANDBOX] = opt_string(L, opts, "sandbox", FS_DEFAULT_SANDBOX, 0);
-  h[H_CONTENT_TYPE] = "application/json";
-  h[H_ACCEPT] = "application/json";
-  h[H_REQUEST_ID] = opt_string(L, opts, "request_id", NULL, 0);
-  if (h[H_REQUEST_ID] == NULL || *h[H_REQUEST_ID] == '\0') {
-    push_request_id(L);
-    h[H_REQUEST_ID] = lua_tostring(L, -1);
-  }
-  h[H_IF_MATCH] = opt_string(L, opts, "if_match", NULL, 0);
-  h[H_USER_AGENT] = opt_string(L, opts, "user_agent",
-                               lua_tostring(L, FS_UV_USER_AGENT), 0);
-  a->base_url = opt_string(L, opts, "base_url", FS_DEFAULT_BASE_URL, 0);
-  a->op = opt_string(L, opts, "op", FS_DEFAULT_OP, 0);
-  a->max_body = opt_bytes(L, opts, "max_body", FS_DEFAULT_MAX_BODY);
-  a->transport.timeout_ms = opt_milliseconds(L, opts, "timeout",
-                                             FS_DEFAULT_TIMEOUT);
-  a->transport.connect_timeout_ms = opt_milliseconds(L, opts,
-      "connect_timeout", FS_DEFAULT_CONNECT_TIMEOUT);
-  a->transport.ca_file = opt_string(L, opts, "ca_file", NULL, 0);
-  a->transport.ca_path = opt_string(L, opts, "ca_path", NULL, 0);
-  a->transport.proxy = opt_string(L, opts, "proxy", NULL, 0);
-  a->transport.insecure = opt_boolean(L, opts, "insecure");
-  if (opt_get(L, opts, "headers") == LUA_TTABLE)
-    a->headers_table = lua_gettop(L);  /* stays: pass two reads it again */
-  else
-    lua_pop(L, 1);
-  check_extra_headers(L, a);
-}
-
-
-/* ---------------------------------------------------------------------
-** The call object
-*/
-
-static int call_gc(lua_State *L) {
-  fs_call *c = (fs_call *)luaL_checkudata(L, 1, FS_CALL_MT);
-  fs_transfer_free(&c->transfer);
-  fs_engine_free(&c->engine);
-  return 0;
-}
-
-static fs_call *call_new(lua_State *L) {
-  fs_call *c = (fs_call *)lua_newuserdata(L, sizeof *c);
-  memset(c, 0, sizeof *c);
-  luaL_getmetatable(L, FS_CALL_MT);
-  lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
-  return c;
-}
-
-static void call_check(lua_State *L, CURLcode rc) {
-  if (rc != CURLE_OK)
-    luaL_error(L, "flowservice: libcurl setup failed: %s",
-               curl_easy_strerror(rc));
-}
-
-static void call_add_header(lua_State *L, fs_transfer *t, const char *name,
-                            const char *value) {
-  /* "Name;" is libcurl's way to send a header with an empty value */
-  const char *line = *value ? lua_pushfstring(L, "%s: %s", name, value)
-                            : lua_pushfstring(L, "%s;", name);
-  struct curl_slist *list = curl_slist_append(t->headers, line);
-  lua_pop(L, 1);
-  if (list == NULL)
-    luaL_error(L, "flowservice: out of memory");
-  t->headers = list;
-}
-
-static void call_add_headers(lua_State *L, fs_call *c, const fs_args *a) {
-  int i;
-  for (i = 0; i < H_COUNT; i++)
-    if (a->header[i] != NULL)
-      call_add_header(L, &c->transfer, fs_header_names[i], a->header[i]);
-  if (a->headers_table == 0)
-    return;
-  lua_pushnil(L);  /* second pass: the names that are not ours */
-  while (lua_next(L, a->headers_table) != 0) {
-    const char *name = lua_tostring(L, -2);
-    if (header_index(name) < 0)
-      call_add_header(L, &c->transfer, name, lua_tostring(L, -1));
-    lua_pop(L, 1);
-  }
-}
-
-static void call_prepare(lua_State *L, fs_call *c, const fs_args *a) {
-  fs_transfer *t = &c->transfer;
-  const char *why;
-  char *url;
-  if (fs_engine_init(&c->engine) != 0)
-    luaL_error(L, "flowservice: libcurl setup failed: no multi handle");
-  call_check(L, fs_transfer_init(t, a->max_body));
-  why = fs_url_run_action(t->easy, a->base_url, a->run_id, a->op, &url);
-  if (why != NULL)
-    opt_error(L, "base_url", why);
-  call_add_headers(L, c, a);
-  call_check(L, fs_request_transport(t, &a->transport));
-  {
-    CURLcode rc = fs_request_post_empty(t, url);  /* libcurl copied url */
-    curl_free(url);
-    call_check(L, rc);
-  }
-}
 
 
 /* ---------------------------------------------------------------------
 ** Results
 */
+
+static void set_string(lua_State *L, const char *key, const char *value) {
+  lua_pushstring(L, value);
+  lua_setfield(L, -2, key);
+}
+
+static void set_integer(lua_State *L, const char *key, long long value) {
+  lua_pushinteger(L, (lua_Integer)value);
+  lua_setfield(L, -2, key);
+}
+
+static void set_boolean(lua_State *L, const char *key, int value) {
+  lua_pushboolean(L, value);
+  lua_setfield(L, -2, key);
+}
+
+static void set_body(lua_State *L, const fs_transfer *t) {
+  lua_pushlstring(L, t->body ? t->body : "", t->body_len);
+  lua_setfield(L, -2, "body");
+}
 
 static const char *transport_error_kind(const fs_transfer *t) {
   switch (t->result) {
@@ -390,103 +88,73 @@ static const char *transport_error_kind(const fs_transfer *t) {
   }
 }
 
-static void set_string(lua_State *L, const char *key, const char *value) {
-  lua_pushstring(L, value);
-  lua_setfield(L, -2, key);
-}
-
-static void set_integer(lua_State *L, const char *key, double value) {
-  lua_pushnumber(L, (lua_Number)value);
-#if LUA_VERSION_NUM >= 503
-  if (value == (double)(lua_Integer)value) {
-    lua_pop(L, 1);
-    lua_pushinteger(L, (lua_Integer)value);
-  }
-#endif
-  lua_setfield(L, -2, key);
-}
-
-static void set_boolean(lua_State *L, const char *key, int value) {
-  lua_pushboolean(L, value);
-  lua_setfield(L, -2, key);
+/* What every result and error says about the exchange itself. */
+static void set_exchange(lua_State *L, const fs_call *c) {
+  const fs_transfer *t = &c->t;
+  set_string(L, "request_id", c->request_id);
+  if (t->sends > 1)
+    set_boolean(L, "resent", 1);
+  if (t->date >= 0)
+    set_integer(L, "date", t->date);
 }
 
 /* The common fields of every error: the Lua face adds Adobe's reading. */
-static void push_error(lua_State *L, const fs_transfer *t, const char *kind,
-                       const char *request_id) {
+static void push_error(lua_State *L, const fs_call *c, const char *kind) {
   lua_createtable(L, 0, 8);
   set_string(L, "kind", kind);
-  set_string(L, "request_id", request_id);
-  set_boolean(L, "sent", fs_transfer_sent(t));
-  if (t->sends > 1)
-    set_boolean(L, "resent", 1);
+  set_boolean(L, "sent", c->t.sent);
+  set_exchange(L, c);
 }
 
-static int push_transport_error(lua_State *L, const fs_transfer *t,
-                                const char *request_id) {
+static int push_transport_error(lua_State *L, const fs_call *c) {
+  const fs_transfer *t = &c->t;
   lua_pushnil(L);
-  push_error(L, t, transport_error_kind(t), request_id);
+  push_error(L, c, transport_error_kind(t));
   if (t->too_large || t->result == CURLE_FILESIZE_EXCEEDED)
-    lua_pushfstring(L, "reply too large: more than max_body (%d bytes)",
-                    (int)t->max_body);
+    lua_pushfstring(L, "reply too large: more than max_body (%d bytes)", (int)t->max_body);
   else if (t->out_of_memory)
     lua_pushliteral(L, "out of memory while reading the reply");
   else
     lua_pushstring(L, t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->result));
   lua_setfield(L, -2, "message");
-  set_integer(L, "curl_code", (double)t->result);
+  set_integer(L, "curl_code", (long long)t->result);
   return 2;
 }
 
-static void set_retry_after(lua_State *L, const fs_transfer *t) {
-#if FS_CURL_AT_LEAST(7, 83, 0)
-  struct curl_header *h;
-  curl_off_t seconds;
-  if (curl_easy_header(t->easy, "Retry-After", 0, CURLH_HEADER, -1, &h)
-          == CURLHE_OK
-      && curl_easy_getinfo(t->easy, CURLINFO_RETRY_AFTER, &seconds) == CURLE_OK)
-    set_integer(L, "retry_after", (double)seconds);
-#else
-  (void)L; (void)t;
-#endif
-}
-
-static int push_http_error(lua_State *L, const fs_transfer *t, long status,
-                           const char *kind, const char *request_id) {
+static int push_http_error(lua_State *L, const fs_call *c, const char *kind) {
   lua_pushnil(L);
-  push_error(L, t, kind, request_id);
-  set_integer(L, "status", (double)status);
-  lua_pushlstring(L, t->body ? t->body : "", t->body_len);
-  lua_setfield(L, -2, "body");
-  set_retry_after(L, t);
+  push_error(L, c, kind);
+  set_integer(L, "status", c->t.status);
+  set_body(L, &c->t);
+  if (c->t.retry_after >= 0)
+    set_integer(L, "retry_after", c->t.retry_after);
   return 2;
 }
 
-static int push_decode_error(lua_State *L, const fs_transfer *t, long status,
-                             const char *message, const char *request_id) {
-  push_http_error(L, t, status, "decode", request_id);
+static int push_decode_error(lua_State *L, const fs_call *c, const char *message) {
+  push_http_error(L, c, "decode");
   set_string(L, "message", message);
   return 2;
 }
 
 /* 2xx: {id, etag} from either reply shape (the docs' or the OpenAPI run). */
-static int push_reply(lua_State *L, const fs_transfer *t, long status,
-                      const char *request_id) {
+static int push_run(lua_State *L, const fs_call *c) {
+  const fs_transfer *t = &c->t;
   int reply;
   lua_pushvalue(L, FS_UV_DECODE);
   lua_pushlstring(L, t->body ? t->body : "", t->body_len);
   lua_call(L, 1, 2);
   if (lua_type(L, -2) != LUA_TTABLE)
-    return push_decode_error(L, t, status, lua_isstring(L, -1)
+    return push_decode_error(L, c, lua_isstring(L, -1)
                              ? lua_pushfstring(L, "reply is not a JSON object: %s",
                                                lua_tostring(L, -1))
-                             : "reply is not a JSON object", request_id);
+                             : "reply is not a JSON object");
   lua_pop(L, 1);
   reply = lua_gettop(L);
   lua_createtable(L, 0, 3);
   lua_getfield(L, reply, "id");
   if (lua_type(L, -1) != LUA_TSTRING)
-    return push_decode_error(L, t, status, "reply has no run id", request_id);
+    return push_decode_error(L, c, "reply has no run id");
   lua_setfield(L, -2, "id");
   lua_getfield(L, reply, "etag");
   if (lua_isnil(L, -1)) {
@@ -494,24 +162,232 @@ static int push_reply(lua_State *L, const fs_transfer *t, long status,
     lua_getfield(L, reply, "eTag");
   }
   if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
-    return push_decode_error(L, t, status, "reply has a non-string etag",
-                             request_id);
+    return push_decode_error(L, c, "reply has a non-string etag");
   lua_setfield(L, -2, "etag");
   if (t->sends > 1)
     set_boolean(L, "resent", 1);
+  lua_pushinteger(L, (lua_Integer)t->status);  /* for the caller's log */
+  return 2;
+}
+
+/* 2xx of a raw request: the body for the Lua side to read. */
+static int push_response(lua_State *L, const fs_call *c) {
+  lua_createtable(L, 0, 6);
+  set_integer(L, "status", c->t.status);
+  set_body(L, &c->t);
+  set_exchange(L, c);
   return 1;
 }
 
-static int push_outcome(lua_State *L, const fs_transfer *t,
-                        const char *request_id) {
-  long status = 0;
-  if (t->result != CURLE_OK)
-    return push_transport_error(L, t, request_id);
-  if (curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK)
-    status = 0;
-  if (status < 200 || status > 299)
-    return push_http_error(L, t, status, "http", request_id);
-  return push_reply(L, t, status, request_id);
+/* Push what a finished call gives Lua, then free its buffers. */
+static int call_results(lua_State *L, fs_call *c) {
+  int n;
+  if (c->taken)
+    return luaL_error(L, "flowservice: transfer result already taken");
+  if (c->t.result != CURLE_OK)
+    n = push_transport_error(L, c);
+  else if (c->t.status < 200 || c->t.status > 299)
+    n = push_http_error(L, c, "http");
+  else
+    n = c->kind == FS_RUN_ACTION ? push_run(L, c) : push_response(L, c);
+  c->taken = 1;
+  fs_transfer_free(&c->t);
+  return n;
+}
+
+
+/* ---------------------------------------------------------------------
+** Transfers
+*/
+
+static int call_gc(lua_State *L) {
+  fs_call *c = (fs_call *)luaL_checkudata(L, 1, FS_TRANSFER_MT);
+  fs_transfer_free(&c->t);
+  free(c->request_id);
+  c->request_id = NULL;
+  return 0;
+}
+
+static fs_call *call_check(lua_State *L, int idx) {
+  return (fs_call *)luaL_checkudata(L, idx, FS_TRANSFER_MT);
+}
+
+/* Prepare, build and (not yet) submit a transfer; pushes its userdata. */
+static fs_call *call_start(lua_State *L, fs_client *client, int kind,
+                           const fs_request *r) {
+  fs_call *c = (fs_call *)lua_newuserdata(L, sizeof *c);
+  CURLcode rc;
+  memset(c, 0, sizeof *c);
+  luaL_getmetatable(L, FS_TRANSFER_MT);
+  lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
+  c->kind = kind;
+  c->request_id = (char *)malloc(strlen(r->header[H_REQUEST_ID]) + 1);
+  if (c->request_id == NULL)
+    luaL_error(L, "flowservice: out of memory");
+  strcpy(c->request_id, r->header[H_REQUEST_ID]);
+  rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body);
+  if (rc != CURLE_OK)
+    luaL_error(L, "flowservice: libcurl setup failed: %s", curl_easy_strerror(rc));
+  fs_request_apply(L, &c->t, r);
+  return c;
+}
+
+static void engine_check(lua_State *L, CURLMcode rc) {
+  if (rc != CURLM_OK)
+    luaL_error(L, "flowservice: libcurl engine failed: %s", curl_multi_strerror(rc));
+}
+
+static int transfer_done(lua_State *L) {
+  lua_pushboolean(L, call_check(L, 1)->t.done);
+  return 1;
+}
+
+static int transfer_result(lua_State *L) {
+  fs_call *c = call_check(L, 1);
+  if (!c->t.done)
+    return luaL_error(L, "flowservice: transfer is still in flight");
+  return call_results(L, c);
+}
+
+static int transfer_request_id(lua_State *L) {
+  fs_call *c = call_check(L, 1);
+  lua_pushstring(L, c->request_id);
+  return 1;
+}
+
+/* Stop a transfer in flight; its result becomes unavailable. */
+static int transfer_cancel(lua_State *L) {
+  fs_call *c = call_check(L, 1);
+  fs_transfer_free(&c->t);
+  c->taken = 1;
+  return 0;
+}
+
+
+/* ---------------------------------------------------------------------
+** Clients
+*/
+
+static int client_gc(lua_State *L) {
+  fs_client *c = (fs_client *)luaL_checkudata(L, 1, FS_CLIENT_MT);
+  fs_engine_free(&c->engine);
+  c->closed = 1;
+  return 0;
+}
+
+static fs_client *client_check(lua_State *L, int idx) {
+  fs_client *c = (fs_client *)luaL_checkudata(L, idx, FS_CLIENT_MT);
+  if (c->closed)
+    luaL_error(L, "flowservice: client is closed");
+  return c;
+}
+
+static fs_client *client_new(lua_State *L) {
+  fs_client *c = (fs_client *)lua_newuserdata(L, sizeof *c);
+  memset(c, 0, sizeof *c);
+  c->closed = 1;  /* until the engine exists */
+  luaL_getmetatable(L, FS_CLIENT_MT);
+  lua_setmetatable(L, -2);
+  if (fs_engine_init(&c->engine) != 0)
+    luaL_error(L, "flowservice: libcurl setup failed: no multi handle");
+  c->closed = 0;
+  return c;
+}
+
+static fs_call *submit_run_action(lua_State *L, fs_client *client, int run_arg,
+                                  int opts_arg) {
+  fs_request r;
+  fs_call *c;
+  memset(&r, 0, sizeof r);
+  fs_request_options(L, opts_arg, 0, &r);
+  fs_request_run_action(L, run_arg, opts_arg, &r);
+  c = call_start(L, client, FS_RUN_ACTION, &r);
+  engine_check(L, fs_engine_submit(&client->engine, &c->t));
+  return c;
+}
+
+static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
+                           int shape_arg) {
+  fs_request r;
+  fs_call *c;
+  memset(&r, 0, sizeof r);
+  fs_request_shape(L, shape_arg, &r);
+  fs_request_options(L, opts_arg, r.identity ? 0 : FS_NO_IDENTITY, &r);
+  c = call_start(L, client, FS_RAW, &r);
+  engine_check(L, fs_engine_submit(&client->engine, &c->t));
+  return c;
+}
+
+/* Drive until c is done, then hand over its result. */
+static int finish(lua_State *L, fs_client *client, fs_call *c) {
+  int running;
+  CURLMcode rc = CURLM_OK;
+  while (rc == CURLM_OK && !c->t.done) {
+    rc = fs_engine_step(&client->engine, &running);
+    if (rc == CURLM_OK && !c->t.done)
+      rc = fs_engine_wait(&client->engine, 1000);
+  }
+  engine_check(L, rc);
+  return call_results(L, c);
+}
+
+static int client_retrigger(lua_State *L) {
+  fs_client *client = client_check(L, 1);
+  return finish(L, client, submit_run_action(L, client, 2, 3));
+}
+
+static int client_request(lua_State *L) {
+  fs_client *client = client_check(L, 1);
+  return finish(L, client, submit_raw(L, client, 2, 3));
+}
+
+static int client_submit_retrigger(lua_State *L) {
+  submit_run_action(L, client_check(L, 1), 2, 3);
+  return 1;
+}
+
+static int client_submit(lua_State *L) {
+  submit_raw(L, client_check(L, 1), 2, 3);
+  return 1;
+}
+
+/* Non-blocking: returns how many transfers are still running. */
+static int client_step(lua_State *L) {
+  fs_client *client = client_check(L, 1);
+  int running = 0;
+  engine_check(L, fs_engine_step(&client->engine, &running));
+  lua_pushinteger(L, running);
+  return 1;
+}
+
+static int client_wait(lua_State *L) {
+  fs_client *client = client_check(L, 1);
+  lua_Number seconds = luaL_checknumber(L, 2);
+  int ms = seconds <= 0 ? 0 : seconds >= 3600 ? 3600000 : (int)(seconds * 1000 + 0.5);
+  engine_check(L, fs_engine_wait(&client->engine, ms));
+  return 0;
+}
+
+/* Seconds until libcurl wants the next step, or nil if it has no timer. */
+static int client_timeout(lua_State *L) {
+  fs_client *client = client_check(L, 1);
+  long ms = -1;
+  engine_check(L, fs_engine_timeout(&client->engine, &ms));
+  if (ms < 0)
+    lua_pushnil(L);
+  else
+    lua_pushnumber(L, (lua_Number)ms / 1000);
+  return 1;
+}
+
+static int client_close(lua_State *L) {
+  return client_gc(L);
+}
+
+static int client_is_closed(lua_State *L) {
+  fs_client *c = (fs_client *)luaL_checkudata(L, 1, FS_CLIENT_MT);
+  lua_pushboolean(L, c->closed);
+  return 1;
 }
 
 
@@ -519,34 +395,59 @@ static int push_outcome(lua_State *L, const fs_transfer *t,
 ** Module
 */
 
+/* One call on a fresh engine, closed before returning. */
 static int core_retrigger(lua_State *L) {
-  fs_args a;
-  fs_call *c;
-  CURLMcode mc;
+  fs_client *client;
   int n;
-  check_args(L, &a);
-  c = call_new(L);
-  call_prepare(L, c, &a);
-  mc = fs_engine_run(&c->engine, &c->transfer);
-  if (mc != CURLM_OK)
-    return luaL_error(L, "flowservice: libcurl engine failed: %s",
-                      curl_multi_strerror(mc));
-  n = push_outcome(L, &c->transfer, a.header[H_REQUEST_ID]);
-  fs_transfer_free(&c->transfer);  /* now, not at the next collection */
-  fs_engine_free(&c->engine);
+  lua_settop(L, 2);
+  client = client_new(L);
+  n = finish(L, client, submit_run_action(L, client, 1, 2));
+  fs_engine_free(&client->engine);
+  client->closed = 1;
   return n;
 }
 
-static void push_defaults(lua_State *L) {
-  lua_createtable(L, 0, 7);
-  set_string(L, "base_url", FS_DEFAULT_BASE_URL);
-  set_string(L, "sandbox", FS_DEFAULT_SANDBOX);
-  set_string(L, "op", FS_DEFAULT_OP);
-  set_integer(L, "timeout", FS_DEFAULT_TIMEOUT);
-  set_integer(L, "connect_timeout", FS_DEFAULT_CONNECT_TIMEOUT);
-  set_integer(L, "max_body", FS_DEFAULT_MAX_BODY);
-  lua_pushvalue(L, -2);  /* the user agent string below it */
-  lua_setfield(L, -2, "user_agent");
+/* Validates the options a client will use; the Lua face keeps them. */
+static int core_new(lua_State *L) {
+  fs_request r;
+  int token_later = lua_toboolean(L, 2);
+  memset(&r, 0, sizeof r);
+  lua_settop(L, 1);
+  fs_request_options(L, 1, token_later ? FS_TOKEN_LATER : 0, &r);
+  client_new(L);
+  return 1;
+}
+
+static int core_escape(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  char *escaped = curl_easy_escape(NULL, s, (int)len);
+  if (escaped == NULL)
+    return luaL_error(L, "flowservice: out of memory");
+  lua_pushstring(L, escaped);
+  curl_free(escaped);
+  return 1;
+}
+
+static int core_unescape(lua_State *L) {
+  size_t len;
+  int outlen = 0;
+  const char *s = luaL_checklstring(L, 1, &len);
+  char *plain = curl_easy_unescape(NULL, s, (int)len, &outlen);
+  if (plain == NULL)
+    return luaL_error(L, "flowservice: out of memory");
+  lua_pushlstring(L, plain, (size_t)outlen);
+  curl_free(plain);
+  return 1;
+}
+
+/* Monotonic seconds: deadlines and backoff must not jump with the clock. */
+static int core_now(lua_State *L) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+    return luaL_error(L, "flowservice: no monotonic clock");
+  lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
+  return 1;
 }
 
 /* cjson.safe.new().decode: a private instance, so nobody's settings leak in */
@@ -561,24 +462,48 @@ static void push_decoder(lua_State *L) {
   lua_pop(L, 1);
 }
 
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                      lua_CFunction gc) {
+  luaL_newmetatable(L, name);
+  lua_pushvalue(L, -2);  /* the decoder, as every function's upvalue */
+  fs_setfuncs(L, methods, 1);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, gc);
+  lua_setfield(L, -2, "__gc");
+#if LUA_VERSION_NUM >= 504
+  lua_pushcfunction(L, gc);
+  lua_setfield(L, -2, "__close");
+#endif
+  lua_pop(L, 1);
+}
+
 int luaopen_flowservice_core(lua_State *L) {
-  static const luaL_Reg functions[] = {
-    {"retrigger", core_retrigger},
+  static const luaL_Reg module[] = {
+    {"retrigger", core_retrigger}, {"new", core_new}, {"escape", core_escape},
+    {"unescape", core_unescape}, {"now", core_now}, {NULL, NULL}
+  };
+  static const luaL_Reg client[] = {
+    {"retrigger", client_retrigger}, {"request", client_request},
+    {"submit_retrigger", client_submit_retrigger}, {"submit", client_submit},
+    {"step", client_step}, {"wait", client_wait}, {"timeout", client_timeout},
+    {"close", client_close}, {"is_closed", client_is_closed}, {NULL, NULL}
+  };
+  static const luaL_Reg transfer[] = {
+    {"done", transfer_done}, {"result", transfer_result},
+    {"request_id", transfer_request_id}, {"cancel", transfer_cancel},
     {NULL, NULL}
   };
   if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)  /* ref-counted */
     return luaL_error(L, "flowservice: curl_global_init failed");
-  luaL_newmetatable(L, FS_CALL_MT);
-  lua_pushcfunction(L, call_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
-  lua_newtable(L);
   push_decoder(L);
-  lua_pushfstring(L, "lua-flowservice/%s libcurl/%s", FS_VERSION,
-                  curl_version_info(CURLVERSION_NOW)->version);
-  push_defaults(L);
-  lua_setfield(L, -4, "defaults");
-  fs_setfuncs(L, functions, 2);
+  new_class(L, FS_CLIENT_MT, client, client_gc);
+  new_class(L, FS_TRANSFER_MT, transfer, call_gc);
+  lua_newtable(L);
+  lua_pushvalue(L, -2);
+  fs_setfuncs(L, module, 1);
+  fs_request_push_defaults(L);
+  lua_setfield(L, -2, "defaults");
   set_string(L, "_VERSION", FS_VERSION);
   /* not curl_version(): it initialises libldap/libsasl, whose memory is
   ** lost when Lua unloads the library at exit */

@@ -3,6 +3,11 @@
 ** transfers. A blocking call, a batch of concurrent calls and a
 ** non-blocking wait inside OpenResty are the same three steps:
 ** submit, step/wait, harvest. No Lua runs here.
+**
+** The multi handle keeps the connection pool, so every transfer of one
+** engine can reuse the connections of the others; finished transfers give
+** their easy handles back to a small pool so a steady stream of calls
+** allocates nothing new.
 */
 #ifndef FLOWSERVICE_ENGINE_H
 #define FLOWSERVICE_ENGINE_H
@@ -14,49 +19,66 @@
 #define FS_CURL_AT_LEAST(x, y, z) \
   (LIBCURL_VERSION_NUM >= (((x) << 16) | ((y) << 8) | (z)))
 
+#define FS_IDLE_HANDLES 16
+
+typedef struct fs_transfer fs_transfer;
+
 typedef struct fs_engine {
   CURLM *multi;
+  fs_transfer *attached;        /* transfers holding one of our easy handles */
+  CURL *idle[FS_IDLE_HANDLES];  /* easy handles kept for reuse */
+  int nidle;
+  long max_idle_seconds;        /* connections idle longer are not reused */
 } fs_engine;
 
-/* One HTTP exchange: the easy handle, what it sends, what came back. */
-typedef struct fs_transfer {
-  CURL *easy;
+/* One HTTP exchange: what it sends, and once done, what came back. */
+struct fs_transfer {
+  fs_engine *engine;          /* while attached: from prepare until finish */
+  fs_transfer *prev, *next;   /* in engine->attached */
+  CURL *easy;                 /* borrowed from the engine while attached */
   struct curl_slist *headers;
-  fs_engine *engine;        /* set while submitted, cleared on harvest */
-  char *body;               /* reply body (malloc'd), body_len bytes */
-  size_t body_len;
-  size_t body_cap;
-  size_t max_body;
-  int too_large;            /* reply passed max_body: aborted on purpose */
-  int out_of_memory;        /* the body buffer could not grow */
-  int sends;                /* times libcurl began sending the request */
+  int submitted;
   int done;
+  /* the reply, collected by the write callback */
+  char *body;
+  size_t body_len, body_cap, max_body;
+  int too_large;              /* reply passed max_body: aborted on purpose */
+  int out_of_memory;          /* the body buffer could not grow */
+  int sends;                  /* times libcurl began sending the request */
+  /* read off the easy handle when the transfer finishes */
   CURLcode result;
+  long status;                /* HTTP status, 0 without a reply */
+  long long retry_after;      /* seconds; -1 without a Retry-After header */
+  long long date;             /* the reply's Date, epoch seconds; -1 none */
+  int sent;                   /* any byte of the request may have left */
   char errbuf[CURL_ERROR_SIZE];
-} fs_transfer;
+};
 
 /* Engine: 0 on success, -1 when libcurl cannot make a multi handle. */
 int fs_engine_init(fs_engine *e);
+/* Idempotent. Attached transfers end as aborted (CURLE_ABORTED_BY_CALLBACK)
+** and let go of their easy handles. */
 void fs_engine_free(fs_engine *e);
 
+/*
+** fs_transfer_prepare borrows an easy handle (pooled or new) and sets what
+** every request of this module needs: body capture with a cap, send
+** counting, error buffer, no signals, no redirects, http(s) only.
+** Returns CURLE_OK or the first failing CURLcode.
+*/
+CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body);
 CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t);
 /* Drive every transfer without blocking; finished ones get done = 1. */
-CURLMcode fs_engine_step(fs_engine *e);
+CURLMcode fs_engine_step(fs_engine *e, int *running);
 /* Block until there is socket activity or timeout_ms passes. */
 CURLMcode fs_engine_wait(fs_engine *e, int timeout_ms);
-/* Submit t and drive the engine until t is finished. */
+/* How long libcurl wants to wait at most before the next step (ms, -1 none). */
+CURLMcode fs_engine_timeout(fs_engine *e, long *ms);
+/* Submit t and drive the engine until t is done. */
 CURLMcode fs_engine_run(fs_engine *e, fs_transfer *t);
 
-/*
-** Transfer: fs_transfer_init makes the easy handle and sets what every
-** request of this module needs (body capture with a cap, send counting,
-** error buffer, no signals, no redirects). 0 on success, otherwise the
-** first failing CURLcode (or CURLE_OUT_OF_MEMORY for a missing handle).
-*/
-CURLcode fs_transfer_init(fs_transfer *t, size_t max_body);
-/* Idempotent: removes t from its engine first when still submitted. */
+/* Idempotent: detaches t from its engine (cancelling it if in flight)
+** and frees what it holds. */
 void fs_transfer_free(fs_transfer *t);
-/* Whether any byte of the request can have left this machine. */
-int fs_transfer_sent(const fs_transfer *t);
 
 #endif

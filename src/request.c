@@ -1,16 +1,63 @@
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#if defined(__linux__)
+#include <sys/random.h>
+#endif
 
+#include "compat.h"
 #include "request.h"
 
+/* Request defaults: kept beside the code that applies them. */
+#define FS_DEFAULT_BASE_URL "https://platform.adobe.io/data/foundation/flowservice"
+#define FS_DEFAULT_SANDBOX "prod"
+#define FS_DEFAULT_OP "re-trigger"
+#define FS_DEFAULT_TIMEOUT 60.0
+#define FS_DEFAULT_CONNECT_TIMEOUT 10.0
+#define FS_DEFAULT_MAX_BODY (8.0 * 1024 * 1024)
+#define FS_MAX_SECONDS 86400.0  /* a longer wait is a mistake, not a wish */
+#define FS_MAX_MAX_BODY (1024.0 * 1024 * 1024)
+
+/* lua-cjson's config-table style: every option, with the type it takes. */
+static const struct {
+  const char *name;
+  int type;
+} request_options[] = {
+  {"access_token", LUA_TSTRING}, {"api_key", LUA_TSTRING},
+  {"org_id", LUA_TSTRING}, {"sandbox", LUA_TSTRING},
+  {"base_url", LUA_TSTRING}, {"op", LUA_TSTRING},
+  {"if_match", LUA_TSTRING}, {"request_id", LUA_TSTRING},
+  {"headers", LUA_TTABLE}, {"timeout", LUA_TNUMBER},
+  {"connect_timeout", LUA_TNUMBER}, {"ca_file", LUA_TSTRING},
+  {"ca_path", LUA_TSTRING}, {"proxy", LUA_TSTRING},
+  {"insecure", LUA_TBOOLEAN}, {"user_agent", LUA_TSTRING},
+  {"max_body", LUA_TNUMBER}, {NULL, LUA_TNONE}
+};
+
+static const char *const header_names[H_COUNT] = {
+  "Authorization", "x-api-key", "x-gw-ims-org-id", "x-sandbox-name",
+  "Content-Type", "Accept", "x-request-id", "If-Match", "User-Agent"
+};
+
+static const char *const header_options[H_PROTECTED + 1] = {
+  "access_token", "api_key", "org_id", "sandbox"
+};
+
+
+/* ---------------------------------------------------------------------
+** Byte-level checks
+*/
+
 /* RFC 9110 token characters: anything else could end or split a header. */
-int fs_header_name_ok(const char *name, size_t len) {
+static int is_token(const char *s, size_t len) {
   static const char extra[] = "!#$%&'*+-.^_`|~";
   size_t i;
   if (len == 0)
     return 0;
   for (i = 0; i < len; i++) {
-    unsigned char c = (unsigned char)name[i];
+    unsigned char c = (unsigned char)s[i];
     int alnum = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z')
                 || (c >= 'A' && c <= 'Z');
     if (!alnum && (c == '\0' || strchr(extra, c) == NULL))
@@ -19,12 +66,162 @@ int fs_header_name_ok(const char *name, size_t len) {
   return 1;
 }
 
-int fs_header_value_ok(const char *value, size_t len) {
+static int is_header_safe(const char *s, size_t len) {
   size_t i;
   for (i = 0; i < len; i++)
-    if (value[i] == '\r' || value[i] == '\n' || value[i] == '\0')
+    if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0')
       return 0;
   return 1;
+}
+
+static int header_index(const char *name) {
+  int i;
+  for (i = 0; i < H_COUNT; i++)
+    if (curl_strequal(name, header_names[i]))
+      return i;
+  return -1;
+}
+
+
+/* ---------------------------------------------------------------------
+** Options
+*/
+
+static int opt_error(lua_State *L, int opts, const char *name, const char *what) {
+  return luaL_argerror(L, opts, lua_pushfstring(L, "option '%s' %s", name, what));
+}
+
+static void check_option_keys(lua_State *L, int opts) {
+  lua_pushnil(L);
+  while (lua_next(L, opts) != 0) {
+    const char *key;
+    int i;
+    if (lua_type(L, -2) != LUA_TSTRING)
+      luaL_argerror(L, opts, lua_pushfstring(L,
+                    "option names must be strings, got %s", luaL_typename(L, -2)));
+    key = lua_tostring(L, -2);
+    for (i = 0; request_options[i].name != NULL; i++)
+      if (strcmp(request_options[i].name, key) == 0)
+        break;
+    if (request_options[i].name == NULL)
+      opt_error(L, opts, key, "is unknown");
+    if (lua_type(L, -1) != request_options[i].type)
+      opt_error(L, opts, key, lua_pushfstring(L, "must be a %s, got %s",
+                lua_typename(L, request_options[i].type), luaL_typename(L, -1)));
+    lua_pop(L, 1);
+  }
+}
+
+/* Raw field access: a metatable on the options must not add options. */
+static int opt_get(lua_State *L, int opts, const char *name) {
+  lua_pushstring(L, name);
+  lua_rawget(L, opts);
+  return lua_type(L, -1);
+}
+
+/* The string stays alive: the options table on the stack refers to it. */
+static const char *opt_string(lua_State *L, int opts, const char *name,
+                              const char *def, int required) {
+  size_t len;
+  const char *s;
+  if (opt_get(L, opts, name) == LUA_TNIL) {
+    lua_pop(L, 1);
+    if (required)
+      opt_error(L, opts, name, "is required");
+    return def;
+  }
+  s = lua_tolstring(L, -1, &len);
+  lua_pop(L, 1);
+  if (!is_header_safe(s, len))
+    opt_error(L, opts, name, "contains CR, LF or NUL");
+  if (len == 0 && (required || def != NULL))
+    opt_error(L, opts, name, "must not be empty");
+  return s;
+}
+
+static long opt_milliseconds(lua_State *L, int opts, const char *name,
+                             double def) {
+  double seconds = def;
+  if (opt_get(L, opts, name) != LUA_TNIL)
+    seconds = (double)lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  if (!(seconds > 0 && seconds <= FS_MAX_SECONDS))  /* also rejects NaN */
+    opt_error(L, opts, name, "must be a positive number of seconds (at most a day)");
+  return (long)ceil(seconds * 1000);
+}
+
+static size_t opt_bytes(lua_State *L, int opts, const char *name, double def) {
+  double n = def;
+  if (opt_get(L, opts, name) != LUA_TNIL)
+    n = (double)lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  if (!(n >= 1 && n <= FS_MAX_MAX_BODY && floor(n) == n))
+    opt_error(L, opts, name, "must be a whole number of bytes from 1 to 1 GiB");
+  return (size_t)n;
+}
+
+static int opt_boolean(lua_State *L, int opts, const char *name) {
+  int b;
+  opt_get(L, opts, name);
+  b = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return b;
+}
+
+/* opts.headers, first pass: validate all, let them replace our defaults. */
+static void check_extra_headers(lua_State *L, int opts, fs_request *r) {
+  if (r->headers_table == 0)
+    return;
+  lua_pushnil(L);
+  while (lua_next(L, r->headers_table) != 0) {
+    size_t nlen, vlen;
+    const char *name, *value;
+    int i;
+    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+      opt_error(L, opts, "headers", "must map header names to string values");
+    name = lua_tolstring(L, -2, &nlen);
+    value = lua_tolstring(L, -1, &vlen);
+    if (!is_token(name, nlen))
+      opt_error(L, opts, "headers", "holds a name that is not an HTTP token");
+    if (!is_header_safe(value, vlen))
+      opt_error(L, opts, "headers", lua_pushfstring(L,
+                "holds a value for '%s' with CR, LF or NUL", name));
+    i = header_index(name);
+    if (i >= 0 && i <= H_PROTECTED)
+      opt_error(L, opts, "headers", lua_pushfstring(L,
+                "may not set '%s' (use the option '%s')",
+                header_names[i], header_options[i]));
+    if (i >= 0)
+      r->header[i] = value;
+    lua_pop(L, 1);
+  }
+}
+
+/* A fresh id per attempt lets Adobe support find the exact request. */
+static const char *push_request_id(lua_State *L) {
+  unsigned char b[16];
+  char id[37];
+  size_t got = 0;
+#if defined(__linux__)
+  ssize_t n = getrandom(b, sizeof b, GRND_NONBLOCK);
+  got = n > 0 ? (size_t)n : 0;
+#endif
+  if (got < sizeof b) {  /* a tracing id, not a secret: a weak fallback is fine */
+    unsigned long x = (unsigned long)time(NULL) ^ (unsigned long)clock()
+                      ^ (unsigned long)(size_t)&got;
+    for (; got < sizeof b; got++) {
+      x = x * 6364136223846793005UL + 1442695040888963407UL;
+      b[got] = (unsigned char)(x >> 33);
+    }
+  }
+  b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);  /* version 4 */
+  b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);  /* RFC 4122 variant */
+  snprintf(id, sizeof id,
+           "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+           b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10],
+           b[11], b[12], b[13], b[14], b[15]);
+  lua_pushstring(L, id);
+  return lua_tostring(L, -1);
 }
 
 static int url_scheme_is_http(CURLU *u) {
@@ -35,93 +232,375 @@ static int url_scheme_is_http(CURLU *u) {
   return ok;
 }
 
-/* base path without trailing slashes + "/runs/" + escaped id + "/action" */
-static CURLUcode url_set_action_path(CURL *easy, CURLU *u, const char *run_id) {
-  char *base = NULL, *id = NULL, *path = NULL;
-  CURLUcode rc = curl_url_get(u, CURLUPART_PATH, &base, 0);
-  if (rc == CURLUE_OK) {
-    size_t n = strlen(base);
-    id = curl_easy_escape(easy, run_id, 0);
-    while (n > 0 && base[n - 1] == '/')
-      n--;
-    path = id ? (char *)malloc(n + strlen(id) + sizeof "/runs//action") : NULL;
-    if (path == NULL)
-      rc = CURLUE_OUT_OF_MEMORY;
-    else {
-      memcpy(path, base, n);
-      strcpy(path + n, "/runs/");
-      strcat(path + n, id);
-      strcat(path + n, "/action");
-      rc = curl_url_set(u, CURLUPART_PATH, path, 0);
-    }
-  }
-  free(path);
-  curl_free(id);
-  curl_free(base);
-  return rc;
-}
-
-static CURLUcode url_set_op(CURL *easy, CURLU *u, const char *op) {
-  char *value = curl_easy_escape(easy, op, 0);
-  char *query = value ? (char *)malloc(strlen(value) + sizeof "op=") : NULL;
-  CURLUcode rc = CURLUE_OUT_OF_MEMORY;
-  if (query != NULL) {
-    strcpy(query, "op=");
-    strcat(query, value);
-    rc = curl_url_set(u, CURLUPART_QUERY, query, CURLU_APPENDQUERY);
-  }
-  free(query);
-  curl_free(value);
-  return rc;
-}
-
-const char *fs_url_run_action(CURL *easy, const char *base_url,
-                              const char *run_id, const char *op,
-                              char **url) {
+static void check_base_url(lua_State *L, int opts, const char *base_url) {
   const char *why = NULL;
   CURLU *u = curl_url();
-  *url = NULL;
   if (u == NULL)
-    return "out of memory";
+    luaL_error(L, "flowservice: out of memory");
   if (curl_url_set(u, CURLUPART_URL, base_url, 0) != CURLUE_OK)
     why = "is not a valid URL";
   else if (!url_scheme_is_http(u))
     why = "must be an http:// or https:// URL";
-  else if (url_set_action_path(easy, u, run_id) != CURLUE_OK
-           || url_set_op(easy, u, op) != CURLUE_OK
-           || curl_url_get(u, CURLUPART_URL, url, 0) != CURLUE_OK)
-    why = "could not be extended with the run path";
   curl_url_cleanup(u);
-  return why;
+  if (why != NULL)
+    opt_error(L, opts, "base_url", why);
 }
 
-CURLcode fs_request_transport(fs_transfer *t, const fs_transport *tr) {
-  CURLcode rc = CURLE_OK;
+/* The runtime libcurl, not the headers we compiled against. */
+static const char *push_user_agent(lua_State *L) {
+  return lua_pushfstring(L, "lua-flowservice/%s libcurl/%s", FS_VERSION,
+                         curl_version_info(CURLVERSION_NOW)->version);
+}
+
+static void read_identity(lua_State *L, int opts, int flags, fs_request *r) {
+  const char *token = opt_string(L, opts, "access_token", NULL,
+                                 !(flags & FS_TOKEN_LATER));
+  if (token != NULL) {
+    if (*token == '\0')
+      opt_error(L, opts, "access_token", "must not be empty");
+    r->header[H_AUTHORIZATION] = lua_pushfstring(L, "Bearer %s", token);
+  }
+  r->header[H_API_KEY] = opt_string(L, opts, "api_key", NULL, 1);
+  r->header[H_ORG_ID] = opt_string(L, opts, "org_id", NULL, 1);
+  r->header[H_SANDBOX] = opt_string(L, opts, "sandbox", FS_DEFAULT_SANDBOX, 0);
+}
+
+void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
+  const char **h = r->header;
+  luaL_checktype(L, opts, LUA_TTABLE);
+  check_option_keys(L, opts);
+  if (!(flags & FS_NO_IDENTITY))
+    read_identity(L, opts, flags, r);
+  if (h[H_CONTENT_TYPE] == NULL)
+    h[H_CONTENT_TYPE] = "application/json";
+  h[H_ACCEPT] = "application/json";
+  h[H_REQUEST_ID] = opt_string(L, opts, "request_id", NULL, 0);
+  if (h[H_REQUEST_ID] == NULL || *h[H_REQUEST_ID] == '\0')
+    h[H_REQUEST_ID] = push_request_id(L);
+  h[H_IF_MATCH] = opt_string(L, opts, "if_match", NULL, 0);
+  h[H_USER_AGENT] = opt_string(L, opts, "user_agent", NULL, 0);
+  if (h[H_USER_AGENT] == NULL)
+    h[H_USER_AGENT] = push_user_agent(L);
+  r->base_url = opt_string(L, opts, "base_url", FS_DEFAULT_BASE_URL, 0);
+  check_base_url(L, opts, r->base_url);
+  r->op = opt_string(L, opts, "op", FS_DEFAULT_OP, 0);
+  r->max_body = opt_bytes(L, opts, "max_body", FS_DEFAULT_MAX_BODY);
+  r->timeout_ms = opt_milliseconds(L, opts, "timeout", FS_DEFAULT_TIMEOUT);
+  r->connect_timeout_ms = opt_milliseconds(L, opts, "connect_timeout",
+                                           FS_DEFAULT_CONNECT_TIMEOUT);
+  r->ca_file = opt_string(L, opts, "ca_file", NULL, 0);
+  r->ca_path = opt_string(L, opts, "ca_path", NULL, 0);
+  r->proxy = opt_string(L, opts, "proxy", NULL, 0);
+  r->insecure = opt_boolean(L, opts, "insecure");
+  r->headers_table = 0;
+  if (opt_get(L, opts, "headers") == LUA_TTABLE)
+    r->headers_table = lua_gettop(L);  /* stays: fs_request_apply reads it again */
+  else
+    lua_pop(L, 1);
+  check_extra_headers(L, opts, r);
+}
+
+
+/* ---------------------------------------------------------------------
+** Request shapes
+*/
+
+static void check_segment(lua_State *L, int arg, const char *what,
+                          const char *s, size_t len) {
+  if (len == 0)
+    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a non-empty string", what));
+  if (!is_header_safe(s, len))
+    luaL_argerror(L, arg, lua_pushfstring(L, "%s contains CR, LF or NUL", what));
+  if (strcmp(s, ".") == 0 || strcmp(s, "..") == 0)  /* path traversal */
+    luaL_argerror(L, arg, lua_pushfstring(L, "%s may not be '.' or '..'", what));
+}
+
+void fs_request_run_action(lua_State *L, int arg, int opts, fs_request *r) {
+  size_t len;
+  const char *run_id;
+  if (lua_type(L, arg) != LUA_TSTRING)  /* not even a number: ids are text */
+    luaL_argerror(L, arg, lua_pushfstring(L,
+                  "run id must be a non-empty string, got %s", luaL_typename(L, arg)));
+  run_id = lua_tolstring(L, arg, &len);
+  check_segment(L, arg, "run id", run_id, len);
+  (void)opts;
+  r->get = 0;
+  r->identity = 1;
+  r->action_path[0] = "runs";
+  r->action_path[1] = run_id;
+  r->action_path[2] = "action";
+  r->segments = r->action_path;
+  r->nsegments = 3;
+  r->action_query[0].name = "op";
+  r->action_query[0].value = r->op;
+  r->query = r->action_query;
+  r->nquery = 1;
+  r->body = "";
+  r->body_len = 0;
+}
+
+static int shape_error(lua_State *L, int spec, const char *what) {
+  return luaL_argerror(L, spec, lua_pushfstring(L, "request %s", what));
+}
+
+static const char *shape_string(lua_State *L, int spec, int idx, const char *what,
+                                size_t *len) {
+  if (lua_type(L, idx) != LUA_TSTRING)
+    shape_error(L, spec, lua_pushfstring(L, "%s must be a string", what));
+  return lua_tolstring(L, idx, len);
+}
+
+/* Arrays for the shape live in userdata on the stack: collected, never leaked. */
+static void read_path(lua_State *L, int spec, fs_request *r) {
+  size_t i, n;
+  lua_getfield(L, spec, "path");
+  if (!lua_istable(L, -1))
+    shape_error(L, spec, "path must be a list of segments");
+  n = (size_t)fs_rawlen(L, -1);
+  r->segments = (const char **)lua_newuserdata(L, (n + 1) * sizeof(char *));
+  for (i = 0; i < n; i++) {
+    size_t len;
+    lua_rawgeti(L, -2, (int)i + 1);
+    r->segments[i] = shape_string(L, spec, -1, "path segment", &len);
+    check_segment(L, spec, "path segment", r->segments[i], len);
+    lua_pop(L, 1);  /* the path table keeps it */
+  }
+  r->nsegments = n;
+  lua_replace(L, -2);  /* keep the array, the path table is held by spec */
+}
+
+static void read_query(lua_State *L, int spec, fs_request *r) {
+  size_t i, n;
+  fs_param *q;
+  lua_getfield(L, spec, "query");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    r->query = NULL;
+    r->nquery = 0;
+    return;
+  }
+  if (!lua_istable(L, -1))
+    shape_error(L, spec, "query must be a list of {name, value} pairs");
+  n = (size_t)fs_rawlen(L, -1);
+  q = (fs_param *)lua_newuserdata(L, (n + 1) * sizeof *q);
+  for (i = 0; i < n; i++) {
+    size_t nlen, vlen;
+    lua_rawgeti(L, -2, (int)i + 1);
+    if (!lua_istable(L, -1))
+      shape_error(L, spec, "query must be a list of {name, value} pairs");
+    lua_rawgeti(L, -1, 1);
+    lua_rawgeti(L, -2, 2);
+    q[i].name = shape_string(L, spec, -2, "query name", &nlen);
+    q[i].value = shape_string(L, spec, -1, "query value", &vlen);
+    if (nlen == 0 || memchr(q[i].name, '\0', nlen) || memchr(q[i].value, '\0', vlen))
+      shape_error(L, spec, "query names must be non-empty, without NUL");
+    lua_pop(L, 3);  /* the query table keeps the strings */
+  }
+  r->query = q;
+  r->nquery = n;
+  lua_replace(L, -2);
+}
+
+static void check_shape_keys(lua_State *L, int spec) {
+  static const char *const keys[] = {
+    "method", "path", "query", "body", "content_type", "identity", NULL
+  };
+  lua_pushnil(L);
+  while (lua_next(L, spec) != 0) {
+    int i = 0;
+    if (lua_type(L, -2) == LUA_TSTRING)
+      for (; keys[i] != NULL; i++)
+        if (strcmp(keys[i], lua_tostring(L, -2)) == 0)
+          break;
+    if (lua_type(L, -2) != LUA_TSTRING || keys[i] == NULL)
+      shape_error(L, spec, lua_pushfstring(L, "field '%s' is unknown",
+                  lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?"));
+    lua_pop(L, 1);
+  }
+}
+
+void fs_request_shape(lua_State *L, int spec, fs_request *r) {
+  const char *method;
+  luaL_checktype(L, spec, LUA_TTABLE);
+  check_shape_keys(L, spec);
+  lua_getfield(L, spec, "method");
+  method = lua_tostring(L, -1);
+  if (lua_type(L, -1) != LUA_TSTRING
+      || (strcmp(method, "GET") != 0 && strcmp(method, "POST") != 0))
+    shape_error(L, spec, "method must be \"GET\" or \"POST\"");
+  r->get = method[0] == 'G';
+  lua_pop(L, 1);
+  read_path(L, spec, r);
+  read_query(L, spec, r);
+  lua_getfield(L, spec, "body");
+  r->body = lua_isnil(L, -1) ? "" : shape_string(L, spec, -1, "body", &r->body_len);
+  lua_pop(L, 1);  /* spec keeps it */
+  if (r->get && r->body_len > 0)
+    shape_error(L, spec, "body needs method POST");
+  lua_getfield(L, spec, "content_type");
+  if (!lua_isnil(L, -1)) {
+    size_t len;
+    r->header[H_CONTENT_TYPE] = shape_string(L, spec, -1, "content_type", &len);
+    if (!is_header_safe(r->header[H_CONTENT_TYPE], len))
+      shape_error(L, spec, "content_type contains CR, LF or NUL");
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, spec, "identity");
+  r->identity = lua_isnil(L, -1) || lua_toboolean(L, -1);
+  lua_pop(L, 1);
+}
+
+void fs_request_push_defaults(lua_State *L) {
+  lua_createtable(L, 0, 7);
+  lua_pushstring(L, FS_DEFAULT_BASE_URL);
+  lua_setfield(L, -2, "base_url");
+  lua_pushstring(L, FS_DEFAULT_SANDBOX);
+  lua_setfield(L, -2, "sandbox");
+  lua_pushstring(L, FS_DEFAULT_OP);
+  lua_setfield(L, -2, "op");
+  lua_pushinteger(L, (lua_Integer)FS_DEFAULT_TIMEOUT);
+  lua_setfield(L, -2, "timeout");
+  lua_pushinteger(L, (lua_Integer)FS_DEFAULT_CONNECT_TIMEOUT);
+  lua_setfield(L, -2, "connect_timeout");
+  lua_pushinteger(L, (lua_Integer)FS_DEFAULT_MAX_BODY);
+  lua_setfield(L, -2, "max_body");
+  push_user_agent(L);
+  lua_setfield(L, -2, "user_agent");
+}
+
+
+/* ---------------------------------------------------------------------
+** Building the transfer
+*/
+
+/* base path without trailing slashes, then "/" + escaped segment, each */
+static CURLUcode url_set_path(CURL *easy, CURLU *u, const fs_request *r) {
+  char *base = NULL, *path = NULL;
+  size_t len, i;
+  CURLUcode rc = curl_url_get(u, CURLUPART_PATH, &base, 0);
+  if (rc != CURLUE_OK)
+    return rc;
+  len = strlen(base);
+  while (len > 0 && base[len - 1] == '/')
+    len--;
+  path = (char *)malloc(len + 1);
+  if (path != NULL) {
+    memcpy(path, base, len);
+    path[len] = '\0';
+  }
+  for (i = 0; path != NULL && i < r->nsegments; i++) {
+    char *segment = curl_easy_escape(easy, r->segments[i], 0);
+    char *longer = segment ? (char *)realloc(path, len + strlen(segment) + 2) : NULL;
+    if (longer == NULL) {
+      free(path);
+      path = NULL;
+    } else {
+      path = longer;
+      path[len++] = '/';
+      strcpy(path + len, segment);
+      len += strlen(segment);
+    }
+    curl_free(segment);
+  }
+  rc = path != NULL ? curl_url_set(u, CURLUPART_PATH, path, 0) : CURLUE_OUT_OF_MEMORY;
+  free(path);
+  curl_free(base);
+  return rc;
+}
+
+/* libcurl escapes everything after the first '=' of each pair. */
+static CURLUcode url_add_query(CURLU *u, const fs_request *r) {
+  CURLUcode rc = CURLUE_OK;
+  size_t i;
+  for (i = 0; rc == CURLUE_OK && i < r->nquery; i++) {
+    size_t n = strlen(r->query[i].name);
+    char *pair = (char *)malloc(n + strlen(r->query[i].value) + 2);
+    if (pair == NULL)
+      return CURLUE_OUT_OF_MEMORY;
+    memcpy(pair, r->query[i].name, n);
+    pair[n] = '=';
+    strcpy(pair + n + 1, r->query[i].value);
+    rc = curl_url_set(u, CURLUPART_QUERY, pair, CURLU_APPENDQUERY | CURLU_URLENCODE);
+    free(pair);
+  }
+  return rc;
+}
+
+/* base_url (checked by fs_request_options) + path + query; NULL on failure. */
+static char *url_build(CURL *easy, const fs_request *r) {
+  char *url = NULL;
+  CURLU *u = curl_url();
+  if (u != NULL && curl_url_set(u, CURLUPART_URL, r->base_url, 0) == CURLUE_OK
+      && url_set_path(easy, u, r) == CURLUE_OK && url_add_query(u, r) == CURLUE_OK
+      && curl_url_get(u, CURLUPART_URL, &url, 0) != CURLUE_OK)
+    url = NULL;
+  curl_url_cleanup(u);
+  return url;
+}
+
+static void apply_check(lua_State *L, CURLcode rc) {
+  if (rc != CURLE_OK)
+    luaL_error(L, "flowservice: libcurl setup failed: %s", curl_easy_strerror(rc));
+}
+
+static void add_header(lua_State *L, fs_transfer *t, const char *name,
+                       const char *value) {
+  /* "Name;" is libcurl's way to send a header with an empty value */
+  const char *line = *value ? lua_pushfstring(L, "%s: %s", name, value)
+                            : lua_pushfstring(L, "%s;", name);
+  struct curl_slist *list = curl_slist_append(t->headers, line);
+  lua_pop(L, 1);
+  if (list == NULL)
+    luaL_error(L, "flowservice: out of memory");
+  t->headers = list;
+}
+
+static void add_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
+  int i;
+  for (i = r->identity ? 0 : H_PROTECTED + 1; i < H_COUNT; i++)
+    if (r->header[i] != NULL)
+      add_header(L, t, header_names[i], r->header[i]);
+  if (r->headers_table == 0)
+    return;
+  lua_pushnil(L);  /* second pass: the names that are not ours */
+  while (lua_next(L, r->headers_table) != 0) {
+    const char *name = lua_tostring(L, -2);
+    if (header_index(name) < 0)
+      add_header(L, t, name, lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
+}
+
+void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r) {
+  CURLcode rc;
+  char *url = url_build(t->easy, r);
+  if (url == NULL)
+    luaL_error(L, "flowservice: could not build the request URL (out of memory?)");
+  rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);  /* libcurl copies it */
+  curl_free(url);
+  apply_check(L, rc);
+  add_headers(L, t, r);
 #define FS_SET(opt, val) \
   if (rc == CURLE_OK) rc = curl_easy_setopt(t->easy, opt, val)
-  FS_SET(CURLOPT_TIMEOUT_MS, tr->timeout_ms);
-  FS_SET(CURLOPT_CONNECTTIMEOUT_MS, tr->connect_timeout_ms);
-  if (tr->ca_file != NULL)
-    FS_SET(CURLOPT_CAINFO, tr->ca_file);
-  if (tr->ca_path != NULL)
-    FS_SET(CURLOPT_CAPATH, tr->ca_path);
-  if (tr->proxy != NULL)
-    FS_SET(CURLOPT_PROXY, tr->proxy);
-  FS_SET(CURLOPT_SSL_VERIFYPEER, tr->insecure ? 0L : 1L);
-  FS_SET(CURLOPT_SSL_VERIFYHOST, tr->insecure ? 0L : 2L);
+  FS_SET(CURLOPT_HTTPHEADER, t->headers);
+  FS_SET(CURLOPT_TIMEOUT_MS, r->timeout_ms);
+  FS_SET(CURLOPT_CONNECTTIMEOUT_MS, r->connect_timeout_ms);
+  if (r->ca_file != NULL)
+    FS_SET(CURLOPT_CAINFO, r->ca_file);
+  if (r->ca_path != NULL)
+    FS_SET(CURLOPT_CAPATH, r->ca_path);
+  if (r->proxy != NULL)
+    FS_SET(CURLOPT_PROXY, r->proxy);
+  FS_SET(CURLOPT_SSL_VERIFYPEER, r->insecure ? 0L : 1L);
+  FS_SET(CURLOPT_SSL_VERIFYHOST, r->insecure ? 0L : 2L);
+  if (r->get) {
+    FS_SET(CURLOPT_HTTPGET, 1L);
+  } else {
+    /* size first; the copy outlives the Lua string (submitted transfers) and
+    ** an empty body keeps libcurl from reading stdin */
+    FS_SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
+    FS_SET(CURLOPT_COPYPOSTFIELDS, r->body);
+  }
 #undef FS_SET
-  return rc;
-}
-
-CURLcode fs_request_post_empty(fs_transfer *t, const char *url) {
-  CURLcode rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);
-  if (rc == CURLE_OK)
-    rc = curl_easy_setopt(t->easy, CURLOPT_POST, 1L);
-  if (rc == CURLE_OK)  /* without a body libcurl would read stdin */
-    rc = curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, "");
-  if (rc == CURLE_OK)
-    rc = curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, 0L);
-  if (rc == CURLE_OK)
-    rc = curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
-  return rc;
+  apply_check(L, rc);
 }

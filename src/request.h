@@ -1,40 +1,79 @@
 /*
-** Requests: validated C values -> a configured libcurl transfer.
-** Knows HTTP and the one Flow Service URL shape the core builds; the
-** Lua side of the module knows everything else about Adobe.
+** Requests: a Lua options table (and a request shape) -> a configured
+** libcurl transfer. Validates at the border, byte by byte, so nothing a
+** caller passes can split a header or leave the base URL; knows the
+** Flow Service only as far as its identity headers.
 */
 #ifndef FLOWSERVICE_REQUEST_H
 #define FLOWSERVICE_REQUEST_H
 
 #include <stddef.h>
 
+#include "lua.h"
 #include "engine.h"
 
-/* How to reach the server; pointers may be NULL for libcurl's default. */
-typedef struct fs_transport {
+#define FS_VERSION "0.1.0"
+
+/* The headers every call sends, in wire order. The first four carry
+** identity and may only come from their options. */
+enum {
+  H_AUTHORIZATION, H_API_KEY, H_ORG_ID, H_SANDBOX, H_PROTECTED = H_SANDBOX,
+  H_CONTENT_TYPE, H_ACCEPT, H_REQUEST_ID, H_IF_MATCH, H_USER_AGENT, H_COUNT
+};
+
+/* fs_request_options flags */
+#define FS_TOKEN_LATER 1   /* access_token may be missing (IMS will supply it) */
+#define FS_NO_IDENTITY 2   /* no identity headers at all (the IMS request) */
+
+typedef struct fs_param {
+  const char *name;
+  const char *value;
+} fs_param;
+
+typedef struct fs_request {
+  int get;                        /* GET, else POST */
+  int identity;                   /* send the identity headers (default) */
+  const char *base_url;
+  const char **segments;          /* path under base_url, escaped one by one */
+  size_t nsegments;
+  const fs_param *query;          /* name=value pairs, escaped */
+  size_t nquery;
+  const char *body;
+  size_t body_len;
+  const char *header[H_COUNT];    /* NULL: not sent */
+  int headers_table;              /* stack index of opts.headers, or 0 */
+  size_t max_body;
   long timeout_ms;
   long connect_timeout_ms;
   const char *ca_file;
   const char *ca_path;
   const char *proxy;
   int insecure;
-} fs_transport;
-
-/* Byte-level safety of what goes on the wire (header injection). */
-int fs_header_name_ok(const char *name, size_t len);
-int fs_header_value_ok(const char *value, size_t len);
+  const char *op;                 /* the run action's op option */
+  const char *action_path[3];     /* storage for a run action's shape */
+  fs_param action_query[1];
+} fs_request;
 
 /*
-** {base_url}/runs/{run_id}/action?op={op} with run_id and op
-** percent-escaped by libcurl. On success *url is for curl_free. On failure
-** returns NULL in *url and a reason for the caller's error message.
+** Check the options table at stack index opts (raising luaL_argerror-style
+** errors naming it) and fill r's options. The strings it makes (bearer
+** value, request id) stay on the stack until the caller returns.
 */
-const char *fs_url_run_action(CURL *easy, const char *base_url,
-                              const char *run_id, const char *op,
-                              char **url);
+void fs_request_options(lua_State *L, int opts, int flags, fs_request *r);
 
-CURLcode fs_request_transport(fs_transfer *t, const fs_transport *tr);
-/* POST url with an empty body (and without libcurl reading stdin). */
-CURLcode fs_request_post_empty(fs_transfer *t, const char *url);
+/* Check the run id at stack index arg; POST runs/{id}/action?op={op}. */
+void fs_request_run_action(lua_State *L, int arg, int opts, fs_request *r);
+
+/* Check a request shape table at stack index spec:
+** { method = "GET"|"POST", path = {seg, ...}, query = {{name, value}, ...},
+**   body = string, content_type = string, identity = boolean }.
+** Call before fs_request_options, with whose flags identity must agree. */
+void fs_request_shape(lua_State *L, int spec, fs_request *r);
+
+/* The defaults above as a table (flowservice.defaults). */
+void fs_request_push_defaults(lua_State *L);
+
+/* Configure t (already prepared) for r; raises on failure. */
+void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r);
 
 #endif
