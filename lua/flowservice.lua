@@ -1,22 +1,34 @@
 -- lua-flowservice: re-trigger failed Adobe Experience Platform dataflow runs.
--- The C core (flowservice.core) marshals options and runs the HTTP request;
--- this face turns its plain errors into error objects.
+-- The C core (flowservice.core) marshals options and runs the HTTP requests;
+-- flowservice.client adds policy: retries, IMS tokens, the runs API.
 local core = require "flowservice.core"
+local client = require "flowservice.client"
 local errors = require "flowservice.errors"
+local args = require "flowservice.args"
+
+local error, pcall = error, pcall
 
 local _M = {
   _VERSION = core._VERSION,
-  defaults = core.defaults, -- what the C core uses when an option is absent (informational copy)
+  defaults = core.defaults, -- what the C core uses when an option is absent (a copy)
   curl_version = core.curl_version,
   is_error = errors.is_error,
 }
 
--- Re-trigger one run: POST {base_url}/runs/{run_id}/action?op=re-trigger.
--- Returns { id = new run id, etag = ... } or nil, err (see README).
+-- flowservice.new(opts) -> client (no I/O until the first call)
+function _M.new(opts)
+  return client.new(opts, 1, "new", 2)
+end
+
+-- Re-trigger one run: POST {base_url}/runs/{run_id}/action?op=re-trigger,
+-- as a one-call client (same retry rules). Returns { id, etag } or nil, err.
 function _M.retrigger(run_id, opts)
-  local run, err = core.retrigger(run_id, opts)
-  if run then return run end
-  return nil, errors.from_core(err, errors.secrets_of(opts))
+  args.run_id(run_id, 1, "retrigger", 2)
+  local c = client.new(opts, 2, "retrigger", 2)
+  local ok, run, err = pcall(c.retrigger, c, run_id)
+  c:close()
+  if not ok then error(run, 0) end
+  return run, err
 end
 
 return _M

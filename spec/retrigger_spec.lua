@@ -213,9 +213,10 @@ describe("flowservice.retrigger", function()
       assert.matches("^flowservice: HTTP 502: <html> <h1>", tostring(err))
     end)
 
-    it("reports Retry-After in seconds from a 429", function()
+    it("reports Retry-After in seconds from a 429 (when no retry is left)", function()
       server:scenario { status = 429, retry_after = "7" }
-      local err = check(runs.failed, nil, { kind = "http", status = 429, code = "429050", retry_after = 7 })
+      local err = check(runs.failed, opts { retry = { attempts = 1 } },
+        { kind = "http", status = 429, code = "429050", retry_after = 7, attempts = 1 })
       assert.matches("retry after 7 s", tostring(err), 1, true)
     end)
 
@@ -278,7 +279,7 @@ describe("flowservice.retrigger", function()
   describe("transport failures", function()
     it("connection refused is a network error, not sent", function()
       local run, err = flowservice.retrigger(runs.failed,
-        opts { base_url = "http://127.0.0.1:" .. h.closed_port })
+        opts { base_url = "http://127.0.0.1:" .. h.closed_port, retry = { attempts = 1 } })
       assert.is_nil(run)
       assert.equal("network", err.kind)
       assert.is_false(err.sent)

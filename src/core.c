@@ -167,7 +167,8 @@ static int push_run(lua_State *L, const fs_call *c) {
   if (t->sends > 1)
     set_boolean(L, "resent", 1);
   lua_pushinteger(L, (lua_Integer)t->status);  /* for the caller's log */
-  return 2;
+  lua_pushstring(L, c->request_id);
+  return 3;
 }
 
 /* 2xx of a raw request: the body for the Lua side to read. */

@@ -1,0 +1,59 @@
+-- Argument checks for the Lua face, worded like luaL_argerror so that
+-- errors raised here and in the C core read the same.
+local error, pairs, tostring, type = error, pairs, tostring, type
+local format = string.format
+
+local _M = {}
+
+-- Raise "bad argument #argn to 'fname' (msg)" at the caller of the API
+-- function that called us (level 3 from here).
+function _M.fail(argn, fname, msg, level)
+  error(format("bad argument #%d to '%s' (%s)", argn, fname, msg), (level or 2) + 1)
+end
+
+-- Re-raise an argument error of the C core (always about its argument #1
+-- here) as one about the caller's argument position.
+function _M.rethrow(err, argn, fname, level)
+  if type(err) == "string" then
+    local inner = err:match("^bad argument #%d+ to '[^']*' %((.*)%)$")
+    if inner then _M.fail(argn, fname, inner, (level or 2) + 1) end
+  end
+  error(err, 0)
+end
+
+-- Every key of t must be in spec (name -> Lua type name); returns t.
+-- what: how to name the keys, e.g. "option" or "option 'retry' field".
+function _M.fields(t, spec, what, argn, fname, level)
+  level = (level or 2) + 1
+  for key, value in pairs(t) do
+    local want = type(key) == "string" and spec[key]
+    if not want then
+      _M.fail(argn, fname, format("%s '%s' is unknown", what, tostring(key)), level)
+    elseif type(value) ~= want then
+      _M.fail(argn, fname, format("%s '%s' must be a %s, got %s", what, key, want, type(value)), level)
+    end
+  end
+  return t
+end
+
+function _M.is_integer(n)
+  return type(n) == "number" and n == n and n % 1 == 0 and n > -2^53 and n < 2^53
+end
+
+-- The run id rules of the C core, checked before any I/O.
+function _M.run_id(run_id, argn, fname, level)
+  level = (level or 2) + 1
+  if type(run_id) ~= "string" or run_id == "" then
+    _M.fail(argn, fname, "run id must be a non-empty string, got "
+      .. (run_id == "" and "an empty string" or type(run_id)), level)
+  end
+  if run_id:find("[\r\n]") or run_id:find("\0", 1, true) then
+    _M.fail(argn, fname, "run id contains CR, LF or NUL", level)
+  end
+  if run_id == "." or run_id == ".." then
+    _M.fail(argn, fname, "run id may not be '.' or '..'", level)
+  end
+  return run_id
+end
+
+return _M

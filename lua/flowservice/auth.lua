@@ -1,0 +1,83 @@
+-- IMS access tokens for OAuth Server-to-Server credentials: fetched on first
+-- use, cached until five minutes before they expire, fetched again after a
+-- 401 401013. The client secret stays in this object; no error or log line
+-- carries it.
+local errors = require "flowservice.errors"
+local core = require "flowservice.core"
+
+local decode = require("cjson.safe").new().decode
+local escape, now = core.escape, core.now
+local error, pcall, setmetatable, type = error, pcall, setmetatable, type
+
+local _M = {}
+
+local Auth = {}
+Auth.__index = Auth
+
+_M.default_ims_url = "https://ims-na1.adobelogin.com"
+_M.fields = { client_id = "string", client_secret = "string", scopes = "string", ims_url = "string" }
+
+local MARGIN = 300 -- seconds before expiry that a token stops being used
+
+function _M.new(credentials)
+  return setmetatable({
+    client_id = credentials.client_id,
+    secret = credentials.client_secret,
+    scopes = credentials.scopes,
+    ims_url = credentials.ims_url or _M.default_ims_url,
+    token = nil,
+    valid_until = 0,
+    fetching = false,
+  }, Auth)
+end
+
+function Auth:form()
+  return "grant_type=client_credentials&client_id=" .. escape(self.client_id)
+    .. "&client_secret=" .. escape(self.secret) .. "&scope=" .. escape(self.scopes)
+end
+
+-- IMS answers {"error": ..., "error_description": ...}: an auth error.
+local function refused(err)
+  err.kind = "auth"
+  return err
+end
+
+-- request(form) does the POST (with the client's retry rules for safe
+-- calls) and returns the raw response or nil, err.
+function Auth:token(request, wait)
+  if self.token and now() < self.valid_until then return self.token end
+  while self.fetching do wait(0.01) end -- another coroutine is asking already
+  if self.token and now() < self.valid_until then return self.token end
+  self.fetching = true
+  local asked_at = now()
+  local ok, res, err = pcall(request, self:form())
+  self.fetching = false
+  if not ok then error(res, 0) end
+  if not res then
+    if err.kind == "http" then return nil, refused(err) end
+    return nil, err
+  end
+  local doc = decode(res.body)
+  if type(doc) ~= "table" or type(doc.access_token) ~= "string" or doc.access_token == ""
+    or type(doc.expires_in) ~= "number" then
+    return nil, errors.new { kind = "auth", status = res.status, request_id = res.request_id,
+      message = "IMS answered without an access_token and expires_in" }
+  end
+  self.token = doc.access_token
+  -- a token living less than the margin is used for this call only
+  self.valid_until = asked_at + doc.expires_in - MARGIN
+  return self.token
+end
+
+-- After a 401 401013 with this token: forget it, so the next call asks again.
+function Auth:invalidate(token)
+  if self.token == token then
+    self.token, self.valid_until = nil, 0
+  end
+end
+
+function Auth:secrets()
+  return { self.secret, self.token }
+end
+
+return _M

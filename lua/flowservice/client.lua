@@ -1,0 +1,355 @@
+-- A client: options, credentials and connections kept across calls, with
+-- the retry rules of flowservice.retry, IMS tokens and the runs API.
+--
+-- Secrets (access token, api key, client secret) live in a private table
+-- keyed by the client, not in its fields: a table dump shows none.
+local core = require "flowservice.core"
+local args = require "flowservice.args"
+local auth = require "flowservice.auth"
+local errors = require "flowservice.errors"
+local retry = require "flowservice.retry"
+local runs = require "flowservice.runs"
+
+local decode = require("cjson.safe").new().decode
+local now = core.now
+local error, ipairs, next, pairs, pcall, setmetatable, tostring, type =
+  error, ipairs, next, pairs, pcall, setmetatable, tostring, type
+local format, floor = string.format, math.floor
+
+local _M = {}
+
+local Client = {}
+Client.__index = Client
+
+local private = setmetatable({}, { __mode = "k" })
+
+-- Options handled here; everything else is the C core's to check.
+local LUA_OPTIONS = { credentials = "table", retry = "table", deadline = "number", log = "function" }
+local RETRY_FIELDS = { attempts = "number", base_delay = "number", max_delay = "number" }
+-- What one call may change.
+local CALL_OPTIONS = { if_match = "string", request_id = "string", headers = "table",
+  timeout = "number", deadline = "number" }
+
+local function check_retry(user, argn, fname, level)
+  args.fields(user, RETRY_FIELDS, "option 'retry' field", argn, fname, level + 1)
+  local policy = {}
+  for k, v in pairs(retry.defaults) do policy[k] = user[k] or v end
+  if not (args.is_integer(policy.attempts) and policy.attempts >= 1) then
+    args.fail(argn, fname, "option 'retry' field 'attempts' must be a whole number >= 1", level + 1)
+  end
+  if not (policy.base_delay >= 0 and policy.max_delay >= policy.base_delay) then
+    args.fail(argn, fname, "option 'retry' needs 0 <= base_delay <= max_delay", level + 1)
+  end
+  return policy
+end
+
+local function check_credentials(c, argn, fname, level)
+  args.fields(c, auth.fields, "option 'credentials' field", argn, fname, level + 1)
+  for _, key in ipairs { "client_id", "client_secret", "scopes" } do
+    if c[key] == nil or c[key] == "" then
+      args.fail(argn, fname, "option 'credentials' field '" .. key .. "' is required", level + 1)
+    end
+  end
+  return c
+end
+
+local function check_deadline(d, argn, fname, level)
+  if d ~= nil and not (d > 0 and d < math.huge) then
+    args.fail(argn, fname, "option 'deadline' must be a positive number of seconds", level + 1)
+  end
+  return d
+end
+
+-- flowservice.new(opts); argn/fname/level say where errors point.
+function _M.new(opts, argn, fname, level)
+  argn, fname, level = argn or 1, fname or "new", (level or 1) + 1
+  if type(opts) ~= "table" then
+    args.fail(argn, fname, "table expected, got " .. type(opts), level)
+  end
+  local core_opts, own = {}, {}
+  for k, v in pairs(opts) do
+    if LUA_OPTIONS[k] then own[k] = v else core_opts[k] = v end
+  end
+  args.fields(own, LUA_OPTIONS, "option", argn, fname, level)
+  local p = {
+    retry = check_retry(own.retry or {}, argn, fname, level),
+    deadline = check_deadline(own.deadline, argn, fname, level),
+    log = own.log,
+  }
+  if own.credentials then
+    p.auth = auth.new(check_credentials(own.credentials, argn, fname, level))
+    if core_opts.api_key == nil then core_opts.api_key = own.credentials.client_id end
+  end
+  local ok, handle = pcall(core.new, core_opts, p.auth ~= nil)
+  if not ok then args.rethrow(handle, argn, fname, level) end
+  p.handle, p.opts = handle, core_opts
+  local self = setmetatable({
+    base_url = core_opts.base_url or core.defaults.base_url,
+    org_id = core_opts.org_id,
+    sandbox = core_opts.sandbox or core.defaults.sandbox,
+  }, Client)
+  private[self] = p
+  return self
+end
+
+local function open(self, level)
+  local p = private[self]
+  if not p or p.closed then error("flowservice: client is closed", level + 1) end
+  return p
+end
+
+local function secrets(p)
+  local list = errors.secrets_of(p.opts)
+  local a = p.auth or p.ims_of
+  if a then
+    for _, s in ipairs(a:secrets()) do list[#list + 1] = s end
+  end
+  return list
+end
+
+-- Sleep on the client's engine; it holds no transfer, so nothing wakes it
+-- but the clock (loop anyway: a wake-up may come early).
+local function sleep(p, seconds)
+  local wake = now() + seconds
+  local left = seconds
+  while left > 0 do
+    p.handle:wait(left)
+    left = wake - now()
+  end
+end
+
+local function copy(t, changes)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  for k, v in pairs(changes) do c[k] = v end
+  return c
+end
+
+local function log_attempt(p, method, path, outcome, attempt, request_id, started)
+  if p.log then
+    p.log(format("%s %s -> %s (attempt %d, request-id %s, %d ms)", method, path,
+      tostring(outcome), attempt, tostring(request_id), floor((now() - started) * 1000 + 0.5)))
+  end
+end
+
+local function failed(err, attempts, request_ids)
+  err.attempts, err.request_ids = attempts, request_ids
+  return nil, err
+end
+
+-- One logical call: attempts until success, a final error or the deadline.
+-- send(opts) makes one attempt and returns result, status, request_id or
+-- nil, the core's error table. creates: the call makes a run (see
+-- flowservice.retry).
+local function call(self, p, method, path, creates, opts, deadline, send)
+  local policy = p.retry
+  local ends = deadline and now() + deadline
+  local request_ids, attempt, budget, refreshed, last = {}, 0, 0, false, nil
+  while true do
+    local attempt_opts, token = opts, nil
+    if p.auth then
+      local err
+      token, err = p.auth:token(function(form) return self:_ims(p, form) end,
+        function(s) sleep(p, s) end)
+      if not token then return nil, err end -- the IMS call's own attempts and ids
+      attempt_opts = copy(attempt_opts, { access_token = token })
+    end
+    if ends then
+      local left = ends - now()
+      if left <= 0 then
+        last = last or errors.new { kind = "timeout", sent = false,
+          message = format("deadline of %g s passed", deadline) }
+        return failed(last, attempt, request_ids)
+      end
+      if left < (attempt_opts.timeout or core.defaults.timeout) then
+        attempt_opts = copy(attempt_opts, { timeout = left })
+      end
+    end
+    attempt, budget = attempt + 1, budget + 1
+    local started = now()
+    local result, status_or_err, request_id = send(attempt_opts)
+    if result then
+      request_ids[#request_ids + 1] = request_id
+      log_attempt(p, method, path, status_or_err, attempt, request_id, started)
+      return result
+    end
+    local err = errors.from_core(status_or_err, secrets(p))
+    request_ids[#request_ids + 1] = err.request_id
+    log_attempt(p, method, path, err.status or err.kind, attempt, err.request_id, started)
+    last = err
+    if token and not refreshed and err.kind == "http" and err.status == 401 and err.code == "401013" then
+      -- the token died early: a 401 means nothing was done, so replaying is safe
+      p.auth:invalidate(token)
+      refreshed, budget = true, budget - 1
+    else
+      local verdict = retry.verdict(err, creates)
+      if verdict == "ambiguous" then err.ambiguous = true end
+      if verdict ~= "retry" or budget >= policy.attempts then
+        return failed(err, attempt, request_ids)
+      end
+      local delay = err.retry_after or retry.backoff(policy, budget)
+      if err.retry_after and err.retry_after > policy.max_delay then
+        return failed(err, attempt, request_ids)
+      end
+      if ends and now() + delay >= ends then return failed(err, attempt, request_ids) end
+      sleep(p, delay)
+    end
+  end
+end
+
+-- A raw request's 2xx body as JSON, or a decode error.
+local function json_body(res)
+  local doc = decode(res.body)
+  if type(doc) ~= "table" then
+    return nil, errors.new { kind = "decode", status = res.status, request_id = res.request_id,
+      sent = true, message = "reply is not a JSON object" }
+  end
+  return doc
+end
+
+function Client:_ims(p, form)
+  local a = p.auth
+  local ims_opts = {}
+  for _, key in ipairs { "timeout", "connect_timeout", "ca_file", "ca_path", "proxy",
+    "insecure", "user_agent", "max_body" } do
+    ims_opts[key] = p.opts[key]
+  end
+  ims_opts.base_url = a.ims_url
+  local shape = { method = "POST", path = { "ims", "token", "v3" }, body = form,
+    content_type = "application/x-www-form-urlencoded", identity = false }
+  local no_auth = { retry = p.retry, log = p.log, handle = p.handle, opts = p.opts, ims_of = a }
+  return call(self, no_auth, "POST", "/ims/token/v3", false, ims_opts, p.deadline, function(o)
+    local res, err = p.handle:request(o, shape)
+    if res then return res, res.status, res.request_id end
+    return nil, err
+  end)
+end
+
+-- Per-call options over the client's.
+local function call_options(p, overrides, argn, fname, level)
+  if overrides == nil then return p.opts, p.deadline end
+  if type(overrides) ~= "table" then
+    args.fail(argn, fname, "table expected, got " .. type(overrides), level + 1)
+  end
+  args.fields(overrides, CALL_OPTIONS, "per-call option", argn, fname, level + 1)
+  local deadline = check_deadline(overrides.deadline, argn, fname, level + 1) or p.deadline
+  if next(overrides) == nil then return p.opts, deadline end
+  local o = copy(p.opts, overrides)
+  o.deadline = nil
+  return o, deadline
+end
+
+-- client:retrigger(run_id [, opts]) -> { id, etag } or nil, err
+function Client:retrigger(run_id, overrides)
+  local p = open(self, 2)
+  args.run_id(run_id, 1, "retrigger", 2)
+  local opts, deadline = call_options(p, overrides, 2, "retrigger", 2)
+  local path = "/runs/" .. run_id .. "/action?op=" .. (opts.op or core.defaults.op)
+  return call(self, p, "POST", path, true, opts, deadline, function(o)
+    return p.handle:retrigger(run_id, o)
+  end)
+end
+
+local function get_json(self, p, path_segments, query, log_path)
+  local shape = { method = "GET", path = path_segments, query = query }
+  local res, err = call(self, p, "GET", log_path, false, p.opts, p.deadline, function(o)
+    local r, e = p.handle:request(o, shape)
+    if r then return r, r.status, r.request_id end
+    return nil, e
+  end)
+  if not res then return nil, err end
+  return json_body(res)
+end
+
+-- client:get_run(run_id) -> the run (unwrapped from {"items": [run]}) or nil, err
+function Client:get_run(run_id)
+  local p = open(self, 2)
+  args.run_id(run_id, 1, "get_run", 2)
+  local doc, err = get_json(self, p, { "runs", run_id }, nil, "/runs/" .. run_id)
+  if not doc then return nil, err end
+  local run = type(doc.items) == "table" and doc.items[1]
+  if type(run) ~= "table" then
+    return nil, errors.new { kind = "decode", message = "reply has no items[1]", sent = true }
+  end
+  return run
+end
+
+-- Pages of a listing, as an iterator of runs: raises a failing page's error.
+local function pages(self, p, query, filters)
+  local seen, token, items, i, count = {}, nil, {}, 0, 0
+  local finished = false
+  return function()
+    if query.max and count >= query.max then return nil end
+    while i >= #items do
+      if finished then return nil end
+      local page, err = get_json(self, p, { "runs" }, runs.page_params(query, filters, token), "/runs")
+      if not page then error(err, 0) end
+      items, i = type(page.items) == "table" and page.items or {}, 0
+      local nxt = runs.next_token(page)
+      if nxt == false then
+        error(errors.new { kind = "protocol", message = "next page link without a continuationToken" }, 0)
+      elseif nxt == nil then
+        finished = true
+      elseif seen[nxt] then
+        error(errors.new { kind = "protocol",
+          message = "the server repeated a continuationToken: paging would loop" }, 0)
+      else
+        seen[nxt], token = true, nxt
+      end
+    end
+    i, count = i + 1, count + 1
+    return items[i]
+  end
+end
+
+-- for run in client:each_run(query) do ... end
+function Client:each_run(query)
+  local p = open(self, 2)
+  local filters = runs.filters(query, 1, "each_run", 2)
+  return pages(self, p, query, filters)
+end
+
+-- client:list_runs(query) -> array of runs (all pages, up to query.max) or nil, err
+function Client:list_runs(query)
+  local p = open(self, 2)
+  local filters = runs.filters(query, 1, "list_runs", 2)
+  local list = {}
+  local ok, err = pcall(function()
+    for run in pages(self, p, query, filters) do list[#list + 1] = run end
+  end)
+  if not ok then
+    if errors.is_error(err) then return nil, err end
+    error(err, 0)
+  end
+  return list
+end
+
+-- client:count_runs(query) -> number or nil, err
+function Client:count_runs(query)
+  local p = open(self, 2)
+  local filters = runs.filters(query, 1, "count_runs", 2)
+  local doc, err = get_json(self, p, { "runs" }, runs.count_params(filters), "/runs")
+  if not doc then return nil, err end
+  if type(doc.count) ~= "number" then
+    return nil, errors.new { kind = "decode", message = "reply has no count", sent = true }
+  end
+  return math.tointeger and math.tointeger(doc.count) or doc.count
+end
+
+function Client:close()
+  local p = private[self]
+  if p and not p.closed then
+    p.closed = true
+    p.handle:close()
+  end
+end
+
+Client.__close = Client.close
+Client.__gc = Client.close
+
+function Client:__tostring()
+  return format("flowservice.client(%s, org %s, sandbox %s%s)", self.base_url,
+    tostring(self.org_id), self.sandbox, (private[self] or {}).closed and ", closed" or "")
+end
+
+return _M

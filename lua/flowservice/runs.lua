@@ -1,0 +1,108 @@
+-- The Flow Service runs listing: a query table -> repeated `property`
+-- filters and the other parameters, and the next page's token out of
+-- `_links.next.href`.
+local args = require "flowservice.args"
+local core = require "flowservice.core"
+
+local concat, format = table.concat, string.format
+local ipairs, pairs, tostring, type = ipairs, pairs, tostring, type
+
+local _M = {}
+
+_M.MAX_PAGE = 100
+
+local QUERY_FIELDS = {
+  flow_id = "string", status = "any", since = "number", before = "number",
+  order = "string", page_size = "number", max = "number", filters = "table",
+}
+
+-- Epoch milliseconds on the wire as integers: lua-cjson hands them back as
+-- floats on Lua 5.3+, and "1670444672602.0" is not a filter the service takes.
+local function integer_string(n)
+  return format("%.0f", n)
+end
+
+local function statuses(status, argn, fname, level)
+  local list = type(status) == "string" and { status } or status
+  if type(list) ~= "table" or #list == 0 then
+    args.fail(argn, fname, "query 'status' must be a string or a list of strings", level)
+  end
+  for _, s in ipairs(list) do
+    if type(s) ~= "string" or s == "" or s:find(",", 1, true) then
+      args.fail(argn, fname, "query 'status' entries must be non-empty strings without ','", level)
+    end
+  end
+  return concat(list, ",")
+end
+
+-- Checks query (raising at the caller's argument argn) and returns the
+-- `property` filters as {name, value} pairs, plus the checked query.
+function _M.filters(query, argn, fname, level)
+  level = (level or 2) + 1
+  if type(query) ~= "table" then
+    args.fail(argn, fname, "query must be a table, got " .. type(query), level)
+  end
+  for key, value in pairs(query) do
+    local want = QUERY_FIELDS[key]
+    if not want then
+      args.fail(argn, fname, format("query field '%s' is unknown", tostring(key)), level)
+    elseif want ~= "any" and type(value) ~= want then
+      args.fail(argn, fname, format("query field '%s' must be a %s, got %s", key, want, type(value)), level)
+    end
+  end
+  for _, key in ipairs { "since", "before", "page_size", "max" } do
+    if query[key] ~= nil and not args.is_integer(query[key]) then
+      args.fail(argn, fname, format("query field '%s' must be a whole number", key), level)
+    end
+  end
+  if query.page_size and (query.page_size < 1 or query.page_size > _M.MAX_PAGE) then
+    args.fail(argn, fname, "query field 'page_size' must be from 1 to " .. _M.MAX_PAGE, level)
+  end
+  if query.max and query.max < 1 then
+    args.fail(argn, fname, "query field 'max' must be at least 1", level)
+  end
+  local params = {}
+  local function add(expression) params[#params + 1] = { "property", expression } end
+  if query.flow_id then add("flowId==" .. query.flow_id) end
+  if query.status then add("metrics.statusSummary.status==" .. statuses(query.status, argn, fname, level)) end
+  if query.since then add("metrics.durationSummary.startedAtUTC>=" .. integer_string(query.since)) end
+  if query.before then add("metrics.durationSummary.startedAtUTC<" .. integer_string(query.before)) end
+  for i, expression in ipairs(query.filters or {}) do
+    if type(expression) ~= "string" or expression == "" then
+      args.fail(argn, fname, format("query 'filters' entry %d must be a non-empty string", i), level)
+    end
+    add(expression)
+  end
+  return params
+end
+
+-- The parameters of one page of a listing (the original query every time).
+function _M.page_params(query, filters, token)
+  local params = {}
+  for i, p in ipairs(filters) do params[i] = p end
+  params[#params + 1] = { "orderby", query.order or "-createdAt" }
+  params[#params + 1] = { "limit", integer_string(query.page_size or _M.MAX_PAGE) }
+  if token then params[#params + 1] = { "continuationToken", token } end
+  return params
+end
+
+function _M.count_params(filters)
+  local params = {}
+  for i, p in ipairs(filters) do params[i] = p end
+  params[#params + 1] = { "count", "true" }
+  return params
+end
+
+-- The continuation token of the next page; nil on the last page; false
+-- when there is a next link without a token in it.
+function _M.next_token(page)
+  local links = type(page._links) == "table" and page._links or nil
+  local next_link = links and type(links.next) == "table" and links.next or nil
+  local href = next_link and next_link.href
+  if type(href) ~= "string" then return nil end
+  local token = href:match("[?&]continuationToken=([^&#]*)")
+  if not token or token == "" then return false end
+  return core.unescape(token)
+end
+
+return _M
