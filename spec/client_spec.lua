@@ -1,0 +1,334 @@
+-- Client objects: connection reuse, HTTP/2, silent resends, retry rules,
+-- deadlines, logging, lifecycle. Against the fake Flow Service.
+local flowservice = require "flowservice"
+local fake = require "spec.support.fake"
+local tls = require "spec.support.tls"
+local h = require "spec.support.helpers"
+
+local runs = h.runs
+
+-- Sockets this process holds: what a closed client must give back.
+local function own_sockets()
+  local pid = assert(io.open("/proc/self/stat")):read("*l"):match("^(%d+)")
+  local p = assert(io.popen("ls -l /proc/" .. pid .. "/fd 2>/dev/null"))
+  local n = select(2, p:read("*a"):gsub("socket:", ""))
+  p:close()
+  return n
+end
+
+local FAST = { attempts = 4, base_delay = 0.01, max_delay = 0.05 }
+
+describe("flowservice.new", function()
+  local server
+
+  local function new(extra)
+    local o = h.opts(server.url, extra)
+    if o.retry == nil then o.retry = FAST end
+    return flowservice.new(o)
+  end
+
+  setup(function() server = fake.start() end)
+  teardown(function() server:stop() end)
+  before_each(function() server:reset() end)
+
+  describe("connections", function()
+    it("makes N calls over one TCP connection", function()
+      local client = new()
+      for _ = 1, 5 do
+        local run, err = client:retrigger(runs.failed)
+        assert.is_nil(err)
+        assert.is_string(run.id)
+      end
+      client:close()
+      local got = server:requests()
+      assert.equal(5, #got)
+      for i = 2, 5 do assert.equal(got[1].connection, got[i].connection) end
+      assert.equal(5, got[5].connection_requests)
+    end)
+
+    it("does no I/O in new", function()
+      local client = new()
+      assert.same({}, server:requests())
+      client:close()
+    end)
+
+    it("notices a resend of a re-trigger on a reused connection that died", function()
+      local client = new()
+      assert.is_table((client:retrigger(runs.failed)))
+      -- the server reads the next POST on that connection, then drops it
+      server:scenario { match = "^POST ", drop = "after" }
+      local run, err = client:retrigger(runs.failed)
+      client:close()
+      assert.is_nil(err)
+      assert.is_true(run.resent) -- libcurl sent it again on a new connection
+      local got = server:requests()
+      assert.equal(3, #got)
+      assert.equal(got[1].connection, got[2].connection)
+      assert.not_equal(got[2].connection, got[3].connection)
+      assert.equal(got[2].headers["x-request-id"], got[3].headers["x-request-id"])
+    end)
+  end)
+
+  describe("retries", function()
+    it("waits out a 429's Retry-After and retries a re-trigger", function()
+      local client = new { retry = { base_delay = 0.01, max_delay = 5 } }
+      server:scenario { status = 429, retry_after = "1" }
+      local t0 = h.now()
+      local run, err = client:retrigger(runs.failed)
+      local elapsed = h.now() - t0
+      client:close()
+      assert.is_nil(err)
+      assert.is_string(run.id)
+      assert.equal(2, #server:requests())
+      assert.is_true(elapsed >= 0.95, "waited only " .. elapsed .. " s")
+    end)
+
+    it("returns a Retry-After longer than max_delay instead of waiting", function()
+      local client = new { retry = { max_delay = 2 } }
+      server:scenario { status = 429, retry_after = "5" }
+      local run, err = client:retrigger(runs.failed)
+      client:close()
+      assert.is_nil(run)
+      assert.equal(429, err.status)
+      assert.equal(5, err.retry_after)
+      assert.equal(1, err.attempts)
+      assert.equal(1, #server:requests())
+    end)
+
+    it("returns a Retry-After past the deadline instead of waiting", function()
+      local client = new { deadline = 0.5 }
+      server:scenario { status = 429, retry_after = "1" }
+      local _, err = client:retrigger(runs.failed)
+      client:close()
+      assert.equal(429, err.status)
+      assert.equal(1, err.attempts)
+    end)
+
+    it("does not repeat a re-trigger answered 503 after it was sent: ambiguous", function()
+      local client = new()
+      server:scenario { status = 503 }
+      local run, err = client:retrigger(runs.failed)
+      client:close()
+      assert.is_nil(run)
+      assert.equal(503, err.status)
+      assert.is_true(err.ambiguous)
+      assert.equal(1, err.attempts)
+      assert.equal(1, #server:requests())
+    end)
+
+    it("does not repeat a re-trigger that timed out after it was sent: ambiguous", function()
+      local client = new { timeout = 0.3 }
+      server:scenario { delay = 2 }
+      local _, err = client:retrigger(runs.failed)
+      client:close()
+      assert.equal("timeout", err.kind)
+      assert.is_true(err.sent)
+      assert.is_true(err.ambiguous)
+      assert.equal(1, err.attempts)
+    end)
+
+    it("repeats a re-trigger that was never sent, up to attempts", function()
+      local client = flowservice.new(h.opts("http://127.0.0.1:" .. h.closed_port,
+        { retry = { attempts = 3, base_delay = 0.01, max_delay = 0.02 } }))
+      local _, err = client:retrigger(runs.failed)
+      client:close()
+      assert.equal("network", err.kind)
+      assert.is_false(err.sent)
+      assert.is_nil(err.ambiguous)
+      assert.equal(3, err.attempts)
+      assert.equal(3, #err.request_ids)
+      assert.not_equal(err.request_ids[1], err.request_ids[2])
+      assert.equal(err.request_ids[3], err.request_id)
+    end)
+
+    it("stops at once on a 400 (nothing to gain by repeating)", function()
+      local client = new()
+      local _, err = client:retrigger(runs.success_with_records)
+      client:close()
+      assert.equal("FLOW-1387-400", err.code)
+      assert.is_nil(err.ambiguous)
+      assert.equal(1, err.attempts)
+    end)
+
+    it("keeps the whole call within deadline, retries included", function()
+      local client = new { deadline = 0.6, timeout = 5 }
+      server:scenario { delay = 3, times = 0 }
+      local t0 = h.now()
+      local _, err = client:retrigger(runs.failed)
+      local elapsed = h.now() - t0
+      client:close()
+      assert.equal("timeout", err.kind)
+      assert.is_true(elapsed < 1.5, "took " .. elapsed .. " s")
+    end)
+
+    it("takes a per-call deadline and per-call options", function()
+      local client = new()
+      server:scenario { delay = 3 }
+      local t0 = h.now()
+      local _, err = client:retrigger(runs.failed, { deadline = 0.3, request_id = "call-1" })
+      assert.is_true(h.now() - t0 < 1.5)
+      assert.equal("timeout", err.kind)
+      assert.equal("call-1", err.request_id)
+      server:reset()
+      local run = client:retrigger(runs.failed, { if_match = server:run(runs.failed).etag,
+        headers = { ["X-Job"] = "nightly" } })
+      assert.is_string(run.id)
+      local hd = server:requests()[1].headers
+      assert.equal("nightly", hd["x-job"])
+      assert.equal(server:run(runs.failed).etag, hd["if-match"])
+      client:close()
+    end)
+  end)
+
+  describe("log", function()
+    it("gets one redacted line per attempt", function()
+      local lines = {}
+      local client = new { log = function(line) lines[#lines + 1] = line end }
+      server:scenario { status = 429, retry_after = "0" }
+      assert.is_table((client:retrigger(runs.failed)))
+      client:close()
+      assert.equal(2, #lines)
+      local ids = {}
+      for i, r in ipairs(server:requests()) do ids[i] = r.headers["x-request-id"] end
+      assert.matches("^POST /runs/" .. runs.failed:gsub("%-", "%%-")
+        .. "/action%?op=re%-trigger %-> 429 %(attempt 1, request%-id " .. ids[1]:gsub("%-", "%%-")
+        .. ", %d+ ms%)$", lines[1])
+      assert.matches("%-> 200 %(attempt 2, request%-id " .. ids[2]:gsub("%-", "%%-"), lines[2])
+      for _, line in ipairs(lines) do
+        assert.not_matches("fake%-token", line)
+        assert.not_matches("fake%-api%-key", line)
+      end
+    end)
+  end)
+
+  describe("lifecycle", function()
+    it("raises on a call after close; close twice is fine", function()
+      local client = new()
+      client:close()
+      client:close()
+      assert.error_matches(function() client:retrigger(runs.failed) end, "flowservice: client is closed")
+      assert.error_matches(function() client:get_run(runs.failed) end, "flowservice: client is closed")
+      assert.error_matches(function() client:list_runs { flow_id = "x" } end, "flowservice: client is closed")
+    end)
+
+    it("gives its connections back on close", function()
+      local before = own_sockets()
+      local client = new()
+      assert.is_table((client:retrigger(runs.failed)))
+      assert.is_true(own_sockets() > before)
+      client:close()
+      assert.equal(before, own_sockets())
+    end)
+
+    it("gives its connections back when collected", function()
+      local before = own_sockets()
+      do
+        local client = new()
+        assert.is_table((client:retrigger(runs.failed)))
+        assert.is_true(own_sockets() > before)
+      end
+      collectgarbage()
+      collectgarbage()
+      assert.equal(before, own_sockets())
+    end)
+
+    if _VERSION == "Lua 5.4" then
+      it("closes as a <close> variable", function()
+        local before = own_sockets()
+        local chunk = assert(load([[
+          local flowservice, opts, run_id = ...
+          local client <close> = flowservice.new(opts)
+          assert(client:retrigger(run_id))
+          return client
+        ]]))
+        local client = chunk(flowservice, h.opts(server.url), runs.failed)
+        assert.equal(before, own_sockets())
+        assert.error_matches(function() client:retrigger(runs.failed) end, "client is closed")
+      end)
+    end
+
+    it("prints base URL, org and sandbox, and keeps secrets out of its fields", function()
+      local client = new { sandbox = "dev" }
+      assert.equal("flowservice.client(" .. server.url .. ", org FAKEORG@AdobeOrg, sandbox dev)",
+        tostring(client))
+      local function dump(t, seen)
+        seen = seen or {}
+        if seen[t] then return "" end
+        seen[t] = true
+        local out = {}
+        for k, v in pairs(t) do
+          out[#out + 1] = tostring(k) .. "=" .. (type(v) == "table" and dump(v, seen) or tostring(v))
+        end
+        local mt = getmetatable(t)
+        if type(mt) == "table" then out[#out + 1] = dump(mt, seen) end
+        return table.concat(out, " ")
+      end
+      local text = dump(client)
+      assert.not_matches("fake-token", text, 1, true)
+      assert.not_matches("fake-api-key", text, 1, true)
+      client:close()
+    end)
+  end)
+
+  describe("argument errors", function()
+    it("raise in new for unknown or mistyped options, Lua's and C's", function()
+      local function raises(pattern, extra)
+        assert.error_matches(function() flowservice.new(h.opts(server.url, extra)) end, pattern)
+      end
+      raises("bad argument #1 to 'new' %(option 'acess_token' is unknown%)", { acess_token = "x" })
+      raises("bad argument #1 to 'new' %(option 'timeout' must be a number, got string%)", { timeout = "1" })
+      raises("option 'retry' field 'attemps' is unknown", { retry = { attemps = 2 } })
+      raises("option 'retry' field 'attempts' must be a whole number >= 1", { retry = { attempts = 0 } })
+      raises("option 'credentials' field 'secret' is unknown",
+        { credentials = { client_id = "a", secret = "b", scopes = "c" } })
+      raises("option 'credentials' field 'client_secret' is required",
+        { credentials = { client_id = "a", scopes = "c" } })
+      raises("option 'deadline' must be a positive number", { deadline = -1 })
+      raises("option 'log' must be a function, got string", { log = "stderr" })
+      assert.error_matches(function() flowservice.new() end, "bad argument #1 to 'new' %(table expected, got nil%)")
+      local o = h.opts(server.url)
+      o.access_token = nil
+      assert.error_matches(function() flowservice.new(o) end, "option 'access_token' is required")
+    end)
+
+    it("raise for per-call options a call may not change", function()
+      local client = new()
+      assert.error_matches(function() client:retrigger(runs.failed, { access_token = "x" }) end,
+        "bad argument #2 to 'retrigger' %(per%-call option 'access_token' is unknown%)")
+      assert.error_matches(function() client:retrigger(runs.failed, { timeout = "x" }) end,
+        "per%-call option 'timeout' must be a number, got string")
+      assert.error_matches(function() client:retrigger(runs.failed, { timeout = -1 }) end,
+        "option 'timeout' must be a positive number")
+      assert.error_matches(function() client:retrigger(nil) end,
+        "bad argument #1 to 'retrigger' %(run id must be a non%-empty string, got nil%)")
+      client:close()
+      assert.same({}, server:requests())
+    end)
+  end)
+end)
+
+describe("flowservice.new over HTTPS", function()
+  local pki, server
+
+  setup(function()
+    pki = tls.make()
+    server = fake.start { tls = { cert = pki.cert, key = pki.key, http2 = true } }
+  end)
+  teardown(function()
+    if server then server:stop() end
+    tls.remove(pki)
+  end)
+
+  it("negotiates HTTP/2 when the server offers it, and multiplexes on one connection", function()
+    local client = flowservice.new(h.opts(server.tls_url, { ca_file = pki.ca_file }))
+    for _ = 1, 3 do assert.is_table((client:retrigger(runs.failed))) end
+    client:close()
+    local got = server:requests()
+    assert.equal(3, #got)
+    for _, r in ipairs(got) do
+      assert.equal(2, r.http_version)
+      assert.is_true(r.tls)
+      assert.equal(got[1].connection, r.connection)
+    end
+  end)
+end)
