@@ -1,8 +1,24 @@
 -- A fake Adobe Flow Service, run by nginx (LuaJIT, Lua 5.1 syntax) from
--- fake/nginx.conf.in. It answers POST /runs/{id}/action the way the real
--- service does (see the API sheet, ../shared/FLOWSERVICE_API.md), records every request,
--- and can be told, through /_fake/ control endpoints, to misbehave in the
--- ways a client has to survive: errors, delays, dropped or truncated replies.
+-- fake/nginx.conf.in. It answers the way the real service does (see the API
+-- sheet, ../shared/FLOWSERVICE_API.md), records every request, and can be
+-- told, through /_fake/ control endpoints, to misbehave in the ways a client
+-- has to survive: errors, delays, dropped or truncated replies.
+--
+--   POST /runs/{id}/action?op=re-trigger   a new run (createdClient = x-api-key)
+--   GET  /runs/{id}                        {"items": [run]}; FLOW-1101-404
+--   GET  /runs                             property= filters (==, >, <, >=, <=),
+--        orderby, limit (1..100, default 100), count=true, continuationToken;
+--        made-up codes: FLOW-1107-400 filter, FLOW-1108-400 limit,
+--        FLOW-1109-400 count with limit, FLOW-1110-400 token (bad, or issued for
+--        another query), FLOW-1111-400 orderby or a repeated single parameter
+--   POST /ims/token/v3                     IMS client_credentials (no gateway);
+--        issued tokens pass the gateway until they expire
+--   control: GET /_fake/health, POST /_fake/reset, POST /_fake/scenario,
+--        GET|DELETE /_fake/requests, GET /_fake/runs[/{id}],
+--        POST /_fake/ims {"expires_in": n}, POST /_fake/expire_tokens
+--   scenario fields for GET /runs: repeat_token (the next link repeats the
+--        request's token), link_style "token" (default) or "full" (the next
+--        link carries the whole query)
 --
 -- State lives in module-level tables. That is sound only because the
 -- configuration runs a single worker process.
@@ -14,8 +30,9 @@ local debug_traceback = debug.traceback
 local io_open = io.open
 local ipairs, pairs, pcall, xpcall = ipairs, pairs, pcall, xpcall
 local math_floor, math_random, math_randomseed = math.floor, math.random, math.randomseed
+local str_byte, str_char = string.byte, string.char
 local str_format, str_rep, str_sub = string.format, string.rep, string.sub
-local table_concat, table_remove = table.concat, table.remove
+local table_concat, table_remove, table_sort = table.concat, table.remove, table.sort
 local tonumber, tostring, type = tonumber, tostring, type
 
 local _M = { _VERSION = "0.1.0" }
@@ -25,6 +42,8 @@ local _M = { _VERSION = "0.1.0" }
 cjson.encode_number_precision(14)
 
 local ERROR_TYPE_BASE = "https://ns.adobe.com/aep/errors/"
+local IMS_TOKEN_PATH = "/ims/token/v3"
+local IMS_DEFAULT_EXPIRES_IN = 86399   -- seconds, as IMS answers
 
 local state = {
   fixture_path = nil,
@@ -35,6 +54,9 @@ local state = {
   scenarios = {},      -- FIFO queue
   requests = {},       -- request log, oldest first
   next_scenario_id = 1,
+  ims_clients = nil,   -- client_id -> client_secret
+  ims_tokens = {},     -- access token -> { expires = ngx.now() deadline, client_id, scope }
+  ims_expires_in = IMS_DEFAULT_EXPIRES_IN,
 }
 
 ---------------------------------------------------------------------------
@@ -81,6 +103,45 @@ local function encode_array(list)
   return encode(list)
 end
 
+-- Percent-escape everything but RFC 3986's unreserved characters, so "+",
+-- "/", "=" and "," in a query value always travel escaped.
+local function escape_component(s)
+  return (tostring(s):gsub("[^%w%-%._~]", function(c)
+    return str_format("%%%02X", str_byte(c))
+  end))
+end
+
+-- A query string or form body as an ordered list of { key, value }, decoded
+-- the form-urlencoded way: "+" is a space, "%2B" a plus. Parsed by hand
+-- rather than with ngx.req.get_uri_args, so the decoding is exactly this.
+local function parse_query(text)
+  local list = {}
+  for part in (text or ""):gmatch("[^&]+") do
+    local k, eq, v = part:match("^([^=]*)(=?)(.*)$")
+    local function dec(x) return ngx.unescape_uri((x:gsub("%+", " "))) end
+    list[#list + 1] = { dec(k), eq == "=" and dec(v) or "" }
+  end
+  return list
+end
+
+-- { key = value } from parse_query's list; a repeated key maps to false
+-- (the callers refuse it), except keys in `multi`, which collect an array.
+local function query_table(list, multi)
+  local t = {}
+  for _, kv in ipairs(list) do
+    local k, v = kv[1], kv[2]
+    if multi and multi[k] then
+      t[k] = t[k] or {}
+      t[k][#t[k] + 1] = v
+    elseif t[k] == nil then
+      t[k] = v
+    else
+      t[k] = false
+    end
+  end
+  return t
+end
+
 local function set_of(list)
   local set = {}
   if type(list) == "table" then
@@ -100,6 +161,48 @@ end
 ---------------------------------------------------------------------------
 -- fixture
 
+-- Runs described by a fixture "generated" entry, the same every time:
+--   { flowId, count, status, id_prefix (8 hex digits), start (epoch ms of
+--     the first createdAt), step_ms, duration_ms, outputRecordCount,
+--     error = { code, message } (failed runs), createdClient }
+-- Run i (1-based) gets id "<id_prefix>-0000-4000-8000-<i as 12 digits>",
+-- createdAt start + (i-1)*step_ms, startedAtUTC createdAt + 1500,
+-- completedAtUTC = updatedAt = startedAtUTC + duration_ms.
+local function generate_runs(gen)
+  local prefix = gen.id_prefix
+  if type(prefix) ~= "string" or not prefix:match("^%x%x%x%x%x%x%x%x$") then
+    error("fake: generated runs need an id_prefix of 8 hex digits")
+  end
+  local count, start, step = tonumber(gen.count), tonumber(gen.start), tonumber(gen.step_ms)
+  if not (count and start and step) then
+    error("fake: generated runs need count, start and step_ms")
+  end
+  local duration = tonumber(gen.duration_ms) or 60000
+  local status = gen.status or "failed"
+  local runs = {}
+  for i = 1, count do
+    local created = start + (i - 1) * step
+    local started = created + 1500
+    local completed = started + duration
+    local summary = { status = status }
+    if gen.error then summary.errors = { { code = gen.error.code, message = gen.error.message } } end
+    runs[i] = {
+      id = str_format("%s-0000-4000-8000-%012d", prefix, i),
+      flowId = gen.flowId,
+      etag = str_format('"%s-0000-0200-0000-%012d"', prefix, i),
+      createdAt = created,
+      updatedAt = completed,
+      createdClient = gen.createdClient or "scheduler",
+      metrics = {
+        statusSummary = summary,
+        recordSummary = { outputRecordCount = tonumber(gen.outputRecordCount) or 0 },
+        durationSummary = { startedAtUTC = started, completedAtUTC = completed },
+      },
+    }
+  end
+  return runs
+end
+
 local function load_fixture(text)
   local ok, doc = pcall(cjson.decode, text)
   if not ok or type(doc) ~= "table" then
@@ -112,9 +215,17 @@ local function load_fixture(text)
     orgs = set_of(creds.orgs),
     sandboxes = set_of(creds.sandboxes),
   }
+  state.ims_clients = {}
+  for _, c in ipairs(doc.ims_clients or {}) do state.ims_clients[c.client_id] = c.client_secret end
   state.flows = {}
   for _, flow in ipairs(doc.flows or {}) do state.flows[flow.id] = flow end
   state.runs = doc.runs or {}
+  for _, run in ipairs(state.runs) do
+    if type(run) == "table" and run.createdClient == nil then run.createdClient = "scheduler" end
+  end
+  for _, gen in ipairs(doc.generated or {}) do
+    for _, run in ipairs(generate_runs(gen)) do state.runs[#state.runs + 1] = run end
+  end
 end
 
 local function find_run(id)
@@ -141,6 +252,8 @@ local function reset()
   load_fixture(state.fixture_text)
   state.scenarios = {}
   state.requests = {}
+  state.ims_tokens = {}
+  state.ims_expires_in = IMS_DEFAULT_EXPIRES_IN
 end
 
 ---------------------------------------------------------------------------
@@ -291,6 +404,14 @@ local function single(value)
   return false
 end
 
+-- A token from POST /ims/token/v3, neither expired nor expired by control.
+local function ims_token_valid(token)
+  local info = state.ims_tokens[token]
+  if not info then return false end
+  ngx.update_time()
+  return ngx.now() < info.expires
+end
+
 local function gateway_check(headers, request_id)
   local creds = state.credentials
   local auth = single(headers["authorization"])
@@ -298,7 +419,7 @@ local function gateway_check(headers, request_id)
     return gateway_error(403, "403010", "Oauth token is missing.")
   end
   local token = auth and auth:match("^Bearer (.+)$")
-  if not token or not creds.access_tokens[token] then
+  if not token or not (creds.access_tokens[token] or ims_token_valid(token)) then
     return gateway_error(401, "401013", "Oauth token is not valid")
   end
   local key = single(headers["x-api-key"])
@@ -387,6 +508,7 @@ local function retrigger(raw_id, args, headers, request_id)
     etag = new_etag(),
     createdAt = now,
     updatedAt = now,
+    createdClient = single(headers["x-api-key"]) or nil,
     metrics = {
       statusSummary = { status = "inProgress" },
       recordSummary = { outputRecordCount = 0 },
@@ -397,12 +519,310 @@ local function retrigger(raw_id, args, headers, request_id)
   return json_reply(200, { id = new_run.id, etag = new_run.etag })
 end
 
-local function flow_service(rec, request_id)
+local function not_found_run(id, request_id)
+  return problem("FLOW-1101-404", 404, "Resource not found",
+                 "The flowRunId=" .. id .. " was not found.", request_id)
+end
+
+-- GET /runs/{id}: a list of one, as the real service answers.
+local function get_run(raw_id, request_id)
+  local id = ngx.unescape_uri(raw_id)
+  local run = find_run(id)
+  if not run then return not_found_run(id, request_id) end
+  return { status = 200, headers = {}, json = true,
+           body = '{"items":' .. encode_array({ run }) .. '}' }
+end
+
+---------------------------------------------------------------------------
+-- GET /runs: filters, order, pages, count
+--
+-- Query-parameter problems answer problem documents with codes the fake
+-- makes up (the real catalog does not name them):
+--   FLOW-1107-400 invalid property filter     FLOW-1108-400 invalid limit
+--   FLOW-1109-400 count together with limit   FLOW-1110-400 bad continuationToken
+--   FLOW-1111-400 invalid orderby             (also a repeated single parameter)
+
+local DEFAULT_LIMIT, MAX_LIMIT = 100, 100
+local TOKEN_MAGIC = "\251\255\191"   -- base64 "+/+/": every token needs escaping
+
+local function valid_path(path)
+  if path == "" then return false end
+  for segment in (path .. "."):gmatch("([^.]*)%.") do
+    if not segment:match("^[%a_][%w_]*$") then return false end
+  end
+  return true
+end
+
+local function field(run, path)
+  local v = run
+  for segment in path:gmatch("[^.]+") do
+    if type(v) ~= "table" then return nil end
+    v = v[segment]
+  end
+  return v
+end
+
+local NUMBER = "^%-?%d+%.?%d*$"
+
+-- "path==a,b", "path>N", "path<N", "path>=N", "path<=N" -> filter or nil, why
+local function parse_filter(expr)
+  local path, op, value = expr:match("^([^=<>]*)([=<>]=?)(.*)$")
+  if not path then return nil, "no operator" end
+  if not valid_path(path) then return nil, "bad field path" end
+  if op == "=" then return nil, "unknown operator =" end
+  if op == "==" then
+    local values = {}
+    for v in (value .. ","):gmatch("([^,]*),") do
+      if v == "" then return nil, "empty value" end
+      values[#values + 1] = v
+    end
+    return { path = path, op = op, values = values }
+  end
+  if not value:match(NUMBER) then return nil, "operator " .. op .. " needs a number" end
+  return { path = path, op = op, number = tonumber(value) }
+end
+
+local function matches(run, f)
+  local v = field(run, f.path)
+  if f.op == "==" then
+    for _, want in ipairs(f.values) do
+      if type(v) == "number" then
+        if tonumber(want) == v then return true end
+      elseif type(v) == "string" then
+        if v:lower() == want:lower() then return true end
+      elseif v ~= nil and tostring(v) == want then
+        return true
+      end
+    end
+    return false
+  end
+  if type(v) ~= "number" then return false end
+  local n = f.number
+  if f.op == ">" then return v > n
+  elseif f.op == "<" then return v < n
+  elseif f.op == ">=" then return v >= n
+  else return v <= n end
+end
+
+-- "-createdAt" / "+createdAt" / "createdAt" -> descending?, path
+-- A raw "+" in the query decodes to a space: take it as the "+" it was.
+local function parse_orderby(value)
+  local sign, path = value:match("^([%+%- ]?)(.*)$")
+  if not valid_path(path) then return nil end
+  return sign == "-", path
+end
+
+-- Sort key classes: numbers, then strings, then anything else/missing.
+local function sort_runs(runs, descending, path)
+  local keyed = {}
+  for i, run in ipairs(runs) do
+    local v = field(run, path)
+    local class = type(v) == "number" and 1 or type(v) == "string" and 2 or 3
+    if class == 2 then v = v:lower() elseif class == 3 then v = 0 end
+    keyed[i] = { run = run, class = class, key = v, index = i }
+  end
+  table_sort(keyed, function(a, b)
+    if a.class ~= b.class then return a.class < b.class end   -- missing last, either way
+    if a.key ~= b.key then
+      if descending then return a.key > b.key end
+      return a.key < b.key
+    end
+    if descending then return a.index > b.index end
+    return a.index < b.index
+  end)
+  for i, k in ipairs(keyed) do runs[i] = k.run end
+  return runs
+end
+
+-- The token: base64 of magic (3 bytes), limit (1), offset (4, big-endian)
+-- and the first 8 bytes of md5(query signature): 16 bytes, so the base64
+-- always holds "+", "/" and "=".
+local function make_token(offset, limit, signature)
+  local b = {}
+  for shift = 24, 0, -8 do b[#b + 1] = math_floor(offset / 2 ^ shift) % 256 end
+  return ngx.encode_base64(TOKEN_MAGIC .. str_char(limit) .. str_char(b[1], b[2], b[3], b[4])
+                           .. str_sub(ngx.md5_bin(signature), 1, 8))
+end
+
+-- token -> offset, limit, signature bytes; nil when it is not one of ours
+local function read_token(token)
+  local raw = ngx.decode_base64(token)
+  if not raw or #raw ~= 16 or str_sub(raw, 1, 3) ~= TOKEN_MAGIC then return nil end
+  local offset = 0
+  for i = 5, 8 do offset = offset * 256 + str_byte(raw, i) end
+  return offset, str_byte(raw, 4), str_sub(raw, 9, 16)
+end
+
+local function list_runs(query_list, request_id, sc)
+  local function bad(code, title, detail)
+    return problem(code, 400, title, detail, request_id)
+  end
+  local q = query_table(query_list, { property = true })
+  for _, name in ipairs({ "limit", "orderby", "count", "continuationToken" }) do
+    if q[name] == false then
+      return bad("FLOW-1111-400", "Invalid query parameter",
+                 "The query parameter " .. name .. " must not repeat.")
+    end
+  end
+
+  local filters = {}
+  for _, expr in ipairs(q.property or {}) do
+    local f, why = parse_filter(expr)
+    if not f then
+      return bad("FLOW-1107-400", "Invalid property filter",
+                 "invalid property filter '" .. expr .. "': " .. why .. ".")
+    end
+    filters[#filters + 1] = f
+  end
+
+  local descending, order_path = true, "createdAt"
+  if q.orderby then
+    descending, order_path = parse_orderby(q.orderby)
+    if descending == nil then
+      return bad("FLOW-1111-400", "Invalid orderby",
+                 "invalid orderby '" .. q.orderby .. "': expected [+|-]<field path>.")
+    end
+  end
+
+  local limit
+  if q.limit then
+    limit = q.limit:match("^%d+$") and tonumber(q.limit)
+    if not limit or limit < 1 or limit > MAX_LIMIT then
+      return bad("FLOW-1108-400", "Invalid limit",
+                 "limit must be an integer from 1 to " .. MAX_LIMIT .. ", not '" .. q.limit .. "'.")
+    end
+  end
+
+  local selected = {}
+  for _, run in ipairs(state.runs) do
+    local ok = true
+    for _, f in ipairs(filters) do
+      if not matches(run, f) then ok = false break end
+    end
+    if ok then selected[#selected + 1] = run end
+  end
+
+  if q.count == "true" then
+    if limit then
+      return bad("FLOW-1109-400", "Invalid query parameters",
+                 "count=true cannot be combined with limit.")
+    end
+    return json_reply(200, { count = #selected })
+  end
+
+  -- What a continuationToken is bound to: the filter set (in any order)
+  -- and the order. The limit is not part of it.
+  local exprs = {}
+  for i, expr in ipairs(q.property or {}) do exprs[i] = expr end
+  table_sort(exprs)
+  local order = (descending and "-" or "+") .. order_path
+  local signature = order .. "\n" .. table_concat(exprs, "\n")
+
+  local offset = 0
+  local token = q.continuationToken
+  if token then
+    local t_offset, t_limit, t_sig = read_token(token)
+    if not t_offset then
+      return bad("FLOW-1110-400", "Invalid continuationToken",
+                 "The continuationToken is not valid.")
+    end
+    if t_sig ~= str_sub(ngx.md5_bin(signature), 1, 8) then
+      return bad("FLOW-1110-400", "continuationToken does not match the query",
+                 "continuationToken does not match the query: repeat the property filters "
+                 .. "and orderby it was issued for.")
+    end
+    offset = t_offset
+    limit = limit or t_limit
+  end
+  limit = limit or DEFAULT_LIMIT
+
+  sort_runs(selected, descending, order_path)
+  local items = {}
+  for i = offset + 1, math.min(offset + limit, #selected) do items[#items + 1] = selected[i] end
+
+  local links = "{}"
+  if offset + limit < #selected then
+    local next_token = make_token(offset + limit, limit, signature)
+    if sc and sc.repeat_token and token then next_token = token end
+    local href = "/runs?"
+    if sc and sc.link_style == "full" then
+      local parts = {}
+      for _, expr in ipairs(q.property or {}) do
+        parts[#parts + 1] = "property=" .. escape_component(expr)
+      end
+      parts[#parts + 1] = "orderby=" .. escape_component(order)
+      if q.limit then parts[#parts + 1] = "limit=" .. limit end
+      href = href .. table_concat(parts, "&") .. "&"
+    end
+    href = href .. "continuationToken=" .. escape_component(next_token)
+    links = encode({ next = { href = href } })
+  end
+  return { status = 200, headers = {}, json = true,
+           body = '{"items":' .. encode_array(items) .. ',"_links":' .. links .. '}' }
+end
+
+---------------------------------------------------------------------------
+-- IMS: POST /ims/token/v3 (another host in reality; no Flow Service gateway)
+
+local function ims_error(status, err, description)
+  return json_reply(status, { error = err, error_description = description })
+end
+
+local function b64url(raw)
+  return (ngx.encode_base64(raw):gsub("[+/=]", { ["+"] = "-", ["/"] = "_", ["="] = "" }))
+end
+
+local function ims_token(rec)
+  if rec.method ~= "POST" then
+    return ims_error(405, "invalid_request", "method " .. rec.method .. " not allowed")
+  end
+  local ctype = single(rec.headers["content-type"])
+  local media = ctype and ctype:lower():match("^%s*([^;%s]+)%s*;?")
+  if media ~= "application/x-www-form-urlencoded" then
+    return ims_error(400, "invalid_request",
+                     "Content-Type must be application/x-www-form-urlencoded")
+  end
+  local form = query_table(parse_query(rec.body))
+  if form.grant_type ~= "client_credentials" then
+    return ims_error(400, "unsupported_grant_type",
+                     "unsupported grant_type " .. tostring(form.grant_type or "(none)")
+                     .. "; expected client_credentials")
+  end
+  local client_id, secret = form.client_id, form.client_secret
+  if not client_id or not secret or state.ims_clients[client_id] ~= secret then
+    return ims_error(401, "invalid_client", "invalid client_id or client_secret parameter")
+  end
+  local scope = form.scope
+  if not scope or not scope:match("%S") then
+    return ims_error(400, "invalid_scope", "missing scope parameter")
+  end
+  ngx.update_time()
+  local expires_in = state.ims_expires_in
+  -- JWT-shaped like the real ones; opaque to the client all the same.
+  local token = "eyJhbGciOiJSUzI1NiIsIng1dSI6ImltcyJ9."
+    .. b64url(encode({ client_id = client_id, scope = scope, as = "fake-ims",
+                       created_at = now_ms(), expires_in = expires_in * 1000 }))
+    .. "." .. b64url(ngx.md5_bin(uuid4()) .. ngx.md5_bin(uuid4()))
+  state.ims_tokens[token] = { expires = ngx.now() + expires_in, client_id = client_id,
+                              scope = scope }
+  return json_reply(200, { access_token = token, token_type = "bearer",
+                           expires_in = expires_in })
+end
+
+local function flow_service(rec, request_id, sc)
+  if rec.path == IMS_TOKEN_PATH then return ims_token(rec) end
   local denied = gateway_check(rec.headers, request_id)
   if denied then return denied end
   local raw_id = rec.path:match("^/runs/([^/]+)/action$")
   if raw_id and rec.method == "POST" then
     return retrigger(raw_id, rec.args, rec.headers, request_id)
+  end
+  if rec.method == "GET" then
+    if rec.path == "/runs" then
+      return list_runs(parse_query(ngx.var.args), request_id, sc)
+    end
+    raw_id = rec.path:match("^/runs/([^/]+)$")
+    if raw_id then return get_run(raw_id, request_id) end
   end
   return json_reply(404, { errorMessage = "Not found: " .. rec.method .. " " .. rec.path })
 end
@@ -468,6 +888,7 @@ local SCENARIO_FIELDS = {
   match = "string", times = "number", delay = "number", status = "number",
   headers = "table", body = "string", retry_after = "any", drop = "string",
   truncate = "boolean", oversize = "number", slow_body = "number", close = "boolean",
+  repeat_token = "boolean", link_style = "string",
 }
 
 local function add_scenario(text)
@@ -490,6 +911,9 @@ local function add_scenario(text)
   if sc.drop and sc.drop ~= "before" and sc.drop ~= "after" then
     return json_reply(400, { errorMessage = 'drop must be "before" or "after"' })
   end
+  if sc.link_style and sc.link_style ~= "token" and sc.link_style ~= "full" then
+    return json_reply(400, { errorMessage = 'link_style must be "token" or "full"' })
+  end
   local times = sc.times or 1
   -- times 0 or -1: applies until reset, so no counter
   if times > 0 then sc.remaining = math_floor(times) end
@@ -497,6 +921,25 @@ local function add_scenario(text)
   state.next_scenario_id = state.next_scenario_id + 1
   state.scenarios[#state.scenarios + 1] = sc
   return json_reply(200, { ok = true, id = sc.id, queued = #state.scenarios })
+end
+
+-- POST /_fake/ims { "expires_in": N }: the expires_in (and server-side
+-- lifetime, seconds) of tokens issued from now on.
+local function ims_settings(text)
+  local ok, t = pcall(cjson.decode, text or "")
+  if not ok or type(t) ~= "table" then
+    return json_reply(400, { errorMessage = "ims settings must be a JSON object" })
+  end
+  for k, v in pairs(t) do
+    if k ~= "expires_in" then
+      return json_reply(400, { errorMessage = "unknown ims setting " .. tostring(k) })
+    end
+    if type(v) ~= "number" or v < 0 or v ~= math_floor(v) then
+      return json_reply(400, { errorMessage = "expires_in must be a whole number of seconds >= 0" })
+    end
+  end
+  if t.expires_in then state.ims_expires_in = t.expires_in end
+  return json_reply(200, { ok = true, expires_in = state.ims_expires_in })
 end
 
 local function control(method, path)
@@ -508,6 +951,15 @@ local function control(method, path)
     reply = json_reply(200, { ok = true })
   elseif method == "POST" and path == "/_fake/scenario" then
     reply = add_scenario(read_body())
+  elseif method == "POST" and path == "/_fake/ims" then
+    reply = ims_settings(read_body())
+  elseif method == "POST" and path == "/_fake/expire_tokens" then
+    local n = 0
+    for _, info in pairs(state.ims_tokens) do
+      info.expires = 0
+      n = n + 1
+    end
+    reply = json_reply(200, { ok = true, expired = n })
   elseif method == "GET" and path == "/_fake/requests" then
     reply = { status = 200, headers = {}, body = encode_array(state.requests), json = true }
   elseif method == "DELETE" and path == "/_fake/requests" then
@@ -565,7 +1017,7 @@ local function dispatch()
   elseif sc.status then
     reply = scenario_reply(sc, request_id or uuid4())
   else
-    reply = flow_service(rec, request_id or uuid4())
+    reply = flow_service(rec, request_id or uuid4(), sc)
   end
   return deliver(reply, sc, request_id)
 end

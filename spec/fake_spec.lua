@@ -14,7 +14,15 @@ local RUN_CAPITAL_FAILED = "7cb50575-f551-4357-ae96-9dd3a00a4260"
 local RUN_DISABLED_FLOW = "6f04fa55-31e7-4f05-9b82-9ff5a7d1f6f3"
 local RUN_STREAMING = "dad368aa-a84e-4222-b76e-1da9ba55b673"
 
+local FIXTURE_RUNS = 13                  -- literal runs in fake/runs.json
+local ALL_RUNS = FIXTURE_RUNS + 250 + 20   -- plus the paging flow's generated runs
+
 local UUID4 = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
+
+-- Percent-escape all but unreserved characters (as a careful client does).
+local function esc(s)
+  return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
+end
 
 local function action(id, op)
   return "/runs/" .. id .. "/action?op=" .. (op or "re-trigger")
@@ -83,7 +91,7 @@ describe("fake Flow Service", function()
   describe("seed", function()
     it("loads the fixture runs with exact epoch-ms values and quoted etags", function()
       local runs = server:runs()
-      assert.equal(13, #runs)
+      assert.equal(ALL_RUNS, #runs)
       local run = server:run(RUN)
       assert.equal(FLOW, run.flowId)
       assert.equal('"0a00c1b2-0000-0200-0000-6390a5c90000"', run.etag)
@@ -115,12 +123,14 @@ describe("fake Flow Service", function()
       assert.equal(0, new.metrics.recordSummary.outputRecordCount)
       assert.is_true(math.abs(new.createdAt / 1000 - os.time()) < 5)
       assert.same(before, server:run(RUN))
-      assert.equal(14, #server:runs())
+      assert.equal(ALL_RUNS + 1, #server:runs())
+      assert.equal("scheduler", before.createdClient)
+      assert.equal("fake-api-key", new.createdClient)
 
       -- a failed run can be re-triggered again, with another new run
       local again = cjson.decode(server:http{ method = "POST", path = action(RUN), auth = true }.body)
       assert.not_equal(body.id, again.id)
-      assert.equal(15, #server:runs())
+      assert.equal(ALL_RUNS + 2, #server:runs())
     end)
 
     it("accepts RE_TRIGGER, percent-escaped ids and a matching If-Match", function()
@@ -132,7 +142,7 @@ describe("fake Flow Service", function()
                                      headers = { ["If-Match"] = etag } }.status)
       assert.equal(200, server:http{ method = "POST", path = action(RUN_CAPITAL_FAILED), auth = true }.status)
       server:reset()
-      assert.equal(13, #server:runs())
+      assert.equal(ALL_RUNS, #server:runs())
     end)
 
     local function problem(path, headers)
@@ -169,7 +179,7 @@ describe("fake Flow Service", function()
       assert.equal("trace-7", body.report["request-id"])
       local _, _, missing = problem(action("no-such-run"))
       assert.matches("flowRunId=no%-such%-run", missing.report["detailed-message"])
-      assert.equal(13, #server:runs())
+      assert.equal(ALL_RUNS, #server:runs())
     end)
 
     it("answers 412 when If-Match differs from the run's etag", function()
@@ -179,9 +189,11 @@ describe("fake Flow Service", function()
     end)
 
     it("answers an old-style 404 for unknown paths and methods", function()
-      local res = server:http{ path = "/runs", auth = true }
+      local res = server:http{ path = "/flows", auth = true }
       assert.equal(404, res.status)
-      assert.same({ errorMessage = "Not found: GET /runs" }, cjson.decode(res.body))
+      assert.same({ errorMessage = "Not found: GET /flows" }, cjson.decode(res.body))
+      res = server:http{ method = "DELETE", path = "/runs", auth = true }
+      assert.equal(404, res.status)
       res = server:http{ method = "GET", path = action(RUN), auth = true }
       assert.equal(404, res.status)
     end)
@@ -230,7 +242,7 @@ describe("fake Flow Service", function()
       assert.equal(200, server:http{ method = "POST", path = action(RUN),
                                      headers = with{ ["x-sandbox-name"] = "dev" } }.status)
       -- nothing refused created a run
-      assert.equal(14, #server:runs())
+      assert.equal(ALL_RUNS + 1, #server:runs())
     end)
   end)
 
@@ -308,7 +320,7 @@ describe("fake Flow Service", function()
       assert.equal(2, #log)
       assert.is_nil(log[1].body)
       assert.equal("payload-2", log[2].body)
-      assert.equal(13, #server:runs())
+      assert.equal(ALL_RUNS, #server:runs())
     end)
 
     it("truncates a reply", function()
@@ -361,6 +373,416 @@ describe("fake Flow Service", function()
       log = two_posts()
       assert.not_equal(log[1].connection, log[2].connection)
       assert.equal(1, log[2].connection_requests)
+    end)
+  end)
+
+  describe("reading runs", function()
+    it("GET /runs/{id} answers a list of one, and 404 for an unknown id", function()
+      local res = server:http{ path = "/runs/" .. RUN, auth = true }
+      assert.equal(200, res.status)
+      assert.equal("application/json", res.headers["content-type"])
+      local body = cjson.decode(res.body)
+      assert.equal(1, #body.items)
+      assert.same(server:run(RUN), body.items[1])
+      assert.matches('"createdAt":1670444672602[,}]', res.body)   -- exact, not 1.6704446726e+12
+      res = server:http{ path = "/runs/" .. RUN:gsub("%-", "%%2D"), auth = true }
+      assert.equal(RUN, cjson.decode(res.body).items[1].id)
+
+      res = server:http{ path = "/runs/00000000-0000-4000-8000-000000000000", auth = true,
+                         headers = { ["x-request-id"] = "get-1" } }
+      assert.equal(404, res.status)
+      body = cjson.decode(res.body)
+      assert.matches("/FLOW%-1101%-404$", body.type)
+      assert.equal("get-1", body.report["request-id"])
+      -- the gateway checks apply, and the request is recorded
+      assert.equal(403, server:http{ path = "/runs/" .. RUN }.status)
+      assert.equal(3 + 1, #server:requests())
+    end)
+  end)
+
+  describe("listing", function()
+    local PAGING = fake.paging_flow
+    local S = fake.paging_runs.failed.start
+
+    local function list(query, extra)
+      local opts = { path = "/runs?" .. query, auth = true }
+      for k, v in pairs(extra or {}) do opts[k] = v end
+      local res = server:http(opts)
+      local ok, body = pcall(cjson.decode, res.body)
+      return res.status, ok and body or res.body, res
+    end
+    local function count(...)
+      local parts = { "count=true" }
+      for _, expr in ipairs({ ... }) do parts[#parts + 1] = "property=" .. esc(expr) end
+      local status, body = list(table.concat(parts, "&"))
+      assert.equal(200, status)
+      return body.count
+    end
+    local function code_of(status, body)
+      return status, type(body) == "table" and body.type and body.type:match("[^/]+$")
+    end
+
+    it("filters with == on strings, any of, case-insensitively", function()
+      assert.equal(ALL_RUNS, count())
+      assert.equal(11, count("flowId==" .. FLOW))
+      assert.equal(11, count("flowId==" .. FLOW:upper()))
+      assert.equal(270, count("flowId==" .. PAGING))
+      assert.equal(281, count("flowId==" .. FLOW .. "," .. PAGING))
+      assert.equal(7, count("flowId==" .. FLOW, "metrics.statusSummary.status==FAILED"))
+      assert.equal(9, count("flowId==" .. FLOW, "metrics.statusSummary.status==failed,Success"))
+      assert.equal(1, count("metrics.statusSummary.status==partialsuccess"))
+      assert.equal(250, count("flowId==" .. PAGING, "metrics.statusSummary.status==failed"))
+      assert.equal(ALL_RUNS, count("createdClient==SCHEDULER"))
+      assert.equal(0, count("flowId==no-such-flow"))
+      assert.equal(0, count("no.such.field==x"))
+      -- the raw expression (escapes as a client may leave them) works as well
+      local status, body = list("property=flowId==" .. FLOW .. "&count=true")
+      assert.equal(200, status)
+      assert.equal(11, body.count)
+    end)
+
+    it("filters numbers with ==, >, <, >= and <= (ANDed)", function()
+      local started = "metrics.durationSummary.startedAtUTC"
+      local first = S + 1500
+      local failed = { "flowId==" .. PAGING, "metrics.statusSummary.status==failed" }
+      local function c(expr) return count(failed[1], failed[2], expr) end
+      assert.equal(249, c(started .. ">" .. first))
+      assert.equal(250, c(started .. ">=" .. first))
+      assert.equal(10, c(started .. "<" .. (first + 10 * 60000)))
+      assert.equal(11, c(started .. "<=" .. (first + 10 * 60000)))
+      assert.equal(5, count(failed[1], failed[2], "createdAt>=" .. (S + 100 * 60000),
+                            "createdAt<" .. (S + 105 * 60000)))
+      assert.equal(20, count("metrics.recordSummary.outputRecordCount==500"))
+      assert.equal(20, count("metrics.recordSummary.outputRecordCount==500.0,7"))
+      assert.equal(1, count("createdAt==1670444672602"))
+      assert.equal(0, count("flowId>5"))   -- not a number: no match
+    end)
+
+    it("answers 400 FLOW-1107-400 for a malformed property filter", function()
+      for _, expr in ipairs({ "flowId=x", "flowId", "==x", "flowId==a,,b", "createdAt>",
+                              "createdAt<=1e5", "1abc==x", "a..b==x", "createdAt=>5",
+                              "createdAt!=5" }) do
+        local status, code = code_of(list("property=" .. esc(expr)))
+        assert.equal(400, status, expr)
+        assert.equal("FLOW-1107-400", code, expr)
+      end
+      local _, body = list("property=" .. esc("flowId=x"))
+      assert.equal("Invalid property filter", body.title)
+      assert.matches("invalid property filter", body.report["detailed-message"])
+    end)
+
+    it("decodes +, %2B and %3D in values the form-urlencoded way", function()
+      local dir = server.prefix .. "/plusfixture"
+      local doc = cjson.decode(assert(io.open("fake/runs.json")):read("*a"))
+      doc.runs[1].createdClient = "ci+bot/1=x y"
+      doc.generated = nil
+      sh("mkdir -p '" .. dir .. "'")
+      local out = assert(io.open(dir .. "/runs.json", "w"))
+      out:write(cjson.encode(doc))
+      out:close()
+      local other = fake.start{ fixture = dir .. "/runs.json" }
+      local ok, err = pcall(function()
+        local function n(query)
+          local res = other:http{ path = "/runs?count=true&" .. query, auth = true }
+          assert.equal(200, res.status, query)
+          return cjson.decode(res.body).count
+        end
+        assert.equal(1, n("property=createdClient%3D%3Dci%2Bbot%2F1%3Dx%20y"))
+        assert.equal(1, n("property=createdClient==ci%2Bbot/1=x+y"))
+        assert.equal(0, n("property=createdClient==ci+bot/1=x+y"))   -- "+" is a space
+        assert.equal(FIXTURE_RUNS, n(""))
+      end)
+      other:stop()
+      assert(ok, err)
+    end)
+
+    local function ids(body)
+      local t = {}
+      for i, run in ipairs(body.items) do t[i] = run.id end
+      return t
+    end
+
+    it("orders by -createdAt by default, or by any field either way", function()
+      local base = "property=" .. esc("flowId==" .. FLOW) .. "&"
+      local _, default = list(base:sub(1, -2))
+      assert.equal(11, #default.items)
+      for i = 2, #default.items do
+        assert.is_true(default.items[i - 1].createdAt > default.items[i].createdAt)
+      end
+      assert.equal(RUN, default.items[11].id)
+      assert.same(ids(default), ids(select(2, list(base .. "orderby=-createdAt"))))
+      local _, asc = list(base .. "orderby=%2BcreatedAt")
+      assert.equal(RUN, asc.items[1].id)
+      for i = 2, #asc.items do
+        assert.is_true(asc.items[i - 1].createdAt < asc.items[i].createdAt)
+      end
+      assert.same(ids(asc), ids(select(2, list(base .. "orderby=createdAt"))))
+      assert.same(ids(asc), ids(select(2, list(base .. "orderby=+createdAt"))))   -- raw "+"
+      local _, by_start = list(base .. "orderby=-metrics.durationSummary.startedAtUTC")
+      assert.same(ids(default), ids(by_start))
+      local _, by_records = list(base .. "orderby=-metrics.recordSummary.outputRecordCount&limit=2")
+      assert.equal(RUN_SUCCESS_RECORDS, by_records.items[1].id)   -- 48213
+      assert.equal(RUN_PARTIAL, by_records.items[2].id)           -- 1200
+      for _, bad in ipairs({ "-", "--createdAt", "created At", "a..b" }) do
+        local status, code = code_of(list(base .. "orderby=" .. esc(bad)))
+        assert.equal(400, status, bad)
+        assert.equal("FLOW-1111-400", code, bad)
+      end
+    end)
+
+    it("takes limit 1..100, 100 by default", function()
+      local paging = "property=" .. esc("flowId==" .. PAGING)
+      local status, body, res = list(paging .. "&limit=1")
+      assert.equal(200, status)
+      assert.equal(1, #body.items)
+      assert.equal(fake.paging_run_id(250), body.items[1].id)
+      assert.is_string(body._links.next.href)
+      assert.equal(100, #select(2, list(paging .. "&limit=100")).items)
+      _, body = list(paging)
+      assert.equal(100, #body.items)
+      assert.is_string(body._links.next.href)
+      for _, bad in ipairs({ "0", "101", "1.5", "" }) do
+        local s, code = code_of(list(paging .. "&limit=" .. bad))
+        assert.equal(400, s, bad)
+        assert.equal("FLOW-1108-400", code, bad)
+      end
+      local s, code = code_of(list(paging .. "&limit=5&limit=5"))
+      assert.equal(400, s)
+      assert.equal("FLOW-1111-400", code)
+      -- everything fits on one page: no next link, and {} rather than []
+      status, body, res = list("property=" .. esc("flowId==" .. FLOW) .. "&limit=11")
+      assert.equal(11, #body.items)
+      assert.matches(',"_links":{}}$', res.body)
+      -- nothing matches: an empty array, not {}
+      _, _, res = list("property=" .. esc("flowId==nothing"))
+      assert.equal('{"items":[],"_links":{}}', res.body)
+    end)
+
+    it("counts with count=true, and refuses count together with limit", function()
+      local failed = "property=" .. esc("flowId==" .. PAGING)
+        .. "&property=" .. esc("metrics.statusSummary.status==failed")
+      local status, _, res = list(failed .. "&count=true")
+      assert.equal(200, status)
+      assert.equal('{"count":250}', res.body)
+      local s, code = code_of(list(failed .. "&count=true&limit=5"))
+      assert.equal(400, s)
+      assert.equal("FLOW-1109-400", code)
+    end)
+
+    local FAILED_Q = "property=" .. esc("flowId==" .. PAGING)
+      .. "&property=" .. esc("metrics.statusSummary.status==failed")
+
+    local function token_of(body)
+      local href = body._links and body._links.next and body._links.next.href
+      return href and href:match("[?&]continuationToken=([^&]+)")
+    end
+
+    it("pages through all 250 failed runs when the query is repeated with the token", function()
+      local seen, order, pages = {}, {}, 0
+      local query = FAILED_Q .. "&limit=100"
+      local status, body, res = list(query)
+      while true do
+        assert.equal(200, status)
+        pages = pages + 1
+        for _, run in ipairs(body.items) do
+          assert.is_nil(seen[run.id])
+          seen[run.id] = true
+          order[#order + 1] = run
+        end
+        local token = token_of(body)
+        if not token then
+          assert.matches(',"_links":{}}$', res.body)
+          break
+        end
+        assert.matches("^/runs%?continuationToken=[^&]+$", body._links.next.href)
+        -- opaque, and escaped: it holds "+", "/" and "="
+        assert.matches("%%2B", token)
+        assert.matches("%%2F", token)
+        assert.matches("%%3D$", token)
+        status, body, res = list(FAILED_Q .. "&continuationToken=" .. token)   -- limit from the token
+      end
+      assert.equal(3, pages)
+      assert.equal(250, #order)
+      for i, run in ipairs(order) do
+        assert.equal(fake.paging_run_id(251 - i), run.id)
+        assert.equal(fake.paging_runs.failed.start + (250 - i) * 60000, run.createdAt)
+      end
+    end)
+
+    it("refuses a continuationToken with another query", function()
+      local _, first = list(FAILED_Q .. "&limit=10")
+      local token = token_of(first)
+      -- the same filters in another order and an explicit default order are the same query
+      local reordered = "property=" .. esc("metrics.statusSummary.status==failed")
+        .. "&property=" .. esc("flowId==" .. PAGING) .. "&orderby=-createdAt"
+      local status, body = list(reordered .. "&limit=10&continuationToken=" .. token)
+      assert.equal(200, status)
+      assert.equal(fake.paging_run_id(240), body.items[1].id)
+      for _, q in ipairs({
+        "continuationToken=" .. token,                                        -- token alone
+        "property=" .. esc("flowId==" .. PAGING) .. "&continuationToken=" .. token,
+        FAILED_Q .. "&orderby=%2BcreatedAt&continuationToken=" .. token,
+        FAILED_Q .. "&property=" .. esc("createdAt>1") .. "&continuationToken=" .. token,
+      }) do
+        local s, b = list(q)
+        assert.equal(400, s, q)
+        assert.matches("/FLOW%-1110%-400$", b.type)
+        assert.equal("continuationToken does not match the query", b.title)
+      end
+      for _, bad in ipairs({ "garbage", esc("+/+/AAAA"), "" }) do
+        local s, b = list(FAILED_Q .. "&continuationToken=" .. bad)
+        assert.equal(400, s, bad)
+        assert.matches("/FLOW%-1110%-400$", b.type)
+      end
+    end)
+
+    it("repeats a token when told to (repeat_token)", function()
+      local _, p1 = list(FAILED_Q .. "&limit=100")
+      local _, p2 = list(FAILED_Q .. "&continuationToken=" .. token_of(p1))
+      assert.not_equal(token_of(p1), token_of(p2))
+      server:scenario{ match = "^GET /runs%?", repeat_token = true, times = 2 }
+      _, p1 = list(FAILED_Q .. "&limit=100")
+      local t1 = token_of(p1)
+      _, p2 = list(FAILED_Q .. "&continuationToken=" .. t1)
+      assert.equal(fake.paging_run_id(150), p2.items[1].id)   -- the page itself is right
+      assert.equal(t1, token_of(p2))                          -- but the link goes nowhere new
+      local _, p3 = list(FAILED_Q .. "&continuationToken=" .. t1)
+      assert.same(ids(p2), ids(p3))                           -- a client that follows loops
+      assert.not_equal(t1, token_of(p3))                      -- scenario used up
+      local _, p4 = list(FAILED_Q .. "&continuationToken=" .. token_of(p3))
+      assert.equal(fake.paging_run_id(50), p4.items[1].id)
+    end)
+
+    it("puts the whole query in the next link with link_style = full", function()
+      server:scenario{ link_style = "full", times = -1 }
+      local status, body = list(FAILED_Q .. "&limit=100")
+      assert.equal(200, status)
+      local href = body._links.next.href
+      assert.equal("/runs?" .. FAILED_Q .. "&orderby=-createdAt&limit=100&continuationToken="
+                   .. token_of(body), href)
+      local seen = #body.items
+      while href do
+        local res = server:http{ path = href, auth = true }
+        assert.equal(200, res.status)
+        body = cjson.decode(res.body)
+        seen = seen + #body.items
+        href = body._links.next and body._links.next.href
+      end
+      assert.equal(250, seen)
+      assert.has_error(function() server:scenario{ link_style = "partial" } end)
+    end)
+  end)
+
+  describe("IMS", function()
+    local FORM = { ["Content-Type"] = "application/x-www-form-urlencoded" }
+
+    local function token_request(fields, headers)
+      local parts = {}
+      for _, kv in ipairs(fields) do parts[#parts + 1] = kv[1] .. "=" .. esc(kv[2]) end
+      local res = server:http{ method = "POST", path = "/ims/token/v3", headers = headers or FORM,
+                               body = table.concat(parts, "&") }
+      local ok, body = pcall(cjson.decode, res.body)
+      return res.status, ok and body or res.body, res
+    end
+    local function good(overrides)
+      overrides = overrides or {}
+      local c = fake.ims_client
+      local fields = {}
+      for _, k in ipairs({ "grant_type", "client_id", "client_secret", "scope" }) do
+        local v = overrides[k]
+        if v == nil then
+          v = ({ grant_type = "client_credentials", client_id = c.client_id,
+                 client_secret = c.client_secret, scope = c.scopes })[k]
+        end
+        if v then fields[#fields + 1] = { k, v } end
+      end
+      return fields
+    end
+    local function runs_with(token)
+      return server:http{ path = "/runs?limit=1", auth = true,
+                          headers = { Authorization = "Bearer " .. token } }
+    end
+
+    it("issues a bearer token that the Flow Service then accepts", function()
+      assert.equal(server.url, server.ims_url)
+      server:clear_requests()
+      local status, body, res = token_request(good())
+      assert.equal(200, status)
+      assert.equal("application/json", res.headers["content-type"])
+      assert.equal("bearer", body.token_type)
+      assert.equal(86399, body.expires_in)
+      assert.is_string(body.access_token)
+      assert.is_true(#body.access_token > 40)
+      local _, again = token_request(good())
+      assert.not_equal(body.access_token, again.access_token)
+      assert.equal(200, runs_with(body.access_token).status)
+      assert.equal(200, runs_with(again.access_token).status)
+      assert.equal(401, runs_with(body.access_token .. "x").status)
+      local log = server:requests()
+      assert.equal(5, #log)   -- two token requests, three /runs
+      assert.equal("/ims/token/v3", log[1].path)
+      assert.equal("POST", log[1].method)
+      assert.matches("client_secret=fake%-client%-secret", log[1].body)
+      -- percent-escaped values decode; "+" in a form is a space
+      assert.equal(200, (token_request(good{ scope = "openid, AdobeID" })))
+    end)
+
+    it("refuses a wrong client, grant type or scope with IMS error bodies", function()
+      local cases = {
+        { good{ client_secret = "wrong" }, 401, "invalid_client" },
+        { good{ client_id = "other-client" }, 401, "invalid_client" },
+        { good{ client_secret = false }, 401, "invalid_client" },
+        { good{ grant_type = "authorization_code" }, 400, "unsupported_grant_type" },
+        { good{ grant_type = false }, 400, "unsupported_grant_type" },
+        { good{ scope = false }, 400, "invalid_scope" },
+        { good{ scope = "" }, 400, "invalid_scope" },
+      }
+      for i, c in ipairs(cases) do
+        local status, body, res = token_request(c[1])
+        assert.equal(c[2], status, "case " .. i)
+        assert.equal(c[3], body.error, "case " .. i)
+        assert.is_string(body.error_description)
+        assert.equal("application/json", res.headers["content-type"])
+      end
+      local _, body = token_request(good{ client_secret = "wrong" })
+      assert.equal("invalid client_id or client_secret parameter", body.error_description)
+      local status
+      status, body = token_request(good(), { ["Content-Type"] = "application/json" })
+      assert.equal(400, status)
+      assert.equal("invalid_request", body.error)
+      assert.equal(400, (token_request(good(), { ["Content-Type"] = "application/x-www-form-urlencodedx" })))
+      assert.equal(200, (token_request(good(), { ["Content-Type"] = "Application/X-WWW-Form-Urlencoded; charset=UTF-8" })))
+      -- no Flow Service gateway on IMS, but the gateway still guards /runs
+      assert.equal(403, server:http{ path = "/runs" }.status)
+    end)
+
+    it("expires issued tokens on request and after expires_in", function()
+      local _, t1 = token_request(good())
+      assert.equal(200, runs_with(t1.access_token).status)
+      assert.same({ ok = true, expired = 1 }, server:expire_tokens())
+      local res = runs_with(t1.access_token)
+      assert.equal(401, res.status)
+      assert.equal("401013", cjson.decode(res.body).error_code)
+      assert.equal(200, server:http{ path = "/runs?limit=1", auth = true }.status)   -- fixture token
+      local _, t2 = token_request(good())
+      assert.equal(200, runs_with(t2.access_token).status)
+
+      assert.equal(1, server:ims{ expires_in = 1 }.expires_in)
+      local _, t3 = token_request(good())
+      assert.equal(1, t3.expires_in)
+      assert.equal(200, runs_with(t3.access_token).status)
+      os.execute("sleep 1")   -- the fake issued it before our clock started
+      res = runs_with(t3.access_token)
+      assert.equal(401, res.status)
+      assert.equal("401013", cjson.decode(res.body).error_code)
+      assert.equal(200, runs_with(t2.access_token).status)
+      assert.has_error(function() server:ims{ expires_in = -1 } end)
+      assert.has_error(function() server:ims{ lifetime = 5 } end)
+
+      server:reset()   -- defaults back, issued tokens forgotten
+      assert.equal(401, runs_with(t2.access_token).status)
+      local _, t4 = token_request(good())
+      assert.equal(86399, t4.expires_in)
     end)
   end)
 

@@ -17,7 +17,15 @@
 --   server:clear_requests()
 --   server:runs()              all runs (array), server:run(id) one run or nil
 --   server:http(opts)          a plain curl request (see below), for tests/demos
+--   server.ims_url             base URL of the fake IMS (= server.url); the token
+--                              endpoint is server.ims_url .. "/ims/token/v3"
+--   server:ims{ expires_in = n }   expires_in (s) of IMS tokens issued from now on
+--   server:expire_tokens()     every IMS token issued so far answers 401013 from now on
 --   fake.credentials           the token, api key, org and sandbox the fixture accepts
+--   fake.ims_client            the client_id, client_secret and scopes IMS accepts
+--   fake.flows                 the fixture's flow ids: enabled, disabled, streaming, paging
+--   fake.paging_flow           the generated flow (250 failed + 20 successful runs)
+--   fake.paging_run_id(i, s)   id of its i-th generated run, s "failed" (default) or "success"
 --
 -- The server is a real nginx on loopback with its own prefix directory, so it
 -- neither needs nor touches a system nginx. Control requests go through the
@@ -44,6 +52,35 @@ fake.credentials = {
   org = "FAKEORG@AdobeOrg",
   sandbox = "prod",
 }
+
+-- What the fixture's IMS accepts (POST /ims/token/v3, form-encoded).
+fake.ims_client = {
+  client_id = "fake-client-id",
+  client_secret = "fake-client-secret",
+  scopes = "openid,AdobeID,read_organizations",
+}
+
+-- Flow ids of fake/runs.json, by role.
+fake.flows = {
+  enabled = "fb5d688d-7698-4db6-a45e-8d510fa38dba",     -- batch, enabled
+  disabled = "a1b28414-c315-4b94-9b4c-62fba3904971",    -- batch, not enabled
+  streaming = "0886c1c7-d6bb-4f9a-bfb8-3d6e1f0fe507",   -- streaming, enabled
+  paging = "9a3c5e71-2b4d-4f60-8e1a-7c9d0b2f4e6a",      -- batch, enabled, generated runs
+}
+fake.paging_flow = fake.flows.paging
+
+-- The paging flow's runs, generated at load time (fixture "generated"):
+--   failed  i = 1..250: createdAt 1764000000000 + (i-1)*60000
+--   success i = 1..20:  createdAt 1764000030000 + (i-1)*750000, 500 records
+-- startedAtUTC = createdAt + 1500, completedAtUTC = updatedAt = startedAtUTC + 45000.
+fake.paging_runs = {
+  failed = { count = 250, id_prefix = "fa11ed00", start = 1764000000000, step_ms = 60000 },
+  success = { count = 20, id_prefix = "600d0000", start = 1764000030000, step_ms = 750000 },
+}
+function fake.paging_run_id(i, status)
+  local gen = assert(fake.paging_runs[status or "failed"], "status is failed or success")
+  return str_format("%s-0000-4000-8000-%012d", gen.id_prefix, i)
+end
 
 local NGINX = os_getenv("FAKE_NGINX") or "nginx"
 local START_TRIES = 20
@@ -208,6 +245,15 @@ end
 function Server:scenario(t)
   assert(type(t) == "table", "scenario must be a table")
   control_json(self, "POST", "/_fake/scenario", cjson.encode(t))
+end
+
+function Server:ims(t)
+  assert(type(t) == "table", "ims settings must be a table")
+  return control_json(self, "POST", "/_fake/ims", cjson.encode(t))
+end
+
+function Server:expire_tokens()
+  return control_json(self, "POST", "/_fake/expire_tokens", "")
 end
 
 function Server:requests()
@@ -384,6 +430,7 @@ function fake.start(opts)
 
   server.port = port
   server.url = "http://127.0.0.1:" .. port
+  server.ims_url = server.url
   if opts.tls then
     server.tls_port = tls_port
     server.tls_url = "https://127.0.0.1:" .. tls_port
