@@ -25,7 +25,7 @@ function _M.new(credentials)
     secret = credentials.client_secret,
     scopes = credentials.scopes,
     ims_url = credentials.ims_url or _M.default_ims_url,
-    token = nil,
+    cached = nil,       -- the access token in use
     valid_until = 0,
     fetching = false,
   }, Auth)
@@ -45,9 +45,9 @@ end
 -- request(form) does the POST (with the client's retry rules for safe
 -- calls) and returns the raw response or nil, err.
 function Auth:token(request, wait)
-  if self.token and now() < self.valid_until then return self.token end
+  if self.cached and now() < self.valid_until then return self.cached end
   while self.fetching do wait(0.01) end -- another coroutine is asking already
-  if self.token and now() < self.valid_until then return self.token end
+  if self.cached and now() < self.valid_until then return self.cached end
   self.fetching = true
   local asked_at = now()
   local ok, res, err = pcall(request, self:form())
@@ -63,21 +63,21 @@ function Auth:token(request, wait)
     return nil, errors.new { kind = "auth", status = res.status, request_id = res.request_id,
       message = "IMS answered without an access_token and expires_in" }
   end
-  self.token = doc.access_token
+  self.cached = doc.access_token
   -- a token living less than the margin is used for this call only
   self.valid_until = asked_at + doc.expires_in - MARGIN
-  return self.token
+  return self.cached
 end
 
 -- After a 401 401013 with this token: forget it, so the next call asks again.
 function Auth:invalidate(token)
-  if self.token == token then
-    self.token, self.valid_until = nil, 0
+  if self.cached == token then
+    self.cached, self.valid_until = nil, 0
   end
 end
 
 function Auth:secrets()
-  return { self.secret, self.token }
+  return { self.secret, self.cached }
 end
 
 return _M
