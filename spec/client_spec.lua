@@ -46,6 +46,36 @@ describe("flowservice.new", function()
       assert.equal(5, got[5].connection_requests)
     end)
 
+    it("can be shared by coroutines, each call getting its own result", function()
+      local client = new()
+      local results = {}
+      local workers = {}
+      for w = 1, 3 do
+        workers[w] = coroutine.create(function()
+          for i = 1, 2 do
+            local id = w == 2 and h.runs.success_with_records or h.runs.failed
+            local run, err = client:retrigger(id, { request_id = ("w%d-%d"):format(w, i) })
+            results[#results + 1] = { w = w, run = run, err = err }
+            coroutine.yield()
+          end
+        end)
+      end
+      for _ = 1, 2 do
+        for w = 1, 3 do assert(coroutine.resume(workers[w])) end
+      end
+      client:close()
+      assert.equal(6, #results)
+      for _, r in ipairs(results) do
+        if r.w == 2 then
+          assert.is_nil(r.run)
+          assert.equal("FLOW-1387-400", r.err.code)
+          assert.matches("^w2%-", r.err.request_id)
+        else
+          assert.is_string(r.run.id)
+        end
+      end
+    end)
+
     it("does no I/O in new", function()
       local client = new()
       assert.same({}, server:requests())

@@ -139,6 +139,8 @@ describe("runs API", function()
       assert.is_nil(list)
       assert.equal("protocol", err.kind)
       assert.matches("continuationToken", tostring(err))
+      assert.equal(1, err.attempts)
+      assert.equal(err.request_ids[1], err.request_id)
       assert.is_true(#gets() <= 3)
     end)
 

@@ -171,7 +171,7 @@ local function call(self, p, method, path, creates, opts, deadline, send)
     if result then
       request_ids[#request_ids + 1] = request_id
       log_attempt(p, method, path, status_or_err, attempt, request_id, started)
-      return result
+      return result, { attempts = attempt, request_ids = request_ids }
     end
     local err = errors.from_core(status_or_err, secrets(p))
     request_ids[#request_ids + 1] = err.request_id
@@ -197,14 +197,22 @@ local function call(self, p, method, path, creates, opts, deadline, send)
   end
 end
 
+-- An error about a reply that came back fine but does not read right;
+-- meta: the attempts of the call that got it.
+local function reply_error(meta, kind, message)
+  return errors.new { kind = kind, message = message, sent = true, attempts = meta.attempts,
+    request_ids = meta.request_ids, request_id = meta.request_ids[#meta.request_ids] }
+end
+
 -- A raw request's 2xx body as JSON, or a decode error.
-local function json_body(res)
+local function json_body(res, meta)
   local doc = decode(res.body)
   if type(doc) ~= "table" then
-    return nil, errors.new { kind = "decode", status = res.status, request_id = res.request_id,
-      sent = true, message = "reply is not a JSON object" }
+    local err = reply_error(meta, "decode", "reply is not a JSON object")
+    err.status = res.status
+    return nil, err
   end
-  return doc
+  return doc, meta
 end
 
 function Client:_ims(p, form)
@@ -245,9 +253,11 @@ function Client:retrigger(run_id, overrides)
   args.run_id(run_id, 1, "retrigger", 2)
   local opts, deadline = call_options(p, overrides, 2, "retrigger", 2)
   local path = "/runs/" .. run_id .. "/action?op=" .. (opts.op or core.defaults.op)
-  return call(self, p, "POST", path, true, opts, deadline, function(o)
+  local run, err = call(self, p, "POST", path, true, opts, deadline, function(o)
     return p.handle:retrigger(run_id, o)
   end)
+  if run then return run end
+  return nil, err
 end
 
 local function get_json(self, p, path_segments, query, log_path)
@@ -258,19 +268,17 @@ local function get_json(self, p, path_segments, query, log_path)
     return nil, e
   end)
   if not res then return nil, err end
-  return json_body(res)
+  return json_body(res, err)
 end
 
 -- client:get_run(run_id) -> the run (unwrapped from {"items": [run]}) or nil, err
 function Client:get_run(run_id)
   local p = open(self, 2)
   args.run_id(run_id, 1, "get_run", 2)
-  local doc, err = get_json(self, p, { "runs", run_id }, nil, "/runs/" .. run_id)
-  if not doc then return nil, err end
+  local doc, meta = get_json(self, p, { "runs", run_id }, nil, "/runs/" .. run_id)
+  if not doc then return nil, meta end
   local run = type(doc.items) == "table" and doc.items[1]
-  if type(run) ~= "table" then
-    return nil, errors.new { kind = "decode", message = "reply has no items[1]", sent = true }
-  end
+  if type(run) ~= "table" then return nil, reply_error(meta, "decode", "reply has no items[1]") end
   return run
 end
 
@@ -282,17 +290,16 @@ local function pages(self, p, query, filters)
     if query.max and count >= query.max then return nil end
     while i >= #items do
       if finished then return nil end
-      local page, err = get_json(self, p, { "runs" }, runs.page_params(query, filters, token), "/runs")
-      if not page then error(err, 0) end
+      local page, meta = get_json(self, p, { "runs" }, runs.page_params(query, filters, token), "/runs")
+      if not page then error(meta, 0) end
       items, i = type(page.items) == "table" and page.items or {}, 0
       local nxt = runs.next_token(page)
       if nxt == false then
-        error(errors.new { kind = "protocol", message = "next page link without a continuationToken" }, 0)
+        error(reply_error(meta, "protocol", "next page link without a continuationToken"), 0)
       elseif nxt == nil then
         finished = true
       elseif seen[nxt] then
-        error(errors.new { kind = "protocol",
-          message = "the server repeated a continuationToken: paging would loop" }, 0)
+        error(reply_error(meta, "protocol", "the server repeated a continuationToken: paging would loop"), 0)
       else
         seen[nxt], token = true, nxt
       end
@@ -328,11 +335,9 @@ end
 function Client:count_runs(query)
   local p = open(self, 2)
   local filters = runs.filters(query, 1, "count_runs", 2)
-  local doc, err = get_json(self, p, { "runs" }, runs.count_params(filters), "/runs")
-  if not doc then return nil, err end
-  if type(doc.count) ~= "number" then
-    return nil, errors.new { kind = "decode", message = "reply has no count", sent = true }
-  end
+  local doc, meta = get_json(self, p, { "runs" }, runs.count_params(filters), "/runs")
+  if not doc then return nil, meta end
+  if type(doc.count) ~= "number" then return nil, reply_error(meta, "decode", "reply has no count") end
   return math.tointeger and math.tointeger(doc.count) or doc.count
 end
 
