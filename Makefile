@@ -13,8 +13,8 @@ ROCKSPEC     := flowservice-scm-1.rockspec
 CURL_INCDIR  ?= $(patsubst %/curl/curl.h,%,$(firstword $(wildcard /usr/include/*/curl/curl.h /usr/include/curl/curl.h)))
 STRICT       := -std=c99 -Wall -Wextra -Werror
 CFLAGS       ?= -O2 -g
-SOURCES      := src/core.c src/engine.c src/request.c
-HEADERS      := src/compat.h src/engine.h src/request.h
+SOURCES      := src/core.c src/engine.c src/journal.c src/request.c
+HEADERS      := src/compat.h src/engine.h src/journal.h src/request.h
 LUAJIT_INC   := /usr/include/luajit-2.1
 LUA51_INC    := /usr/include/lua5.1
 
@@ -22,7 +22,7 @@ LUA51_INC    := /usr/include/lua5.1
 NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy
 TEST_LOG     := $(BUILD)/test-results.tap
 
-.PHONY: all deps build compat demo test test-lua test-luajit test-valgrind clean
+.PHONY: all deps build compat demo test test-lua test-luajit test-valgrind bench clean
 
 all: build
 
@@ -80,3 +80,11 @@ test-valgrind: build
 
 clean:
 	rm -rf $(BUILD) flowservice src/*.o
+
+# Speed against the C floor, LuaSocket/LuaSec and the curl CLI, then memory
+# over 100,000 calls; see bench/run.lua for its settings (BENCH_N, ...).
+bench: deps
+	@sh .ci/deps lua-socket lua-sec
+	@$(MAKE) --no-print-directory build
+	$(NO_PROXY_ENV) $(LUA) bench/run.lua
+	$(NO_PROXY_ENV) $(LUA) bench/run.lua memory

@@ -131,6 +131,13 @@ describe("flowservice.retrigger", function()
       assert.equal("/runs/" .. runs.failed .. "/action?op=re-trigger", only_request().uri)
     end)
 
+    it("keeps a query string that base_url carries", function()
+      local run, err = flowservice.retrigger(runs.failed, opts { base_url = server.url .. "/?tenant=a%20b" })
+      assert.is_nil(err)
+      assert.is_string(run.id)
+      assert.equal("/runs/" .. runs.failed .. "/action?tenant=a%20b&op=re-trigger", only_request().uri)
+    end)
+
     it("percent-escapes the run id into one path segment", function()
       local run, err = flowservice.retrigger("a/b c?d#e%", opts())
       assert.is_nil(run)

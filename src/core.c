@@ -18,6 +18,7 @@
 
 #include "compat.h"
 #include "engine.h"
+#include "journal.h"
 #include "request.h"
 
 #define FS_CLIENT_MT "flowservice.client"
@@ -26,6 +27,7 @@
 
 typedef struct fs_client {
   fs_engine engine;
+  fs_url_cache urls;
   int closed;
 } fs_client;
 
@@ -272,6 +274,7 @@ static int transfer_cancel(lua_State *L) {
 static int client_gc(lua_State *L) {
   fs_client *c = (fs_client *)luaL_checkudata(L, 1, FS_CLIENT_MT);
   fs_engine_free(&c->engine);
+  fs_url_cache_free(&c->urls);
   c->closed = 1;
   return 0;
 }
@@ -300,6 +303,7 @@ static fs_call *submit_run_action(lua_State *L, fs_client *client, int run_arg,
   fs_request r;
   fs_call *c;
   memset(&r, 0, sizeof r);
+  r.cache = &client->urls;
   fs_request_options(L, opts_arg, 0, &r);
   fs_request_run_action(L, run_arg, opts_arg, &r);
   c = call_start(L, client, FS_RUN_ACTION, &r);
@@ -312,6 +316,7 @@ static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
   fs_request r;
   fs_call *c;
   memset(&r, 0, sizeof r);
+  r.cache = &client->urls;
   fs_request_shape(L, shape_arg, &r);
   fs_request_options(L, opts_arg, r.identity ? 0 : FS_NO_IDENTITY, &r);
   c = call_start(L, client, FS_RAW, &r);
@@ -404,6 +409,7 @@ static int core_retrigger(lua_State *L) {
   client = client_new(L);
   n = finish(L, client, submit_run_action(L, client, 1, 2));
   fs_engine_free(&client->engine);
+  fs_url_cache_free(&client->urls);
   client->closed = 1;
   return n;
 }
@@ -503,6 +509,7 @@ int luaopen_flowservice_core(lua_State *L) {
   lua_newtable(L);
   lua_pushvalue(L, -2);
   fs_setfuncs(L, module, 1);
+  fs_journal_register(L);
   fs_request_push_defaults(L);
   lua_setfield(L, -2, "defaults");
   set_string(L, "_VERSION", FS_VERSION);

@@ -232,15 +232,53 @@ static int url_scheme_is_http(CURLU *u) {
   return ok;
 }
 
-static void check_base_url(lua_State *L, int opts, const char *base_url) {
+void fs_url_cache_free(fs_url_cache *cache) {
+  free(cache->base_url);
+  curl_free(cache->prefix);
+  cache->base_url = NULL;
+  cache->prefix = NULL;
+}
+
+/* The base's URL minus trailing slashes; NULL if it carries a query or
+** fragment (then every run URL goes through libcurl's URL API). */
+static char *url_prefix(CURLU *u) {
+  char *part = NULL, *url = NULL;
+  size_t len;
+  if (curl_url_get(u, CURLUPART_QUERY, &part, 0) == CURLUE_OK
+      || curl_url_get(u, CURLUPART_FRAGMENT, &part, 0) == CURLUE_OK) {
+    curl_free(part);
+    return NULL;
+  }
+  if (curl_url_get(u, CURLUPART_URL, &url, 0) != CURLUE_OK)
+    return NULL;
+  len = strlen(url);
+  while (len > 0 && url[len - 1] == '/')
+    url[--len] = '\0';
+  return url;
+}
+
+/* Checks base_url, once per distinct value when the client keeps a cache. */
+static void check_base_url(lua_State *L, int opts, const char *base_url,
+                           fs_url_cache *cache) {
   const char *why = NULL;
-  CURLU *u = curl_url();
+  CURLU *u;
+  if (cache != NULL && cache->base_url != NULL && strcmp(cache->base_url, base_url) == 0)
+    return;
+  u = curl_url();
   if (u == NULL)
     luaL_error(L, "flowservice: out of memory");
   if (curl_url_set(u, CURLUPART_URL, base_url, 0) != CURLUE_OK)
     why = "is not a valid URL";
   else if (!url_scheme_is_http(u))
     why = "must be an http:// or https:// URL";
+  else if (cache != NULL) {
+    fs_url_cache_free(cache);
+    cache->base_url = (char *)malloc(strlen(base_url) + 1);
+    if (cache->base_url != NULL) {
+      strcpy(cache->base_url, base_url);
+      cache->prefix = url_prefix(u);
+    }
+  }
   curl_url_cleanup(u);
   if (why != NULL)
     opt_error(L, opts, "base_url", why);
@@ -282,7 +320,7 @@ void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   if (h[H_USER_AGENT] == NULL)
     h[H_USER_AGENT] = push_user_agent(L);
   r->base_url = opt_string(L, opts, "base_url", FS_DEFAULT_BASE_URL, 0);
-  check_base_url(L, opts, r->base_url);
+  check_base_url(L, opts, r->base_url, r->cache);
   r->op = opt_string(L, opts, "op", FS_DEFAULT_OP, 0);
   r->max_body = opt_bytes(L, opts, "max_body", FS_DEFAULT_MAX_BODY);
   r->timeout_ms = opt_milliseconds(L, opts, "timeout", FS_DEFAULT_TIMEOUT);
@@ -326,6 +364,7 @@ void fs_request_run_action(lua_State *L, int arg, int opts, fs_request *r) {
   (void)opts;
   r->get = 0;
   r->identity = 1;
+  r->run_action = 1;
   r->action_path[0] = "runs";
   r->action_path[1] = run_id;
   r->action_path[2] = "action";
@@ -526,16 +565,41 @@ static CURLUcode url_add_query(CURLU *u, const fs_request *r) {
   return rc;
 }
 
-/* base_url (checked by fs_request_options) + path + query; NULL on failure. */
-static char *url_build(CURL *easy, const fs_request *r) {
+/* The hot path: {prefix}/runs/{id}/action?op={op}, escaped by libcurl. */
+static char *url_run_action(CURL *easy, const char *prefix, const fs_request *r) {
+  char *id = curl_easy_escape(easy, r->action_path[1], 0);
+  char *op = curl_easy_escape(easy, r->op, 0);
   char *url = NULL;
-  CURLU *u = curl_url();
+  if (id != NULL && op != NULL) {
+    size_t len = strlen(prefix) + strlen(id) + strlen(op) + sizeof "/runs//action?op=";
+    url = (char *)malloc(len);
+    if (url != NULL)
+      snprintf(url, len, "%s/runs/%s/action?op=%s", prefix, id, op);
+  }
+  curl_free(id);
+  curl_free(op);
+  return url;
+}
+
+/* base_url (checked by fs_request_options) + path + query; NULL on failure.
+** The result is for free(). */
+static char *url_build(CURL *easy, const fs_request *r) {
+  char *url = NULL, *copy;
+  CURLU *u;
+  if (r->run_action && r->cache != NULL && r->cache->prefix != NULL
+      && strcmp(r->cache->base_url, r->base_url) == 0)
+    return url_run_action(easy, r->cache->prefix, r);
+  u = curl_url();
   if (u != NULL && curl_url_set(u, CURLUPART_URL, r->base_url, 0) == CURLUE_OK
       && url_set_path(easy, u, r) == CURLUE_OK && url_add_query(u, r) == CURLUE_OK
       && curl_url_get(u, CURLUPART_URL, &url, 0) != CURLUE_OK)
     url = NULL;
   curl_url_cleanup(u);
-  return url;
+  copy = url != NULL ? (char *)malloc(strlen(url) + 1) : NULL;  /* one way to free */
+  if (copy != NULL)
+    strcpy(copy, url);
+  curl_free(url);
+  return copy;
 }
 
 static void apply_check(lua_State *L, CURLcode rc) {
@@ -577,7 +641,7 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r) {
   if (url == NULL)
     luaL_error(L, "flowservice: could not build the request URL (out of memory?)");
   rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);  /* libcurl copies it */
-  curl_free(url);
+  free(url);
   apply_check(L, rc);
   add_headers(L, t, r);
 #define FS_SET(opt, val) \

@@ -25,6 +25,18 @@ enum {
 #define FS_TOKEN_LATER 1   /* access_token may be missing (IMS will supply it) */
 #define FS_NO_IDENTITY 2   /* no identity headers at all (the IMS request) */
 
+/*
+** A client's memory of its base URL: checked once, and for run actions
+** turned once into the prefix that every run URL starts with.
+*/
+typedef struct fs_url_cache {
+  char *base_url;   /* the base_url last checked (a copy) */
+  char *prefix;     /* its scheme://host/path without trailing '/', or NULL
+                    ** when the base has a query or fragment */
+} fs_url_cache;
+
+void fs_url_cache_free(fs_url_cache *cache);
+
 typedef struct fs_param {
   const char *name;
   const char *value;
@@ -50,6 +62,8 @@ typedef struct fs_request {
   const char *proxy;
   int insecure;
   const char *op;                 /* the run action's op option */
+  int run_action;                 /* built by fs_request_run_action */
+  fs_url_cache *cache;            /* the client's, or NULL */
   const char *action_path[3];     /* storage for a run action's shape */
   fs_param action_query[1];
 } fs_request;

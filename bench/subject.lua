@@ -1,0 +1,45 @@
+-- The code under test, as bench/client.lua and bench/memory.lua call it.
+--   local subject = require("bench.subject").open(base_url, ca_file)
+--   subject.call()    -> run or nil, err   (one re-trigger)
+--   subject.close()
+--   subject.label     "client" or "one-call retrigger"
+-- flowservice.new (one client, its connection reused) when the module has
+-- it, else the one-call flowservice.retrigger (a fresh connection per call).
+-- Loads the module from the tree in BENCH_TREE (bench/run.lua sets it to
+-- its snapshot of the `make build` tree), else build/tree; run from the
+-- repository root.
+local tree = os.getenv("BENCH_TREE") or "build/tree"
+package.path = ("%s/share/lua/5.4/?.lua;%s/share/lua/5.4/?/init.lua;"):format(tree, tree) .. package.path
+package.cpath = ("%s/lib/lua/5.4/?.so;"):format(tree) .. package.cpath
+
+local flowservice = require "flowservice"
+
+local assert = assert
+
+local _M = {}
+
+_M.RUN_ID = "4fb0418e-1804-45d6-8d56-dd51f05c0baf"
+
+function _M.open(base_url, ca_file)
+  local run_id = _M.RUN_ID
+  local opts = {
+    access_token = "bench-token", api_key = "bench-key", org_id = "BENCH@AdobeOrg",
+    sandbox = "prod", base_url = base_url, ca_file = ca_file,
+  }
+  if flowservice.new then
+    local client = assert(flowservice.new(opts))
+    return {
+      label = "client",
+      call = function() return client:retrigger(run_id) end,
+      close = function() client:close() end,
+    }
+  end
+  local retrigger = flowservice.retrigger
+  return {
+    label = "one-call retrigger",
+    call = function() return retrigger(run_id, opts) end,
+    close = function() end,
+  }
+end
+
+return _M
