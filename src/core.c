@@ -24,6 +24,7 @@
 #define FS_CLIENT_MT "flowservice.client"
 #define FS_TRANSFER_MT "flowservice.transfer"
 #define FS_UV_DECODE lua_upvalueindex(1)  /* cjson.safe.new().decode */
+#define FS_UV_USER_AGENT lua_upvalueindex(2)  /* the default User-Agent */
 
 typedef struct fs_client {
   fs_engine engine;
@@ -96,8 +97,11 @@ static void set_exchange(lua_State *L, const fs_call *c) {
   set_string(L, "request_id", c->request_id);
   if (t->sends > 1)
     set_boolean(L, "resent", 1);
-  if (t->date >= 0)
-    set_integer(L, "date", t->date);
+  if (t->date[0] != '\0') {
+    time_t when = curl_getdate(t->date, NULL);
+    if (when != (time_t)-1)
+      set_integer(L, "date", (long long)when);
+  }
 }
 
 /* The common fields of every error: the Lua face adds Adobe's reading. */
@@ -304,6 +308,7 @@ static fs_call *submit_run_action(lua_State *L, fs_client *client, int run_arg,
   fs_call *c;
   memset(&r, 0, sizeof r);
   r.cache = &client->urls;
+  r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
   fs_request_options(L, opts_arg, 0, &r);
   fs_request_run_action(L, run_arg, opts_arg, &r);
   c = call_start(L, client, FS_RUN_ACTION, &r);
@@ -317,6 +322,7 @@ static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
   fs_call *c;
   memset(&r, 0, sizeof r);
   r.cache = &client->urls;
+  r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
   fs_request_shape(L, shape_arg, &r);
   fs_request_options(L, opts_arg, r.identity ? 0 : FS_NO_IDENTITY, &r);
   c = call_start(L, client, FS_RAW, &r);
@@ -469,11 +475,13 @@ static void push_decoder(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* Every function gets the same two upvalues: decoder and user agent. */
 static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
                       lua_CFunction gc) {
   luaL_newmetatable(L, name);
-  lua_pushvalue(L, -2);  /* the decoder, as every function's upvalue */
-  fs_setfuncs(L, methods, 1);
+  lua_pushvalue(L, -3);
+  lua_pushvalue(L, -3);
+  fs_setfuncs(L, methods, 2);
   lua_pushvalue(L, -1);
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, gc);
@@ -504,11 +512,15 @@ int luaopen_flowservice_core(lua_State *L) {
   if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)  /* ref-counted */
     return luaL_error(L, "flowservice: curl_global_init failed");
   push_decoder(L);
+  fs_request_push_defaults(L);
+  lua_getfield(L, -1, "user_agent");
+  lua_replace(L, -2);  /* decoder, user agent */
   new_class(L, FS_CLIENT_MT, client, client_gc);
   new_class(L, FS_TRANSFER_MT, transfer, call_gc);
   lua_newtable(L);
-  lua_pushvalue(L, -2);
-  fs_setfuncs(L, module, 1);
+  lua_pushvalue(L, -3);
+  lua_pushvalue(L, -3);
+  fs_setfuncs(L, module, 2);
   fs_journal_register(L);
   fs_request_push_defaults(L);
   lua_setfield(L, -2, "defaults");

@@ -160,18 +160,16 @@ CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t) {
   return rc;
 }
 
-static long long transfer_header_date(fs_transfer *t) {
+static void transfer_keep_date(fs_transfer *t) {
+  t->date[0] = '\0';
 #if FS_CURL_AT_LEAST(7, 83, 0)
-  struct curl_header *h;
-  if (curl_easy_header(t->easy, "Date", 0, CURLH_HEADER, -1, &h) == CURLHE_OK) {
-    time_t when = curl_getdate(h->value, NULL);
-    if (when != (time_t)-1)
-      return (long long)when;
+  {
+    struct curl_header *h;
+    if (curl_easy_header(t->easy, "Date", 0, CURLH_HEADER, -1, &h) == CURLHE_OK
+        && strlen(h->value) < sizeof t->date)
+      strcpy(t->date, h->value);
   }
-#else
-  (void)t;
 #endif
-  return -1;
 }
 
 static long long transfer_retry_after(fs_transfer *t) {
@@ -193,7 +191,7 @@ static void transfer_finish(fs_transfer *t, CURLcode result) {
   if (curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &t->status) != CURLE_OK)
     t->status = 0;
   t->retry_after = transfer_retry_after(t);
-  t->date = transfer_header_date(t);
+  transfer_keep_date(t);
 #if FS_CURL_AT_LEAST(7, 80, 0)
   t->sent = t->sends > 0;
 #else

@@ -49,7 +49,8 @@ struct fs_transfer {
   CURLcode result;
   long status;                /* HTTP status, 0 without a reply */
   long long retry_after;      /* seconds; -1 without a Retry-After header */
-  long long date;             /* the reply's Date, epoch seconds; -1 none */
+  char date[40];              /* the reply's Date header, as sent ("" none);
+                              ** parsed only when someone asks for it */
   int sent;                   /* any byte of the request may have left */
   char errbuf[CURL_ERROR_SIZE];
 };

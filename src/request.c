@@ -21,10 +21,17 @@
 #define FS_MAX_MAX_BODY (1024.0 * 1024 * 1024)
 
 /* lua-cjson's config-table style: every option, with the type it takes. */
+enum {
+  O_ACCESS_TOKEN, O_API_KEY, O_ORG_ID, O_SANDBOX, O_BASE_URL, O_OP,
+  O_IF_MATCH, O_REQUEST_ID, O_HEADERS, O_TIMEOUT, O_CONNECT_TIMEOUT,
+  O_CA_FILE, O_CA_PATH, O_PROXY, O_INSECURE, O_USER_AGENT, O_MAX_BODY,
+  O_COUNT
+};
+
 static const struct {
   const char *name;
   int type;
-} request_options[] = {
+} request_options[O_COUNT] = {
   {"access_token", LUA_TSTRING}, {"api_key", LUA_TSTRING},
   {"org_id", LUA_TSTRING}, {"sandbox", LUA_TSTRING},
   {"base_url", LUA_TSTRING}, {"op", LUA_TSTRING},
@@ -33,8 +40,18 @@ static const struct {
   {"connect_timeout", LUA_TNUMBER}, {"ca_file", LUA_TSTRING},
   {"ca_path", LUA_TSTRING}, {"proxy", LUA_TSTRING},
   {"insecure", LUA_TBOOLEAN}, {"user_agent", LUA_TSTRING},
-  {"max_body", LUA_TNUMBER}, {NULL, LUA_TNONE}
+  {"max_body", LUA_TNUMBER}
 };
+
+/* The options table read in one pass; strings stay alive in the table. */
+typedef struct opt_values {
+  int opts;  /* stack index, for error messages */
+  int present[O_COUNT];
+  const char *str[O_COUNT];
+  size_t len[O_COUNT];
+  lua_Number num[O_COUNT];
+  int boolean[O_COUNT];
+} opt_values;
 
 static const char *const header_names[H_COUNT] = {
   "Authorization", "x-api-key", "x-gw-ims-org-id", "x-sandbox-name",
@@ -91,81 +108,71 @@ static int opt_error(lua_State *L, int opts, const char *name, const char *what)
   return luaL_argerror(L, opts, lua_pushfstring(L, "option '%s' %s", name, what));
 }
 
-static void check_option_keys(lua_State *L, int opts) {
+static int option_index(const char *key) {
+  int i;
+  for (i = 0; i < O_COUNT; i++)
+    if (strcmp(request_options[i].name, key) == 0)
+      return i;
+  return -1;
+}
+
+/* One pass over the table (raw: a metatable must not add options). */
+static void read_options(lua_State *L, int opts, opt_values *v) {
+  memset(v, 0, sizeof *v);
+  v->opts = opts;
   lua_pushnil(L);
   while (lua_next(L, opts) != 0) {
-    const char *key;
     int i;
     if (lua_type(L, -2) != LUA_TSTRING)
       luaL_argerror(L, opts, lua_pushfstring(L,
                     "option names must be strings, got %s", luaL_typename(L, -2)));
-    key = lua_tostring(L, -2);
-    for (i = 0; request_options[i].name != NULL; i++)
-      if (strcmp(request_options[i].name, key) == 0)
-        break;
-    if (request_options[i].name == NULL)
-      opt_error(L, opts, key, "is unknown");
+    i = option_index(lua_tostring(L, -2));
+    if (i < 0)
+      opt_error(L, opts, lua_tostring(L, -2), "is unknown");
     if (lua_type(L, -1) != request_options[i].type)
-      opt_error(L, opts, key, lua_pushfstring(L, "must be a %s, got %s",
-                lua_typename(L, request_options[i].type), luaL_typename(L, -1)));
+      opt_error(L, opts, request_options[i].name, lua_pushfstring(L,
+                "must be a %s, got %s", lua_typename(L, request_options[i].type),
+                luaL_typename(L, -1)));
+    v->present[i] = 1;
+    if (request_options[i].type == LUA_TSTRING)
+      v->str[i] = lua_tolstring(L, -1, &v->len[i]);  /* the table keeps it */
+    else if (request_options[i].type == LUA_TNUMBER)
+      v->num[i] = lua_tonumber(L, -1);
+    else if (request_options[i].type == LUA_TBOOLEAN)
+      v->boolean[i] = lua_toboolean(L, -1);
     lua_pop(L, 1);
   }
 }
 
-/* Raw field access: a metatable on the options must not add options. */
-static int opt_get(lua_State *L, int opts, const char *name) {
-  lua_pushstring(L, name);
-  lua_rawget(L, opts);
-  return lua_type(L, -1);
-}
-
-/* The string stays alive: the options table on the stack refers to it. */
-static const char *opt_string(lua_State *L, int opts, const char *name,
+static const char *opt_string(lua_State *L, const opt_values *v, int i,
                               const char *def, int required) {
-  size_t len;
-  const char *s;
-  if (opt_get(L, opts, name) == LUA_TNIL) {
-    lua_pop(L, 1);
+  const char *name = request_options[i].name;
+  if (!v->present[i]) {
     if (required)
-      opt_error(L, opts, name, "is required");
+      opt_error(L, v->opts, name, "is required");
     return def;
   }
-  s = lua_tolstring(L, -1, &len);
-  lua_pop(L, 1);
-  if (!is_header_safe(s, len))
-    opt_error(L, opts, name, "contains CR, LF or NUL");
-  if (len == 0 && (required || def != NULL))
-    opt_error(L, opts, name, "must not be empty");
-  return s;
+  if (!is_header_safe(v->str[i], v->len[i]))
+    opt_error(L, v->opts, name, "contains CR, LF or NUL");
+  if (v->len[i] == 0 && (required || def != NULL))
+    opt_error(L, v->opts, name, "must not be empty");
+  return v->str[i];
 }
 
-static long opt_milliseconds(lua_State *L, int opts, const char *name,
-                             double def) {
-  double seconds = def;
-  if (opt_get(L, opts, name) != LUA_TNIL)
-    seconds = (double)lua_tonumber(L, -1);
-  lua_pop(L, 1);
+static long opt_milliseconds(lua_State *L, const opt_values *v, int i, double def) {
+  double seconds = v->present[i] ? (double)v->num[i] : def;
   if (!(seconds > 0 && seconds <= FS_MAX_SECONDS))  /* also rejects NaN */
-    opt_error(L, opts, name, "must be a positive number of seconds (at most a day)");
+    opt_error(L, v->opts, request_options[i].name,
+              "must be a positive number of seconds (at most a day)");
   return (long)ceil(seconds * 1000);
 }
 
-static size_t opt_bytes(lua_State *L, int opts, const char *name, double def) {
-  double n = def;
-  if (opt_get(L, opts, name) != LUA_TNIL)
-    n = (double)lua_tonumber(L, -1);
-  lua_pop(L, 1);
+static size_t opt_bytes(lua_State *L, const opt_values *v, int i, double def) {
+  double n = v->present[i] ? (double)v->num[i] : def;
   if (!(n >= 1 && n <= FS_MAX_MAX_BODY && floor(n) == n))
-    opt_error(L, opts, name, "must be a whole number of bytes from 1 to 1 GiB");
+    opt_error(L, v->opts, request_options[i].name,
+              "must be a whole number of bytes from 1 to 1 GiB");
   return (size_t)n;
-}
-
-static int opt_boolean(lua_State *L, int opts, const char *name) {
-  int b;
-  opt_get(L, opts, name);
-  b = lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  return b;
 }
 
 /* opts.headers, first pass: validate all, let them replace our defaults. */
@@ -200,7 +207,7 @@ static void check_extra_headers(lua_State *L, int opts, fs_request *r) {
 /* A fresh id per attempt lets Adobe support find the exact request. */
 static const char *push_request_id(lua_State *L) {
   unsigned char b[16];
-  char id[37];
+  char id[36];
   size_t got = 0;
 #if defined(__linux__)
   ssize_t n = getrandom(b, sizeof b, GRND_NONBLOCK);
@@ -216,11 +223,17 @@ static const char *push_request_id(lua_State *L) {
   }
   b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);  /* version 4 */
   b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);  /* RFC 4122 variant */
-  snprintf(id, sizeof id,
-           "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-           b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10],
-           b[11], b[12], b[13], b[14], b[15]);
-  lua_pushstring(L, id);
+  {
+    static const char hex[] = "0123456789abcdef";
+    size_t i, o = 0;
+    for (i = 0; i < sizeof b; i++) {
+      if (i == 4 || i == 6 || i == 8 || i == 10)
+        id[o++] = '-';
+      id[o++] = hex[b[i] >> 4];
+      id[o++] = hex[b[i] & 15];
+    }
+    lua_pushlstring(L, id, o);
+  }
   return lua_tostring(L, -1);
 }
 
@@ -290,51 +303,52 @@ static const char *push_user_agent(lua_State *L) {
                          curl_version_info(CURLVERSION_NOW)->version);
 }
 
-static void read_identity(lua_State *L, int opts, int flags, fs_request *r) {
-  const char *token = opt_string(L, opts, "access_token", NULL,
-                                 !(flags & FS_TOKEN_LATER));
+static void read_identity(lua_State *L, const opt_values *v, int flags, fs_request *r) {
+  const char *token = opt_string(L, v, O_ACCESS_TOKEN, NULL, !(flags & FS_TOKEN_LATER));
   if (token != NULL) {
     if (*token == '\0')
-      opt_error(L, opts, "access_token", "must not be empty");
+      opt_error(L, v->opts, "access_token", "must not be empty");
     r->header[H_AUTHORIZATION] = lua_pushfstring(L, "Bearer %s", token);
   }
-  r->header[H_API_KEY] = opt_string(L, opts, "api_key", NULL, 1);
-  r->header[H_ORG_ID] = opt_string(L, opts, "org_id", NULL, 1);
-  r->header[H_SANDBOX] = opt_string(L, opts, "sandbox", FS_DEFAULT_SANDBOX, 0);
+  r->header[H_API_KEY] = opt_string(L, v, O_API_KEY, NULL, 1);
+  r->header[H_ORG_ID] = opt_string(L, v, O_ORG_ID, NULL, 1);
+  r->header[H_SANDBOX] = opt_string(L, v, O_SANDBOX, FS_DEFAULT_SANDBOX, 0);
 }
 
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   const char **h = r->header;
+  opt_values v;
   luaL_checktype(L, opts, LUA_TTABLE);
-  check_option_keys(L, opts);
+  read_options(L, opts, &v);
   if (!(flags & FS_NO_IDENTITY))
-    read_identity(L, opts, flags, r);
+    read_identity(L, &v, flags, r);
   if (h[H_CONTENT_TYPE] == NULL)
     h[H_CONTENT_TYPE] = "application/json";
   h[H_ACCEPT] = "application/json";
-  h[H_REQUEST_ID] = opt_string(L, opts, "request_id", NULL, 0);
+  h[H_REQUEST_ID] = opt_string(L, &v, O_REQUEST_ID, NULL, 0);
   if (h[H_REQUEST_ID] == NULL || *h[H_REQUEST_ID] == '\0')
     h[H_REQUEST_ID] = push_request_id(L);
-  h[H_IF_MATCH] = opt_string(L, opts, "if_match", NULL, 0);
-  h[H_USER_AGENT] = opt_string(L, opts, "user_agent", NULL, 0);
+  h[H_IF_MATCH] = opt_string(L, &v, O_IF_MATCH, NULL, 0);
+  h[H_USER_AGENT] = opt_string(L, &v, O_USER_AGENT, NULL, 0);
   if (h[H_USER_AGENT] == NULL)
-    h[H_USER_AGENT] = push_user_agent(L);
-  r->base_url = opt_string(L, opts, "base_url", FS_DEFAULT_BASE_URL, 0);
+    h[H_USER_AGENT] = r->default_user_agent ? r->default_user_agent : push_user_agent(L);
+  r->base_url = opt_string(L, &v, O_BASE_URL, FS_DEFAULT_BASE_URL, 0);
   check_base_url(L, opts, r->base_url, r->cache);
-  r->op = opt_string(L, opts, "op", FS_DEFAULT_OP, 0);
-  r->max_body = opt_bytes(L, opts, "max_body", FS_DEFAULT_MAX_BODY);
-  r->timeout_ms = opt_milliseconds(L, opts, "timeout", FS_DEFAULT_TIMEOUT);
-  r->connect_timeout_ms = opt_milliseconds(L, opts, "connect_timeout",
+  r->op = opt_string(L, &v, O_OP, FS_DEFAULT_OP, 0);
+  r->max_body = opt_bytes(L, &v, O_MAX_BODY, FS_DEFAULT_MAX_BODY);
+  r->timeout_ms = opt_milliseconds(L, &v, O_TIMEOUT, FS_DEFAULT_TIMEOUT);
+  r->connect_timeout_ms = opt_milliseconds(L, &v, O_CONNECT_TIMEOUT,
                                            FS_DEFAULT_CONNECT_TIMEOUT);
-  r->ca_file = opt_string(L, opts, "ca_file", NULL, 0);
-  r->ca_path = opt_string(L, opts, "ca_path", NULL, 0);
-  r->proxy = opt_string(L, opts, "proxy", NULL, 0);
-  r->insecure = opt_boolean(L, opts, "insecure");
+  r->ca_file = opt_string(L, &v, O_CA_FILE, NULL, 0);
+  r->ca_path = opt_string(L, &v, O_CA_PATH, NULL, 0);
+  r->proxy = opt_string(L, &v, O_PROXY, NULL, 0);
+  r->insecure = v.boolean[O_INSECURE];
   r->headers_table = 0;
-  if (opt_get(L, opts, "headers") == LUA_TTABLE)
+  if (v.present[O_HEADERS]) {
+    lua_pushliteral(L, "headers");
+    lua_rawget(L, opts);
     r->headers_table = lua_gettop(L);  /* stays: fs_request_apply reads it again */
-  else
-    lua_pop(L, 1);
+  }
   check_extra_headers(L, opts, r);
 }
 
@@ -607,13 +621,29 @@ static void apply_check(lua_State *L, CURLcode rc) {
     luaL_error(L, "flowservice: libcurl setup failed: %s", curl_easy_strerror(rc));
 }
 
+/* "Name: value", or "Name;", libcurl's way to send an empty value. Lines
+** are built on the C stack: this runs nine times a call. */
 static void add_header(lua_State *L, fs_transfer *t, const char *name,
                        const char *value) {
-  /* "Name;" is libcurl's way to send a header with an empty value */
-  const char *line = *value ? lua_pushfstring(L, "%s: %s", name, value)
-                            : lua_pushfstring(L, "%s;", name);
-  struct curl_slist *list = curl_slist_append(t->headers, line);
-  lua_pop(L, 1);
+  char buffer[2048];
+  size_t n = strlen(name), v = strlen(value);
+  const char *line = buffer;
+  struct curl_slist *list;
+  if (n + v + 3 > sizeof buffer) {
+    line = v > 0 ? lua_pushfstring(L, "%s: %s", name, value)  /* a long token, say */
+                 : lua_pushfstring(L, "%s;", name);
+  } else {
+    memcpy(buffer, name, n);
+    if (v > 0) {
+      memcpy(buffer + n, ": ", 2);
+      memcpy(buffer + n + 2, value, v + 1);
+    } else {
+      memcpy(buffer + n, ";", 2);
+    }
+  }
+  list = curl_slist_append(t->headers, line);
+  if (line != buffer)
+    lua_pop(L, 1);
   if (list == NULL)
     luaL_error(L, "flowservice: out of memory");
   t->headers = list;

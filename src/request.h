@@ -64,6 +64,7 @@ typedef struct fs_request {
   const char *op;                 /* the run action's op option */
   int run_action;                 /* built by fs_request_run_action */
   fs_url_cache *cache;            /* the client's, or NULL */
+  const char *default_user_agent; /* computed once per module, or NULL */
   const char *action_path[3];     /* storage for a run action's shape */
   fs_param action_query[1];
 } fs_request;

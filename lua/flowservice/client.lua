@@ -138,10 +138,10 @@ local function failed(err, attempts, request_ids)
 end
 
 -- One logical call: attempts until success, a final error or the deadline.
--- send(opts) makes one attempt and returns result, status, request_id or
--- nil, the core's error table. creates: the call makes a run (see
--- flowservice.retry).
-local function call(self, p, method, path, creates, opts, deadline, send)
+-- send(p, target, opts) makes one attempt and returns result, status,
+-- request_id or nil, the core's error table. creates: the call makes a run
+-- (see flowservice.retry). path: for log lines only (nil when not logging).
+local function call(self, p, method, path, creates, opts, deadline, send, target)
   local policy = p.retry
   local ends = deadline and now() + deadline
   local request_ids, attempt, budget, refreshed, last = {}, 0, 0, false, nil
@@ -166,8 +166,8 @@ local function call(self, p, method, path, creates, opts, deadline, send)
       end
     end
     attempt, budget = attempt + 1, budget + 1
-    local started = now()
-    local result, status_or_err, request_id = send(attempt_opts)
+    local started = p.log and now()
+    local result, status_or_err, request_id = send(p, target, attempt_opts)
     if result then
       request_ids[#request_ids + 1] = request_id
       log_attempt(p, method, path, status_or_err, attempt, request_id, started)
@@ -204,6 +204,17 @@ local function reply_error(meta, kind, message)
     request_ids = meta.request_ids, request_id = meta.request_ids[#meta.request_ids] }
 end
 
+-- One attempt of each kind, for call(): target is the run id or the shape.
+local function send_retrigger(p, run_id, opts)
+  return p.handle:retrigger(run_id, opts)
+end
+
+local function send_request(p, shape, opts)
+  local res, err = p.handle:request(opts, shape)
+  if res then return res, res.status, res.request_id end
+  return nil, err
+end
+
 -- A raw request's 2xx body as JSON, or a decode error.
 local function json_body(res, meta)
   local doc = decode(res.body)
@@ -226,11 +237,7 @@ function Client:_ims(p, form)
   local shape = { method = "POST", path = { "ims", "token", "v3" }, body = form,
     content_type = "application/x-www-form-urlencoded", identity = false }
   local no_auth = { retry = p.retry, log = p.log, handle = p.handle, opts = p.opts, ims_of = a }
-  return call(self, no_auth, "POST", "/ims/token/v3", false, ims_opts, p.deadline, function(o)
-    local res, err = p.handle:request(o, shape)
-    if res then return res, res.status, res.request_id end
-    return nil, err
-  end)
+  return call(self, no_auth, "POST", "/ims/token/v3", false, ims_opts, p.deadline, send_request, shape)
 end
 
 -- Per-call options over the client's.
@@ -252,21 +259,15 @@ function Client:retrigger(run_id, overrides)
   local p = open(self, 2)
   args.run_id(run_id, 1, "retrigger", 2)
   local opts, deadline = call_options(p, overrides, 2, "retrigger", 2)
-  local path = "/runs/" .. run_id .. "/action?op=" .. (opts.op or core.defaults.op)
-  local run, err = call(self, p, "POST", path, true, opts, deadline, function(o)
-    return p.handle:retrigger(run_id, o)
-  end)
+  local path = p.log and "/runs/" .. run_id .. "/action?op=" .. (opts.op or core.defaults.op)
+  local run, err = call(self, p, "POST", path, true, opts, deadline, send_retrigger, run_id)
   if run then return run end
   return nil, err
 end
 
 local function get_json(self, p, path_segments, query, log_path)
   local shape = { method = "GET", path = path_segments, query = query }
-  local res, err = call(self, p, "GET", log_path, false, p.opts, p.deadline, function(o)
-    local r, e = p.handle:request(o, shape)
-    if r then return r, r.status, r.request_id end
-    return nil, e
-  end)
+  local res, err = call(self, p, "GET", log_path, false, p.opts, p.deadline, send_request, shape)
   if not res then return nil, err end
   return json_body(res, err)
 end
