@@ -2,8 +2,7 @@
 -- resident set size (VmRSS) read after a warm-up and at checkpoints, each
 -- after a full collection so Lua garbage is not mistaken for a leak.
 --   lua5.4 bench/memory.lua BASE_URL CAFILE [N [LIMIT_KB]]
--- N defaults to 100,000 through a client, 20,000 with the one-call fallback
--- (a TLS handshake per call makes 100,000 take minutes). Prints the
+-- N defaults to 100,000. Prints the
 -- checkpoints, then "PASS"/"FAIL" (exit status 0/1): growth from the
 -- warm-up to the end under LIMIT_KB (default 1024).
 package.path = "./?.lua;" .. package.path
@@ -34,7 +33,7 @@ local function settle()
 end
 
 local s = subject.open(base, ca)
-n = n or (s.label == "client" and 100000 or 20000)
+n = n or 100000
 local call = s.call
 local last  -- the last reply: its etag names the protocol and the connection's request count
 local function calls(k)

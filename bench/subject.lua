@@ -1,10 +1,8 @@
 -- The code under test, as bench/client.lua and bench/memory.lua call it.
 --   local subject = require("bench.subject").open(base_url, ca_file)
---   subject.call()    -> run or nil, err   (one re-trigger)
+--   subject.call()    -> run or nil, err   (one re-trigger through one client)
 --   subject.close()
---   subject.label     "client" or "one-call retrigger"
--- flowservice.new (one client, its connection reused) when the module has
--- it, else the one-call flowservice.retrigger (a fresh connection per call).
+--   subject.label     "client"
 -- Loads the module from the tree in BENCH_TREE (bench/run.lua sets it to
 -- its snapshot of the `make build` tree), else build/tree; run from the
 -- repository root.
@@ -26,19 +24,11 @@ function _M.open(base_url, ca_file)
     access_token = "bench-token", api_key = "bench-key", org_id = "BENCH@AdobeOrg",
     sandbox = "prod", base_url = base_url, ca_file = ca_file,
   }
-  if flowservice.new then
-    local client = assert(flowservice.new(opts))
-    return {
-      label = "client",
-      call = function() return client:retrigger(run_id) end,
-      close = function() client:close() end,
-    }
-  end
-  local retrigger = flowservice.retrigger
+  local client = assert(flowservice.new(opts))
   return {
-    label = "one-call retrigger",
-    call = function() return retrigger(run_id, opts) end,
-    close = function() end,
+    label = "client",
+    call = function() return client:retrigger(run_id) end,
+    close = function() client:close() end,
   }
 end
 
