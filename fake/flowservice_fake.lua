@@ -15,10 +15,34 @@
 --        issued tokens pass the gateway until they expire
 --   control: GET /_fake/health, POST /_fake/reset, POST /_fake/scenario,
 --        GET|DELETE /_fake/requests, GET /_fake/runs[/{id}],
+--        POST /_fake/runs (inject a run), GET|POST /_fake/behaviour,
+--        GET /_fake/stats,
 --        POST /_fake/ims {"expires_in": n}, POST /_fake/expire_tokens
 --   scenario fields for GET /runs: repeat_token (the next link repeats the
 --        request's token), link_style "token" (default) or "full" (the next
 --        link carries the whole query)
+--   scenario field act_then_delay (seconds): do the request (a re-trigger
+--        creates its run), then stall before the reply; with status/body/
+--        oversize the canned reply follows the real action, with
+--        drop = "after" the connection closes instead of any reply. The
+--        plain delay stalls before acting (and, without act_then_delay,
+--        status/drop/truncate/oversize replace the action).
+--   behaviour switches (POST /_fake/behaviour, until reset; reset restores
+--        the server's defaults: the built-in ones below, or those given to
+--        init, i.e. fake.start{ behaviour = {...} }):
+--        linkage (true): a re-trigger's new run gets parentFlowRunId = source
+--          id, the source gets the new id appended to childFlowRunIds
+--        etag_changes (false): a re-trigger gives the source run a new etag,
+--          so a repeat with the old If-Match answers FLOW-1404-412. Off by
+--          default because existing client tests compare the source's etag
+--          after a re-trigger with the If-Match they sent.
+--        eligible_after_retrigger (true): a re-triggered failed run can be
+--          re-triggered again (false: FLOW-1387-400 from then on)
+--   stats (GET /_fake/stats, since reset): in_flight and max_in_flight
+--        (Flow Service requests being handled at once, scenario stalls
+--        included), posts and gets (Flow Service requests received),
+--        retriggers (runs created by re-trigger), ims (token requests;
+--        IMS is not counted in the others)
 --
 -- State lives in module-level tables. That is sound only because the
 -- configuration runs a single worker process.
@@ -28,7 +52,7 @@ local cjson = require("cjson").new()   -- a private instance: settings stay ours
 
 local debug_traceback = debug.traceback
 local io_open = io.open
-local ipairs, pairs, pcall, xpcall = ipairs, pairs, pcall, xpcall
+local ipairs, next, pairs, pcall, xpcall = ipairs, next, pairs, pcall, xpcall
 local math_floor, math_random, math_randomseed = math.floor, math.random, math.randomseed
 local str_byte, str_char = string.byte, string.char
 local str_format, str_rep, str_sub = string.format, string.rep, string.sub
@@ -57,7 +81,28 @@ local state = {
   ims_clients = nil,   -- client_id -> client_secret
   ims_tokens = {},     -- access token -> { expires = ngx.now() deadline, client_id, scope }
   ims_expires_in = IMS_DEFAULT_EXPIRES_IN,
+  behaviour = nil,     -- see DEFAULT_BEHAVIOUR; set by reset()
+  retriggered = {},    -- id -> true for runs re-triggered since reset
+  -- In-flight accounting. in_flight is never reset: handlers still running
+  -- across a reset decrement it when they finish.
+  in_flight = 0,
+  stats = { max_in_flight = 0, posts = 0, gets = 0, retriggers = 0, ims = 0 },
 }
+
+-- The built-in defaults; every switch is listed here.
+local DEFAULT_BEHAVIOUR = {
+  linkage = true,
+  etag_changes = false,
+  eligible_after_retrigger = true,
+}
+local server_defaults = DEFAULT_BEHAVIOUR   -- init may override some
+
+local function default_behaviour()
+  local b = {}
+  for k, v in pairs(server_defaults) do b[k] = v end
+  return b
+end
+state.behaviour = default_behaviour()
 
 ---------------------------------------------------------------------------
 -- small helpers
@@ -167,7 +212,8 @@ end
 --     error = { code, message } (failed runs), createdClient }
 -- Run i (1-based) gets id "<id_prefix>-0000-4000-8000-<i as 12 digits>",
 -- createdAt start + (i-1)*step_ms, startedAtUTC createdAt + 1500,
--- completedAtUTC = updatedAt = startedAtUTC + duration_ms.
+-- completedAtUTC = updatedAt = startedAtUTC + duration_ms (an inProgress
+-- run has no completedAtUTC, and updatedAt = startedAtUTC).
 local function generate_runs(gen)
   local prefix = gen.id_prefix
   if type(prefix) ~= "string" or not prefix:match("^%x%x%x%x%x%x%x%x$") then
@@ -184,6 +230,7 @@ local function generate_runs(gen)
     local created = start + (i - 1) * step
     local started = created + 1500
     local completed = started + duration
+    local running = type(status) == "string" and status:lower() == "inprogress"
     local summary = { status = status }
     if gen.error then summary.errors = { { code = gen.error.code, message = gen.error.message } } end
     runs[i] = {
@@ -191,12 +238,12 @@ local function generate_runs(gen)
       flowId = gen.flowId,
       etag = str_format('"%s-0000-0200-0000-%012d"', prefix, i),
       createdAt = created,
-      updatedAt = completed,
+      updatedAt = running and started or completed,
       createdClient = gen.createdClient or "scheduler",
       metrics = {
         statusSummary = summary,
         recordSummary = { outputRecordCount = tonumber(gen.outputRecordCount) or 0 },
-        durationSummary = { startedAtUTC = started, completedAtUTC = completed },
+        durationSummary = { startedAtUTC = started, completedAtUTC = (not running) and completed or nil },
       },
     }
   end
@@ -221,7 +268,13 @@ local function load_fixture(text)
   for _, flow in ipairs(doc.flows or {}) do state.flows[flow.id] = flow end
   state.runs = doc.runs or {}
   for _, run in ipairs(state.runs) do
-    if type(run) == "table" and run.createdClient == nil then run.createdClient = "scheduler" end
+    if type(run) == "table" then
+      if run.createdClient == nil then run.createdClient = "scheduler" end
+      -- cjson would send an empty array back as {}: no children, no key.
+      if type(run.childFlowRunIds) == "table" and next(run.childFlowRunIds) == nil then
+        run.childFlowRunIds = nil
+      end
+    end
   end
   for _, gen in ipairs(doc.generated or {}) do
     for _, run in ipairs(generate_runs(gen)) do state.runs[#state.runs + 1] = run end
@@ -240,7 +293,21 @@ end
 -- The text is kept: reset decodes it again rather than rereading the file,
 -- because the worker runs as another user (nobody, when started as root)
 -- and may not be allowed to read it.
-function _M.init(fixture_path)
+-- behaviour (optional): { switch = bool }, this server's defaults for the
+-- behaviour switches, restored by every reset.
+function _M.init(fixture_path, behaviour)
+  if behaviour ~= nil then
+    if type(behaviour) ~= "table" then error("fake: behaviour must be a table") end
+    local defaults = {}
+    for k, v in pairs(DEFAULT_BEHAVIOUR) do defaults[k] = v end
+    for k, v in pairs(behaviour) do
+      if DEFAULT_BEHAVIOUR[k] == nil then error("fake: unknown behaviour " .. tostring(k)) end
+      if type(v) ~= "boolean" then error("fake: behaviour " .. k .. " must be true or false") end
+      defaults[k] = v
+    end
+    server_defaults = defaults
+    state.behaviour = default_behaviour()
+  end
   local text, err = read_file(fixture_path)
   if not text then error("fake: cannot read fixture: " .. tostring(err)) end
   state.fixture_path = fixture_path
@@ -254,6 +321,9 @@ local function reset()
   state.requests = {}
   state.ims_tokens = {}
   state.ims_expires_in = IMS_DEFAULT_EXPIRES_IN
+  state.behaviour = default_behaviour()
+  state.retriggered = {}
+  state.stats = { max_in_flight = state.in_flight, posts = 0, gets = 0, retriggers = 0, ims = 0 }
 end
 
 ---------------------------------------------------------------------------
@@ -499,8 +569,15 @@ local function retrigger(raw_id, args, headers, request_id)
                    "The flowRunId=" .. id .. " is in an invalid state " .. tostring(status)
                    .. " for the action re-trigger", request_id)
   end
+  local behaviour = state.behaviour
+  if state.retriggered[id] and not behaviour.eligible_after_retrigger then
+    return problem("FLOW-1387-400", 400, "Invalid state",
+                   "The flowRunId=" .. id .. " is in an invalid state for the action "
+                   .. "re-trigger: it has already been re-triggered", request_id)
+  end
 
-  -- The real service leaves the original run as it is and starts a new one.
+  -- A new run; the original keeps its status, and (by the behaviour
+  -- switches) gets a link to the new run and a new etag.
   local now = now_ms()
   local new_run = {
     id = uuid4(),
@@ -515,7 +592,19 @@ local function retrigger(raw_id, args, headers, request_id)
       durationSummary = { startedAtUTC = now },
     },
   }
+  if behaviour.linkage then
+    new_run.parentFlowRunId = run.id
+    local children = run.childFlowRunIds
+    if type(children) ~= "table" then
+      children = {}
+      run.childFlowRunIds = children
+    end
+    children[#children + 1] = new_run.id
+  end
+  if behaviour.etag_changes then run.etag = new_etag() end
+  state.retriggered[id] = true
   state.runs[#state.runs + 1] = new_run
+  state.stats.retriggers = state.stats.retriggers + 1
   return json_reply(200, { id = new_run.id, etag = new_run.etag })
 end
 
@@ -888,7 +977,7 @@ local SCENARIO_FIELDS = {
   match = "string", times = "number", delay = "number", status = "number",
   headers = "table", body = "string", retry_after = "any", drop = "string",
   truncate = "boolean", oversize = "number", slow_body = "number", close = "boolean",
-  repeat_token = "boolean", link_style = "string",
+  repeat_token = "boolean", link_style = "string", act_then_delay = "number",
 }
 
 local function add_scenario(text)
@@ -913,6 +1002,11 @@ local function add_scenario(text)
   end
   if sc.link_style and sc.link_style ~= "token" and sc.link_style ~= "full" then
     return json_reply(400, { errorMessage = 'link_style must be "token" or "full"' })
+  end
+  for _, name in ipairs({ "delay", "act_then_delay" }) do
+    if sc[name] and sc[name] < 0 then
+      return json_reply(400, { errorMessage = name .. " must be >= 0 seconds" })
+    end
   end
   local times = sc.times or 1
   -- times 0 or -1: applies until reset, so no counter
@@ -942,6 +1036,106 @@ local function ims_settings(text)
   return json_reply(200, { ok = true, expires_in = state.ims_expires_in })
 end
 
+-- POST /_fake/behaviour { switch = bool, ... }: set switches until reset.
+local function set_behaviour(text)
+  local ok, t = pcall(cjson.decode, text or "")
+  if not ok or type(t) ~= "table" then
+    return json_reply(400, { errorMessage = "behaviour must be a JSON object" })
+  end
+  for k, v in pairs(t) do
+    if DEFAULT_BEHAVIOUR[k] == nil then
+      return json_reply(400, { errorMessage = "unknown behaviour " .. tostring(k) })
+    end
+    if type(v) ~= "boolean" then
+      return json_reply(400, { errorMessage = "behaviour " .. k .. " must be true or false" })
+    end
+  end
+  for k, v in pairs(t) do state.behaviour[k] = v end
+  return json_reply(200, state.behaviour)
+end
+
+local function stats_reply()
+  local s = state.stats
+  return json_reply(200, { in_flight = state.in_flight, max_in_flight = s.max_in_flight,
+                           posts = s.posts, gets = s.gets, retriggers = s.retriggers,
+                           ims = s.ims })
+end
+
+local MAX_INTEGER = 1e14   -- cjson sends 14 significant digits exactly
+
+local function whole(v, min)
+  return type(v) == "number" and v == math_floor(v) and v >= min and v < MAX_INTEGER
+end
+
+-- POST /_fake/runs: inject a run, as a scheduled run or another user's
+-- re-trigger would appear. Shorthand fields (all but flowId optional):
+--   flowId, id (new uuid), status ("success"), createdClient ("scheduler"),
+--   createdAt (now, ms), outputRecordCount (0), errors (failed runs' list),
+--   updatedAt, parentFlowRunId (the parent, when present, lists the new run
+--   in its childFlowRunIds); any other field is kept as given (metrics too,
+--   with the shorthands set inside it). The etag is always generated.
+local function inject_run(text)
+  local ok, t = pcall(cjson.decode, text or "")
+  if not ok or type(t) ~= "table" then
+    return json_reply(400, { errorMessage = "run must be a JSON object" })
+  end
+  local function bad(msg) return json_reply(400, { errorMessage = msg }) end
+  if type(t.flowId) ~= "string" or t.flowId == "" then return bad("flowId is required") end
+  for _, name in ipairs({ "id", "status", "createdClient", "parentFlowRunId" }) do
+    if t[name] ~= nil and (type(t[name]) ~= "string" or t[name] == "") then
+      return bad(name .. " must be a non-empty string")
+    end
+  end
+  for _, name in ipairs({ "createdAt", "updatedAt" }) do
+    if t[name] ~= nil and not whole(t[name], 0) then
+      return bad(name .. " must be a whole number of epoch ms")
+    end
+  end
+  if t.outputRecordCount ~= nil and not whole(t.outputRecordCount, 0) then
+    return bad("outputRecordCount must be a whole number >= 0")
+  end
+  if t.metrics ~= nil and type(t.metrics) ~= "table" then return bad("metrics must be an object") end
+  if t.errors ~= nil and type(t.errors) ~= "table" then return bad("errors must be an array") end
+  if t.etag ~= nil then return bad("etag is generated by the fake") end
+  local id = t.id or uuid4()
+  if find_run(id) then return json_reply(409, { errorMessage = "run " .. id .. " exists" }) end
+
+  local created = t.createdAt or now_ms()
+  local status = t.status or "success"
+  local run = {}
+  for k, v in pairs(t) do run[k] = v end
+  run.status, run.outputRecordCount, run.errors = nil, nil, nil
+  run.id = id
+  run.etag = new_etag()
+  run.createdAt = created
+  run.updatedAt = t.updatedAt or created
+  run.createdClient = t.createdClient or "scheduler"
+  local metrics = run.metrics or {}
+  run.metrics = metrics
+  metrics.statusSummary = type(metrics.statusSummary) == "table" and metrics.statusSummary or {}
+  metrics.statusSummary.status = status
+  if t.errors and next(t.errors) ~= nil then metrics.statusSummary.errors = t.errors end
+  metrics.recordSummary = type(metrics.recordSummary) == "table" and metrics.recordSummary or {}
+  metrics.recordSummary.outputRecordCount = t.outputRecordCount
+    or metrics.recordSummary.outputRecordCount or 0
+  if type(metrics.durationSummary) ~= "table" then
+    metrics.durationSummary = { startedAtUTC = created }
+    if status:lower() ~= "inprogress" then metrics.durationSummary.completedAtUTC = run.updatedAt end
+  end
+  if type(run.childFlowRunIds) == "table" and next(run.childFlowRunIds) == nil then
+    run.childFlowRunIds = nil
+  end
+  if run.parentFlowRunId then
+    local parent = find_run(run.parentFlowRunId)
+    if parent then
+      parent.childFlowRunIds = type(parent.childFlowRunIds) == "table" and parent.childFlowRunIds or {}
+      parent.childFlowRunIds[#parent.childFlowRunIds + 1] = id
+    end
+  end
+  state.runs[#state.runs + 1] = run
+  return json_reply(200, run)
+end
+
 local function control(method, path)
   local reply
   if method == "GET" and path == "/_fake/health" then
@@ -967,6 +1161,14 @@ local function control(method, path)
     reply = json_reply(200, { ok = true })
   elseif method == "GET" and path == "/_fake/runs" then
     reply = { status = 200, headers = {}, body = encode_array(state.runs), json = true }
+  elseif method == "POST" and path == "/_fake/runs" then
+    reply = inject_run(read_body())
+  elseif method == "GET" and path == "/_fake/behaviour" then
+    reply = json_reply(200, state.behaviour)
+  elseif method == "POST" and path == "/_fake/behaviour" then
+    reply = set_behaviour(read_body())
+  elseif method == "GET" and path == "/_fake/stats" then
+    reply = stats_reply()
   elseif method == "GET" and path:match("^/_fake/runs/[^/]+$") then
     local run = find_run(ngx.unescape_uri(path:match("^/_fake/runs/([^/]+)$")))
     reply = run and json_reply(200, run)
@@ -979,6 +1181,22 @@ end
 
 ---------------------------------------------------------------------------
 -- entry point
+
+-- Requests the stats count: the Flow Service's own, not control requests
+-- and not IMS (counted apart).
+local function counted_path(raw_path)
+  return str_sub(raw_path, 1, 7) ~= "/_fake/" and raw_path ~= IMS_TOKEN_PATH
+end
+
+local function count_request(method, raw_path)
+  local s = state.stats
+  if raw_path == IMS_TOKEN_PATH then
+    s.ims = s.ims + 1
+  elseif counted_path(raw_path) then
+    if method == "POST" then s.posts = s.posts + 1
+    elseif method == "GET" then s.gets = s.gets + 1 end
+  end
+end
 
 local function dispatch()
   local method = ngx.req.get_method()
@@ -993,20 +1211,42 @@ local function dispatch()
 
   local sc = take_scenario(method .. " " .. request_uri) or {}
   local delay = tonumber(sc.delay)
+  local act_then_delay = tonumber(sc.act_then_delay)
 
   if sc.drop == "before" then
     record(method, raw_path, false, sc)
+    count_request(method, raw_path)
     if delay then ngx.sleep(delay) end
     return "abort"
   end
 
   local rec = record(method, raw_path, true, sc)
+  -- Counted once the request (and its body) is in, and with no yield
+  -- before a re-trigger acts: whoever sees the count sees the new run,
+  -- unless a delay scenario stalls it first.
+  count_request(method, raw_path)
   local request_id = single(rec.headers["x-request-id"]) or nil
   -- nginx's not_modified filter answers its own HTML 412 to any 200 whose
   -- request carries If-Match but whose response has no ETag. The fake does
   -- the If-Match check itself (from rec.headers), so hide it from nginx.
   ngx.req.clear_header("If-Match")
   if delay then ngx.sleep(delay) end
+
+  if act_then_delay then
+    -- Act for real, then stall: the reply may never reach a client that
+    -- dies meanwhile. A canned status/body/oversize replaces the reply
+    -- only; drop = "after" closes the connection instead of replying.
+    local reply = flow_service(rec, request_id or uuid4(), sc)
+    ngx.sleep(act_then_delay)
+    if sc.drop == "after" then return "abort" end
+    if sc.truncate then return send_truncated(request_id) end
+    if sc.oversize then
+      reply = oversize_reply(math_floor(sc.oversize))
+    elseif sc.status then
+      reply = scenario_reply(sc, request_id or uuid4())
+    end
+    return deliver(reply, sc, request_id)
+  end
 
   if sc.drop == "after" then return "abort" end
   if sc.truncate then return send_truncated(request_id) end
@@ -1023,10 +1263,28 @@ local function dispatch()
 end
 
 function _M.handle()
+  -- In flight from the start of the handler to the end of its reply
+  -- (stalls included). One worker, so one Lua state sees every request.
+  local counted = counted_path(ngx.var.request_uri:match("^[^?]*"))
+  if counted then
+    state.in_flight = state.in_flight + 1
+    if state.in_flight > state.stats.max_in_flight then
+      state.stats.max_in_flight = state.in_flight
+    end
+  end
+  local function done()
+    if counted then
+      counted = false
+      state.in_flight = state.in_flight - 1
+    end
+  end
   local ok, result = xpcall(dispatch, debug_traceback)
   if not ok then
     ngx.log(ngx.ERR, "fake: handler error: ", result)
-    if ngx.headers_sent then return ngx.exit(ngx.ERROR) end
+    if ngx.headers_sent then
+      done()
+      return ngx.exit(ngx.ERROR)
+    end
     -- A JSON problem document, never nginx's HTML error page.
     local body = encode({
       type = ERROR_TYPE_BASE .. "FLOW-1102-500", title = "Internal server error",
@@ -1038,8 +1296,10 @@ function _M.handle()
     ngx.header["Content-Type"] = "application/json"
     ngx.header["Content-Length"] = #body
     ngx.print(body)
+    done()
     return ngx.exit(ngx.HTTP_OK)
   end
+  done()
   if result == "abort" then
     -- 444: nginx closes the connection without sending anything (more).
     return ngx.exit(444)

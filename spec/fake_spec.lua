@@ -15,7 +15,8 @@ local RUN_DISABLED_FLOW = "6f04fa55-31e7-4f05-9b82-9ff5a7d1f6f3"
 local RUN_STREAMING = "dad368aa-a84e-4222-b76e-1da9ba55b673"
 
 local FIXTURE_RUNS = 13                  -- literal runs in fake/runs.json
-local ALL_RUNS = FIXTURE_RUNS + 250 + 20   -- plus the paging flow's generated runs
+local BULK_RUNS = 40 + 5 + 5 + 3 + 2       -- the bulk flow's generated runs
+local ALL_RUNS = FIXTURE_RUNS + 250 + 20 + BULK_RUNS   -- plus the paging flow's
 
 local UUID4 = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
 
@@ -122,7 +123,12 @@ describe("fake Flow Service", function()
       assert.equal("inProgress", new.metrics.statusSummary.status)
       assert.equal(0, new.metrics.recordSummary.outputRecordCount)
       assert.is_true(math.abs(new.createdAt / 1000 - os.time()) < 5)
-      assert.same(before, server:run(RUN))
+      -- the original keeps all it had; linkage (on by default) adds the child
+      assert.equal(RUN, new.parentFlowRunId)
+      local after = server:run(RUN)
+      assert.same({ body.id }, after.childFlowRunIds)
+      after.childFlowRunIds = nil
+      assert.same(before, after)
       assert.equal(ALL_RUNS + 1, #server:runs())
       assert.equal("scheduler", before.createdClient)
       assert.equal("fake-api-key", new.createdClient)
@@ -131,6 +137,7 @@ describe("fake Flow Service", function()
       local again = cjson.decode(server:http{ method = "POST", path = action(RUN), auth = true }.body)
       assert.not_equal(body.id, again.id)
       assert.equal(ALL_RUNS + 2, #server:runs())
+      assert.same({ body.id, again.id }, server:run(RUN).childFlowRunIds)
     end)
 
     it("accepts RE_TRIGGER, percent-escaped ids and a matching If-Match", function()
@@ -430,7 +437,7 @@ describe("fake Flow Service", function()
       assert.equal(281, count("flowId==" .. FLOW .. "," .. PAGING))
       assert.equal(7, count("flowId==" .. FLOW, "metrics.statusSummary.status==FAILED"))
       assert.equal(9, count("flowId==" .. FLOW, "metrics.statusSummary.status==failed,Success"))
-      assert.equal(1, count("metrics.statusSummary.status==partialsuccess"))
+      assert.equal(1 + 3, count("metrics.statusSummary.status==partialsuccess"))
       assert.equal(250, count("flowId==" .. PAGING, "metrics.statusSummary.status==failed"))
       assert.equal(ALL_RUNS, count("createdClient==SCHEDULER"))
       assert.equal(0, count("flowId==no-such-flow"))
@@ -783,6 +790,333 @@ describe("fake Flow Service", function()
       assert.equal(401, runs_with(t2.access_token).status)
       local _, t4 = token_request(good())
       assert.equal(86399, t4.expires_in)
+    end)
+  end)
+
+  describe("bulk job support", function()
+    local BULK = fake.bulk_flow
+    local CREDS = "-H 'Authorization: Bearer fake-token' -H 'x-api-key: fake-api-key'"
+      .. " -H 'x-gw-ims-org-id: FAKEORG@AdobeOrg' -H 'x-sandbox-name: prod'"
+    local ETAG = '^"%x+%-0000%-0200%-0000%-%x+"$'
+
+    local function post(id, headers)
+      local res = server:http{ method = "POST", path = action(id), auth = true, headers = headers }
+      local ok, body = pcall(cjson.decode, res.body)
+      return res.status, ok and body or res.body, res
+    end
+    local function code(body)
+      return type(body) == "table" and body.type and body.type:match("[^/]+$") or nil
+    end
+    local function count(...)
+      local parts = { "count=true" }
+      for _, expr in ipairs({ ... }) do parts[#parts + 1] = "property=" .. esc(expr) end
+      local res = server:http{ path = "/runs?" .. table.concat(parts, "&"), auth = true }
+      assert.equal(200, res.status)
+      return cjson.decode(res.body).count
+    end
+    -- A re-trigger by curl in the background (a stand-in for a job); its pid.
+    local function background_post(id)
+      local p = io.popen("curl -s --noproxy '*' --max-time 10 -X POST " .. CREDS
+                         .. " -o /dev/null '" .. server.url .. action(id) .. "' >/dev/null 2>&1 & echo $!")
+      local pid = tonumber(p:read("*a"))
+      p:close()
+      return pid
+    end
+    local function wait_until(fn, timeout)
+      local deadline = now() + (timeout or 5)
+      while not fn() do
+        if now() > deadline then return false end
+        os.execute("sleep 0.02")
+      end
+      return true
+    end
+    local function idle() return server:stats().in_flight == 0 end
+
+    it("has a bulk flow with deterministic runs of every kind", function()
+      assert.equal("b0c1d2e3-4f50-4a61-9b72-c3d4e5f60718", BULK)
+      assert.equal(BULK, fake.flows.bulk)
+      assert.equal(BULK_RUNS, count("flowId==" .. BULK))
+      local function n(status) return count("flowId==" .. BULK, "metrics.statusSummary.status==" .. status) end
+      assert.equal(40, n("failed"))
+      assert.equal(10, n("success"))
+      assert.equal(3, n("partialSuccess"))
+      assert.equal(2, n("inProgress"))
+      assert.equal(5, count("flowId==" .. BULK, "metrics.statusSummary.status==success",
+                            "metrics.recordSummary.outputRecordCount==0"))
+      local total = 0
+      for kind, gen in pairs(fake.bulk_runs) do
+        total = total + gen.count
+        for _, i in ipairs({ 1, gen.count }) do
+          local id = fake.bulk_run_id(i, kind)
+          assert.equal(string.format("%s-0000-4000-8000-%012d", gen.id_prefix, i), id)
+          local run = assert(server:run(id), id)
+          assert.equal(BULK, run.flowId)
+          assert.equal(gen.status, run.metrics.statusSummary.status)
+          assert.equal(gen.outputRecordCount, run.metrics.recordSummary.outputRecordCount)
+          assert.equal(gen.start + (i - 1) * gen.step_ms, run.createdAt)
+          assert.equal(string.format('"%s-0000-0200-0000-%012d"', gen.id_prefix, i), run.etag)
+          assert.equal("scheduler", run.createdClient)
+          assert.equal(kind == "inProgress", run.metrics.durationSummary.completedAtUTC == nil)
+        end
+      end
+      assert.equal(BULK_RUNS, total)
+      assert.equal(fake.bulk_run_id(1), fake.bulk_run_id(1, "failed"))
+      assert.has_error(function() fake.bulk_run_id(1, "success") end)
+      assert.has_error(function() fake.bulk_run_id(41) end)
+      -- integers on the wire
+      local res = server:http{ path = "/runs/" .. fake.bulk_run_id(1), auth = true }
+      assert.matches('"createdAt":1766000000000[,}]', res.body)
+      assert.matches('"startedAtUTC":1766000001500[,}]', res.body)
+      -- what can be re-triggered, and what cannot
+      for kind, gen in pairs(fake.bulk_runs) do
+        local status, body = post(fake.bulk_run_id(gen.count, kind))
+        assert.equal(gen.eligible and 200 or 400, status, kind)
+        if not gen.eligible then assert.equal("FLOW-1387-400", code(body), kind) end
+      end
+    end)
+
+    it("links a re-triggered run and its source, or not (linkage)", function()
+      assert.same({ linkage = true, etag_changes = false, eligible_after_retrigger = true },
+                  server:behaviour())
+      local source = fake.bulk_run_id(1)
+      local status, body = post(source)
+      assert.equal(200, status)
+      assert.equal(source, server:run(body.id).parentFlowRunId)
+      assert.same({ body.id }, server:run(source).childFlowRunIds)
+      -- an array on the wire even with one element
+      local res = server:http{ path = "/runs/" .. source, auth = true }
+      assert.matches('"childFlowRunIds":%["' .. body.id:gsub("%-", "%%-") .. '"%]', res.body)
+      assert.equal(1, count("parentFlowRunId==" .. source))
+      -- runs without children have no such key
+      assert.not_matches("childFlowRunIds",
+                         server:http{ path = "/runs/" .. fake.bulk_run_id(2), auth = true }.body)
+
+      assert.same({ linkage = false, etag_changes = false, eligible_after_retrigger = true },
+                  server:behaviour{ linkage = false })
+      local other = fake.bulk_run_id(2)
+      status, body = post(other)
+      assert.equal(200, status)
+      assert.is_nil(server:run(body.id).parentFlowRunId)
+      assert.is_nil(server:run(other).childFlowRunIds)
+      assert.not_matches("parentFlowRunId", server:http{ path = "/runs/" .. body.id, auth = true }.body)
+      assert.same({ body.id }, { server:runs()[ALL_RUNS + 2].id })   -- it was created all the same
+    end)
+
+    it("gives the source a new etag on re-trigger, so the old If-Match gets 412 (etag_changes)", function()
+      local source = fake.bulk_run_id(3)
+      local etag0 = server:run(source).etag
+      -- off by default: the etag stays and If-Match keeps matching
+      assert.equal(200, (post(source, { ["If-Match"] = etag0 })))
+      assert.equal(etag0, server:run(source).etag)
+      assert.equal(200, (post(source, { ["If-Match"] = etag0 })))
+
+      assert.is_true(server:behaviour{ etag_changes = true }.etag_changes)
+      local status, body = post(source, { ["If-Match"] = etag0 })
+      assert.equal(200, status)
+      local etag1 = server:run(source).etag
+      assert.matches(ETAG, etag1)
+      assert.not_equal(etag0, etag1)
+      assert.not_equal(body.etag, etag1)   -- the new run has an etag of its own
+      status, body = post(source, { ["If-Match"] = etag0 })   -- the repeat after a crash
+      assert.equal(412, status)
+      assert.equal("FLOW-1404-412", code(body))
+      assert.equal(ALL_RUNS + 3, #server:runs())                -- nothing created by the 412
+      assert.equal(200, (post(source, { ["If-Match"] = etag1 })))
+      assert.equal(200, (post(source)))                         -- no If-Match: no check
+
+      server:reset()
+      assert.is_false(server:behaviour().etag_changes)
+    end)
+
+    it("refuses a second re-trigger of the same run with eligible_after_retrigger = false", function()
+      server:behaviour{ eligible_after_retrigger = false }
+      local source, fresh = fake.bulk_run_id(4), fake.bulk_run_id(5)
+      assert.equal(200, (post(source)))
+      local status, body = post(source)
+      assert.equal(400, status)
+      assert.equal("FLOW-1387-400", code(body))
+      assert.matches("already been re%-triggered", body.report["detailed-message"])
+      assert.equal("failed", server:run(source).metrics.statusSummary.status)
+      assert.equal(200, (post(fresh)))
+      server:behaviour{ eligible_after_retrigger = true }
+      assert.equal(200, (post(source)))
+    end)
+
+    it("sets behaviour until reset, refuses unknown switches, and takes defaults at start", function()
+      assert.has_error(function() server:behaviour{ bogus = true } end)
+      assert.has_error(function() server:behaviour{ linkage = "yes" } end)
+      server:behaviour{ linkage = false, eligible_after_retrigger = false }
+      assert.same({ linkage = false, etag_changes = false, eligible_after_retrigger = false },
+                  server:behaviour{})
+      server:reset()
+      assert.same({ linkage = true, etag_changes = false, eligible_after_retrigger = true },
+                  server:behaviour())
+
+      assert.has_error(function() fake.start{ behaviour = { bogus = true } } end)
+      local other = fake.start{ behaviour = { etag_changes = true, linkage = false } }
+      local ok, err = pcall(function()
+        local want = { linkage = false, etag_changes = true, eligible_after_retrigger = true }
+        assert.same(want, other:behaviour())
+        other:behaviour{ etag_changes = false }
+        other:reset()
+        assert.same(want, other:behaviour())
+      end)
+      other:stop()
+      assert(ok, err)
+    end)
+
+    it("counts requests, and how many were in flight at once", function()
+      assert.same({ in_flight = 0, max_in_flight = 0, posts = 0, gets = 0, retriggers = 0, ims = 0 },
+                  server:stats())
+      server:scenario{ match = "^POST /runs/", delay = 0.3, times = 5 }
+      local curls = {}
+      for i = 1, 5 do
+        curls[i] = "curl -s --noproxy '*' --max-time 5 -X POST " .. CREDS .. " -o /dev/null '"
+          .. server.url .. action(fake.bulk_run_id(i)) .. "' &"
+      end
+      local t0 = now()
+      assert.is_true(sh(table.concat(curls, " ") .. " wait"))
+      assert.is_true(now() - t0 < 1.5)   -- side by side, not one after another
+      local stats = server:stats()
+      assert.is_true(stats.max_in_flight >= 5, "max_in_flight " .. stats.max_in_flight)
+      assert.equal(0, stats.in_flight)
+      assert.equal(5, stats.posts)
+      assert.equal(5, stats.retriggers)
+      assert.equal(0, stats.gets)
+      if math.type then assert.equal("integer", math.type(stats.posts)) end   -- 5, not 5.0
+
+      server:http{ path = "/runs/" .. RUN, auth = true }
+      server:http{ path = "/runs/" .. RUN }                                   -- refused: counted
+      server:http{ method = "POST", path = action(RUN_IN_PROGRESS), auth = true }   -- 400: counted
+      server:http{ method = "POST", path = "/ims/token/v3", body = "grant_type=x",
+                   headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }
+      server:runs()                                                           -- control: not
+      stats = server:stats()
+      assert.same({ in_flight = 0, max_in_flight = 5, posts = 6, gets = 2, retriggers = 5, ims = 1 },
+                  { in_flight = stats.in_flight, max_in_flight = math.min(stats.max_in_flight, 5),
+                    posts = stats.posts, gets = stats.gets, retriggers = stats.retriggers,
+                    ims = stats.ims })
+      server:reset()
+      assert.same({ in_flight = 0, max_in_flight = 0, posts = 0, gets = 0, retriggers = 0, ims = 0 },
+                  server:stats())
+    end)
+
+    it("acts, then stalls the reply (act_then_delay), for a job killed before it hears back", function()
+      local source = fake.bulk_run_id(6)
+      server:scenario{ match = "^POST /runs/", act_then_delay = 0.6 }
+      local pid = background_post(source)
+      assert.is_true(server:wait_for_posts(1, 5))
+      -- the new run exists while the reply is still pending
+      local children = server:run(source).childFlowRunIds
+      assert.equal(1, #children)
+      local new = server:run(children[1])
+      assert.equal(source, new.parentFlowRunId)
+      assert.equal("fake-api-key", new.createdClient)
+      local stats = server:stats()
+      assert.equal(1, stats.in_flight)
+      assert.equal(1, stats.retriggers)
+      assert.is_true(alive(pid))
+      sh("kill -KILL " .. pid)            -- the job dies without its answer
+      assert.is_true(wait_until(idle, 3))
+      assert.equal(ALL_RUNS + 1, #server:runs())
+
+      -- the plain delay stalls before acting
+      server:scenario{ match = "^POST /runs/", delay = 0.4 }
+      pid = background_post(source)
+      assert.is_true(server:wait_for_posts(2, 5))
+      assert.equal(1, server:stats().retriggers)
+      assert.equal(1, #server:run(source).childFlowRunIds)
+      assert.is_true(wait_until(idle, 3))
+      assert.equal(2, server:stats().retriggers)
+      assert.equal(2, #server:run(source).childFlowRunIds)
+
+      -- with a status, the canned reply follows the real action
+      server:scenario{ act_then_delay = 0, status = 503 }
+      local status, body = post(source)
+      assert.equal(503, status)
+      assert.equal("FLOW-1103-503", code(body))
+      assert.equal(3, #server:run(source).childFlowRunIds)
+      -- with drop = "after", the connection closes after acting
+      server:scenario{ act_then_delay = 0, drop = "after" }
+      local _, _, res = post(source)
+      assert.equal(0, res.status)
+      assert.equal(4, #server:run(source).childFlowRunIds)
+
+      -- match and times apply as to any scenario
+      server:clear_requests()
+      server:scenario{ match = "^POST /runs/" .. source:gsub("%-", "%%-"), act_then_delay = 0.05,
+                       times = 2 }
+      assert.equal(200, (post(fake.bulk_run_id(7))))   -- no match
+      for _ = 1, 3 do assert.equal(200, (post(source))) end
+      local log = server:requests()
+      assert.is_nil(log[1].scenario)
+      assert.is_number(log[2].scenario)
+      assert.equal(log[2].scenario, log[3].scenario)
+      assert.is_nil(log[4].scenario)
+      assert.has_error(function() server:scenario{ act_then_delay = -1 } end)
+      assert.has_error(function() server:scenario{ act_then_delay = "1" } end)
+    end)
+
+    it("adds runs, as a scheduler or another user would", function()
+      local t0 = os.time() * 1000 - 1000
+      local run = server:add_run{ flowId = BULK }
+      assert.matches(UUID4, run.id)
+      assert.matches(ETAG, run.etag)
+      assert.equal("success", run.metrics.statusSummary.status)
+      assert.equal(0, run.metrics.recordSummary.outputRecordCount)
+      assert.equal("scheduler", run.createdClient)
+      assert.is_true(math.abs(run.createdAt / 1000 - os.time()) < 5)
+      assert.same(run, server:run(run.id))
+      assert.equal(ALL_RUNS + 1, #server:runs())
+
+      local failed = server:add_run{ flowId = BULK, id = "injected-1", status = "failed",
+                                     createdClient = "fake-client-id", createdAt = 1766000000123,
+                                     errors = { { code = "X-1", message = "boom" } } }
+      assert.equal("injected-1", failed.id)
+      assert.equal(1766000000123, failed.createdAt)
+      assert.equal("boom", failed.metrics.statusSummary.errors[1].message)
+      assert.matches('"createdAt":1766000000123[,}]',
+                     server:http{ path = "/runs/injected-1", auth = true }.body)
+      assert.equal(41, count("flowId==" .. BULK, "metrics.statusSummary.status==failed"))
+      assert.equal(200, (post("injected-1")))   -- as re-triggerable as any failed run
+
+      local parent = fake.bulk_run_id(8)
+      local child = server:add_run{ flowId = BULK, parentFlowRunId = parent,
+                                    createdClient = "someone-else", status = "inProgress" }
+      assert.same({ child.id }, server:run(parent).childFlowRunIds)
+      assert.is_nil(child.metrics.durationSummary.completedAtUTC)
+
+      -- the "runs created since t by this client" question a job asks after a crash
+      assert.equal(1, count("flowId==" .. BULK, "createdClient==fake-api-key", "createdAt>=" .. t0))
+      -- the injected runs created now, the re-trigger; not injected-1 (createdAt in the past)
+      assert.equal(3, count("flowId==" .. BULK, "createdAt>=" .. t0))
+
+      assert.has_error(function() server:add_run{ status = "failed" } end)          -- no flowId
+      assert.has_error(function() server:add_run{ flowId = BULK, id = "injected-1" } end)
+      assert.has_error(function() server:add_run{ flowId = BULK, etag = '"x"' } end)
+      assert.has_error(function() server:add_run{ flowId = BULK, createdAt = 1.5 } end)
+      server:reset()
+      assert.is_nil(server:run("injected-1"))
+      assert.equal(ALL_RUNS, #server:runs())
+    end)
+
+    it("waits for the Nth POST to arrive, or gives up after the timeout", function()
+      local t0 = now()
+      local ok, stats = server:wait_for_posts(1, 0.3)
+      assert.is_false(ok)
+      assert.equal(0, stats.posts)
+      local waited = now() - t0
+      assert.is_true(waited >= 0.3 and waited < 2, "waited " .. waited)
+
+      server:scenario{ match = "^POST /runs/", delay = 0.5, times = 2 }
+      local pids = { background_post(fake.bulk_run_id(9)), background_post(fake.bulk_run_id(10)) }
+      assert.is_true(server:wait_for_posts(2, 5))
+      stats = server:stats()
+      assert.equal(2, stats.in_flight)
+      assert.equal(0, stats.retriggers)      -- the delay stalls before acting
+      for _, pid in ipairs(pids) do sh("kill -KILL " .. pid) end
+      assert.is_true(wait_until(idle, 3))
+      assert.equal(2, server:stats().retriggers)   -- the server acts all the same
     end)
   end)
 

@@ -5,6 +5,7 @@
 --   local server = fake.start{                  -- every field optional
 --     tls = { cert = "server.pem", key = "server.key", http2 = false },
 --     fixture = "fake/runs.json",               -- the default
+--     behaviour = { etag_changes = true },      -- this server's behaviour defaults
 --   }
 --   server.url                 "http://127.0.0.1:PORT", the client's base_url
 --   server.tls_url             "https://127.0.0.1:TLSPORT" (nil without tls)
@@ -21,11 +22,22 @@
 --                              endpoint is server.ims_url .. "/ims/token/v3"
 --   server:ims{ expires_in = n }   expires_in (s) of IMS tokens issued from now on
 --   server:expire_tokens()     every IMS token issued so far answers 401013 from now on
+--   server:behaviour(t)        set switches until reset, answer all of them (t nil: read);
+--                              built-in defaults { linkage = true, etag_changes = false,
+--                              eligible_after_retrigger = true }, start's behaviour overrides
+--   server:stats()             { in_flight, max_in_flight, posts, gets, retriggers, ims }
+--                              since reset (Flow Service requests; IMS only in ims)
+--   server:add_run(t)          inject a run (flowId required; id, status "success",
+--                              createdClient "scheduler", createdAt now, outputRecordCount 0,
+--                              errors, parentFlowRunId optional); returns the created run
+--   server:wait_for_posts(n, timeout_s)   true once posts >= n, false after the timeout
 --   fake.credentials           the token, api key, org and sandbox the fixture accepts
 --   fake.ims_client            the client_id, client_secret and scopes IMS accepts
---   fake.flows                 the fixture's flow ids: enabled, disabled, streaming, paging
+--   fake.flows                 the fixture's flow ids: enabled, disabled, streaming, paging, bulk
 --   fake.paging_flow           the generated flow (250 failed + 20 successful runs)
 --   fake.paging_run_id(i, s)   id of its i-th generated run, s "failed" (default) or "success"
+--   fake.bulk_flow             the generated flow for bulk jobs (see fake.bulk_runs)
+--   fake.bulk_run_id(i, kind)  id of its i-th run of a kind (default "failed")
 --
 -- The server is a real nginx on loopback with its own prefix directory, so it
 -- neither needs nor touches a system nginx. Control requests go through the
@@ -34,12 +46,14 @@
 
 local cjson = require("cjson").new()
 
-local assert, error, ipairs, pairs, pcall, setmetatable, tonumber, tostring, type =
-      assert, error, ipairs, pairs, pcall, setmetatable, tonumber, tostring, type
+local assert, error, ipairs, next, pairs, pcall, setmetatable, tonumber, tostring, type =
+      assert, error, ipairs, next, pairs, pcall, setmetatable, tonumber, tostring, type
 local io_open, io_popen = io.open, io.popen
 local os_execute, os_getenv, os_remove = os.execute, os.getenv, os.remove
 local debug_getinfo = debug.getinfo
 local math_floor, math_random = math.floor, math.random
+local math_tointeger = math.tointeger   -- nil before 5.3
+local os_time = os.time
 local str_format = string.format
 local table_concat = table.concat
 
@@ -66,8 +80,10 @@ fake.flows = {
   disabled = "a1b28414-c315-4b94-9b4c-62fba3904971",    -- batch, not enabled
   streaming = "0886c1c7-d6bb-4f9a-bfb8-3d6e1f0fe507",   -- streaming, enabled
   paging = "9a3c5e71-2b4d-4f60-8e1a-7c9d0b2f4e6a",      -- batch, enabled, generated runs
+  bulk = "b0c1d2e3-4f50-4a61-9b72-c3d4e5f60718",        -- batch, enabled, generated runs
 }
 fake.paging_flow = fake.flows.paging
+fake.bulk_flow = fake.flows.bulk
 
 -- The paging flow's runs, generated at load time (fixture "generated"):
 --   failed  i = 1..250: createdAt 1764000000000 + (i-1)*60000
@@ -79,6 +95,46 @@ fake.paging_runs = {
 }
 function fake.paging_run_id(i, status)
   local gen = assert(fake.paging_runs[status or "failed"], "status is failed or success")
+  return str_format("%s-0000-4000-8000-%012d", gen.id_prefix, i)
+end
+
+-- The bulk flow's 55 runs, generated at load time (fixture "generated"), all
+-- createdClient "scheduler". Run i of a kind has id
+-- "<id_prefix>-0000-4000-8000-<i as 12 digits>" and etag
+-- "\"<id_prefix>-0000-0200-0000-<i as 12 digits>\"" (until re-triggered), createdAt
+-- start + (i-1)*step_ms, startedAtUTC = createdAt + 1500, completedAtUTC =
+-- updatedAt = startedAtUTC + 45000 (inProgress: no completedAtUTC, updatedAt =
+-- startedAtUTC). With B = 1766000000000:
+--   kind             count  status          records  re-triggerable  createdAt
+--   failed              40  failed                0  yes             B + (i-1)*60000
+--   success_empty        5  success               0  yes             B + 20000 + (i-1)*480000
+--   success_records      5  success             750  no (1387)       B + 40000 + (i-1)*480000
+--   partialSuccess       3  partialSuccess      300  no (1387)       B + 10000 + (i-1)*780000
+--   inProgress           2  inProgress            0  no (1387)       B + 2400000 + (i-1)*60000
+-- failed and partialSuccess runs carry one error each. So
+-- property=metrics.statusSummary.status==failed finds 40, and the client's
+-- eligible set (failed, or success with 0 records) is 45 runs.
+local BULK_START = 1766000000000
+fake.bulk_runs = {
+  failed = { count = 40, id_prefix = "b1fa11ed", status = "failed", outputRecordCount = 0,
+             start = BULK_START, step_ms = 60000, eligible = true },
+  success_empty = { count = 5, id_prefix = "b1600d00", status = "success", outputRecordCount = 0,
+                    start = BULK_START + 20000, step_ms = 480000, eligible = true },
+  success_records = { count = 5, id_prefix = "b1600d50", status = "success",
+                      outputRecordCount = 750, start = BULK_START + 40000, step_ms = 480000,
+                      eligible = false },
+  partialSuccess = { count = 3, id_prefix = "b1ba2700", status = "partialSuccess",
+                     outputRecordCount = 300, start = BULK_START + 10000, step_ms = 780000,
+                     eligible = false },
+  inProgress = { count = 2, id_prefix = "b1a11e00", status = "inProgress", outputRecordCount = 0,
+                 start = BULK_START + 40 * 60000, step_ms = 60000, eligible = false },
+}
+function fake.bulk_run_id(i, kind)
+  local gen = fake.bulk_runs[kind or "failed"]
+  if not gen then
+    error("kind is failed, success_empty, success_records, partialSuccess or inProgress", 2)
+  end
+  assert(i >= 1 and i <= gen.count, "no such bulk run")
   return str_format("%s-0000-4000-8000-%012d", gen.id_prefix, i)
 end
 
@@ -124,6 +180,14 @@ end
 
 local function sleep(seconds)
   execute("sleep " .. tostring(seconds))
+end
+
+-- Seconds, fine-grained without a process per call: /proc/uptime (Linux,
+-- 10 ms steps), else os.time.
+local function monotonic()
+  local text = read_file("/proc/uptime")
+  local up = text and tonumber(text:match("^(%S+)"))
+  return up or os_time()
 end
 
 -- Read /proc rather than `kill -0`: a master that exited but is not yet
@@ -260,6 +324,45 @@ function Server:requests()
   return control_json(self, "GET", "/_fake/requests")
 end
 
+-- cjson decodes every number as a float; counts read better as integers.
+local function integers(t)
+  for k, v in pairs(t) do
+    if math_tointeger and type(v) == "number" and v == math_floor(v) then
+      t[k] = math_tointeger(v) or v
+    end
+  end
+  return t
+end
+
+function Server:behaviour(t)
+  if t == nil then return control_json(self, "GET", "/_fake/behaviour") end
+  assert(type(t) == "table", "behaviour must be a table")
+  -- an empty Lua table would encode as [] or {} depending on cjson: send {}
+  local body = next(t) == nil and "{}" or cjson.encode(t)
+  return control_json(self, "POST", "/_fake/behaviour", body)
+end
+
+function Server:stats()
+  return integers(control_json(self, "GET", "/_fake/stats"))
+end
+
+function Server:add_run(t)
+  assert(type(t) == "table", "run must be a table")
+  return control_json(self, "POST", "/_fake/runs", cjson.encode(t))
+end
+
+-- Poll the stats every 20 ms until posts >= n (true) or timeout_seconds
+-- (default 10) pass (false, and the last stats).
+function Server:wait_for_posts(n, timeout_seconds)
+  local deadline = monotonic() + (timeout_seconds or 10)
+  while true do
+    local stats = self:stats()
+    if stats.posts >= n then return true, stats end
+    if monotonic() >= deadline then return false, stats end
+    sleep(0.02)
+  end
+end
+
 function Server:clear_requests()
   control_json(self, "DELETE", "/_fake/requests")
 end
@@ -378,6 +481,22 @@ local function tls_block(tls, port)
   }, "\n")
 end
 
+fake.behaviour_switches = { linkage = true, etag_changes = true, eligible_after_retrigger = true }
+
+-- start's behaviour option as a Lua table constructor for nginx.conf.
+local function behaviour_lua(t)
+  if t == nil then return "nil" end
+  if type(t) ~= "table" then error("behaviour must be a table", 3) end
+  local parts = {}
+  for k, v in pairs(t) do
+    if not fake.behaviour_switches[k] then error("unknown behaviour " .. tostring(k), 3) end
+    if type(v) ~= "boolean" then error("behaviour " .. k .. " must be true or false", 3) end
+    parts[#parts + 1] = str_format("%s = %s", k, tostring(v))
+  end
+  table.sort(parts)
+  return "{ " .. table_concat(parts, ", ") .. " }"
+end
+
 local function bind_failure(text)
   return text:find("Address already in use", 1, true) or text:find("bind() to", 1, true)
 end
@@ -389,6 +508,7 @@ function fake.start(opts)
   local fixture = safe_path(absolute(opts.fixture or (fake_dir .. "/runs.json")), "fixture")
   if not read_file(fixture) then error("fixture not readable: " .. fixture, 2) end
   local template = assert(read_file(fake_dir .. "/nginx.conf.in"))
+  local behaviour = behaviour_lua(opts.behaviour)
 
   local prefix = capture("mktemp -d \"${TMPDIR:-/tmp}/flowservice-fake.XXXXXXXX\""):gsub("\n$", "")
   assert(prefix:match("^/.+/flowservice%-fake%.[%w]+$"), "mktemp failed: " .. prefix)
@@ -406,6 +526,7 @@ function fake.start(opts)
       PREFIX = prefix,
       FAKEDIR = fake_dir,
       FIXTURE_LUA = str_format("%q", fixture),
+      BEHAVIOUR_LUA = behaviour,
       PORT = tostring(port),
       TLS = opts.tls and tls_block(opts.tls, tls_port) or "",
     }
