@@ -174,7 +174,10 @@ static int push_run(lua_State *L, const fs_call *c) {
     set_boolean(L, "resent", 1);
   lua_pushinteger(L, (lua_Integer)t->status);  /* for the caller's log */
   lua_pushstring(L, c->request_id);
-  return 3;
+  if (t->date[0] == '\0')
+    return 3;
+  lua_pushstring(L, t->date);  /* raw: parsed only if wanted (core.parse_date) */
+  return 4;
 }
 
 /* 2xx of a raw request: the body for the Lua side to read. */
@@ -454,6 +457,16 @@ static int core_unescape(lua_State *L) {
   return 1;
 }
 
+/* An HTTP date (a reply's Date header) -> epoch seconds, or nil. */
+static int core_parse_date(lua_State *L) {
+  time_t when = curl_getdate(luaL_checkstring(L, 1), NULL);
+  if (when == (time_t)-1)
+    lua_pushnil(L);
+  else
+    lua_pushinteger(L, (lua_Integer)when);
+  return 1;
+}
+
 /* Monotonic seconds: deadlines and backoff must not jump with the clock. */
 static int core_now(lua_State *L) {
   struct timespec ts;
@@ -496,7 +509,8 @@ static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
 int luaopen_flowservice_core(lua_State *L) {
   static const luaL_Reg module[] = {
     {"retrigger", core_retrigger}, {"new", core_new}, {"escape", core_escape},
-    {"unescape", core_unescape}, {"now", core_now}, {NULL, NULL}
+    {"unescape", core_unescape}, {"now", core_now}, {"parse_date", core_parse_date},
+    {NULL, NULL}
   };
   static const luaL_Reg client[] = {
     {"retrigger", client_retrigger}, {"request", client_request},

@@ -21,7 +21,8 @@ function _M.rethrow(err, argn, fname, level)
   error(err, 0)
 end
 
--- Every key of t must be in spec (name -> Lua type name); returns t.
+-- Every key of t must be in spec (name -> Lua type name, or "any" for a
+-- field the caller checks itself); returns t.
 -- what: how to name the keys, e.g. "option" or "option 'retry' field".
 function _M.fields(t, spec, what, argn, fname, level)
   level = (level or 2) + 1
@@ -29,7 +30,7 @@ function _M.fields(t, spec, what, argn, fname, level)
     local want = type(key) == "string" and spec[key]
     if not want then
       _M.fail(argn, fname, format("%s '%s' is unknown", what, tostring(key)), level)
-    elseif type(value) ~= want then
+    elseif want ~= "any" and type(value) ~= want then
       _M.fail(argn, fname, format("%s '%s' must be a %s, got %s", what, key, want, type(value)), level)
     end
   end

@@ -6,6 +6,7 @@
 local core = require "flowservice.core"
 local args = require "flowservice.args"
 local auth = require "flowservice.auth"
+local bulk = require "flowservice.bulk"
 local errors = require "flowservice.errors"
 local retry = require "flowservice.retry"
 local runs = require "flowservice.runs"
@@ -204,13 +205,35 @@ local function reply_error(meta, kind, message)
     request_ids = meta.request_ids, request_id = meta.request_ids[#meta.request_ids] }
 end
 
+-- The server's clock, from the Date header of its latest reply: the bulk
+-- job stamps its journal with it (run times are on that clock, not ours).
+-- A retrigger hands the header over raw; it is parsed only when asked for.
+local function saw_date(p, epoch_seconds, raw)
+  if epoch_seconds or raw then p.clock = { seconds = epoch_seconds, raw = raw, at = now() } end
+end
+
+local function server_clock(p)
+  local c = p.clock
+  if not c then return nil end
+  if not c.seconds then c.seconds = core.parse_date(c.raw) end
+  return c.seconds and c.seconds + (now() - c.at)
+end
+
 -- One attempt of each kind, for call(): target is the run id or the shape.
 local function send_retrigger(p, run_id, opts)
-  return p.handle:retrigger(run_id, opts)
+  local run, status, request_id, date = p.handle:retrigger(run_id, opts)
+  if run then
+    saw_date(p, nil, date)
+  elseif status.date then
+    saw_date(p, status.date)
+  end
+  return run, status, request_id
 end
 
 local function send_request(p, shape, opts)
   local res, err = p.handle:request(opts, shape)
+  local date = (res or err).date
+  if date then saw_date(p, date) end
   if res then return res, res.status, res.request_id end
   return nil, err
 end
@@ -340,6 +363,32 @@ function Client:count_runs(query)
   if not doc then return nil, meta end
   if type(doc.count) ~= "number" then return nil, reply_error(meta, "decode", "reply has no count") end
   return math.tointeger and math.tointeger(doc.count) or doc.count
+end
+
+-- What the bulk job needs of a client's insides (flowservice.bulk).
+local job_api = {
+  secrets = secrets,
+  sleep = sleep,
+  clock = server_clock,
+  saw_date = saw_date,
+  client_id = function(p) return p.opts.api_key end,
+  current_token = function(p) return p.auth and p.auth.cached end,
+  -- the client's options for one submitted attempt, with a fresh token
+  attempt_opts = function(p, changes)
+    if p.auth then
+      local token, err = p.auth:token(function(form) return Client._ims(nil, p, form) end,
+        function(s) sleep(p, s) end)
+      if not token then return nil, err end
+      changes.access_token = token
+    end
+    return copy(p.opts, changes)
+  end,
+}
+
+-- client:retry_failed(spec) -> report or nil, err (see flowservice.bulk)
+function Client:retry_failed(spec)
+  local p = open(self, 2)
+  return bulk.run(self, p, spec, job_api)
 end
 
 function Client:close()

@@ -1,0 +1,112 @@
+-- The bulk job's journal: one JSON object a line, appended and fsync'd by
+-- the C core (exclusive lock, mode 0600) before a request is sent and after
+-- its answer. Reading folds the lines into the last known state of each
+-- run; a torn last line (a crash mid-write) is skipped.
+--
+-- Lines:
+--   {"run": id, "state": "pending", "request_id": ..., "etag": ..., "time": ms, "server_time": ms}
+--   {"run": id, "state": "done", "new_id": ..., "etag": ..., "request_id": ..., "evidence": ...}
+--   {"run": id, "state": "failed" | "ambiguous" | "refused", ...}
+--     refused: the service answered without acting (429, not sent); free to try again
+--   {"run": id, "state": "retry", "evidence": ...}  settled as never done; free to try again
+--   {"learned": {"etag_changes": bool, "linkage": bool}}
+-- No secret is ever written: entries carry ids, states and error summaries.
+local core = require "flowservice.core"
+
+local cjson = require("cjson.safe").new()
+local encode, decode = cjson.encode, cjson.decode
+local concat = table.concat
+local io_open, ipairs, pairs, setmetatable, type = io.open, ipairs, pairs, setmetatable, type
+
+local _M = {}
+
+local Journal = {}
+Journal.__index = Journal
+
+local function new_state()
+  return { runs = {}, learned = {}, skipped_lines = 0 }
+end
+
+-- One entry into the state: runs[id] is the run's last entry, with
+-- .pendings (every pending line since it was last settled: the evidence to
+-- weigh after a crash) and .new_ids (every run it is known to have made).
+local function apply(state, entry)
+  if type(entry) ~= "table" then
+    state.skipped_lines = state.skipped_lines + 1 -- torn by a crash mid-write
+  elseif type(entry.learned) == "table" then
+    for k, v in pairs(entry.learned) do state.learned[k] = v end
+  elseif type(entry.run) == "string" and type(entry.state) == "string" then
+    local previous = state.runs[entry.run] or { new_ids = {} }
+    entry.new_ids = previous.new_ids
+    if entry.state == "pending" then
+      entry.pendings = previous.state == "pending" and previous.pendings or {}
+      entry.pendings[#entry.pendings + 1] = { request_id = entry.request_id, etag = entry.etag,
+        time = entry.time, server_time = entry.server_time }
+    elseif entry.state == "ambiguous" then
+      entry.pendings = previous.pendings or {}
+    end
+    if entry.state == "done" and type(entry.new_id) == "string" then
+      entry.new_ids[#entry.new_ids + 1] = entry.new_id
+    end
+    state.runs[entry.run] = entry
+  else
+    state.skipped_lines = state.skipped_lines + 1
+  end
+end
+
+local function fold(text)
+  local state = new_state()
+  for line in text:gmatch("[^\n]+") do apply(state, decode(line)) end
+  return state
+end
+
+-- The state in a journal file, without locking it (a dry run writes nothing).
+function _M.read(path)
+  local f = io_open(path, "rb")
+  if not f then return fold("") end
+  local text = f:read("*a")
+  f:close()
+  return fold(text)
+end
+
+-- Opens path for this job: exclusive (another job on it fails here), then
+-- reads what earlier jobs left. Returns journal or nil, err.
+function _M.open(path)
+  local handle, err = core.journal_open(path)
+  if not handle then return nil, err end
+  local state = _M.read(path)
+  -- a torn last line must not glue itself to the first line we append
+  local f = io_open(path, "rb")
+  local ends_clean = true
+  if f then
+    local size = f:seek("end")
+    if size > 0 then
+      f:seek("set", size - 1)
+      ends_clean = f:read(1) == "\n"
+    end
+    f:close()
+  end
+  local j = setmetatable({ path = path, handle = handle, state = state }, Journal)
+  if not ends_clean then
+    local ok, werr = handle:append("\n")
+    if not ok then handle:close() return nil, werr end
+  end
+  return j
+end
+
+-- Appends entries (one round's worth) with one fsync; folds them in too.
+function Journal:write(entries)
+  if #entries == 0 then return true end
+  local lines = {}
+  for i, entry in ipairs(entries) do lines[i] = encode(entry) end
+  local ok, err = self.handle:append(concat(lines, "\n") .. "\n")
+  if not ok then return nil, err end
+  for _, line in ipairs(lines) do apply(self.state, decode(line)) end
+  return true
+end
+
+function Journal:close()
+  self.handle:close()
+end
+
+return _M
