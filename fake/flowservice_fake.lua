@@ -82,7 +82,7 @@ local state = {
   ims_tokens = {},     -- access token -> { expires = ngx.now() deadline, client_id, scope }
   ims_expires_in = IMS_DEFAULT_EXPIRES_IN,
   behaviour = nil,     -- see DEFAULT_BEHAVIOUR; set by reset()
-  retriggered = {},    -- id -> true for runs re-triggered since reset
+  retriggered = {},    -- id -> how many times re-triggered since reset
   -- In-flight accounting. in_flight is never reset: handlers still running
   -- across a reset decrement it when they finish.
   in_flight = 0,
@@ -602,7 +602,7 @@ local function retrigger(raw_id, args, headers, request_id)
     children[#children + 1] = new_run.id
   end
   if behaviour.etag_changes then run.etag = new_etag() end
-  state.retriggered[id] = true
+  state.retriggered[id] = (state.retriggered[id] or 0) + 1
   state.runs[#state.runs + 1] = new_run
   state.stats.retriggers = state.stats.retriggers + 1
   return json_reply(200, { id = new_run.id, etag = new_run.etag })
@@ -1056,9 +1056,12 @@ end
 
 local function stats_reply()
   local s = state.stats
+  -- by_source: re-triggers per source run, whatever the linkage switch says
+  -- (tests count duplicates with it); cjson sends an empty table as {}
+  local by_source = state.retriggered
   return json_reply(200, { in_flight = state.in_flight, max_in_flight = s.max_in_flight,
                            posts = s.posts, gets = s.gets, retriggers = s.retriggers,
-                           ims = s.ims })
+                           ims = s.ims, by_source = by_source })
 end
 
 local MAX_INTEGER = 1e14   -- cjson sends 14 significant digits exactly

@@ -142,22 +142,28 @@ function Job:settle_by_if_match(entry)
   return nil, err
 end
 
+local function pending_time(pnd) return pnd.server_time or pnd.time or 0 end
+
 -- 3. counting: runs made by this client since the oldest pending time that
--- no done line accounts for; none -> never done, as many -> all done.
-function Job:settle_by_count(unsettled)
+-- no done line accounts for. None: the pending ones never happened. As many
+-- as were pending (plus runs settled done without a known new id in that
+-- time): all done. Anything else stays ambiguous.
+-- accounted, unknown_done: what this settling pass found before counting.
+function Job:settle_by_count(unsettled, accounted, unknown_done)
   local oldest, newest = huge, 0
   for _, entry in ipairs(unsettled) do
     for _, pnd in ipairs(entry.pendings) do
-      local t = pnd.server_time or pnd.time or 0
-      oldest, newest = min(oldest, t), max(newest, t)
+      oldest, newest = min(oldest, pending_time(pnd)), max(newest, pending_time(pnd))
     end
   end
   -- the dead process's last requests may still be landing
   local wait = (newest + self.grace * 1000 - self:server_now_ms()) / 1000
   if wait > 0 then self.api.sleep(self.p, wait) end
-  local accounted = {}
   for _, entry in pairs(self.state.runs) do
     for _, id in ipairs(entry.new_ids) do accounted[id] = true end
+    if entry.state == "done" and not entry.new_id and (entry.server_time or huge) >= oldest - CLOCK_MARGIN_MS then
+      unknown_done = unknown_done + 1
+    end
   end
   local made, err = self.client:list_runs { flow_id = self.spec.flow_id,
     filters = { format("createdAt>=%.0f", oldest - CLOCK_MARGIN_MS),
@@ -168,7 +174,7 @@ function Job:settle_by_count(unsettled)
     if not accounted[run.id] then count = count + 1 end
   end
   if count == 0 then return "retry" end
-  if count == #unsettled then return "done" end
+  if count == #unsettled + unknown_done then return "done" end
   return "ambiguous", format("%d unaccounted runs by this client since the first pending time, %d pending",
     count, #unsettled)
 end
@@ -180,8 +186,13 @@ function Job:settle(candidates_by_id)
     if entry.state == "pending" or entry.state == "ambiguous" then unsettled[#unsettled + 1] = entry end
   end
   if #unsettled == 0 then return true end
+  local accounted, unknown_done = {}, 0
   local function settled(entry, outcome, evidence, new_id, why)
-    local line = { run = entry.run, state = outcome, evidence = evidence, new_id = new_id, why = why }
+    local first = entry.pendings[1]
+    local line = { run = entry.run, state = outcome, evidence = evidence, new_id = new_id, why = why,
+      server_time = first and pending_time(first) or nil }
+    if new_id then accounted[new_id] = true end
+    if outcome == "done" and not new_id then unknown_done = unknown_done + 1 end
     entries[#entries + 1] = line
     self.report.settled[#self.report.settled + 1] = { run_id = entry.run, outcome = outcome,
       evidence = evidence, new_id = new_id }
@@ -201,7 +212,7 @@ function Job:settle(candidates_by_id)
     if outcome then settled(entry, outcome, evidence, new_id) else rest[#rest + 1] = entry end
   end
   if #rest > 0 then
-    local outcome, why = self:settle_by_count(rest)
+    local outcome, why = self:settle_by_count(rest, accounted, unknown_done)
     if not outcome then why = "could not count: " .. tostring(why) end
     for _, entry in ipairs(rest) do settled(entry, outcome or "ambiguous", "count", nil, why) end
   end
