@@ -82,9 +82,11 @@ clean:
 	rm -rf $(BUILD) flowservice src/*.o
 
 # Speed against the C floor, LuaSocket/LuaSec and the curl CLI, then memory
-# over 100,000 calls; see bench/run.lua for its settings (BENCH_N, ...).
+# over 100,000 calls (bench/run.lua: BENCH_N, ...), then the bulk job's speed
+# (bench/bulk.lua: BULK_RUNS, ...).
 bench: deps
 	@sh .ci/deps lua-socket lua-sec
 	@$(MAKE) --no-print-directory build
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua memory
+	$(NO_PROXY_ENV) $(LUA) bench/bulk.lua
