@@ -31,6 +31,7 @@ build = {
     ["flowservice.args"] = "lua/flowservice/args.lua",
     ["flowservice.auth"] = "lua/flowservice/auth.lua",
     ["flowservice.bulk"] = "lua/flowservice/bulk.lua",
+    ["flowservice.cli"] = "lua/flowservice/cli.lua",
     ["flowservice.client"] = "lua/flowservice/client.lua",
     ["flowservice.errors"] = "lua/flowservice/errors.lua",
     ["flowservice.journal"] = "lua/flowservice/journal.lua",
@@ -43,6 +44,7 @@ build = {
       libdirs = { "$(CURL_LIBDIR)" },
     },
   },
+  install = { bin = { flowservice = "bin/flowservice" } },
 }
 test = {
   type = "command",

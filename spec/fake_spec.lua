@@ -966,8 +966,9 @@ describe("fake Flow Service", function()
     end)
 
     it("counts requests, and how many were in flight at once", function()
-      assert.same({ in_flight = 0, max_in_flight = 0, posts = 0, gets = 0, retriggers = 0, ims = 0 },
-                  server:stats())
+      local ZERO = { in_flight = 0, max_in_flight = 0, posts = 0, gets = 0, retriggers = 0, ims = 0,
+                     by_source = {} }
+      assert.same(ZERO, server:stats())
       server:scenario{ match = "^POST /runs/", delay = 0.3, times = 5 }
       local curls = {}
       for i = 1, 5 do
@@ -996,9 +997,9 @@ describe("fake Flow Service", function()
                   { in_flight = stats.in_flight, max_in_flight = math.min(stats.max_in_flight, 5),
                     posts = stats.posts, gets = stats.gets, retriggers = stats.retriggers,
                     ims = stats.ims })
+      for i = 1, 5 do assert.equal(1, stats.by_source[fake.bulk_run_id(i)]) end
       server:reset()
-      assert.same({ in_flight = 0, max_in_flight = 0, posts = 0, gets = 0, retriggers = 0, ims = 0 },
-                  server:stats())
+      assert.same(ZERO, server:stats())
     end)
 
     it("acts, then stalls the reply (act_then_delay), for a job killed before it hears back", function()

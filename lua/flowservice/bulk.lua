@@ -242,6 +242,7 @@ function Job:submit_round()
     local opts, err = self.api.attempt_opts(self.p, { if_match = item.etag })
     if not opts then return nil, err end
     local t = self.p.handle:submit_retrigger(item.run.id, opts)
+    item.tries, item.sent_at = (item.tries or 0) + 1, now()
     self.flight[t] = item
     self.in_flight = self.in_flight + 1
     lines[#lines + 1] = { run = item.run.id, state = "pending", request_id = t:request_id(),
@@ -260,6 +261,11 @@ function Job:answer(item, t, lines)
   local run, status_or_err, request_id, date = t:result()
   self.in_flight = self.in_flight - 1
   local id = item.run.id
+  if self.p.log then
+    self.api.log_attempt(self.p, "POST", "/runs/" .. id .. "/action?op=" .. (self.p.opts.op or core.defaults.op),
+      run and status_or_err or status_or_err.status or status_or_err.kind, item.tries,
+      request_id or status_or_err.request_id, item.sent_at)
+  end
   if run then
     if date then self.api.saw_date(self.p, parse_date(date)) end
     self.report.retriggered[#self.report.retriggered + 1] = { run_id = id, new_id = run.id,

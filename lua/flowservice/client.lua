@@ -367,6 +367,7 @@ end
 
 -- What the bulk job needs of a client's insides (flowservice.bulk).
 local job_api = {
+  log_attempt = log_attempt,
   secrets = secrets,
   sleep = sleep,
   clock = server_clock,

@@ -1,0 +1,842 @@
+-- The `flowservice` command: argv and the environment -> client options ->
+-- one subcommand -> human or JSON output and an exit code.
+--
+--   0  everything asked for succeeded
+--   1  some runs failed, or their outcome is unknown (ambiguous)
+--   2  usage or configuration error (nothing was sent)
+--   3  authentication failed (IMS refused, or HTTP 401/403)
+--
+-- cli.main(argv, env) takes env = { getenv, stdin, stdout, stderr, isatty }
+-- (each optional, the real ones by default) so it runs in-process in tests.
+-- Secrets come from the environment or from files, never from a flag value:
+-- flags show in `ps`.
+local flowservice = require "flowservice"
+local core = require "flowservice.core"
+local cjson = require("cjson").new()
+
+local error, getmetatable, ipairs, next, pairs, pcall, select, setmetatable, tonumber,
+  tostring, type, xpcall = error, getmetatable, ipairs, next, pairs, pcall, select, setmetatable,
+  tonumber, tostring, type, xpcall
+local traceback = debug.traceback
+local concat, sort = table.concat, table.sort
+local floor, huge = math.floor, math.huge
+local format = string.format
+local io_open, os_date, os_execute, os_getenv = io.open, os.date, os.execute, os.getenv
+local io_stdin, io_stdout, io_stderr = io.stdin, io.stdout, io.stderr
+
+local _M = {}
+
+local USAGE = [==[
+usage: flowservice COMMAND [ARGS] [FLAGS]
+
+commands:
+  retry-failed --flow FLOW_ID      re-trigger every eligible failed run of a flow
+      [--since TIME] [--before TIME]        window on the run's start (inclusive, exclusive)
+      [--status failed[,partialSuccess]]    statuses to consider (default: failed)
+      [--zero-record-success]               also successful runs that ingested no record
+      [--concurrency N]                     re-triggers in flight at once (default 8)
+      [--journal FILE | --no-journal]       where progress is kept (default: one file per
+                                            org/sandbox/flow under $XDG_STATE_HOME/flowservice)
+      [--grace SECONDS]                     how long a run may take to show up before an
+                                            ambiguous re-trigger counts as not done
+      [--resolve RUN_ID=done|retry ...]     decide a run left ambiguous by an earlier job
+      [--dry-run]                           list what would be re-triggered, send nothing
+  retrigger RUN_ID [RUN_ID ...] | -  re-trigger runs (-: run ids from stdin, one a line)
+  get-run RUN_ID                     show one run
+  list-runs --flow FLOW_ID           list a flow's runs, newest first
+      [--status S[,S]] [--since TIME] [--before TIME]
+
+  TIME is ISO-8601 UTC (2026-11-24T00:00:00Z, fractions and +00:00 allowed) or epoch ms.
+
+flags for every command:
+  --json                 one JSON document on stdout
+  --verbose              one line per HTTP attempt on stderr (never a secret)
+  --org ORG_ID           or AEP_ORG_ID
+  --sandbox NAME         or AEP_SANDBOX_NAME (default prod)
+  --api-key KEY          or AEP_API_KEY (default: the client id)
+  --url BASE_URL         or FLOWSERVICE_URL
+  --access-token-file F  the access token, read from F; or AEP_ACCESS_TOKEN
+  --client-id ID         or AEP_CLIENT_ID   \
+  --client-secret-file F or AEP_CLIENT_SECRET  > OAuth Server-to-Server credentials
+  --scopes S             or AEP_SCOPES      /
+  --ims-url URL          or AEP_IMS_URL
+  --help, --version
+
+exit status: 0 done, 1 some runs failed or are ambiguous, 2 usage or configuration error,
+3 authentication failed.
+]==]
+
+---------------------------------------------------------------------------
+-- usage errors: raised anywhere before the first request, caught in main
+
+local Usage = {}
+
+local function usage_error(fmt, ...)
+  error(setmetatable({ message = select("#", ...) > 0 and format(fmt, ...) or fmt }, Usage), 0)
+end
+
+---------------------------------------------------------------------------
+-- argv: long flags only, `--flag value` or `--flag=value`; kinds are
+-- "flag" (no value), "value" (once) and "list" (repeatable)
+
+local COMMON_FLAGS = {
+  org = "value", sandbox = "value", ["api-key"] = "value", url = "value",
+  ["access-token-file"] = "value", ["client-id"] = "value", ["client-secret-file"] = "value",
+  scopes = "value", ["ims-url"] = "value",
+  json = "flag", verbose = "flag", help = "flag",
+}
+
+-- argv[first..] against flags -> options (name -> value, true or list), positionals
+local function parse(argv, first, flags)
+  local options, positionals = {}, {}
+  local i, only_positionals = first, false
+  while argv[i] ~= nil do
+    local word = argv[i]
+    if only_positionals or word == "-" or word:sub(1, 1) ~= "-" then
+      positionals[#positionals + 1] = word
+    elseif word == "--" then
+      only_positionals = true
+    else
+      local name, value = word:match("^%-%-([^=]+)=(.*)$")
+      name = name or word:match("^%-%-(.+)$")
+      local kind = name and (flags[name] or COMMON_FLAGS[name])
+      if not kind then usage_error("unknown flag %s", (word:match("^[^=]*"))) end
+      if kind == "flag" then
+        if value then usage_error("--%s takes no value", name) end
+        value = true
+      elseif value == nil then
+        value = argv[i + 1]
+        if value == nil or (value:sub(1, 2) == "--" and #value > 2) then
+          usage_error("missing value for --%s", name)
+        end
+        i = i + 1
+      end
+      if kind ~= "flag" and value == "" then usage_error("missing value for --%s", name) end
+      if kind == "list" then
+        options[name] = options[name] or {}
+        options[name][#options[name] + 1] = value
+      elseif kind == "value" and options[name] ~= nil then
+        usage_error("--%s given twice", name)
+      else
+        options[name] = value
+      end
+    end
+    i = i + 1
+  end
+  return options, positionals
+end
+
+---------------------------------------------------------------------------
+-- values
+
+local function check_id(what, id)
+  if not id:match("^[%w%-]+$") then
+    usage_error("%s must be letters, digits and dashes, got %q", what, id)
+  end
+  return id
+end
+
+-- Howard Hinnant's days_from_civil: days since 1970-01-01 of a proleptic
+-- Gregorian date, without os.time (which reads the date as local time).
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function days_in_month(y, m)
+  if m == 2 then
+    return (y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0)) and 29 or 28
+  end
+  return (m == 4 or m == 6 or m == 9 or m == 11) and 30 or 31
+end
+
+-- "2026-11-24T00:00:00Z" (fractions, "+00:00") or epoch ms digits -> epoch ms
+local function parse_time(flag, text)
+  if text:match("^%d+$") and #text <= 15 then return tonumber(text) end
+  local y, mo, d, h, mi, s, rest = text:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)(.*)$")
+  local fraction, zone = (rest or ""):match("^%.?(%d*)(.*)$")
+  if rest and rest:sub(1, 1) == "." and fraction == "" then zone = nil end
+  if not y or not (zone == "Z" or zone == "+00:00" or zone == "-00:00") then
+    usage_error("--%s must be ISO-8601 UTC like 2026-11-24T00:00:00Z, or epoch milliseconds; got %q",
+      flag, text)
+  end
+  y, mo, d, h, mi, s = tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(s)
+  if mo < 1 or mo > 12 or d < 1 or d > days_in_month(y, mo) or h > 23 or mi > 59 or s > 59 then
+    usage_error("--%s is not a valid date and time: %q", flag, text)
+  end
+  local ms = fraction ~= "" and tonumber((fraction .. "00"):sub(1, 3)) or 0
+  return ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000 + s * 1000 + ms
+end
+
+-- epoch ms -> "2026-11-24T00:00:00Z" (".123" when there are milliseconds)
+local function iso_time(ms)
+  if type(ms) ~= "number" or ms ~= ms or ms == huge or ms == -huge then return "-" end
+  local seconds = floor(ms / 1000)
+  local rest = floor(ms - seconds * 1000)
+  return os_date("!%Y-%m-%dT%H:%M:%S", seconds) .. (rest > 0 and format(".%03dZ", rest) or "Z")
+end
+
+local function parse_statuses(text)
+  local list = {}
+  for s in (text .. ","):gmatch("([^,]*),") do
+    if not s:match("^%a+$") then usage_error("--status must be statuses like failed,partialSuccess") end
+    list[#list + 1] = s
+  end
+  return list
+end
+
+local function positive_integer(flag, text)
+  local n = text:match("^%d+$") and tonumber(text)
+  if not n or n < 1 or n > 1e6 then usage_error("--%s must be a positive integer, got %q", flag, text) end
+  return n
+end
+
+local function seconds(flag, text)
+  local n = text:match("^%d+%.?%d*$") and tonumber(text)
+  if not n then usage_error("--%s must be a number of seconds, got %q", flag, text) end
+  return n
+end
+
+local function window(options)
+  local since = options.since and parse_time("since", options.since)
+  local before = options.before and parse_time("before", options.before)
+  if since and before and since >= before then usage_error("--since must be earlier than --before") end
+  return since, before
+end
+
+---------------------------------------------------------------------------
+-- client options from flags and the environment (flags win)
+
+-- A secret from a file: its first line's worth, the trailing newline trimmed.
+local function read_secret(flag, path)
+  local f, err = io_open(path, "rb")
+  if not f then usage_error("cannot read --%s: %s", flag, err) end
+  local text = f:read("*a") or ""
+  f:close()
+  text = text:gsub("[\r\n]+$", "")
+  if text == "" then usage_error("--%s: %s is empty", flag, path) end
+  if text:find("[\r\n%z]") then usage_error("--%s: %s holds more than one line", flag, path) end
+  return text
+end
+
+local function client_options(options, getenv, log)
+  local function setting(flag, var)
+    local v = options[flag]
+    if v == nil and var then v = getenv(var) end
+    if v == "" then v = nil end
+    return v
+  end
+  local opts = {
+    org_id = setting("org", "AEP_ORG_ID"),
+    sandbox = setting("sandbox", "AEP_SANDBOX_NAME") or "prod",
+    base_url = setting("url", "FLOWSERVICE_URL"),
+    log = log,
+  }
+  if not opts.org_id then usage_error("missing org id: set AEP_ORG_ID or pass --org") end
+
+  local client_id = setting("client-id", "AEP_CLIENT_ID")
+  local wants_credentials = options["client-id"] or options["client-secret-file"]
+  if options["access-token-file"] and options["client-secret-file"] then
+    usage_error("give --access-token-file or --client-secret-file, not both")
+  end
+  local token
+  if options["access-token-file"] then
+    token = read_secret("access-token-file", options["access-token-file"])
+  elseif not wants_credentials then
+    token = setting(nil, "AEP_ACCESS_TOKEN")
+  end
+  if token then
+    opts.access_token = token
+  else
+    local secret = options["client-secret-file"]
+      and read_secret("client-secret-file", options["client-secret-file"])
+      or setting(nil, "AEP_CLIENT_SECRET")
+    local scopes = setting("scopes", "AEP_SCOPES")
+    if not (client_id and secret and scopes) then
+      usage_error("missing credentials: set AEP_ACCESS_TOKEN (or --access-token-file), or "
+        .. "AEP_CLIENT_ID, AEP_CLIENT_SECRET (or --client-secret-file) and AEP_SCOPES"
+        .. (client_id and "" or " (no client id)") .. (secret and "" or " (no client secret)")
+        .. (scopes and "" or " (no scopes)"))
+    end
+    opts.credentials = { client_id = client_id, client_secret = secret, scopes = scopes,
+      ims_url = setting("ims-url", "AEP_IMS_URL") }
+  end
+  opts.api_key = setting("api-key", "AEP_API_KEY") or client_id
+  if not opts.api_key then usage_error("missing API key: set AEP_API_KEY or pass --api-key") end
+  return opts
+end
+
+-- flowservice.new raises on options it refuses (a bad URL): a usage error.
+local function new_client(opts)
+  local ok, client = pcall(flowservice.new, opts)
+  if not ok then
+    local msg = tostring(client)
+    usage_error("invalid configuration: %s", msg:match("^bad argument #%d+ to '[^']*' %((.*)%)$") or msg)
+  end
+  return client
+end
+
+---------------------------------------------------------------------------
+-- JSON output: lists are marked, so an empty list stays [] (lua-cjson 2.1.0
+-- has no empty_array_mt and would write {})
+
+local LIST = {}
+local function list(t) return setmetatable(t or {}, LIST) end
+
+-- Fields of the service's runs that are lists: empty, they come back from
+-- cjson as {} and go out as [] again.
+local LIST_KEYS = { items = true, errors = true, activities = true, labels = true,
+  sourceConnectionIds = true, targetConnectionIds = true, transformations = true }
+
+local encode
+
+local function is_sequence(t)
+  local n = #t
+  if n == 0 then return false end
+  local count = 0
+  for _ in pairs(t) do count = count + 1 end
+  return count == n
+end
+
+-- Only what may leave: never the body (it may echo what we sent).
+local function error_json(err)
+  if type(err) ~= "table" then return { kind = "error", message = tostring(err) } end
+  return { kind = err.kind, status = err.status, code = err.code, message = err.message,
+    request_id = err.request_id }
+end
+
+function encode(v, key)
+  local t = type(v)
+  if t == "table" then
+    if flowservice.is_error(v) then return encode(error_json(v)) end
+    if getmetatable(v) == LIST or is_sequence(v) or (next(v) == nil and LIST_KEYS[key]) then
+      local parts = {}
+      for i, item in ipairs(v) do parts[i] = encode(item) end
+      return "[" .. concat(parts, ",") .. "]"
+    end
+    local keys = {}
+    for k in pairs(v) do
+      if type(k) == "string" or type(k) == "number" then keys[#keys + 1] = tostring(k) end
+    end
+    sort(keys)
+    local parts = {}
+    for _, k in ipairs(keys) do
+      local item = v[k]
+      if item == nil then item = v[tonumber(k)] end
+      if type(item) ~= "function" then parts[#parts + 1] = cjson.encode(k) .. ":" .. encode(item, k) end
+    end
+    return "{" .. concat(parts, ",") .. "}"
+  elseif t == "number" then
+    if v ~= v or v == huge or v == -huge then return "null" end
+    if v == floor(v) and v > -2 ^ 53 and v < 2 ^ 53 then return format("%.0f", v) end
+    return format("%.14g", v)
+  elseif t == "string" then
+    return (cjson.encode(v):gsub("\\/", "/")) -- lua-cjson writes / as \/; a path reads better without
+  elseif t == "boolean" then
+    return cjson.encode(v)
+  elseif v == nil or v == cjson.null then
+    return "null"
+  end
+  return cjson.encode(tostring(v))
+end
+
+local function print_json(out, v)
+  out:write(encode(v), "\n")
+end
+
+---------------------------------------------------------------------------
+-- human output
+
+local function is_auth(err)
+  return type(err) == "table" and (err.kind == "auth" or err.status == 401 or err.status == 403)
+end
+
+-- exit status for a list of errors: 3 if one is about authentication
+local function failure_code(errs)
+  local code = 0
+  for _, err in ipairs(errs) do
+    if is_auth(err) then return 3 end
+    code = 1
+  end
+  return code
+end
+
+local function field(t, ...)
+  for i = 1, select("#", ...) do
+    if type(t) ~= "table" then return nil end
+    t = t[(select(i, ...))]
+  end
+  return t
+end
+
+local function records(run)
+  local n = field(run, "metrics", "recordSummary", "outputRecordCount")
+  return type(n) == "number" and format("%.0f", n) or "-"
+end
+
+local function run_summary(run)
+  local lines = {}
+  local function add(label, value)
+    if value ~= nil then lines[#lines + 1] = format("%-10s %s", label, tostring(value)) end
+  end
+  add("id", run.id)
+  add("flow", run.flowId)
+  add("status", field(run, "metrics", "statusSummary", "status") or "-")
+  add("records", records(run))
+  add("created", iso_time(run.createdAt))
+  local started = field(run, "metrics", "durationSummary", "startedAtUTC")
+  local completed = field(run, "metrics", "durationSummary", "completedAtUTC")
+  if started then add("started", iso_time(started)) end
+  if completed then add("completed", iso_time(completed)) end
+  add("etag", run.etag or run.eTag)
+  local errs = field(run, "metrics", "statusSummary", "errors")
+  if type(errs) == "table" and #errs > 0 then
+    for i, e in ipairs(errs) do
+      add(i == 1 and "errors" or "", format("%s: %s", tostring(field(e, "code") or "-"),
+        tostring(field(e, "message") or "-")))
+    end
+  else
+    add("errors", "none")
+  end
+  return concat(lines, "\n") .. "\n"
+end
+
+local function run_line(run)
+  return format("%s  %-14s  %s  %s\n", tostring(run.id),
+    tostring(field(run, "metrics", "statusSummary", "status") or "-"), iso_time(run.createdAt),
+    records(run))
+end
+
+local function retrigger_line(run_id, new, err)
+  if new then
+    return format("%s -> %s %s%s\n", run_id, tostring(new.id), tostring(new.etag),
+      new.resent and "  (sent twice: the service may have created two runs)" or "")
+  end
+  return format("%s failed: %s%s\n", run_id, tostring(err), err.ambiguous
+    and "  (outcome unknown: it may have been re-triggered; check list-runs before retrying)" or "")
+end
+
+-- The retry-failed report as a table of counts, then what needs a person.
+local function report_text(r, flow_id)
+  local out = {}
+  local function line(fmt, ...) out[#out + 1] = format(fmt, ...) end
+  local function count(t) return type(t) == "table" and #t or 0 end
+  line("flow         %s", flow_id)
+  if r.dry_run then line("dry run      nothing was sent") end
+  line("considered   %s", tostring(r.considered or 0))
+  if r.dry_run then
+    line("would retry  %d", count(r.planned))
+  else
+    line("retriggered  %d", count(r.retriggered))
+  end
+  line("skipped      %d", count(r.skipped))
+  line("failed       %d", count(r.failed))
+  line("ambiguous    %d", count(r.ambiguous))
+  if count(r.settled) > 0 then line("settled      %d", count(r.settled)) end
+  if r.elapsed then line("elapsed      %.1f s", r.elapsed) end
+  line("journal      %s", r.journal and tostring(r.journal) or "none")
+  if r.dry_run and count(r.planned) > 0 then
+    line("")
+    line("would re-trigger:")
+    for _, id in ipairs(r.planned) do line("  %s", tostring(id)) end
+  end
+  for _, p in ipairs(r.retriggered or {}) do
+    if p.possible_duplicate then
+      line("  %s -> %s: sent twice, the service may have created two runs", tostring(p.run_id),
+        tostring(p.new_id))
+    end
+  end
+  if count(r.failed) > 0 then
+    line("")
+    line("failed:")
+    for _, f in ipairs(r.failed) do line("  %s  %s", tostring(f.run_id), tostring(f.error)) end
+  end
+  if count(r.settled) > 0 then
+    line("")
+    line("settled from the journal:")
+    for _, s in ipairs(r.settled) do
+      local evidence = type(s.evidence) == "string" and "  (" .. s.evidence .. ")" or ""
+      line("  %s  %s%s", tostring(s.run_id), tostring(s.outcome), evidence)
+    end
+  end
+  if count(r.ambiguous) > 0 then
+    line("")
+    line("ambiguous (the re-trigger may or may not have been done):")
+    local ids = {}
+    for _, a in ipairs(r.ambiguous) do
+      ids[#ids + 1] = tostring(a.run_id)
+      line("  %s  %s%s", tostring(a.run_id), tostring(a.why or "outcome unknown"),
+        a.request_id and " (request-id " .. tostring(a.request_id) .. ")" or "")
+    end
+    line("")
+    line("still ambiguous: %s", concat(ids, " "))
+    line("decide with --resolve RUN_ID=done|retry")
+  end
+  return concat(out, "\n") .. "\n"
+end
+
+local function report_json(r, flow_id, err)
+  local function entries(src, shape)
+    local t = list()
+    for _, e in ipairs(src or {}) do t[#t + 1] = shape(e) end
+    return t
+  end
+  return {
+    flow_id = flow_id,
+    dry_run = r.dry_run and true or false,
+    considered = r.considered or 0,
+    elapsed = r.elapsed,
+    journal = r.journal,
+    retriggered = entries(r.retriggered, function(e)
+      return { run_id = e.run_id, new_id = e.new_id, etag = e.etag, request_id = e.request_id,
+        possible_duplicate = e.possible_duplicate and true or false }
+    end),
+    skipped = entries(r.skipped, function(e) return { run_id = e.run_id, reason = e.reason } end),
+    failed = entries(r.failed, function(e) return { run_id = e.run_id, error = error_json(e.error) } end),
+    ambiguous = entries(r.ambiguous, function(e)
+      return { run_id = e.run_id, why = e.why, request_id = e.request_id }
+    end),
+    settled = entries(r.settled, function(e)
+      return { run_id = e.run_id, outcome = e.outcome, evidence = e.evidence }
+    end),
+    planned = entries(r.planned, function(id) return id end),
+    error = err and error_json(err) or nil,
+  }
+end
+
+-- One error that ends a command: on stderr, and as {"error": ...} with --json.
+local function fail(ctx, err)
+  if ctx.json then print_json(ctx.stdout, { error = error_json(err) }) end
+  ctx.stderr:write(tostring(err), "\n")
+  return is_auth(err) and 3 or 1
+end
+
+---------------------------------------------------------------------------
+-- live progress on a terminal: one line, redrawn in place
+
+local function progress_line(stderr)
+  local drawn, last, counts, shown = false, -huge, nil, nil
+  local self = {}
+  local function draw(c)
+    stderr:write(format("\r\27[K%d/%d done, %d failed, %d ambiguous, %d in flight, %d queued, %.1f/s",
+      c.done or 0, c.total or 0, c.failed or 0, c.ambiguous or 0, c.in_flight or 0, c.queued or 0,
+      c.rate or 0))
+    drawn, shown = true, c
+  end
+  -- at most ten redraws a second
+  function self.update(c)
+    counts = c
+    local t = core.now()
+    if t - last >= 0.1 then
+      last = t
+      draw(c)
+    end
+  end
+  -- before another line goes to stderr (--verbose)
+  function self.clear()
+    if drawn then stderr:write("\r\27[K") end
+    drawn, shown = false, nil
+  end
+  -- the last counts stay on screen
+  function self.finish()
+    if counts and counts ~= shown then draw(counts) end
+    if drawn then stderr:write("\n") end
+    drawn = false
+  end
+  return self
+end
+
+---------------------------------------------------------------------------
+-- the journal: one file per org/sandbox/flow under $XDG_STATE_HOME/flowservice
+
+local function shell_quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+local function succeeded(a, _, c)
+  if type(a) == "number" then return a == 0 end
+  return a == true and (c == nil or c == 0)
+end
+
+-- Each missing directory of an absolute path, made mode 0700 (mkdir -p
+-- would leave the parents at the umask's mode).
+local function make_dirs(dir)
+  local steps, prefix = {}, ""
+  for part in dir:gmatch("[^/]+") do
+    prefix = prefix .. "/" .. part
+    steps[#steps + 1] = shell_quote(prefix)
+  end
+  return succeeded(os_execute("for d in " .. concat(steps, " ")
+    .. "; do [ -d \"$d\" ] || mkdir -m 700 \"$d\" || exit 1; done 2>/dev/null"))
+end
+
+-- create: make the directory (a dry run writes nothing, so it does not)
+local function default_journal(getenv, org, sandbox, flow_id, create)
+  local state = getenv("XDG_STATE_HOME")
+  if not (state and state:sub(1, 1) == "/") then
+    local home = getenv("HOME")
+    if not (home and home:sub(1, 1) == "/") then
+      usage_error("no place for the journal: set HOME or XDG_STATE_HOME, or pass --journal FILE or --no-journal")
+    end
+    state = home .. "/.local/state"
+  end
+  local dir = state:gsub("/+$", "") .. "/flowservice"
+  if create and not make_dirs(dir) then usage_error("cannot create the journal directory %s", dir) end
+  local function safe(s) return (s:gsub("[^%w%-@]", "_")) end
+  return dir .. "/" .. safe(org) .. "_" .. safe(sandbox) .. "_" .. safe(flow_id) .. ".jsonl"
+end
+
+-- Open (creating it 0600) and close the journal now, so that a path that
+-- cannot be written is a usage error before anything is sent.
+local function check_journal(path)
+  if core.journal_open then
+    local j, err = core.journal_open(path)
+    if not j then usage_error("cannot use the journal: %s", tostring(err and err.message or err)) end
+    j:close()
+  else
+    local f, err = io_open(path, "ab")
+    if not f then usage_error("cannot use the journal: %s", err) end
+    f:close()
+  end
+  return path
+end
+
+---------------------------------------------------------------------------
+-- commands: each gets ctx (options, positionals, streams, getenv) and
+-- returns an exit status
+
+local function no_positionals(ctx)
+  if #ctx.args > 0 then usage_error("unexpected argument %q", ctx.args[1]) end
+end
+
+local function required_flow(ctx)
+  if not ctx.options.flow then usage_error("missing --flow FLOW_ID") end
+  return check_id("--flow", ctx.options.flow)
+end
+
+local function verbose_log(ctx)
+  if not ctx.options.verbose then return nil end
+  return function(line)
+    if ctx.progress then ctx.progress.clear() end
+    ctx.stderr:write(line, "\n")
+  end
+end
+
+local function retrigger_cmd(ctx)
+  local ids, seen = {}, {}
+  local function add(id)
+    check_id("run id", id)
+    if seen[id] then
+      ctx.stderr:write("flowservice: ignoring repeated run id ", id, "\n")
+    else
+      seen[id], ids[#ids + 1] = true, id
+    end
+  end
+  for _, a in ipairs(ctx.args) do
+    if a == "-" then
+      for line in ctx.stdin:lines() do
+        local id = line:match("^%s*(.-)%s*$")
+        if id ~= "" then add(id) end
+      end
+    else
+      add(a)
+    end
+  end
+  if #ids == 0 then usage_error("retrigger needs at least one RUN_ID (or - to read them from stdin)") end
+  local client = new_client(client_options(ctx.options, ctx.getenv, verbose_log(ctx)))
+  local done, failed, errs = list(), list(), {}
+  for _, id in ipairs(ids) do
+    local new, err = client:retrigger(id)
+    if new then
+      done[#done + 1] = { run_id = id, new_id = new.id, etag = new.etag,
+        possible_duplicate = new.resent and true or false }
+    else
+      errs[#errs + 1] = err
+      failed[#failed + 1] = { run_id = id, error = error_json(err), ambiguous = err.ambiguous and true or false }
+    end
+    if not ctx.json then ctx.stdout:write(retrigger_line(id, new, err)) end
+    if err and is_auth(err) then
+      ctx.stderr:write("flowservice: authentication failed, stopping\n")
+      break
+    end
+  end
+  client:close()
+  if ctx.json then print_json(ctx.stdout, { retriggered = done, failed = failed }) end
+  return failure_code(errs)
+end
+
+local function get_run_cmd(ctx)
+  if #ctx.args ~= 1 then usage_error("get-run takes one RUN_ID") end
+  local id = check_id("run id", ctx.args[1])
+  local client = new_client(client_options(ctx.options, ctx.getenv, verbose_log(ctx)))
+  local run, err = client:get_run(id)
+  client:close()
+  if not run then return fail(ctx, err) end
+  if ctx.json then print_json(ctx.stdout, run) else ctx.stdout:write(run_summary(run)) end
+  return 0
+end
+
+local function list_runs_cmd(ctx)
+  no_positionals(ctx)
+  local flow_id = required_flow(ctx)
+  local since, before = window(ctx.options)
+  local status = ctx.options.status and parse_statuses(ctx.options.status)
+  local client = new_client(client_options(ctx.options, ctx.getenv, verbose_log(ctx)))
+  local runs, err = client:list_runs { flow_id = flow_id, status = status, since = since, before = before }
+  client:close()
+  if not runs then return fail(ctx, err) end
+  if ctx.json then
+    print_json(ctx.stdout, list(runs))
+  else
+    for _, run in ipairs(runs) do ctx.stdout:write(run_line(run)) end
+  end
+  return 0
+end
+
+local function resolutions(texts)
+  local t = {}
+  for _, text in ipairs(texts or {}) do
+    local id, decision = text:match("^(.-)=(.*)$")
+    if not id or (decision ~= "done" and decision ~= "retry") then
+      usage_error("--resolve takes RUN_ID=done or RUN_ID=retry, got %q", text)
+    end
+    check_id("--resolve run id", id)
+    if t[id] and t[id] ~= decision then usage_error("--resolve %s given both done and retry", id) end
+    t[id] = decision
+  end
+  return next(t) and t or nil
+end
+
+local function retry_failed_cmd(ctx)
+  no_positionals(ctx)
+  local o = ctx.options
+  local flow_id = required_flow(ctx)
+  local since, before = window(o)
+  if o.journal and o["no-journal"] then usage_error("give --journal FILE or --no-journal, not both") end
+  local spec = {
+    flow_id = flow_id, since = since, before = before,
+    status = o.status and parse_statuses(o.status),
+    zero_record_success = o["zero-record-success"] and true or nil,
+    concurrency = o.concurrency and positive_integer("concurrency", o.concurrency),
+    grace = o.grace and seconds("grace", o.grace),
+    resolve = resolutions(o.resolve),
+    dry_run = o["dry-run"] and true or nil,
+  }
+  local copts = client_options(o, ctx.getenv, verbose_log(ctx))
+  local client = new_client(copts)
+  if o["no-journal"] then
+    spec.journal = false
+  else
+    local path = o.journal or default_journal(ctx.getenv, copts.org_id, copts.sandbox, flow_id, not spec.dry_run)
+    spec.journal = spec.dry_run and path or check_journal(path)
+  end
+  if type(client.retry_failed) ~= "function" then
+    client:close()
+    usage_error("retry-failed is not available: this version of the library has no client:retry_failed")
+  end
+  if ctx.isatty(ctx.stderr) then
+    ctx.progress = progress_line(ctx.stderr)
+    spec.on_progress = function(counts) ctx.progress.update(counts) end
+  end
+  local ok, report, err = pcall(client.retry_failed, client, spec)
+  client:close()
+  if ctx.progress then ctx.progress.finish() end
+  if not ok then
+    local msg = tostring(report)
+    local inner = msg:match("^bad argument #%d+ to '[^']*' %((.*)%)$")
+    if inner then usage_error("%s", inner) end
+    error(report, 0)
+  end
+  if not report then
+    report = type(err) == "table" and err.report
+    if not report then return fail(ctx, err) end
+  end
+  if ctx.json then
+    print_json(ctx.stdout, report_json(report, flow_id, err))
+  else
+    ctx.stdout:write(report_text(report, flow_id))
+    if err then ctx.stderr:write(tostring(err), "\n") end
+  end
+  local errs = { err }
+  for _, f in ipairs(report.failed or {}) do errs[#errs + 1] = f.error or "failed" end
+  local code = failure_code(errs)
+  if code == 0 and type(report.ambiguous) == "table" and #report.ambiguous > 0 then code = 1 end
+  return code
+end
+
+local COMMANDS = {
+  ["retry-failed"] = { run = retry_failed_cmd, flags = {
+    flow = "value", since = "value", before = "value", status = "value",
+    ["zero-record-success"] = "flag", concurrency = "value", journal = "value",
+    ["no-journal"] = "flag", grace = "value", resolve = "list", ["dry-run"] = "flag" } },
+  retrigger = { run = retrigger_cmd, flags = {} },
+  ["get-run"] = { run = get_run_cmd, flags = {} },
+  ["list-runs"] = { run = list_runs_cmd, flags = {
+    flow = "value", status = "value", since = "value", before = "value" } },
+}
+
+---------------------------------------------------------------------------
+
+local function real_isatty(stream)
+  local fd = stream == io_stdin and 0 or stream == io_stdout and 1 or stream == io_stderr and 2
+  return fd and succeeded(os_execute("test -t " .. fd)) or false
+end
+
+local function run(argv, ctx)
+  local first = argv[1]
+  if first == nil then
+    ctx.stderr:write(USAGE)
+    return 2
+  elseif first == "--help" or first == "-h" or first == "help" then
+    ctx.stdout:write(USAGE)
+    return 0
+  elseif first == "--version" then
+    ctx.stdout:write(format("flowservice %s (libcurl %s)\n", flowservice._VERSION, flowservice.curl_version))
+    return 0
+  end
+  local command = COMMANDS[first]
+  if not command then
+    if first:sub(1, 1) == "-" then usage_error("the command comes first: flowservice COMMAND [FLAGS]") end
+    usage_error("unknown command %q", first)
+  end
+  ctx.options, ctx.args = parse(argv, 2, command.flags)
+  if ctx.options.help then
+    ctx.stdout:write(USAGE)
+    return 0
+  end
+  ctx.json = ctx.options.json
+  return command.run(ctx)
+end
+
+-- cli.main(argv, env) -> exit status
+function _M.main(argv, env)
+  env = env or {}
+  local ctx = {
+    getenv = env.getenv or os_getenv,
+    stdin = env.stdin or io_stdin,
+    stdout = env.stdout or io_stdout,
+    stderr = env.stderr or io_stderr,
+    isatty = env.isatty or real_isatty,
+  }
+  local ok, code = xpcall(function() return run(argv or {}, ctx) end, function(e)
+    if getmetatable(e) == Usage then return e end
+    return traceback(tostring(e), 2) -- a bug: keep where it happened
+  end)
+  if ok then return code end
+  if getmetatable(code) == Usage then
+    ctx.stderr:write("flowservice: ", code.message, "\n")
+    ctx.stderr:write("run 'flowservice --help' for usage\n")
+    return 2
+  end
+  error(code, 0)
+end
+
+_M.parse_time = parse_time -- for tests
+_M.encode = encode
+
+return _M
