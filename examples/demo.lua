@@ -36,6 +36,24 @@ local ok, failure = pcall(function()
   })
   print("a successful run with records cannot be re-triggered:")
   print("  " .. tostring(not_eligible))
+
+  -- the bulk job, through the command: a seeded flow of 40 failed runs
+  local journal = os.tmpname()
+  os.remove(journal)
+  local command = table.concat({
+    "env LUA_PATH='build/tree/share/lua/5.4/?.lua;build/tree/share/lua/5.4/?/init.lua;;'",
+    "LUA_CPATH='build/tree/lib/lua/5.4/?.so;;'",
+    "AEP_ACCESS_TOKEN=" .. fake.credentials.access_token,
+    "AEP_API_KEY=" .. fake.credentials.api_key,
+    "AEP_ORG_ID=" .. fake.credentials.org,
+    "lua5.4 bin/flowservice retry-failed --flow " .. fake.flows.bulk,
+    "--url " .. server.url .. " --journal " .. journal .. " --concurrency 8",
+  }, " ")
+  print("\n$ flowservice retry-failed --flow " .. fake.flows.bulk .. " --concurrency 8 ...")
+  assert(os.execute(command))
+  print("\nthe same command again: the journal makes it a no-op")
+  os.execute(command .. " | head -3")
+  os.remove(journal)
 end)
 
 server:stop()
