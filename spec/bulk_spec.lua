@@ -310,7 +310,7 @@ describe("client:retry_failed", function()
   describe("killed at any moment", function()
     -- K quick answers, then C requests that the server performs but never
     -- answers: the job is SIGKILLed with those in flight, then started again.
-    local function kill_and_resume(k, c, behaviour)
+    local function kill_and_resume(k, c, behaviour, meanwhile)
       if behaviour then server:behaviour(behaviour) end
       if k > 0 then server:scenario { match = "^POST ", times = k } end
       server:scenario { match = "^POST ", act_then_delay = 30, times = c }
@@ -329,6 +329,7 @@ describe("client:retry_failed", function()
         if not state or state == "Z" then break end
         sh("sleep 0.05")
       end
+      if meanwhile then meanwhile() end
       local report = assert(client:retry_failed { flow_id = BULK, journal = journal, grace = 0 })
       local by_parent = children(server)
       local ambiguous = {}
@@ -357,6 +358,28 @@ describe("client:retry_failed", function()
       local report = kill_and_resume(3, 4, { linkage = false, etag_changes = true })
       assert.same({}, report.ambiguous)
       for _, s in ipairs(report.settled) do assert.equal("if-match", s.evidence) end
+    end)
+
+    it("by counting, while the scheduler and another user add runs to the flow", function()
+      local report = kill_and_resume(10, 3, { linkage = false, etag_changes = false }, function()
+        server:add_run { flowId = BULK, status = "inProgress", createdClient = "scheduler" }
+        server:add_run { flowId = BULK, status = "inProgress", createdClient = "someone-else" }
+      end)
+      assert.same({}, report.ambiguous)
+      assert.equal(3, #report.settled)
+      for _, s in ipairs(report.settled) do
+        assert.equal("count", s.evidence)
+        assert.equal("done", s.outcome)
+      end
+    end)
+
+    it("keeps them ambiguous when counting cannot tell", function()
+      local report = kill_and_resume(10, 3, { linkage = false, etag_changes = false }, function()
+        -- one more run by this very client, that no journal line explains
+        server:add_run { flowId = BULK, status = "inProgress", createdClient = "fake-api-key" }
+      end)
+      assert.equal(3, #report.ambiguous)
+      for _, s in ipairs(report.settled) do assert.equal("ambiguous", s.outcome) end
     end)
 
     it("late in the job, by counting", function()
