@@ -2,7 +2,8 @@ SHELL := /bin/bash
 
 # lua-flowservice. The two commands of the README:
 #   make demo   re-trigger a failed run against the local fake Flow Service
-#   make test   the whole suite (Lua 5.4, a LuaJIT smoke test, valgrind)
+#   make test   the whole suite under Lua 5.4, 5.3, 5.1 and LuaJIT, then under
+#               valgrind (Lua 5.4)
 # Both install what is missing (Debian packages) first.
 
 LUA          ?= lua5.4
@@ -22,22 +23,39 @@ LUA51_INC    := /usr/include/lua5.1
 NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy
 TEST_LOG     := $(BUILD)/test-results.tap
 
-.PHONY: all deps build compat demo test test-lua test-luajit test-valgrind bench clean
+.PHONY: all deps build trees compat demo test test-lua test-lua5.3 test-lua5.1 test-luajit \
+        test-valgrind bench clean
 
 all: build
 
 deps:
 	@sh .ci/deps
 
-# The real install path: luarocks builds and installs the rock into build/tree.
-build: $(TREE)/lib/lua/5.4/flowservice/core.so
+# The real install path: luarocks builds and installs the rock, one tree per
+# Lua version (build/tree for 5.4; the 5.1 one also serves LuaJIT and nginx).
+ROCK_DEPS := $(SOURCES) $(HEADERS) $(ROCKSPEC) lua/flowservice.lua lua/flowservice/*.lua bin/flowservice
 
-$(TREE)/lib/lua/5.4/flowservice/core.so: $(SOURCES) $(HEADERS) $(ROCKSPEC) lua/flowservice.lua lua/flowservice/*.lua
+# $(call rock,LUA_VERSION,TREE)
+define rock
 	@mkdir -p $(BUILD)
-	luarocks --lua-version=5.4 make --tree=$(TREE) --deps-mode=none \
-	  CURL_INCDIR=$(CURL_INCDIR) CFLAGS="$(CFLAGS) -fPIC $(STRICT)" $(ROCKSPEC) >$(BUILD)/luarocks.log 2>&1 \
-	  || { cat $(BUILD)/luarocks.log; exit 1; }
+	@rm -f src/*.o
+	luarocks --lua-version=$(1) make --tree=$(2) --deps-mode=none \
+	  CURL_INCDIR=$(CURL_INCDIR) CFLAGS="$(CFLAGS) -fPIC $(STRICT)" $(ROCKSPEC) >$(BUILD)/luarocks-$(1).log 2>&1 \
+	  || { cat $(BUILD)/luarocks-$(1).log; exit 1; }
 	@rm -f src/*.o; rm -rf flowservice
+endef
+
+build: $(TREE)/lib/lua/5.4/flowservice/core.so
+trees: build $(BUILD)/tree-5.3/lib/lua/5.3/flowservice/core.so $(BUILD)/tree-5.1/lib/lua/5.1/flowservice/core.so
+
+$(TREE)/lib/lua/5.4/flowservice/core.so: $(ROCK_DEPS)
+	$(call rock,5.4,$(TREE))
+
+$(BUILD)/tree-5.3/lib/lua/5.3/flowservice/core.so: $(ROCK_DEPS)
+	$(call rock,5.3,$(BUILD)/tree-5.3)
+
+$(BUILD)/tree-5.1/lib/lua/5.1/flowservice/core.so: $(ROCK_DEPS)
+	$(call rock,5.1,$(BUILD)/tree-5.1)
 
 # The same sources against the Lua 5.1 and LuaJIT headers (OpenResty runs LuaJIT).
 compat: $(BUILD)/luajit/flowservice/core.so $(BUILD)/lua51/flowservice/core.so
@@ -57,12 +75,12 @@ demo: deps
 
 test: deps
 	@mkdir -p $(BUILD)
-	@$(MAKE) --no-print-directory build compat
+	@$(MAKE) --no-print-directory trees compat
 	@rm -f $(TEST_LOG)
 	@status=0; \
-	$(MAKE) --no-print-directory test-lua || status=1; \
-	$(MAKE) --no-print-directory test-luajit || status=1; \
-	$(MAKE) --no-print-directory test-valgrind || status=1; \
+	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-valgrind; do \
+	  $(MAKE) --no-print-directory $$step || status=1; \
+	done; \
 	echo; echo "$$(grep -c '^ok ' $(TEST_LOG)) passed, $$(grep -c '^not ok ' $(TEST_LOG)) failed"; \
 	exit $$status
 
@@ -71,7 +89,13 @@ test-lua: build
 	@mkdir -p $(BUILD)
 	$(NO_PROXY_ENV) $(LUA) $(BUSTED) --ignore-lua -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
-test-luajit: build compat
+test-lua5.3: trees
+	$(NO_PROXY_ENV) lua5.3 $(BUSTED) --ignore-lua --run=lua53 -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
+
+test-lua5.1: trees
+	$(NO_PROXY_ENV) lua5.1 $(BUSTED) --ignore-lua --run=lua51 -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
+
+test-luajit: trees compat
 	$(NO_PROXY_ENV) luajit $(BUSTED) --ignore-lua --run=luajit -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
 test-valgrind: build

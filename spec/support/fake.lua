@@ -252,10 +252,12 @@ local function curl(args, out_file, header_file)
                 "-w '%{http_code}'" }
   if header_file then cmd[#cmd + 1] = "-D " .. q(header_file) end
   for _, a in ipairs(args) do cmd[#cmd + 1] = a end
-  local out, exit_code = capture(table_concat(cmd, " ") .. " 2>/dev/null")
+  -- the exit status through the shell: Lua 5.1's popen cannot report it
+  local out = capture(table_concat(cmd, " ") .. " 2>/dev/null; echo \" $?\"")
+  local code, exit_code = out:match("^(%d*)%s+(%d+)%s*$")
   local body = read_file(out_file) or ""
   os_remove(out_file)
-  return tonumber(out), body, exit_code
+  return tonumber(code), body, tonumber(exit_code)
 end
 
 local function parse_headers(text)
