@@ -35,6 +35,7 @@ build = {
     ["flowservice.client"] = "lua/flowservice/client.lua",
     ["flowservice.errors"] = "lua/flowservice/errors.lua",
     ["flowservice.journal"] = "lua/flowservice/journal.lua",
+    ["flowservice.ngx"] = "lua/flowservice/ngx.lua",
     ["flowservice.retry"] = "lua/flowservice/retry.lua",
     ["flowservice.runs"] = "lua/flowservice/runs.lua",
     ["flowservice.core"] = {

@@ -290,6 +290,8 @@ static fs_client *client_check(lua_State *L, int idx) {
   fs_client *c = (fs_client *)luaL_checkudata(L, idx, FS_CLIENT_MT);
   if (c->closed)
     luaL_error(L, "flowservice: client is closed");
+  if (fs_engine_after_fork(&c->engine) != 0)
+    luaL_error(L, "flowservice: libcurl setup failed: no multi handle");
   return c;
 }
 
@@ -392,6 +394,12 @@ static int client_timeout(lua_State *L) {
     lua_pushnil(L);
   else
     lua_pushnumber(L, (lua_Number)ms / 1000);
+  return 1;
+}
+
+/* How many transfers the engine holds: none once every call has ended. */
+static int client_in_flight(lua_State *L) {
+  lua_pushinteger(L, fs_engine_attached(&client_check(L, 1)->engine));
   return 1;
 }
 
@@ -516,7 +524,8 @@ int luaopen_flowservice_core(lua_State *L) {
     {"retrigger", client_retrigger}, {"request", client_request},
     {"submit_retrigger", client_submit_retrigger}, {"submit", client_submit},
     {"step", client_step}, {"wait", client_wait}, {"timeout", client_timeout},
-    {"close", client_close}, {"is_closed", client_is_closed}, {NULL, NULL}
+    {"in_flight", client_in_flight}, {"close", client_close},
+    {"is_closed", client_is_closed}, {NULL, NULL}
   };
   static const luaL_Reg transfer[] = {
     {"done", transfer_done}, {"result", transfer_result},

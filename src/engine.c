@@ -1,6 +1,9 @@
+#define _POSIX_C_SOURCE 200809L  /* getpid */
+
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "engine.h"
 
@@ -13,6 +16,7 @@
 int fs_engine_init(fs_engine *e) {
   memset(e, 0, sizeof *e);
   e->max_idle_seconds = FS_MAX_IDLE_SECONDS;
+  e->pid = (long)getpid();
   e->multi = curl_multi_init();
   return e->multi != NULL ? 0 : -1;
 }
@@ -80,6 +84,41 @@ void fs_engine_free(fs_engine *e) {
     curl_multi_cleanup(e->multi);
     e->multi = NULL;
   }
+}
+
+/*
+** The handles came from the parent, with its connections: cleaning them up
+** here would shut down TLS sessions the parent still uses. They are
+** forgotten instead (a one-time leak per worker), and this process starts
+** with a multi handle of its own.
+*/
+int fs_engine_after_fork(fs_engine *e) {
+  long pid = (long)getpid();
+  if (pid == e->pid || e->multi == NULL)
+    return 0;
+  while (e->attached != NULL) {
+    fs_transfer *t = e->attached;
+    if (!t->done) {
+      t->done = 1;
+      t->result = CURLE_ABORTED_BY_CALLBACK;
+      strcpy(t->errbuf, "the process forked while the request was in flight");
+    }
+    t->easy = NULL;
+    t->submitted = 0;
+    engine_unlink(t);
+  }
+  e->nidle = 0;
+  e->pid = pid;
+  e->multi = curl_multi_init();
+  return e->multi != NULL ? 0 : -1;
+}
+
+int fs_engine_attached(const fs_engine *e) {
+  int n = 0;
+  const fs_transfer *t;
+  for (t = e->attached; t != NULL; t = t->next)
+    n++;
+  return n;
 }
 
 /* Keep at most max_body bytes; past that, abort the transfer (write error). */

@@ -29,6 +29,7 @@ typedef struct fs_engine {
   CURL *idle[FS_IDLE_HANDLES];  /* easy handles kept for reuse */
   int nidle;
   long max_idle_seconds;        /* connections idle longer are not reused */
+  long pid;                     /* the process that made the multi handle */
 } fs_engine;
 
 /* One HTTP exchange: what it sends, and once done, what came back. */
@@ -77,6 +78,11 @@ CURLMcode fs_engine_wait(fs_engine *e, int timeout_ms);
 CURLMcode fs_engine_timeout(fs_engine *e, long *ms);
 /* Submit t and drive the engine until t is done. */
 CURLMcode fs_engine_run(fs_engine *e, fs_transfer *t);
+/* nginx forks its workers after init_by_lua: in a child, start afresh.
+** Returns -1 when no new multi handle can be made. */
+int fs_engine_after_fork(fs_engine *e);
+/* Transfers holding one of e's easy handles (submitted or being built). */
+int fs_engine_attached(const fs_engine *e);
 
 /* Idempotent: detaches t from its engine (cancelling it if in flight)
 ** and frees what it holds. */

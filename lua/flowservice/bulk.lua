@@ -158,7 +158,7 @@ function Job:settle_by_count(unsettled, accounted, unknown_done)
   end
   -- the dead process's last requests may still be landing
   local wait = (newest + self.grace * 1000 - self:server_now_ms()) / 1000
-  if wait > 0 then self.api.sleep(self.p, wait) end
+  if wait > 0 then self.api.sleep(self.p, wait, self.waiter) end
   for _, entry in pairs(self.state.runs) do
     for _, id in ipairs(entry.new_ids) do accounted[id] = true end
     if entry.state == "done" and not entry.new_id and (entry.server_time or huge) >= oldest - CLOCK_MARGIN_MS then
@@ -239,7 +239,7 @@ function Job:submit_round()
   local lines = {}
   while self.in_flight < self.limit and #self.queue > 0 and now() >= self.not_before do
     local item = remove(self.queue, 1)
-    local opts, err = self.api.attempt_opts(self.p, { if_match = item.etag })
+    local opts, err = self.api.attempt_opts(self.p, { if_match = item.etag }, self.waiter)
     if not opts then return nil, err end
     local t = self.p.handle:submit_retrigger(item.run.id, opts)
     item.tries, item.sent_at = (item.tries or 0) + 1, now()
@@ -344,9 +344,10 @@ end
 function Job:run_queue()
   local handle = self.p.handle
   local carry = {} -- answers journaled with the next round's pending lines
-  while (#self.queue > 0 and not self.fatal) or self.in_flight > 0 do
+  while (#self.queue > 0 and not self.fatal and not self.report.stopped) or self.in_flight > 0 do
     local lines = carry
-    if not self.fatal then
+    if self.api.exiting() then self.report.stopped = "nginx is exiting" end -- a timer's premature end
+    if not self.fatal and not self.report.stopped then
       local pending, err = self:submit_round()
       if not pending then return nil, err end
       for _, l in ipairs(pending) do lines[#lines + 1] = l end
@@ -370,7 +371,8 @@ function Job:run_queue()
     else
       local wait = handle:timeout() or 0.05
       if self.in_flight == 0 then wait = max(0, self.not_before - now()) end
-      handle:wait(min(max(wait, 0.001), 0.25))
+      wait = min(max(wait, 0.001), self.waiter and 0.02 or 0.25)
+      if self.waiter then self.waiter(wait) else handle:wait(wait) end
     end
   end
   return self:write(carry)
@@ -387,6 +389,7 @@ function _M.run(client, p, spec, api)
       settled = {}, dry_run = spec.dry_run or false, journal = spec.journal or nil },
   }, Job)
   job.limit = job.concurrency
+  job.waiter = api.waiter(p, nil, 2)
   local report = job.report
   local function finish(err)
     if job.journal then job.journal:close() end

@@ -10,12 +10,13 @@ local bulk = require "flowservice.bulk"
 local errors = require "flowservice.errors"
 local retry = require "flowservice.retry"
 local runs = require "flowservice.runs"
+local ngxwait = require "flowservice.ngx"
 
 local decode = require("cjson.safe").new().decode
 local now = core.now
 local error, ipairs, next, pairs, pcall, setmetatable, tostring, type =
   error, ipairs, next, pairs, pcall, setmetatable, tostring, type
-local format, floor = string.format, math.floor
+local format, floor, max, min = string.format, math.floor, math.max, math.min
 
 local _M = {}
 
@@ -25,11 +26,12 @@ Client.__index = Client
 local private = setmetatable({}, { __mode = "k" })
 
 -- Options handled here; everything else is the C core's to check.
-local LUA_OPTIONS = { credentials = "table", retry = "table", deadline = "number", log = "function" }
+local LUA_OPTIONS = { credentials = "table", retry = "table", deadline = "number", log = "function",
+  wait = "function" }
 local RETRY_FIELDS = { attempts = "number", base_delay = "number", max_delay = "number" }
 -- What one call may change.
 local CALL_OPTIONS = { if_match = "string", request_id = "string", headers = "table",
-  timeout = "number", deadline = "number" }
+  timeout = "number", deadline = "number", wait = "function" }
 
 local function check_retry(user, argn, fname, level)
   args.fields(user, RETRY_FIELDS, "option 'retry' field", argn, fname, level + 1)
@@ -76,6 +78,7 @@ function _M.new(opts, argn, fname, level)
     retry = check_retry(own.retry or {}, argn, fname, level),
     deadline = check_deadline(own.deadline, argn, fname, level),
     log = own.log,
+    wait = own.wait,
   }
   if own.credentials then
     p.auth = auth.new(check_credentials(own.credentials, argn, fname, level))
@@ -108,14 +111,33 @@ local function secrets(p)
   return list
 end
 
--- Sleep on the client's engine; it holds no transfer, so nothing wakes it
--- but the clock (loop anyway: a wake-up may come early).
-local function sleep(p, seconds)
+-- A call waits by the caller's wait function (an event loop's sleep, e.g.
+-- ngx.sleep), or, without one, in C on the client's engine.
+local function waiter_of(p, call_wait, level)
+  return call_wait or p.wait or ngxwait.default_wait((level or 1) + 1)
+end
+
+-- Sleep for seconds (a backoff, a Retry-After); loop: wake-ups may come early.
+local function sleep(p, seconds, waiter)
   local wake = now() + seconds
   local left = seconds
   while left > 0 do
-    p.handle:wait(left)
+    if waiter then waiter(left) else p.handle:wait(left) end
     left = wake - now()
+  end
+end
+
+-- Between two steps of the engine the waiter gets the time libcurl asks for,
+-- within these bounds: its sockets are not the event loop's, so it is polled.
+local MIN_WAIT, MAX_WAIT = 0.001, 0.02
+
+-- Drive the engine without blocking until t is done.
+local function drive(p, t, waiter)
+  local handle = p.handle
+  handle:step()
+  while not t:done() do
+    waiter(min(max(handle:timeout() or MAX_WAIT, MIN_WAIT), MAX_WAIT))
+    handle:step()
   end
 end
 
@@ -142,7 +164,7 @@ end
 -- send(p, target, opts) makes one attempt and returns result, status,
 -- request_id or nil, the core's error table. creates: the call makes a run
 -- (see flowservice.retry). path: for log lines only (nil when not logging).
-local function call(self, p, method, path, creates, opts, deadline, send, target)
+local function call(self, p, method, path, creates, opts, deadline, send, target, waiter)
   local policy = p.retry
   local ends = deadline and now() + deadline
   local request_ids, attempt, budget, refreshed, last = {}, 0, 0, false, nil
@@ -150,8 +172,8 @@ local function call(self, p, method, path, creates, opts, deadline, send, target
     local attempt_opts, token = opts, nil
     if p.auth then
       local err
-      token, err = p.auth:token(function(form) return self:_ims(p, form) end,
-        function(s) sleep(p, s) end)
+      token, err = p.auth:token(function(form) return self:_ims(p, form, waiter) end,
+        function(s) sleep(p, s, waiter) end)
       if not token then return nil, err end -- the IMS call's own attempts and ids
       attempt_opts = copy(attempt_opts, { access_token = token })
     end
@@ -168,7 +190,7 @@ local function call(self, p, method, path, creates, opts, deadline, send, target
     end
     attempt, budget = attempt + 1, budget + 1
     local started = p.log and now()
-    local result, status_or_err, request_id = send(p, target, attempt_opts)
+    local result, status_or_err, request_id = send(p, target, attempt_opts, waiter)
     if result then
       request_ids[#request_ids + 1] = request_id
       log_attempt(p, method, path, status_or_err, attempt, request_id, started)
@@ -193,7 +215,7 @@ local function call(self, p, method, path, creates, opts, deadline, send, target
         return failed(err, attempt, request_ids)
       end
       if ends and now() + delay >= ends then return failed(err, attempt, request_ids) end
-      sleep(p, delay)
+      sleep(p, delay, waiter)
     end
   end
 end
@@ -220,8 +242,17 @@ local function server_clock(p)
 end
 
 -- One attempt of each kind, for call(): target is the run id or the shape.
-local function send_retrigger(p, run_id, opts)
-  local run, status, request_id, date = p.handle:retrigger(run_id, opts)
+-- With a waiter, the same request is submitted and driven from here; without,
+-- the C engine blocks until it is done.
+local function send_retrigger(p, run_id, opts, waiter)
+  local run, status, request_id, date
+  if waiter then
+    local t = p.handle:submit_retrigger(run_id, opts)
+    drive(p, t, waiter)
+    run, status, request_id, date = t:result()
+  else
+    run, status, request_id, date = p.handle:retrigger(run_id, opts)
+  end
   if run then
     saw_date(p, nil, date)
   elseif status.date then
@@ -230,8 +261,15 @@ local function send_retrigger(p, run_id, opts)
   return run, status, request_id
 end
 
-local function send_request(p, shape, opts)
-  local res, err = p.handle:request(opts, shape)
+local function send_request(p, shape, opts, waiter)
+  local res, err
+  if waiter then
+    local t = p.handle:submit(opts, shape)
+    drive(p, t, waiter)
+    res, err = t:result()
+  else
+    res, err = p.handle:request(opts, shape)
+  end
   local date = (res or err).date
   if date then saw_date(p, date) end
   if res then return res, res.status, res.request_id end
@@ -249,7 +287,7 @@ local function json_body(res, meta)
   return doc, meta
 end
 
-function Client:_ims(p, form)
+function Client:_ims(p, form, waiter)
   local a = p.auth
   local ims_opts = {}
   for _, key in ipairs { "timeout", "connect_timeout", "ca_file", "ca_path", "proxy",
@@ -260,7 +298,8 @@ function Client:_ims(p, form)
   local shape = { method = "POST", path = { "ims", "token", "v3" }, body = form,
     content_type = "application/x-www-form-urlencoded", identity = false }
   local no_auth = { retry = p.retry, log = p.log, handle = p.handle, opts = p.opts, ims_of = a }
-  return call(self, no_auth, "POST", "/ims/token/v3", false, ims_opts, p.deadline, send_request, shape)
+  return call(self, no_auth, "POST", "/ims/token/v3", false, ims_opts, p.deadline, send_request, shape,
+    waiter)
 end
 
 -- Per-call options over the client's.
@@ -273,7 +312,7 @@ local function call_options(p, overrides, argn, fname, level)
   local deadline = check_deadline(overrides.deadline, argn, fname, level + 1) or p.deadline
   if next(overrides) == nil then return p.opts, deadline end
   local o = copy(p.opts, overrides)
-  o.deadline = nil
+  o.deadline, o.wait = nil, nil -- the Lua side's, not the request's
   return o, deadline
 end
 
@@ -282,15 +321,16 @@ function Client:retrigger(run_id, overrides)
   local p = open(self, 2)
   args.run_id(run_id, 1, "retrigger", 2)
   local opts, deadline = call_options(p, overrides, 2, "retrigger", 2)
+  local waiter = waiter_of(p, overrides and overrides.wait, 2)
   local path = p.log and "/runs/" .. run_id .. "/action?op=" .. (opts.op or core.defaults.op)
-  local run, err = call(self, p, "POST", path, true, opts, deadline, send_retrigger, run_id)
+  local run, err = call(self, p, "POST", path, true, opts, deadline, send_retrigger, run_id, waiter)
   if run then return run end
   return nil, err
 end
 
-local function get_json(self, p, path_segments, query, log_path)
+local function get_json(self, p, path_segments, query, log_path, waiter)
   local shape = { method = "GET", path = path_segments, query = query }
-  local res, err = call(self, p, "GET", log_path, false, p.opts, p.deadline, send_request, shape)
+  local res, err = call(self, p, "GET", log_path, false, p.opts, p.deadline, send_request, shape, waiter)
   if not res then return nil, err end
   return json_body(res, err)
 end
@@ -299,34 +339,40 @@ end
 function Client:get_run(run_id)
   local p = open(self, 2)
   args.run_id(run_id, 1, "get_run", 2)
-  local doc, meta = get_json(self, p, { "runs", run_id }, nil, "/runs/" .. run_id)
+  local doc, meta = get_json(self, p, { "runs", run_id }, nil, "/runs/" .. run_id, waiter_of(p, nil, 2))
   if not doc then return nil, meta end
   local run = type(doc.items) == "table" and doc.items[1]
   if type(run) ~= "table" then return nil, reply_error(meta, "decode", "reply has no items[1]") end
   return run
 end
 
--- Pages of a listing, as an iterator of runs: raises a failing page's error.
-local function pages(self, p, query, filters)
-  local seen, token, items, i, count = {}, nil, {}, 0, 0
-  local finished = false
+-- A listing, page by page: next_run() -> run, or nil at the end, or
+-- nil, err when a page fails (no pcall around a wait that may yield).
+local function listing(self, p, query, filters)
+  local seen, token, items, i, count, finished = {}, nil, {}, 0, 0, false
+  local function next_page()
+    local page, meta = get_json(self, p, { "runs" }, runs.page_params(query, filters, token), "/runs",
+      waiter_of(p, nil, 4))
+    if not page then return nil, meta end
+    items, i = type(page.items) == "table" and page.items or {}, 0
+    local nxt = runs.next_token(page)
+    if nxt == false then
+      return nil, reply_error(meta, "protocol", "next page link without a continuationToken")
+    elseif nxt == nil then
+      finished = true
+    elseif seen[nxt] then
+      return nil, reply_error(meta, "protocol", "the server repeated a continuationToken: paging would loop")
+    else
+      seen[nxt], token = true, nxt
+    end
+    return true
+  end
   return function()
     if query.max and count >= query.max then return nil end
     while i >= #items do
       if finished then return nil end
-      local page, meta = get_json(self, p, { "runs" }, runs.page_params(query, filters, token), "/runs")
-      if not page then error(meta, 0) end
-      items, i = type(page.items) == "table" and page.items or {}, 0
-      local nxt = runs.next_token(page)
-      if nxt == false then
-        error(reply_error(meta, "protocol", "next page link without a continuationToken"), 0)
-      elseif nxt == nil then
-        finished = true
-      elseif seen[nxt] then
-        error(reply_error(meta, "protocol", "the server repeated a continuationToken: paging would loop"), 0)
-      else
-        seen[nxt], token = true, nxt
-      end
+      local ok, err = next_page()
+      if not ok then return nil, err end
     end
     i, count = i + 1, count + 1
     return items[i]
@@ -337,29 +383,32 @@ end
 function Client:each_run(query)
   local p = open(self, 2)
   local filters = runs.filters(query, 1, "each_run", 2)
-  return pages(self, p, query, filters)
+  local next_run = listing(self, p, query, filters)
+  return function()
+    local run, err = next_run()
+    if err then error(err, 0) end -- as io.lines does
+    return run
+  end
 end
 
 -- client:list_runs(query) -> array of runs (all pages, up to query.max) or nil, err
 function Client:list_runs(query)
   local p = open(self, 2)
   local filters = runs.filters(query, 1, "list_runs", 2)
-  local list = {}
-  local ok, err = pcall(function()
-    for run in pages(self, p, query, filters) do list[#list + 1] = run end
-  end)
-  if not ok then
-    if errors.is_error(err) then return nil, err end
-    error(err, 0)
+  local next_run, list = listing(self, p, query, filters), {}
+  while true do
+    local run, err = next_run()
+    if err then return nil, err end
+    if run == nil then return list end
+    list[#list + 1] = run
   end
-  return list
 end
 
 -- client:count_runs(query) -> number or nil, err
 function Client:count_runs(query)
   local p = open(self, 2)
   local filters = runs.filters(query, 1, "count_runs", 2)
-  local doc, meta = get_json(self, p, { "runs" }, runs.count_params(filters), "/runs")
+  local doc, meta = get_json(self, p, { "runs" }, runs.count_params(filters), "/runs", waiter_of(p, nil, 2))
   if not doc then return nil, meta end
   if type(doc.count) ~= "number" then return nil, reply_error(meta, "decode", "reply has no count") end
   return math.tointeger and math.tointeger(doc.count) or doc.count
@@ -374,11 +423,13 @@ local job_api = {
   saw_date = saw_date,
   client_id = function(p) return p.opts.api_key end,
   current_token = function(p) return p.auth and p.auth.cached end,
+  waiter = waiter_of,
+  exiting = ngxwait.exiting,
   -- the client's options for one submitted attempt, with a fresh token
-  attempt_opts = function(p, changes)
+  attempt_opts = function(p, changes, waiter)
     if p.auth then
-      local token, err = p.auth:token(function(form) return Client._ims(nil, p, form) end,
-        function(s) sleep(p, s) end)
+      local token, err = p.auth:token(function(form) return Client._ims(nil, p, form, waiter) end,
+        function(s) sleep(p, s, waiter) end)
       if not token then return nil, err end
       changes.access_token = token
     end
@@ -390,6 +441,11 @@ local job_api = {
 function Client:retry_failed(spec)
   local p = open(self, 2)
   return bulk.run(self, p, spec, job_api)
+end
+
+-- How many transfers the client's engine holds (0 between calls); for tests.
+function Client:_in_flight()
+  return open(self, 2).handle:in_flight()
 end
 
 function Client:close()
