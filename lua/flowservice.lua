@@ -6,8 +6,6 @@ local client = require "flowservice.client"
 local errors = require "flowservice.errors"
 local args = require "flowservice.args"
 
-local error, pcall = error, pcall
-
 local _M = {
   _VERSION = core._VERSION,
   defaults = core.defaults, -- what the C core uses when an option is absent (a copy)
@@ -25,9 +23,9 @@ end
 function _M.retrigger(run_id, opts)
   args.run_id(run_id, 1, "retrigger", 2)
   local c = client.new(opts, 2, "retrigger", 2)
-  local ok, run, err = pcall(c.retrigger, c, run_id)
+  -- no pcall (a wait may yield): if this raises, collecting c closes it
+  local run, err = c:retrigger(run_id)
   c:close()
-  if not ok then error(run, 0) end
   return run, err
 end
 

@@ -7,7 +7,7 @@ local core = require "flowservice.core"
 
 local decode = require("cjson.safe").new().decode
 local escape, now = core.escape, core.now
-local error, pcall, setmetatable, type = error, pcall, setmetatable, type
+local setmetatable, type = setmetatable, type
 
 local _M = {}
 
@@ -18,6 +18,7 @@ _M.default_ims_url = "https://ims-na1.adobelogin.com"
 _M.fields = { client_id = "string", client_secret = "string", scopes = "string", ims_url = "string" }
 
 local MARGIN = 300 -- seconds before expiry that a token stops being used
+local STALE_FETCH = 300 -- a token request older than this is no longer waited for
 
 function _M.new(credentials)
   return setmetatable({
@@ -27,7 +28,7 @@ function _M.new(credentials)
     ims_url = credentials.ims_url or _M.default_ims_url,
     cached = nil,       -- the access token in use
     valid_until = 0,
-    fetching = false,
+    fetching = nil,     -- when the token request in flight began
   }, Auth)
 end
 
@@ -46,13 +47,15 @@ end
 -- calls) and returns the raw response or nil, err.
 function Auth:token(request, wait)
   if self.cached and now() < self.valid_until then return self.cached end
-  while self.fetching do wait(0.01) end -- another coroutine is asking already
+  -- another coroutine is asking already: share its answer. No pcall around
+  -- the request (a wait may yield, which PUC Lua 5.1 forbids inside pcall),
+  -- so a request that raised is outlived by a time bound instead.
+  while self.fetching and now() - self.fetching < STALE_FETCH do wait(0.01) end
   if self.cached and now() < self.valid_until then return self.cached end
-  self.fetching = true
   local asked_at = now()
-  local ok, res, err = pcall(request, self:form())
-  self.fetching = false
-  if not ok then error(res, 0) end
+  self.fetching = asked_at
+  local res, err = request(self:form())
+  self.fetching = nil
   if not res then
     if err.kind == "http" then return nil, refused(err) end
     return nil, err
