@@ -12,6 +12,7 @@
 --   server.tls_localhost_url   "https://localhost:TLSPORT"
 --   server.pid, server.worker_pid, server.prefix, server.port, server.tls_port
 --   server:stop()              TERM by pid, wait, remove the prefix; idempotent
+--   server.ports, server:error_log()   as spec/support/nginx.lua's servers have
 --   server:reset()             reseed runs, clear scenarios and the request log
 --   server:scenario(t)         queue a scenario; raises if the fake refuses it
 --   server:requests()          recorded requests, oldest first
@@ -39,19 +40,20 @@
 --   fake.bulk_flow             the generated flow for bulk jobs (see fake.bulk_runs)
 --   fake.bulk_run_id(i, kind)  id of its i-th run of a kind (default "failed")
 --
--- The server is a real nginx on loopback with its own prefix directory, so it
--- neither needs nor touches a system nginx. Control requests go through the
--- curl command line, not through the code under test. Set FAKE_NGINX to use
--- another nginx binary.
+-- The server is a real nginx on loopback with its own prefix directory
+-- (spec/support/nginx.lua), so it neither needs nor touches a system nginx.
+-- Control requests go through the curl command line, not through the code
+-- under test. Set FAKE_NGINX to use another nginx binary.
 
 local cjson = require("cjson").new()
+local nginx = require "spec.support.nginx"
 
-local assert, error, ipairs, next, pairs, pcall, setmetatable, tonumber, tostring, type =
-      assert, error, ipairs, next, pairs, pcall, setmetatable, tonumber, tostring, type
+local assert, error, ipairs, next, pairs, pcall, tonumber, tostring, type =
+      assert, error, ipairs, next, pairs, pcall, tonumber, tostring, type
 local io_open, io_popen = io.open, io.popen
 local os_execute, os_getenv, os_remove = os.execute, os.getenv, os.remove
 local debug_getinfo = debug.getinfo
-local math_floor, math_random = math.floor, math.random
+local math_floor = math.floor
 local math_tointeger = math.tointeger   -- nil before 5.3
 local os_time = os.time
 local str_format = string.format
@@ -139,7 +141,6 @@ function fake.bulk_run_id(i, kind)
 end
 
 local NGINX = os_getenv("FAKE_NGINX") or "nginx"
-local START_TRIES = 20
 local WAIT_SECONDS = 5
 
 ---------------------------------------------------------------------------
@@ -147,13 +148,6 @@ local WAIT_SECONDS = 5
 
 local function q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
--- os.execute returns a number on 5.1 and (ok, how, code) on 5.2+.
-local function execute(cmd)
-  local a, _, c = os_execute(cmd)
-  if type(a) == "number" then return a == 0, a end
-  return a == true, c
 end
 
 -- Output and, on 5.2+, the exit status (5.1's close does not report it).
@@ -179,7 +173,7 @@ local function write_file(path, data)
 end
 
 local function sleep(seconds)
-  execute("sleep " .. tostring(seconds))
+  os_execute("sleep " .. tostring(seconds))
 end
 
 -- Seconds, fine-grained without a process per call: /proc/uptime (Linux,
@@ -188,15 +182,6 @@ local function monotonic()
   local text = read_file("/proc/uptime")
   local up = text and tonumber(text:match("^(%S+)"))
   return up or os_time()
-end
-
--- Read /proc rather than `kill -0`: a master that exited but is not yet
--- reaped (PID 1 in some containers reaps slowly) still answers kill -0.
-local function alive(pid)
-  local stat = read_file(str_format("/proc/%d/stat", pid))
-  if not stat then return false end
-  local st = stat:match("%) (%a)")
-  return st ~= "Z" and st ~= "X"
 end
 
 local function absolute(path)
@@ -220,22 +205,6 @@ local function repo_root()
   local dir = source:sub(2):match("^(.*)/[^/]*$") or "."
   local root = capture("cd " .. q(absolute(dir) .. "/../..") .. " && pwd -P"):gsub("\n$", "")
   return root
-end
-
--- A port from /dev/urandom, so parallel processes started in the same second
--- differ, without reseeding the math.random that busted itself uses.
-local function random_port()
-  local f = io_open("/dev/urandom", "rb")
-  local n
-  if f then
-    local b = f:read(4)
-    f:close()
-    n = 0
-    for i = 1, #b do n = n * 256 + b:byte(i) end
-  else
-    n = math_random(0, 2 ^ 30)
-  end
-  return 20000 + n % 41000
 end
 
 local function escape_segment(s)
@@ -278,10 +247,10 @@ local function parse_headers(text)
 end
 
 ---------------------------------------------------------------------------
--- the server object
+-- the server object: spec/support/nginx.lua's (prefix, pid, ports, url,
+-- error_log, stop, __gc, __close) with these methods
 
 local Server = {}
-Server.__index = Server
 
 function Server:_control(method, path, body)
   if self.stopped then error("fake server is stopped", 3) end
@@ -422,62 +391,15 @@ function Server:http(opts)
            curl_exit = exit_code }
 end
 
--- Stop by pid: TERM the master, wait for it (and its worker) to go, then
--- remove the prefix. Safe to call twice, and from __gc.
-function Server:stop()
-  if self.stopped then return end
-  self.stopped = true
-  local pids = { self.pid, self.worker_pid }
-  if self.pid then execute(str_format("kill -TERM %d 2>/dev/null", self.pid)) end
-  for _ = 1, WAIT_SECONDS * 20 do
-    local any = false
-    for _, pid in pairs(pids) do
-      if alive(pid) then any = true end
-    end
-    if not any then break end
-    sleep(0.05)
-  end
-  for _, pid in pairs(pids) do
-    if alive(pid) then execute(str_format("kill -KILL %d 2>/dev/null", pid)) end
-  end
-  -- Only ever remove a directory this module made.
-  if self.prefix and self.prefix:match("^/.+/flowservice%-fake%.[%w]+$") then
-    execute("rm -rf " .. q(self.prefix))
-  end
-end
-
--- A test file that dies half-way must not leave nginx behind: __gc covers a
--- Lua error that drops the server, the watchdog covers a process that is
--- killed (SIGKILL, SIGPIPE into `| head`, Ctrl-C) and never runs __gc.
-local function finalize(self) pcall(Server.stop, self) end
-
-local WATCHDOG = [[
-alive() { [ -r /proc/$1/stat ] && ! grep -q ') Z ' /proc/$1/stat 2>/dev/null; }
-while alive "$0" && alive "$1"; do sleep 1; done
-if alive "$1"; then
-  kill -TERM "$1"
-  i=0; while alive "$1" && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
-  rm -rf "$2"
-fi
-]]
-
--- setsid: its own session, so the Ctrl-C that kills the tests spares it.
-local function start_watchdog(server)
-  local owner = tonumber((capture("echo $PPID")))   -- the shell's parent: this process
-  if not owner then return end
-  execute(str_format("setsid sh -c %s %d %d %s >/dev/null 2>&1 </dev/null &",
-                     q(WATCHDOG), owner, server.pid, q(server.prefix)))
-end
-local Server_mt = { __index = Server, __gc = finalize, __close = finalize }
-
 ---------------------------------------------------------------------------
 -- starting
 
-local function tls_block(tls, port)
+-- On the second port; nginx.start fills @PORT2@ after the vars.
+local function tls_block(tls)
   local cert = safe_path(absolute(assert(tls.cert, "tls.cert is required")), "tls.cert")
   local key = safe_path(absolute(assert(tls.key, "tls.key is required")), "tls.key")
   return table_concat({
-    str_format("        listen 127.0.0.1:%d ssl%s;", port, tls.http2 and " http2" or ""),
+    str_format("        listen 127.0.0.1:@PORT2@ ssl%s;", tls.http2 and " http2" or ""),
     str_format('        ssl_certificate "%s";', cert),
     str_format('        ssl_certificate_key "%s";', key),
   }, "\n")
@@ -499,8 +421,14 @@ local function behaviour_lua(t)
   return "{ " .. table_concat(parts, ", ") .. " }"
 end
 
-local function bind_failure(text)
-  return text:find("Address already in use", 1, true) or text:find("bind() to", 1, true)
+-- Health answers once the Lua handler runs; it names the worker, whose pid
+-- the fake's own tests check after stop.
+local function healthy(server)
+  local code, text = server:_control("GET", "/_fake/health")
+  if code ~= 200 then return false end
+  -- cjson decodes every number as a float; pids are used in commands
+  server.worker_pid = math_floor(cjson.decode(text).pid)
+  return true
 end
 
 function fake.start(opts)
@@ -509,74 +437,34 @@ function fake.start(opts)
   local fake_dir = safe_path(root .. "/fake", "fake/")
   local fixture = safe_path(absolute(opts.fixture or (fake_dir .. "/runs.json")), "fixture")
   if not read_file(fixture) then error("fixture not readable: " .. fixture, 2) end
-  local template = assert(read_file(fake_dir .. "/nginx.conf.in"))
   local behaviour = behaviour_lua(opts.behaviour)
 
-  local prefix = capture("mktemp -d \"${TMPDIR:-/tmp}/flowservice-fake.XXXXXXXX\""):gsub("\n$", "")
-  assert(prefix:match("^/.+/flowservice%-fake%.[%w]+$"), "mktemp failed: " .. prefix)
-  safe_path(prefix, "prefix")
-  -- Run as root, nginx's worker becomes "nobody": it must be able to enter
-  -- the prefix (mktemp makes it 0700) to reach its temp directories.
-  execute("chmod 755 " .. q(prefix))
-  local server = setmetatable({ prefix = prefix, fixture = fixture }, Server_mt)
-
-  local port, tls_port, started, last_log
-  for _ = 1, START_TRIES do
-    port = random_port()
-    repeat tls_port = random_port() until tls_port ~= port
-    local values = {
-      PREFIX = prefix,
+  local ok, server = pcall(nginx.start, {
+    template = fake_dir .. "/nginx.conf.in",
+    vars = {
       FAKEDIR = fake_dir,
       FIXTURE_LUA = str_format("%q", fixture),
       BEHAVIOUR_LUA = behaviour,
-      PORT = tostring(port),
-      TLS = opts.tls and tls_block(opts.tls, tls_port) or "",
-    }
-    local conf = template:gsub("@([%u_]+)@", function(name)
-      return assert(values[name], "unknown slot @" .. name .. "@")
-    end)
-    write_file(prefix .. "/nginx.conf", conf)
-    os_remove(prefix .. "/error.log")
-    -- Output to a file, never a pipe: the daemon would keep a pipe open.
-    local ok = execute(str_format("%s -p %s -c %s -e %s > %s 2>&1 < /dev/null",
-      NGINX, q(prefix .. "/"), q(prefix .. "/nginx.conf"), q(prefix .. "/error.log"),
-      q(prefix .. "/start.log")))
-    if ok then started = true break end
-    last_log = (read_file(prefix .. "/start.log") or "") .. (read_file(prefix .. "/error.log") or "")
-    if not bind_failure(last_log) then break end
-  end
-  if not started then
-    server.stopped = true
-    execute("rm -rf " .. q(prefix))
-    error("fake: nginx did not start:\n" .. tostring(last_log), 2)
-  end
+      TLS = opts.tls and tls_block(opts.tls) or "",
+    },
+    ports = opts.tls and 2 or 1,
+    ready = healthy,
+    timeout = WAIT_SECONDS,
+    nginx = NGINX,
+    name = "fake",
+    methods = Server,
+  })
+  if not ok then error("fake: " .. tostring(server), 2) end
 
-  server.port = port
-  server.url = "http://127.0.0.1:" .. port
+  server.fixture = fixture
+  server.port = server.ports[1]
   server.ims_url = server.url
   if opts.tls then
-    server.tls_port = tls_port
-    server.tls_url = "https://127.0.0.1:" .. tls_port
-    server.tls_localhost_url = "https://localhost:" .. tls_port
+    server.tls_port = server.ports[2]
+    server.tls_url = "https://127.0.0.1:" .. server.tls_port
+    server.tls_localhost_url = "https://localhost:" .. server.tls_port
   end
-
-  -- nginx has daemonized; wait for the pid file and a health answer.
-  for _ = 1, WAIT_SECONDS * 20 do
-    server.pid = server.pid or tonumber(read_file(prefix .. "/nginx.pid") or "")
-    if server.pid then
-      local code, text = server:_control("GET", "/_fake/health")
-      if code == 200 then
-        -- cjson decodes every number as a float; pids are used in commands
-        server.worker_pid = math_floor(cjson.decode(text).pid)
-        start_watchdog(server)
-        return server
-      end
-    end
-    sleep(0.05)
-  end
-  local log = read_file(prefix .. "/error.log") or ""
-  server:stop()
-  error("fake: nginx started but never answered /_fake/health:\n" .. log, 2)
+  return server
 end
 
 return fake
