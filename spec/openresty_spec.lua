@@ -32,7 +32,7 @@ describe("#openresty lua-flowservice in nginx", function()
     server = nginx.start {
       template = "spec/support/openresty.conf.in",
       vars = { ROOT = repo_root(), FAKE_URL = flow_service.url, INIT_RUN = h.runs.failed,
-        BULK_FLOW = fake.flows.bulk, JOURNAL = journal },
+        BULK_FLOW = fake.flows.bulk, PAGING_FLOW = fake.paging_flow, JOURNAL = journal },
       ready = "/health",
       timeout = 10,
     }
@@ -96,6 +96,12 @@ describe("#openresty lua-flowservice in nginx", function()
     get(server.url .. "/retrigger?run=" .. h.runs.failed, "-X POST --max-time 0.1")
     os.execute("sleep 0.7")
     assert.equal("0", get(server.url .. "/in-flight"):gsub("%s+$", ""))
+  end)
+
+  it("lists runs across pages and reads one run the same way", function()
+    flow_service:reset()
+    flow_service:scenario { match = "^GET ", delay = 0.05, times = 0 }
+    assert.equal(fake.paging_runs.failed.count .. " " .. h.runs.failed, get(server.url .. "/runs"):gsub("%s+$", ""))
   end)
 
   it("refuses to wait in a phase that cannot yield, with a clear error", function()
