@@ -50,12 +50,10 @@ local nginx = require "spec.support.nginx"
 
 local assert, error, ipairs, next, pairs, pcall, tonumber, tostring, type =
       assert, error, ipairs, next, pairs, pcall, tonumber, tostring, type
-local io_open, io_popen = io.open, io.popen
-local os_execute, os_getenv, os_remove = os.execute, os.getenv, os.remove
+local os_getenv, os_remove = os.getenv, os.remove
 local debug_getinfo = debug.getinfo
 local math_floor = math.floor
 local math_tointeger = math.tointeger   -- nil before 5.3
-local os_time = os.time
 local str_format = string.format
 local table_concat = table.concat
 
@@ -146,43 +144,9 @@ local WAIT_SECONDS = 5
 ---------------------------------------------------------------------------
 -- shell helpers
 
-local function q(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
--- Output and, on 5.2+, the exit status (5.1's close does not report it).
-local function capture(cmd)
-  local p = assert(io_popen(cmd, "r"))
-  local out = p:read("*a")
-  local _, _, code = p:close()
-  return out, code
-end
-
-local function read_file(path)
-  local f = io_open(path, "rb")
-  if not f then return nil end
-  local data = f:read("*a")
-  f:close()
-  return data
-end
-
-local function write_file(path, data)
-  local f = assert(io_open(path, "wb"))
-  assert(f:write(data))
-  f:close()
-end
-
-local function sleep(seconds)
-  os_execute("sleep " .. tostring(seconds))
-end
-
--- Seconds, fine-grained without a process per call: /proc/uptime (Linux,
--- 10 ms steps), else os.time.
-local function monotonic()
-  local text = read_file("/proc/uptime")
-  local up = text and tonumber(text:match("^(%S+)"))
-  return up or os_time()
-end
+local q, capture = nginx.util.quote, nginx.util.capture
+local read_file, write_file = nginx.util.read_file, nginx.util.write_file
+local sleep, monotonic = nginx.util.sleep, nginx.util.monotonic
 
 local function absolute(path)
   if path:sub(1, 1) == "/" then return path end

@@ -235,6 +235,10 @@ end
 local Server = {}
 _M.Server = Server
 
+-- The shell and file helpers above, for the other test supports.
+_M.util = { quote = q, capture = capture, read_file = read_file, write_file = write_file,
+  sleep = sleep, monotonic = monotonic }
+
 local PREFIX_PATTERN = "^/.+/flowservice%-[%w_]+%.%w+$"
 
 function Server:error_log()
