@@ -164,7 +164,9 @@ end
 -- send(p, target, opts) makes one attempt and returns result, status,
 -- request_id or nil, the core's error table. creates: the call makes a run
 -- (see flowservice.retry). path: for log lines only (nil when not logging).
-local function call(self, p, method, path, creates, opts, deadline, send, target, waiter)
+local ims_request -- defined below: call() asks it for tokens, it asks call() to send
+
+local function call(p, method, path, creates, opts, deadline, send, target, waiter)
   local policy = p.retry
   local ends = deadline and now() + deadline
   local request_ids, attempt, budget, refreshed, last = {}, 0, 0, false, nil
@@ -172,7 +174,7 @@ local function call(self, p, method, path, creates, opts, deadline, send, target
     local attempt_opts, token = opts, nil
     if p.auth then
       local err
-      token, err = p.auth:token(function(form) return self:_ims(p, form, waiter) end,
+      token, err = p.auth:token(function(form) return ims_request(p, form, waiter) end,
         function(s) sleep(p, s, waiter) end)
       if not token then return nil, err end -- the IMS call's own attempts and ids
       attempt_opts = copy(attempt_opts, { access_token = token })
@@ -287,7 +289,8 @@ local function json_body(res, meta)
   return doc, meta
 end
 
-function Client:_ims(p, form, waiter)
+-- The IMS token request: a safe call, no identity headers, the client's transport.
+function ims_request(p, form, waiter)
   local a = p.auth
   local ims_opts = {}
   for _, key in ipairs { "timeout", "connect_timeout", "ca_file", "ca_path", "proxy",
@@ -298,7 +301,7 @@ function Client:_ims(p, form, waiter)
   local shape = { method = "POST", path = { "ims", "token", "v3" }, body = form,
     content_type = "application/x-www-form-urlencoded", identity = false }
   local no_auth = { retry = p.retry, log = p.log, handle = p.handle, opts = p.opts, ims_of = a }
-  return call(self, no_auth, "POST", "/ims/token/v3", false, ims_opts, p.deadline, send_request, shape,
+  return call(no_auth, "POST", "/ims/token/v3", false, ims_opts, p.deadline, send_request, shape,
     waiter)
 end
 
@@ -323,14 +326,14 @@ function Client:retrigger(run_id, overrides)
   local opts, deadline = call_options(p, overrides, 2, "retrigger", 2)
   local waiter = waiter_of(p, overrides and overrides.wait, 2)
   local path = p.log and "/runs/" .. run_id .. "/action?op=" .. (opts.op or core.defaults.op)
-  local run, err = call(self, p, "POST", path, true, opts, deadline, send_retrigger, run_id, waiter)
+  local run, err = call(p, "POST", path, true, opts, deadline, send_retrigger, run_id, waiter)
   if run then return run end
   return nil, err
 end
 
-local function get_json(self, p, path_segments, query, log_path, waiter)
+local function get_json(p, path_segments, query, log_path, waiter)
   local shape = { method = "GET", path = path_segments, query = query }
-  local res, err = call(self, p, "GET", log_path, false, p.opts, p.deadline, send_request, shape, waiter)
+  local res, err = call(p, "GET", log_path, false, p.opts, p.deadline, send_request, shape, waiter)
   if not res then return nil, err end
   return json_body(res, err)
 end
@@ -339,7 +342,7 @@ end
 function Client:get_run(run_id)
   local p = open(self, 2)
   args.run_id(run_id, 1, "get_run", 2)
-  local doc, meta = get_json(self, p, { "runs", run_id }, nil, "/runs/" .. run_id, waiter_of(p, nil, 2))
+  local doc, meta = get_json(p, { "runs", run_id }, nil, "/runs/" .. run_id, waiter_of(p, nil, 2))
   if not doc then return nil, meta end
   local run = type(doc.items) == "table" and doc.items[1]
   if type(run) ~= "table" then return nil, reply_error(meta, "decode", "reply has no items[1]") end
@@ -348,10 +351,10 @@ end
 
 -- A listing, page by page: next_run() -> run, or nil at the end, or
 -- nil, err when a page fails (no pcall around a wait that may yield).
-local function listing(self, p, query, filters)
+local function listing(p, query, filters)
   local seen, token, items, i, count, finished = {}, nil, {}, 0, 0, false
   local function next_page()
-    local page, meta = get_json(self, p, { "runs" }, runs.page_params(query, filters, token), "/runs",
+    local page, meta = get_json(p, { "runs" }, runs.page_params(query, filters, token), "/runs",
       waiter_of(p, nil, 4))
     if not page then return nil, meta end
     items, i = type(page.items) == "table" and page.items or {}, 0
@@ -383,7 +386,7 @@ end
 function Client:each_run(query)
   local p = open(self, 2)
   local filters = runs.filters(query, 1, "each_run", 2)
-  local next_run = listing(self, p, query, filters)
+  local next_run = listing(p, query, filters)
   return function()
     local run, err = next_run()
     if err then error(err, 0) end -- as io.lines does
@@ -395,7 +398,7 @@ end
 function Client:list_runs(query)
   local p = open(self, 2)
   local filters = runs.filters(query, 1, "list_runs", 2)
-  local next_run, list = listing(self, p, query, filters), {}
+  local next_run, list = listing(p, query, filters), {}
   while true do
     local run, err = next_run()
     if err then return nil, err end
@@ -408,7 +411,7 @@ end
 function Client:count_runs(query)
   local p = open(self, 2)
   local filters = runs.filters(query, 1, "count_runs", 2)
-  local doc, meta = get_json(self, p, { "runs" }, runs.count_params(filters), "/runs", waiter_of(p, nil, 2))
+  local doc, meta = get_json(p, { "runs" }, runs.count_params(filters), "/runs", waiter_of(p, nil, 2))
   if not doc then return nil, meta end
   if type(doc.count) ~= "number" then return nil, reply_error(meta, "decode", "reply has no count") end
   return math.tointeger and math.tointeger(doc.count) or doc.count
@@ -428,7 +431,7 @@ local job_api = {
   -- the client's options for one submitted attempt, with a fresh token
   attempt_opts = function(p, changes, waiter)
     if p.auth then
-      local token, err = p.auth:token(function(form) return Client._ims(nil, p, form, waiter) end,
+      local token, err = p.auth:token(function(form) return ims_request(p, form, waiter) end,
         function(s) sleep(p, s, waiter) end)
       if not token then return nil, err end
       changes.access_token = token
