@@ -293,16 +293,6 @@ local function list(t) return setmetatable(t or {}, LIST) end
 local LIST_KEYS = { items = true, errors = true, activities = true, labels = true,
   sourceConnectionIds = true, targetConnectionIds = true, transformations = true }
 
-local encode
-
-local function is_sequence(t)
-  local n = #t
-  if n == 0 then return false end
-  local count = 0
-  for _ in pairs(t) do count = count + 1 end
-  return count == n
-end
-
 -- Only what may leave: never the body (it may echo what we sent).
 local function error_json(err)
   if type(err) ~= "table" then return { kind = "error", message = tostring(err) } end
@@ -310,39 +300,30 @@ local function error_json(err)
     request_id = err.request_id }
 end
 
-function encode(v, key)
-  local t = type(v)
-  if t == "table" then
-    if flowservice.is_error(v) then return encode(error_json(v)) end
-    if getmetatable(v) == LIST or is_sequence(v) or (next(v) == nil and LIST_KEYS[key]) then
-      local parts = {}
-      for i, item in ipairs(v) do parts[i] = encode(item) end
-      return "[" .. concat(parts, ",") .. "]"
-    end
-    local keys = {}
-    for k in pairs(v) do
-      if type(k) == "string" or type(k) == "number" then keys[#keys + 1] = tostring(k) end
-    end
-    sort(keys)
-    local parts = {}
-    for _, k in ipairs(keys) do
-      local item = v[k]
-      if item == nil then item = v[tonumber(k)] end
-      if type(item) ~= "function" then parts[#parts + 1] = cjson.encode(k) .. ":" .. encode(item, k) end
-    end
-    return "{" .. concat(parts, ",") .. "}"
-  elseif t == "number" then
-    if v ~= v or v == huge or v == -huge then return "null" end
-    if v == floor(v) and v > -2 ^ 53 and v < 2 ^ 53 then return format("%.0f", v) end
-    return format("%.14g", v)
-  elseif t == "string" then
-    return (cjson.encode(v):gsub("\\/", "/")) -- lua-cjson writes / as \/; a path reads better without
-  elseif t == "boolean" then
-    return cjson.encode(v)
-  elseif v == nil or v == cjson.null then
-    return "null"
+-- lua-cjson writes the JSON; this marker, swapped for [] afterwards, is how
+-- an empty list gets out as a list.
+local EMPTY_LIST = "flowservice_empty_list_6f1d2c"
+
+-- A copy fit for cjson.encode: errors reduced to what may leave, functions
+-- dropped, empty lists marked.
+local function prepare(v, key)
+  if type(v) ~= "table" then
+    if type(v) == "function" then return nil end
+    return v
   end
-  return cjson.encode(tostring(v))
+  if flowservice.is_error(v) then return error_json(v) end
+  if next(v) == nil then
+    return (getmetatable(v) == LIST or LIST_KEYS[key]) and EMPTY_LIST or v
+  end
+  local copy = {}
+  for k, item in pairs(v) do copy[k] = prepare(item, k) end
+  return copy
+end
+
+local function encode(v)
+  local text = cjson.encode(prepare(v))
+  text = text:gsub('"' .. EMPTY_LIST .. '"', "[]")
+  return (text:gsub("\\/", "/")) -- lua-cjson writes / as \/; a path reads better without
 end
 
 local function print_json(out, v)
