@@ -2,8 +2,8 @@ SHELL := /bin/bash
 
 # lua-flowservice. The two commands of the README:
 #   make demo   re-trigger a failed run against the local fake Flow Service
-#   make test   the whole suite under Lua 5.4, 5.3, 5.1 and LuaJIT, then under
-#               valgrind (Lua 5.4)
+#   make test   the whole suite under Lua 5.4, 5.3, 5.1 and LuaJIT, then with
+#               AddressSanitizer and UBSan, then under valgrind (Lua 5.4)
 # Both install what is missing (Debian packages) first.
 
 LUA          ?= lua5.4
@@ -23,8 +23,8 @@ LUA51_INC    := /usr/include/lua5.1
 NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy
 TEST_LOG     := $(BUILD)/test-results.tap
 
-.PHONY: all deps build trees compat demo test test-lua test-lua5.3 test-lua5.1 test-luajit \
-        test-valgrind bench clean
+.PHONY: all deps build trees compat asan demo test test-lua test-lua5.3 test-lua5.1 \
+        test-luajit test-asan test-valgrind bench clean
 
 all: build
 
@@ -68,6 +68,21 @@ $(BUILD)/lua51/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
 	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I$(LUA51_INC) -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
 
+# The core and a Lua 5.4 interpreter built with AddressSanitizer and UBSan;
+# the sanitizers live in the interpreter, so processes the tests start
+# (curl, nginx) are not touched.
+SANITIZE := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined
+LUA54_STATIC := $(firstword $(wildcard /usr/lib/*/liblua5.4.a /usr/lib/liblua5.4.a))
+asan: $(BUILD)/asan/flowservice/core.so $(BUILD)/asan/asan-lua
+
+$(BUILD)/asan/flowservice/core.so: $(SOURCES) $(HEADERS)
+	@mkdir -p $(@D)
+	gcc $(SANITIZE) -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
+
+$(BUILD)/asan/asan-lua: spec/support/asan_lua.c
+	@mkdir -p $(@D)
+	gcc $(SANITIZE) $(STRICT) -I/usr/include/lua5.4 -o $@ $< $(LUA54_STATIC) -lm -ldl -Wl,-E
+
 demo: deps
 	@mkdir -p $(BUILD)
 	@$(MAKE) --no-print-directory build
@@ -75,10 +90,10 @@ demo: deps
 
 test: deps
 	@mkdir -p $(BUILD)
-	@$(MAKE) --no-print-directory trees compat
+	@$(MAKE) --no-print-directory trees compat asan
 	@rm -f $(TEST_LOG)
 	@status=0; \
-	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-valgrind; do \
+	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-asan test-valgrind; do \
 	  $(MAKE) --no-print-directory $$step || status=1; \
 	done; \
 	echo; echo "$$(grep -c '^ok ' $(TEST_LOG)) passed, $$(grep -c '^not ok ' $(TEST_LOG)) failed"; \
@@ -97,6 +112,10 @@ test-lua5.1: trees
 
 test-luajit: trees compat
 	$(NO_PROXY_ENV) luajit $(BUSTED) --ignore-lua --run=luajit -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
+
+test-asan: asan
+	$(NO_PROXY_ENV) ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(BUILD)/asan/asan-lua $(BUSTED) --ignore-lua --run=asan -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
 test-valgrind: build
 	$(NO_PROXY_ENV) FLOWSERVICE_UNDER_VALGRIND=1 sh spec/support/valgrind.sh $(BUSTED) --ignore-lua --run=valgrind -o TAP \
