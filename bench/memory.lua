@@ -49,11 +49,12 @@ local base_rss, base_heap = settle()
 io_write(str_format("%s, %d calls after a %d-call warm-up\n", s.label, n, WARMUP))
 io_write(str_format("%9s %10s %10s %12s\n", "calls", "VmRSS kB", "growth kB", "Lua heap kB"))
 io_write(str_format("%9d %10d %10d %12.1f\n", 0, base_rss, 0, base_heap))
-local done, rss, heap = 0, base_rss, base_heap
+local done, rss = 0, base_rss
 for i = 1, CHECKPOINTS do
   local upto = n * i // CHECKPOINTS
   calls(upto - done)
   done = upto
+  local heap
   rss, heap = settle()
   io_write(str_format("%9d %10d %10d %12.1f\n", done, rss, rss - base_rss, heap))
 end

@@ -183,7 +183,7 @@ end
 
 local function speed(server, env)
   local list = selected()
-  local results, protos, client_label = {}, {}, nil
+  local results, protos = {}, {}
   for _, c in ipairs(list) do
     c.n = c.fast and N or SLOW_N
     results[c.key], protos[c.key] = { h1 = {}, h2 = {} }, {}
@@ -209,10 +209,7 @@ local function speed(server, env)
         local r = results[c.key][port]
         r[#r + 1] = us
         protos[c.key][port] = proto
-        if c.key == "client" then
-          c.name = CLIENT_NAME[label] or label
-          client_label = label
-        end
+        if c.key == "client" then c.name = CLIENT_NAME[label] or label end
         line[#line + 1] = str_format("%s %s", c.key, fmt_us(us))
       end
       log("round %d/%d %s: %s (us/call)", round, ROUNDS, port, table_concat(line, ", "))

@@ -315,7 +315,7 @@ static fs_call *submit_run_action(lua_State *L, fs_client *client, int run_arg,
   r.cache = &client->urls;
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
   fs_request_options(L, opts_arg, 0, &r);
-  fs_request_run_action(L, run_arg, opts_arg, &r);
+  fs_request_run_action(L, run_arg, &r);
   c = call_start(L, client, FS_RUN_ACTION, &r);
   engine_check(L, fs_engine_submit(&client->engine, &c->t));
   return c;
@@ -337,14 +337,7 @@ static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
 
 /* Drive until c is done, then hand over its result. */
 static int finish(lua_State *L, fs_client *client, fs_call *c) {
-  int running;
-  CURLMcode rc = CURLM_OK;
-  while (rc == CURLM_OK && !c->t.done) {
-    rc = fs_engine_step(&client->engine, &running);
-    if (rc == CURLM_OK && !c->t.done)
-      rc = fs_engine_wait(&client->engine, 1000);
-  }
-  engine_check(L, rc);
+  engine_check(L, fs_engine_finish(&client->engine, &c->t));
   return call_results(L, c);
 }
 
@@ -405,12 +398,6 @@ static int client_in_flight(lua_State *L) {
 
 static int client_close(lua_State *L) {
   return client_gc(L);
-}
-
-static int client_is_closed(lua_State *L) {
-  fs_client *c = (fs_client *)luaL_checkudata(L, 1, FS_CLIENT_MT);
-  lua_pushboolean(L, c->closed);
-  return 1;
 }
 
 
@@ -524,8 +511,7 @@ int luaopen_flowservice_core(lua_State *L) {
     {"retrigger", client_retrigger}, {"request", client_request},
     {"submit_retrigger", client_submit_retrigger}, {"submit", client_submit},
     {"step", client_step}, {"wait", client_wait}, {"timeout", client_timeout},
-    {"in_flight", client_in_flight}, {"close", client_close},
-    {"is_closed", client_is_closed}, {NULL, NULL}
+    {"in_flight", client_in_flight}, {"close", client_close}, {NULL, NULL}
   };
   static const luaL_Reg transfer[] = {
     {"done", transfer_done}, {"result", transfer_result},

@@ -272,14 +272,13 @@ CURLMcode fs_engine_timeout(fs_engine *e, long *ms) {
   return curl_multi_timeout(e->multi, ms);
 }
 
-CURLMcode fs_engine_run(fs_engine *e, fs_transfer *t) {
+CURLMcode fs_engine_finish(fs_engine *e, fs_transfer *t) {
   int running;
-  CURLMcode rc = fs_engine_submit(e, t);
-  while (rc == CURLM_OK) {
+  CURLMcode rc = CURLM_OK;
+  while (rc == CURLM_OK && !t->done) {
     rc = fs_engine_step(e, &running);
-    if (rc != CURLM_OK || t->done)
-      break;
-    rc = fs_engine_wait(e, FS_POLL_MS);
+    if (rc == CURLM_OK && !t->done)
+      rc = fs_engine_wait(e, FS_POLL_MS);
   }
   return rc;
 }

@@ -76,8 +76,8 @@ CURLMcode fs_engine_step(fs_engine *e, int *running);
 CURLMcode fs_engine_wait(fs_engine *e, int timeout_ms);
 /* How long libcurl wants to wait at most before the next step (ms, -1 none). */
 CURLMcode fs_engine_timeout(fs_engine *e, long *ms);
-/* Submit t and drive the engine until t is done. */
-CURLMcode fs_engine_run(fs_engine *e, fs_transfer *t);
+/* Drive the engine, blocking, until t (submitted) is done. */
+CURLMcode fs_engine_finish(fs_engine *e, fs_transfer *t);
 /* nginx forks its workers after init_by_lua: in a child, start afresh.
 ** Returns -1 when no new multi handle can be made. */
 int fs_engine_after_fork(fs_engine *e);

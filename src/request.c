@@ -367,7 +367,7 @@ static void check_segment(lua_State *L, int arg, const char *what,
     luaL_argerror(L, arg, lua_pushfstring(L, "%s may not be '.' or '..'", what));
 }
 
-void fs_request_run_action(lua_State *L, int arg, int opts, fs_request *r) {
+void fs_request_run_action(lua_State *L, int arg, fs_request *r) {
   size_t len;
   const char *run_id;
   if (lua_type(L, arg) != LUA_TSTRING)  /* not even a number: ids are text */
@@ -375,7 +375,6 @@ void fs_request_run_action(lua_State *L, int arg, int opts, fs_request *r) {
                   "run id must be a non-empty string, got %s", luaL_typename(L, arg)));
   run_id = lua_tolstring(L, arg, &len);
   check_segment(L, arg, "run id", run_id, len);
-  (void)opts;
   r->get = 0;
   r->identity = 1;
   r->run_action = 1;

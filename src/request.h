@@ -77,7 +77,7 @@ typedef struct fs_request {
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r);
 
 /* Check the run id at stack index arg; POST runs/{id}/action?op={op}. */
-void fs_request_run_action(lua_State *L, int arg, int opts, fs_request *r);
+void fs_request_run_action(lua_State *L, int arg, fs_request *r);
 
 /* Check a request shape table at stack index spec:
 ** { method = "GET"|"POST", path = {seg, ...}, query = {{name, value}, ...},

@@ -122,7 +122,7 @@ end
 -- Settling what a dead job left pending or ambiguous --------------------
 
 -- 1. linkage: the server names a run's children.
-function Job:settle_by_linkage(entry, run)
+local function settle_by_linkage(entry, run)
   local known = {}
   for _, id in ipairs(entry.new_ids) do known[id] = true end
   for _, child in ipairs(children_of(run) or {}) do
@@ -202,7 +202,7 @@ function Job:settle(candidates_by_id)
     local outcome, new_id, evidence
     if learned.linkage then
       local run = candidates_by_id[entry.run] or self.client:get_run(entry.run)
-      if run then outcome, new_id = self:settle_by_linkage(entry, run) evidence = "linkage" end
+      if run then outcome, new_id = settle_by_linkage(entry, run) evidence = "linkage" end
       if outcome == "retry" then outcome = nil end -- only once grace has passed: see below
     end
     if not outcome and learned.etag_changes then

@@ -18,7 +18,7 @@ local error, getmetatable, ipairs, next, pairs, pcall, select, setmetatable, ton
   tostring, type, xpcall = error, getmetatable, ipairs, next, pairs, pcall, select, setmetatable,
   tonumber, tostring, type, xpcall
 local traceback = debug.traceback
-local concat, sort = table.concat, table.sort
+local concat = table.concat
 local floor, huge = math.floor, math.huge
 local format = string.format
 local io_open, os_date, os_execute, os_getenv = io.open, os.date, os.execute, os.getenv
