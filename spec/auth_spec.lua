@@ -68,21 +68,22 @@ describe("IMS credentials", function()
     assert.equal(1, (function() local n = 0 for _ in pairs(tokens) do n = n + 1 end return n end)())
   end)
 
-  it("stops using a token five minutes before it expires", function()
-    server:ims { expires_in = 301 } -- usable for one second
+  it("stops using a token before it expires (a short-lived one after 3/4 of its life)", function()
+    server:ims { expires_in = 2 } -- usable for 1.5 s
     local client = new()
     assert.is_table((client:retrigger(h.runs.failed)))
     assert.is_table((client:retrigger(h.runs.failed)))
     assert.equal(1, #requests("/ims/"))
-    system.sleep(1.2)
+    system.sleep(1.7)
     assert.is_table((client:retrigger(h.runs.failed)))
     assert.equal(2, #requests("/ims/"))
-    server:ims { expires_in = 120 } -- shorter than the margin: good for one call
+    server:ims { expires_in = 60 } -- an hour's token less the 5-minute margin would be nothing
     server:expire_tokens()
     assert.is_table((client:retrigger(h.runs.failed)))
     assert.is_table((client:retrigger(h.runs.failed)))
+    assert.is_table((client:retrigger(h.runs.failed)))
     client:close()
-    assert.equal(4, #requests("/ims/"))
+    assert.equal(3, #requests("/ims/"))
   end)
 
   it("refreshes the token once on a 401 401013 and replays the call", function()

@@ -43,11 +43,12 @@ end
 
 describe("flowservice command", function()
   local server, tmp
+  local state_home, tests = nil, 0 -- each test its own journals
 
   -- The environment the fake accepts; extra: name -> value, or false to drop it.
   local function environment(extra)
     local env = {
-      PATH = os.getenv("PATH") or "/usr/bin:/bin", HOME = tmp .. "/home",
+      PATH = os.getenv("PATH") or "/usr/bin:/bin", HOME = tmp .. "/home", XDG_STATE_HOME = state_home,
       LUA_PATH = LUA_PATH, LUA_CPATH = LUA_CPATH,
       AEP_ACCESS_TOKEN = TOKEN, AEP_API_KEY = fake.credentials.api_key,
       AEP_ORG_ID = fake.credentials.org, FLOWSERVICE_URL = server.url,
@@ -104,7 +105,11 @@ describe("flowservice command", function()
     server:stop()
     os.execute("rm -rf " .. q(tmp))
   end)
-  before_each(function() server:reset() end)
+  before_each(function()
+    server:reset()
+    tests = tests + 1
+    state_home = tmp .. "/state-" .. tests
+  end)
 
   describe("--help and --version", function()
     it("prints the usage and exits 0", function()
@@ -143,10 +148,14 @@ describe("flowservice command", function()
       local new_id, etag = out:match("^" .. lit(h.runs.failed) .. " %-> ([%w%-]+) (\"[^\"]+\")\n$")
       assert.truthy(new_id, out)
       assert.equal(etag, server:run(new_id).etag)
-      local posts = requests("/runs/")
+      local posts = {}
+      for _, r in ipairs(requests("/runs/")) do
+        if r.method == "POST" then posts[#posts + 1] = r end
+      end
       assert.equal(1, #posts)
-      assert.equal("POST", posts[1].method)
       assert.equal("/runs/" .. h.runs.failed .. "/action", posts[1].path)
+      assert.equal("GET", requests("/runs/")[1].method) -- read first: flow, etag, children
+      assert.equal(server:run(h.runs.failed).etag, posts[1].headers["if-match"])
     end)
 
     it("re-triggers several, one line each, in order", function()
@@ -482,14 +491,38 @@ describe("flowservice command", function()
       assert.matches(lit(victim) .. "  flowservice: HTTP 400 400123: refused for the test", out)
     end)
 
-    it_needs_bulk("an operator's --resolve is reported as settled", function()
+    it_needs_bulk("an operator's --resolve settles a run the journal holds as pending", function()
       local id = fake.bulk_run_id(3)
+      local journal = tmp .. "/resolve-" .. tests .. ".jsonl"
+      -- what a job killed right after sending leaves behind
+      write(journal, cjson.encode { run = id, flow = BULK, state = "pending", request_id = "r-1",
+        time = 1766000000000 } .. "\n")
       local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--dry-run", "--json",
-        "--resolve", id .. "=done" }
+        "--journal", journal, "--resolve", id .. "=done" }
       assert.equal(0, code)
       local report = json(out)
       assert.same({ { run_id = id, outcome = "done", evidence = "operator" } }, report.settled)
       assert.equal(39, #report.planned)
+    end)
+
+    it_needs_bulk("refuses --resolve of a run that is not pending or ambiguous: exit 2, nothing sent", function()
+      local journal = tmp .. "/resolve-" .. tests .. ".jsonl"
+      local code, _, err = flowservice_cmd { "retry-failed", "--flow", BULK, "--journal", journal,
+        "--resolve", fake.bulk_run_id(4) .. "=done" }
+      assert.equal(2, code)
+      assert.matches("run " .. lit(fake.bulk_run_id(4)) .. " is not in the journal", err)
+      assert.equal(0, server:stats().posts)
+      code = flowservice_cmd { "retry-failed", "--flow", BULK, "--journal", journal }
+      assert.equal(0, code)
+      for _, decision in ipairs { "done", "retry" } do
+        server:reset()
+        code, _, err = flowservice_cmd { "retry-failed", "--flow", BULK, "--journal", journal,
+          "--resolve", fake.bulk_run_id(4) .. "=" .. decision }
+        assert.equal(2, code)
+        assert.matches("run " .. lit(fake.bulk_run_id(4)) .. " is done in the journal", err)
+        assert.equal(0, server:stats().posts)
+        assert.equal(0, server:stats().gets)
+      end
     end)
 
     it_needs_bulk("exits 3 when the token is refused, without leaking it", function()

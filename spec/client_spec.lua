@@ -82,20 +82,56 @@ describe("flowservice.new", function()
       client:close()
     end)
 
-    it("notices a resend of a re-trigger on a reused connection that died", function()
+    -- libcurl resends a request on a reused connection that dies before any
+    -- reply byte; for a re-trigger the server may have acted already.
+    it("never resends a re-trigger on a reused connection that died after the server acted", function()
       local client = new()
       assert.is_table((client:retrigger(runs.failed)))
-      -- the server reads the next POST on that connection, then drops it
-      server:scenario { match = "^POST ", drop = "after" }
+      server:scenario { match = "^POST ", act_then_delay = 0, drop = "after" }
       local run, err = client:retrigger(runs.failed)
       client:close()
-      assert.is_nil(err)
-      assert.is_true(run.resent) -- libcurl sent it again on a new connection
+      assert.is_nil(run)
+      assert.equal("network", err.kind)
+      assert.is_true(err.sent)
+      assert.is_true(err.ambiguous)
+      assert.equal(1, err.attempts)
+      assert.is_nil(err.resent)
+      if require("flowservice.core").resend_guard == "prereq" then
+        assert.matches("connection died after the request went out", err.message, 1, true)
+      end
       local got = server:requests()
-      assert.equal(3, #got)
-      assert.equal(got[1].connection, got[2].connection)
-      assert.not_equal(got[2].connection, got[3].connection)
-      assert.equal(got[2].headers["x-request-id"], got[3].headers["x-request-id"])
+      assert.equal(2, #got) -- one POST per call: the dead one never went out again
+      assert.equal(2, server:stats().by_source[runs.failed])
+    end)
+
+    it("may resend a read on a reused connection that died", function()
+      local client = new()
+      assert.is_table((client:get_run(runs.failed)))
+      server:scenario { match = "^GET ", drop = "after" }
+      local run, err = client:get_run(runs.failed)
+      client:close()
+      assert.is_nil(err)
+      assert.equal(runs.failed, run.id)
+      assert.is_nil(run.resent)
+    end)
+
+    it("counts a re-trigger in flight when its client is closed as sent (it may be done)", function()
+      local client
+      local posted = false
+      client = new { wait = function(s)
+        if not posted and server:stats().posts >= 1 then -- the server has it, and acts
+          posted = true
+          client:close()
+        end
+        h.sleep(s)
+      end }
+      server:scenario { match = "^POST ", act_then_delay = 1 }
+      local run, err = client:retrigger(runs.failed)
+      assert.is_true(posted)
+      assert.is_nil(run)
+      assert.is_true(err.sent)
+      assert.is_true(err.ambiguous)
+      assert.equal(1, server:stats().posts)
     end)
   end)
 

@@ -5,8 +5,12 @@
 **   new(opts [, token_later])     a client: an engine whose connections last
 **   client:retrigger(run_id, opts) / client:request(opts, shape)   blocking
 **   client:submit_retrigger(...) / client:submit(...) -> transfer  non-blocking
+**   client:prepare_retrigger(...) -> transfer, built but not yet sent
 **   client:step() / client:wait(s) / client:timeout() / client:close()
-**   transfer:done() / transfer:result() / transfer:cancel()
+**   transfer:submit() / transfer:done() / transfer:result() / transfer:cancel()
+**
+** A run action (re-trigger) is never sent twice: a resend libcurl would
+** make on a dead reused connection is refused (core.resend_guard).
 **
 ** Lua sees only finished results: no Lua runs while libcurl works.
 */
@@ -95,8 +99,6 @@ static const char *transport_error_kind(const fs_transfer *t) {
 static void set_exchange(lua_State *L, const fs_call *c) {
   const fs_transfer *t = &c->t;
   set_string(L, "request_id", c->request_id);
-  if (t->sends > 1)
-    set_boolean(L, "resent", 1);
   if (t->date[0] != '\0') {
     time_t when = curl_getdate(t->date, NULL);
     if (when != (time_t)-1)
@@ -116,7 +118,10 @@ static int push_transport_error(lua_State *L, const fs_call *c) {
   const fs_transfer *t = &c->t;
   lua_pushnil(L);
   push_error(L, c, transport_error_kind(t));
-  if (t->too_large || t->result == CURLE_FILESIZE_EXCEEDED)
+  if (t->resend_refused)
+    lua_pushliteral(L, "the connection died after the request went out, before any reply;"
+                    " libcurl's resend was refused (the run may have been created)");
+  else if (t->too_large || t->result == CURLE_FILESIZE_EXCEEDED)
     lua_pushfstring(L, "reply too large: more than max_body (%d bytes)", (int)t->max_body);
   else if (t->out_of_memory)
     lua_pushliteral(L, "out of memory while reading the reply");
@@ -170,8 +175,6 @@ static int push_run(lua_State *L, const fs_call *c) {
   if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
     return push_decode_error(L, c, "reply has a non-string etag");
   lua_setfield(L, -2, "etag");
-  if (t->sends > 1)
-    set_boolean(L, "resent", 1);
   lua_pushinteger(L, (lua_Integer)t->status);  /* for the caller's log */
   lua_pushstring(L, c->request_id);
   if (t->date[0] == '\0')
@@ -235,7 +238,7 @@ static fs_call *call_start(lua_State *L, fs_client *client, int kind,
   if (c->request_id == NULL)
     luaL_error(L, "flowservice: out of memory");
   strcpy(c->request_id, r->header[H_REQUEST_ID]);
-  rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body);
+  rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body, kind == FS_RUN_ACTION);
   if (rc != CURLE_OK)
     luaL_error(L, "flowservice: libcurl setup failed: %s", curl_easy_strerror(rc));
   fs_request_apply(L, &c->t, r);
@@ -247,13 +250,21 @@ static void engine_check(lua_State *L, CURLMcode rc) {
     luaL_error(L, "flowservice: libcurl engine failed: %s", curl_multi_strerror(rc));
 }
 
+/* In a forked child, a transfer of the parent's has ended (aborted). */
+static fs_call *call_current(lua_State *L, int idx) {
+  fs_call *c = call_check(L, idx);
+  if (c->t.engine != NULL)
+    (void)fs_engine_after_fork(c->t.engine);  /* forgets; no I/O */
+  return c;
+}
+
 static int transfer_done(lua_State *L) {
-  lua_pushboolean(L, call_check(L, 1)->t.done);
+  lua_pushboolean(L, call_current(L, 1)->t.done);
   return 1;
 }
 
 static int transfer_result(lua_State *L) {
-  fs_call *c = call_check(L, 1);
+  fs_call *c = call_current(L, 1);
   if (!c->t.done)
     return luaL_error(L, "flowservice: transfer is still in flight");
   return call_results(L, c);
@@ -269,8 +280,25 @@ static int transfer_request_id(lua_State *L) {
 static int transfer_cancel(lua_State *L) {
   fs_call *c = call_check(L, 1);
   fs_transfer_free(&c->t);
+  c->t.done = 1;
   c->taken = 1;
   return 0;
+}
+
+/* Hand a prepared transfer to its engine: from here on, anything that
+** drives the engine may send it. false when it ended before (its client
+** was closed, or the process forked). */
+static int transfer_submit(lua_State *L) {
+  fs_call *c = call_current(L, 1);
+  if (c->t.submitted)
+    return luaL_error(L, "flowservice: transfer already submitted");
+  if (c->t.done || c->t.engine == NULL || c->t.engine->multi == NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  engine_check(L, fs_engine_submit(c->t.engine, &c->t));
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 
@@ -307,8 +335,9 @@ static fs_client *client_new(lua_State *L) {
   return c;
 }
 
-static fs_call *submit_run_action(lua_State *L, fs_client *client, int run_arg,
-                                  int opts_arg) {
+/* Build a run action's transfer; submit it too unless only prepared. */
+static fs_call *start_run_action(lua_State *L, fs_client *client, int run_arg,
+                                 int opts_arg, int submit) {
   fs_request r;
   fs_call *c;
   memset(&r, 0, sizeof r);
@@ -317,7 +346,8 @@ static fs_call *submit_run_action(lua_State *L, fs_client *client, int run_arg,
   fs_request_options(L, opts_arg, 0, &r);
   fs_request_run_action(L, run_arg, &r);
   c = call_start(L, client, FS_RUN_ACTION, &r);
-  engine_check(L, fs_engine_submit(&client->engine, &c->t));
+  if (submit)
+    engine_check(L, fs_engine_submit(&client->engine, &c->t));
   return c;
 }
 
@@ -343,7 +373,7 @@ static int finish(lua_State *L, fs_client *client, fs_call *c) {
 
 static int client_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  return finish(L, client, submit_run_action(L, client, 2, 3));
+  return finish(L, client, start_run_action(L, client, 2, 3, 1));
 }
 
 static int client_request(lua_State *L) {
@@ -352,7 +382,12 @@ static int client_request(lua_State *L) {
 }
 
 static int client_submit_retrigger(lua_State *L) {
-  submit_run_action(L, client_check(L, 1), 2, 3);
+  start_run_action(L, client_check(L, 1), 2, 3, 1);
+  return 1;
+}
+
+static int client_prepare_retrigger(lua_State *L) {
+  start_run_action(L, client_check(L, 1), 2, 3, 0);
   return 1;
 }
 
@@ -373,7 +408,8 @@ static int client_step(lua_State *L) {
 static int client_wait(lua_State *L) {
   fs_client *client = client_check(L, 1);
   lua_Number seconds = luaL_checknumber(L, 2);
-  int ms = seconds <= 0 ? 0 : seconds >= 3600 ? 3600000 : (int)(seconds * 1000 + 0.5);
+  int ms = !(seconds > 0) ? 0  /* NaN too */
+           : seconds >= 3600 ? 3600000 : (int)(seconds * 1000 + 0.5);
   engine_check(L, fs_engine_wait(&client->engine, ms));
   return 0;
 }
@@ -411,7 +447,7 @@ static int core_retrigger(lua_State *L) {
   int n;
   lua_settop(L, 2);
   client = client_new(L);
-  n = finish(L, client, submit_run_action(L, client, 1, 2));
+  n = finish(L, client, start_run_action(L, client, 1, 2, 1));
   fs_engine_free(&client->engine);
   fs_url_cache_free(&client->urls);
   client->closed = 1;
@@ -450,6 +486,18 @@ static int core_unescape(lua_State *L) {
   lua_pushlstring(L, plain, (size_t)outlen);
   curl_free(plain);
   return 1;
+}
+
+/* core.check_url(url) -> true, or nil and why not (the base_url rules). */
+static int core_check_url(lua_State *L) {
+  const char *why = fs_url_problem(luaL_checkstring(L, 1));
+  if (why == NULL) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushstring(L, why);
+  return 2;
 }
 
 /* An HTTP date (a reply's Date header) -> epoch seconds, or nil. */
@@ -505,16 +553,18 @@ int luaopen_flowservice_core(lua_State *L) {
   static const luaL_Reg module[] = {
     {"retrigger", core_retrigger}, {"new", core_new}, {"escape", core_escape},
     {"unescape", core_unescape}, {"now", core_now}, {"parse_date", core_parse_date},
+    {"check_url", core_check_url},
     {NULL, NULL}
   };
   static const luaL_Reg client[] = {
     {"retrigger", client_retrigger}, {"request", client_request},
     {"submit_retrigger", client_submit_retrigger}, {"submit", client_submit},
+    {"prepare_retrigger", client_prepare_retrigger},
     {"step", client_step}, {"wait", client_wait}, {"timeout", client_timeout},
     {"in_flight", client_in_flight}, {"close", client_close}, {NULL, NULL}
   };
   static const luaL_Reg transfer[] = {
-    {"done", transfer_done}, {"result", transfer_result},
+    {"done", transfer_done}, {"result", transfer_result}, {"submit", transfer_submit},
     {"request_id", transfer_request_id}, {"cancel", transfer_cancel},
     {NULL, NULL}
   };
@@ -534,6 +584,7 @@ int luaopen_flowservice_core(lua_State *L) {
   fs_request_push_defaults(L);
   lua_setfield(L, -2, "defaults");
   set_string(L, "_VERSION", FS_VERSION);
+  set_string(L, "resend_guard", FS_RESEND_GUARD);
   /* not curl_version(): it initialises libldap/libsasl, whose memory is
   ** lost when Lua unloads the library at exit */
   set_string(L, "curl_version", curl_version_info(CURLVERSION_NOW)->version);

@@ -61,14 +61,58 @@ static void engine_release(fs_transfer *t) {
   engine_unlink(t);
 }
 
-void fs_engine_free(fs_engine *e) {
+static int engine_forked(const fs_engine *e) {
+  return (long)getpid() != e->pid;
+}
+
+/* Whether an unfinished transfer's request may have left. With the
+** prerequest callback the count is exact; without it, anything submitted
+** may have been sent. In a forked child nothing is known: the parent may
+** still send what it prepared. */
+static int transfer_may_be_sent(const fs_transfer *t, int forked) {
+  if (forked)
+    return 1;
+  return FS_HAVE_PREREQ ? t->sends > 0 : t->submitted;
+}
+
+static void transfer_abort(fs_transfer *t, int forked, const char *why) {
+  if (t->done)
+    return;
+  t->done = 1;
+  t->result = CURLE_ABORTED_BY_CALLBACK;
+  t->sent = transfer_may_be_sent(t, forked);
+  strcpy(t->errbuf, why);
+}
+
+/*
+** In a forked child: the handles came from the parent, with its
+** connections, and cleaning them up here would shut down TLS sessions the
+** parent still uses. They are forgotten instead (a one-time leak per
+** child); the transfers end aborted, counted as sent.
+*/
+static void engine_forget(fs_engine *e) {
   while (e->attached != NULL) {
     fs_transfer *t = e->attached;
-    if (!t->done) {
-      t->done = 1;
-      t->result = CURLE_ABORTED_BY_CALLBACK;
-      strcpy(t->errbuf, "the client was closed");
-    }
+    transfer_abort(t, 1, "the process forked while the request was in flight");
+    t->easy = NULL;
+    t->submitted = 0;
+    curl_slist_free_all(t->headers);  /* plain memory: this process's copy */
+    t->headers = NULL;
+    engine_unlink(t);
+  }
+  e->nidle = 0;
+  e->multi = NULL;
+  e->pid = (long)getpid();
+}
+
+void fs_engine_free(fs_engine *e) {
+  if (engine_forked(e)) {
+    engine_forget(e);
+    return;
+  }
+  while (e->attached != NULL) {
+    fs_transfer *t = e->attached;
+    transfer_abort(t, 0, "the client was closed");
     if (t->submitted)
       (void)curl_multi_remove_handle(e->multi, t->easy);
     t->submitted = 0;
@@ -86,30 +130,11 @@ void fs_engine_free(fs_engine *e) {
   }
 }
 
-/*
-** The handles came from the parent, with its connections: cleaning them up
-** here would shut down TLS sessions the parent still uses. They are
-** forgotten instead (a one-time leak per worker), and this process starts
-** with a multi handle of its own.
-*/
 int fs_engine_after_fork(fs_engine *e) {
-  long pid = (long)getpid();
-  if (pid == e->pid || e->multi == NULL)
-    return 0;
-  while (e->attached != NULL) {
-    fs_transfer *t = e->attached;
-    if (!t->done) {
-      t->done = 1;
-      t->result = CURLE_ABORTED_BY_CALLBACK;
-      strcpy(t->errbuf, "the process forked while the request was in flight");
-    }
-    t->easy = NULL;
-    t->submitted = 0;
-    engine_unlink(t);
-  }
-  e->nidle = 0;
-  e->pid = pid;
-  e->multi = curl_multi_init();
+  if (engine_forked(e))
+    engine_forget(e);
+  if (e->multi == NULL)  /* forgotten, here or by a transfer's __gc */
+    e->multi = curl_multi_init();
   return e->multi != NULL ? 0 : -1;
 }
 
@@ -148,19 +173,72 @@ static size_t transfer_on_body(char *data, size_t size, size_t n, void *ud) {
   return len;
 }
 
-#if FS_CURL_AT_LEAST(7, 80, 0)
-/* Called once per request libcurl is about to send, resends included. */
+/* Retry-After (seconds or an HTTP date) and Date, from the last response's
+** header lines; one code path for every libcurl version. */
+static size_t transfer_on_header(char *data, size_t size, size_t n, void *ud) {
+  fs_transfer *t = (fs_transfer *)ud;
+  size_t len = size * n, name, vlen;
+  char value[128];
+  const char *v;
+  if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {  /* a new response begins */
+    t->retry_after = -1;
+    t->date[0] = '\0';
+    return len;
+  }
+  v = (const char *)memchr(data, ':', len);
+  if (v == NULL)
+    return len;
+  name = (size_t)(v - data);
+  v++;
+  vlen = len - (size_t)(v - data);
+  while (vlen > 0 && (*v == ' ' || *v == '\t'))
+    v++, vlen--;
+  while (vlen > 0 && (v[vlen - 1] == '\r' || v[vlen - 1] == '\n'
+                      || v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
+    vlen--;
+  if (vlen == 0 || vlen >= sizeof value)
+    return len;
+  memcpy(value, v, vlen);
+  value[vlen] = '\0';
+  if (name == 11 && curl_strnequal(data, "Retry-After", 11)) {
+    char *end;
+    long long seconds = strtoll(value, &end, 10);
+    if (end != value && *end == '\0' && value[0] != '-') {
+      t->retry_after = seconds;
+    } else {
+      time_t when = curl_getdate(value, NULL);
+      if (when != (time_t)-1) {
+        time_t now = time(NULL);
+        t->retry_after = when > now ? (long long)(when - now) : 0;
+      }
+    }
+  } else if (name == 4 && curl_strnequal(data, "Date", 4) && vlen < sizeof t->date) {
+    memcpy(t->date, value, vlen + 1);
+  }
+  return len;
+}
+
+#if FS_HAVE_PREREQ
+/* Called once per request libcurl is about to send, resends included. A
+** resend of a once transfer is refused: the first may have been acted on. */
 static int transfer_on_prereq(void *ud, char *primary_ip, char *local_ip,
                               int primary_port, int local_port) {
+  fs_transfer *t = (fs_transfer *)ud;
   (void)primary_ip; (void)local_ip; (void)primary_port; (void)local_port;
-  ((fs_transfer *)ud)->sends++;
+  if (t->once && t->sends > 0) {
+    t->resend_refused = 1;
+    return CURL_PREREQFUNC_ABORT;
+  }
+  t->sends++;
   return CURL_PREREQFUNC_OK;
 }
 #endif
 
-CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body) {
+CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int once) {
   CURLcode rc = CURLE_OK;
   t->max_body = max_body;
+  t->once = once;
+  t->retry_after = -1;
   t->easy = e->nidle > 0 ? e->idle[--e->nidle] : curl_easy_init();
   if (t->easy == NULL)
     return CURLE_OUT_OF_MEMORY;
@@ -173,18 +251,23 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body) {
   FS_SET(CURLOPT_FOLLOWLOCATION, 0L);  /* a redirect would carry the token */
   FS_SET(CURLOPT_WRITEFUNCTION, transfer_on_body);
   FS_SET(CURLOPT_WRITEDATA, (void *)t);
+  FS_SET(CURLOPT_HEADERFUNCTION, transfer_on_header);
+  FS_SET(CURLOPT_HEADERDATA, (void *)t);
   FS_SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)max_body);
 #if FS_CURL_AT_LEAST(7, 85, 0)
   FS_SET(CURLOPT_PROTOCOLS_STR, "http,https");
 #else
   FS_SET(CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
-#if FS_CURL_AT_LEAST(7, 65, 0)
   FS_SET(CURLOPT_MAXAGE_CONN, e->max_idle_seconds);
-#endif
-#if FS_CURL_AT_LEAST(7, 80, 0)
+#if FS_HAVE_PREREQ
   FS_SET(CURLOPT_PREREQFUNCTION, transfer_on_prereq);
   FS_SET(CURLOPT_PREREQDATA, (void *)t);
+#else
+  if (once) {  /* libcurl resends only on reused connections */
+    FS_SET(CURLOPT_FRESH_CONNECT, 1L);
+    FS_SET(CURLOPT_FORBID_REUSE, 1L);
+  }
 #endif
 #undef FS_SET
   return rc;
@@ -199,45 +282,18 @@ CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t) {
   return rc;
 }
 
-static void transfer_keep_date(fs_transfer *t) {
-  t->date[0] = '\0';
-#if FS_CURL_AT_LEAST(7, 83, 0)
-  {
-    struct curl_header *h;
-    if (curl_easy_header(t->easy, "Date", 0, CURLH_HEADER, -1, &h) == CURLHE_OK
-        && strlen(h->value) < sizeof t->date)
-      strcpy(t->date, h->value);
-  }
-#endif
-}
-
-static long long transfer_retry_after(fs_transfer *t) {
-#if FS_CURL_AT_LEAST(7, 83, 0)
-  struct curl_header *h;
-  curl_off_t seconds;  /* libcurl reads both forms: seconds and HTTP date */
-  if (curl_easy_header(t->easy, "Retry-After", 0, CURLH_HEADER, -1, &h) == CURLHE_OK
-      && curl_easy_getinfo(t->easy, CURLINFO_RETRY_AFTER, &seconds) == CURLE_OK)
-    return (long long)seconds;
-#else
-  (void)t;
-#endif
-  return -1;
-}
-
 /* Read what the caller will want off the easy handle, then give it back. */
 static void transfer_finish(fs_transfer *t, CURLcode result) {
   t->result = result;
   if (curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &t->status) != CURLE_OK)
     t->status = 0;
-  t->retry_after = transfer_retry_after(t);
-  transfer_keep_date(t);
-#if FS_CURL_AT_LEAST(7, 80, 0)
+#if FS_HAVE_PREREQ
   t->sent = t->sends > 0;
 #else
   {
     long size = 0;
-    t->sent = curl_easy_getinfo(t->easy, CURLINFO_REQUEST_SIZE, &size) == CURLE_OK
-              && size > 0;
+    t->sent = curl_easy_getinfo(t->easy, CURLINFO_REQUEST_SIZE, &size) != CURLE_OK
+              || size > 0;
   }
 #endif
   t->done = 1;
@@ -284,6 +340,8 @@ CURLMcode fs_engine_finish(fs_engine *e, fs_transfer *t) {
 }
 
 void fs_transfer_free(fs_transfer *t) {
+  if (t->engine != NULL && engine_forked(t->engine))
+    engine_forget(t->engine);  /* detaches t, and every other transfer */
   if (t->engine != NULL)
     engine_release(t);  /* cancelled in flight, or never submitted */
   free(t->body);

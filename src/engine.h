@@ -19,6 +19,27 @@
 #define FS_CURL_AT_LEAST(x, y, z) \
   (LIBCURL_VERSION_NUM >= (((x) << 16) | ((y) << 8) | (z)))
 
+/* curl_multi_poll came with 7.66.0; the URL API and MAXAGE_CONN before. */
+#if !FS_CURL_AT_LEAST(7, 66, 0)
+#error "lua-flowservice needs libcurl 7.66.0 or later (found " LIBCURL_VERSION ")"
+#endif
+
+/*
+** How a run-creating request is kept from going out twice. libcurl resends
+** a request on a reused connection that dies before any reply byte, even a
+** POST the server already acted on. With CURLOPT_PREREQFUNCTION (7.80.0)
+** the second send is refused; without it (or built with -DFS_NO_PREREQ, to
+** test the fallback) such a request gets a fresh connection that is never
+** reused, and libcurl only resends on reused connections.
+*/
+#if FS_CURL_AT_LEAST(7, 80, 0) && !defined(FS_NO_PREREQ)
+#define FS_HAVE_PREREQ 1
+#define FS_RESEND_GUARD "prereq"
+#else
+#define FS_HAVE_PREREQ 0
+#define FS_RESEND_GUARD "fresh_connection"
+#endif
+
 #define FS_IDLE_HANDLES 16
 
 typedef struct fs_transfer fs_transfer;
@@ -38,6 +59,7 @@ struct fs_transfer {
   fs_transfer *prev, *next;   /* in engine->attached */
   CURL *easy;                 /* borrowed from the engine while attached */
   struct curl_slist *headers;
+  int once;                   /* creates a run: never sent twice */
   int submitted;
   int done;
   /* the reply, collected by the write callback */
@@ -46,29 +68,36 @@ struct fs_transfer {
   int too_large;              /* reply passed max_body: aborted on purpose */
   int out_of_memory;          /* the body buffer could not grow */
   int sends;                  /* times libcurl began sending the request */
+  int resend_refused;         /* a second send of a once transfer was stopped */
+  /* from the reply's header lines (the last response's) */
+  long long retry_after;      /* seconds; -1 without a Retry-After header */
+  char date[40];              /* the Date header, as sent ("" none); parsed
+                              ** only when someone asks for it */
   /* read off the easy handle when the transfer finishes */
   CURLcode result;
   long status;                /* HTTP status, 0 without a reply */
-  long long retry_after;      /* seconds; -1 without a Retry-After header */
-  char date[40];              /* the reply's Date header, as sent ("" none);
-                              ** parsed only when someone asks for it */
-  int sent;                   /* any byte of the request may have left */
+  int sent;                   /* any byte of the request may have left; an
+                              ** aborted transfer whose sends are unknown
+                              ** counts as sent */
   char errbuf[CURL_ERROR_SIZE];
 };
 
 /* Engine: 0 on success, -1 when libcurl cannot make a multi handle. */
 int fs_engine_init(fs_engine *e);
 /* Idempotent. Attached transfers end as aborted (CURLE_ABORTED_BY_CALLBACK)
-** and let go of their easy handles. */
+** and let go of their easy handles. In a forked child the parent's handles
+** are forgotten, never freed (freeing would talk on the parent's sockets). */
 void fs_engine_free(fs_engine *e);
 
 /*
 ** fs_transfer_prepare borrows an easy handle (pooled or new) and sets what
 ** every request of this module needs: body capture with a cap, send
-** counting, error buffer, no signals, no redirects, http(s) only.
-** Returns CURLE_OK or the first failing CURLcode.
+** counting, Retry-After and Date capture, error buffer, no signals, no
+** redirects, http(s) only. once: the request creates something and must
+** never be sent twice (see FS_RESEND_GUARD). Returns CURLE_OK or the first
+** failing CURLcode.
 */
-CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body);
+CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int once);
 CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t);
 /* Drive every transfer without blocking; finished ones get done = 1. */
 CURLMcode fs_engine_step(fs_engine *e, int *running);
@@ -78,14 +107,17 @@ CURLMcode fs_engine_wait(fs_engine *e, int timeout_ms);
 CURLMcode fs_engine_timeout(fs_engine *e, long *ms);
 /* Drive the engine, blocking, until t (submitted) is done. */
 CURLMcode fs_engine_finish(fs_engine *e, fs_transfer *t);
-/* nginx forks its workers after init_by_lua: in a child, start afresh.
-** Returns -1 when no new multi handle can be made. */
+/* nginx forks its workers after init_by_lua: in a child, forget the
+** parent's handles (their transfers end aborted, counted as sent: the
+** parent may still send them) and start afresh. Returns -1 when no new
+** multi handle can be made. */
 int fs_engine_after_fork(fs_engine *e);
 /* Transfers holding one of e's easy handles (submitted or being built). */
 int fs_engine_attached(const fs_engine *e);
 
 /* Idempotent: detaches t from its engine (cancelling it if in flight)
-** and frees what it holds. */
+** and frees what it holds; in a forked child, forgets the parent's handles
+** instead. */
 void fs_transfer_free(fs_transfer *t);
 
 #endif

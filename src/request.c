@@ -270,22 +270,34 @@ static char *url_prefix(CURLU *u) {
   return url;
 }
 
-/* Checks base_url, once per distinct value when the client keeps a cache. */
-static void check_base_url(lua_State *L, int opts, const char *base_url,
-                           fs_url_cache *cache) {
+const char *fs_url_problem(const char *url) {
   const char *why = NULL;
-  CURLU *u;
-  if (cache != NULL && cache->base_url != NULL && strcmp(cache->base_url, base_url) == 0)
-    return;
-  u = curl_url();
+  CURLU *u = curl_url();
   if (u == NULL)
-    luaL_error(L, "flowservice: out of memory");
-  if (curl_url_set(u, CURLUPART_URL, base_url, 0) != CURLUE_OK)
+    return "could not be checked (out of memory)";
+  if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK)
     why = "is not a valid URL";
   else if (!url_scheme_is_http(u))
     why = "must be an http:// or https:// URL";
-  else if (cache != NULL) {
-    fs_url_cache_free(cache);
+  curl_url_cleanup(u);
+  return why;
+}
+
+/* Checks base_url, once per distinct value when the client keeps a cache. */
+static void check_base_url(lua_State *L, int opts, const char *base_url,
+                           fs_url_cache *cache) {
+  const char *why;
+  CURLU *u;
+  if (cache != NULL && cache->base_url != NULL && strcmp(cache->base_url, base_url) == 0)
+    return;
+  why = fs_url_problem(base_url);
+  if (why != NULL)
+    opt_error(L, opts, "base_url", why);
+  if (cache == NULL)
+    return;
+  u = curl_url();
+  fs_url_cache_free(cache);
+  if (u != NULL && curl_url_set(u, CURLUPART_URL, base_url, 0) == CURLUE_OK) {
     cache->base_url = (char *)malloc(strlen(base_url) + 1);
     if (cache->base_url != NULL) {
       strcpy(cache->base_url, base_url);
@@ -293,8 +305,6 @@ static void check_base_url(lua_State *L, int opts, const char *base_url,
     }
   }
   curl_url_cleanup(u);
-  if (why != NULL)
-    opt_error(L, opts, "base_url", why);
 }
 
 /* The runtime libcurl, not the headers we compiled against. */

@@ -37,6 +37,9 @@ typedef struct fs_url_cache {
 
 void fs_url_cache_free(fs_url_cache *cache);
 
+/* NULL when url is an http(s) URL libcurl accepts, else why not. */
+const char *fs_url_problem(const char *url);
+
 typedef struct fs_param {
   const char *name;
   const char *value;

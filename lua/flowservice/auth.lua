@@ -1,13 +1,14 @@
 -- IMS access tokens for OAuth Server-to-Server credentials: fetched on first
--- use, cached until five minutes before they expire, fetched again after a
--- 401 401013. The client secret stays in this object; no error or log line
+-- use, cached until five minutes before they expire (short-lived ones for
+-- three quarters of their life), fetched again after a 401 401013. The client secret stays in this object; no error or log line
 -- carries it.
 local errors = require "flowservice.errors"
 local core = require "flowservice.core"
 
 local decode = require("cjson.safe").new().decode
 local escape, now = core.escape, core.now
-local setmetatable, type = setmetatable, type
+local min, setmetatable, type = math.min, setmetatable, type
+local running, co_status = coroutine.running, coroutine.status
 
 local _M = {}
 
@@ -28,7 +29,7 @@ function _M.new(credentials)
     ims_url = credentials.ims_url or _M.default_ims_url,
     cached = nil,       -- the access token in use
     valid_until = 0,
-    fetching = nil,     -- when the token request in flight began
+    fetching = nil,     -- the token request in flight: { by = coroutine, until_ = time }
   }, Auth)
 end
 
@@ -43,17 +44,38 @@ local function refused(err)
   return err
 end
 
+-- Whether another coroutine's token request is still worth waiting for:
+-- not when it was this coroutine's own (it raised and left its marker),
+-- when that coroutine is dead, or when it is older than its bound.
+local function still_fetching(f)
+  if not f then return false end
+  local me = running()
+  if f.by == me then return false end
+  if f.by and co_status(f.by) == "dead" then return false end
+  return now() < f.until_
+end
+
+local function deadline_error()
+  return errors.new { kind = "timeout", sent = false,
+    message = "deadline passed while another call was fetching the IMS token" }
+end
+
 -- request(form) does the POST (with the client's retry rules for safe
--- calls) and returns the raw response or nil, err.
-function Auth:token(request, wait)
+-- calls) and returns the raw response or nil, err. ends: the asking call's
+-- deadline (monotonic seconds) or nil; waiting for another coroutine's
+-- request stops there too.
+function Auth:token(request, wait, ends)
   if self.cached and now() < self.valid_until then return self.cached end
   -- another coroutine is asking already: share its answer. No pcall around
   -- the request (a wait may yield, which PUC Lua 5.1 forbids inside pcall),
-  -- so a request that raised is outlived by a time bound instead.
-  while self.fetching and now() - self.fetching < STALE_FETCH do wait(0.01) end
+  -- so a request that raised is recognised by its marker instead.
+  while still_fetching(self.fetching) do
+    if ends and now() >= ends then return nil, deadline_error() end
+    wait(0.01)
+  end
   if self.cached and now() < self.valid_until then return self.cached end
   local asked_at = now()
-  self.fetching = asked_at
+  self.fetching = { by = running(), until_ = asked_at + (ends and min(ends - asked_at, STALE_FETCH) or STALE_FETCH) }
   local res, err = request(self:form())
   self.fetching = nil
   if not res then
@@ -67,8 +89,9 @@ function Auth:token(request, wait)
       message = "IMS answered without an access_token and expires_in" }
   end
   self.cached = doc.access_token
-  -- a token living less than the margin is used for this call only
-  self.valid_until = asked_at + doc.expires_in - MARGIN
+  -- stop using a token five minutes before it expires; one that lives less
+  -- than twenty minutes, after three quarters of its life
+  self.valid_until = asked_at + doc.expires_in - min(MARGIN, doc.expires_in / 4)
   return self.cached
 end
 

@@ -1,12 +1,20 @@
--- client:retry_failed(spec): re-trigger a flow's failed runs concurrently,
--- in one thread, through the C multi engine, exactly once.
+-- client:retry_failed(spec): re-trigger a flow's failed runs (or runs named
+-- by id) concurrently, in one thread, through the C multi engine, exactly
+-- once.
 --
 -- Every decision goes to the journal (flowservice.journal) and is fsync'd
 -- before the request leaves ("pending", with its request id) and after the
--- answer. A run the journal calls done is never re-triggered again. A run
--- left pending or ambiguous by a job that died is settled, before anything
--- else, with the strongest evidence there is (see settle below); what stays
--- unknown is reported as ambiguous until an operator resolves it.
+-- answer. A re-trigger is prepared first and handed to the engine only once
+-- its pending line is on disk, so nothing that drives the engine meanwhile
+-- (a token fetch, a read) can send it early. A run the journal calls done
+-- is never re-triggered again. A run left pending or ambiguous by a job
+-- that died is settled, before anything else, with the strongest evidence
+-- there is (see settle below); what stays unknown is reported as ambiguous
+-- until an operator resolves it.
+--
+-- The client is reached through its public methods and one internal door,
+-- the batch (flowservice.client): prepare, submit, step, answer. What may be
+-- repeated is flowservice.retry's to say.
 local core = require "flowservice.core"
 local args = require "flowservice.args"
 local errors = require "flowservice.errors"
@@ -22,10 +30,10 @@ local os_time, remove = os.time, table.remove
 local _M = {}
 
 local SPEC = {
-  flow_id = "string", since = "number", before = "number", status = "any",
+  flow_id = "string", run_ids = "table", since = "number", before = "number", status = "any",
   zero_record_success = "boolean", concurrency = "number", dry_run = "boolean",
   journal = "any", grace = "number", on_progress = "function", max = "number",
-  resolve = "table",
+  resolve = "table", force = "boolean", stop = "function",
 }
 
 -- Errors that every run would get too: stop at once instead of failing all.
@@ -40,20 +48,38 @@ local MAX_THROTTLED = 20 -- 429s one run may take before it counts as failed
 local GRACE = 30
 local CLOCK_MARGIN_MS = 2000 -- the Date header has whole seconds; lean early
 
-local function fail(msg) args.fail(1, "retry_failed", msg, 3) end
+-- An argument error at the caller of client:retry_failed; depth: how many
+-- more of our frames stand between (bulk.run and client:retry_failed are tail calls).
+local function fail(msg, depth) args.fail(1, "retry_failed", msg, 3 + (depth or 0)) end
 
 local function check_spec(spec)
   if type(spec) ~= "table" then fail("spec must be a table, got " .. type(spec)) end
   args.fields(spec, SPEC, "spec field", 1, "retry_failed", 3)
-  if not spec.flow_id or spec.flow_id == "" then fail("spec field 'flow_id' is required") end
+  if (spec.flow_id ~= nil) == (spec.run_ids ~= nil) then
+    fail("spec takes exactly one of 'flow_id' and 'run_ids'")
+  end
+  if spec.flow_id == "" then fail("spec field 'flow_id' must not be empty") end
+  if spec.run_ids then
+    if #spec.run_ids == 0 then fail("spec field 'run_ids' must be a non-empty list") end
+    for i, id in ipairs(spec.run_ids) do
+      if type(id) ~= "string" then fail(format("spec field 'run_ids' entry %d must be a string", i)) end
+      args.run_id(id, 1, "retry_failed", 3)
+    end
+    for _, key in ipairs { "since", "before", "status", "zero_record_success", "max", "resolve" } do
+      if spec[key] ~= nil then fail("spec field '" .. key .. "' needs 'flow_id'") end
+    end
+  elseif spec.force ~= nil then
+    fail("spec field 'force' needs 'run_ids'")
+  end
   if spec.concurrency ~= nil and not (args.is_integer(spec.concurrency) and spec.concurrency >= 1) then
     fail("spec field 'concurrency' must be a whole number >= 1")
   end
   if spec.grace ~= nil and not (spec.grace >= 0 and spec.grace < huge) then
     fail("spec field 'grace' must be a number of seconds >= 0")
   end
-  if spec.journal ~= nil and spec.journal ~= false and (type(spec.journal) ~= "string" or spec.journal == "") then
-    fail("spec field 'journal' must be a path or false")
+  local j = spec.journal
+  if j ~= nil and j ~= false and type(j) ~= "function" and (type(j) ~= "string" or j == "") then
+    fail("spec field 'journal' must be a path, a function(flow_id) -> path, or false")
   end
   for run_id, decision in pairs(spec.resolve or {}) do
     if type(run_id) ~= "string" or (decision ~= "done" and decision ~= "retry") then
@@ -76,11 +102,14 @@ local function children_of(run)
   return type(run.childFlowRunIds) == "table" and run.childFlowRunIds or nil
 end
 
--- Why a listed run may not be re-triggered, or nil when it may.
+-- Why a listed run may not be re-triggered, or nil when it may. A run
+-- named by id may be a successful one with 0 records without asking.
 local function ineligible(run, spec)
   local status = status_of(run)
   if status == "failed" then return nil end
-  if status == "success" and spec.zero_record_success and records_of(run) == 0 then return nil end
+  if status == "success" and (spec.zero_record_success or spec.run_ids) and records_of(run) == 0 then
+    return nil
+  end
   if status == "success" and records_of(run) == 0 then
     return "success with 0 records (ask with zero_record_success)"
   end
@@ -94,9 +123,27 @@ local Job = {}
 Job.__index = Job
 
 function Job:server_now_ms()
-  local clock = self.api.clock(self.p)
+  local clock = self.batch:server_time()
   if clock then return floor(clock * 1000) end
   return wall_ms()
+end
+
+-- Why the job should stop sending now (an interrupt, nginx exiting), or nil.
+function Job:stopping()
+  if self.report.stopped then return self.report.stopped end
+  local why = (self.spec.stop and self.spec.stop()) or (self.batch.exiting() and "nginx is exiting")
+  if why then self.report.stopped = why end
+  return why
+end
+
+-- Sleep, in steps, so that a stop request is heard within a second.
+function Job:sleep(seconds)
+  local wake = now() + seconds
+  while not self:stopping() do
+    local left = wake - now()
+    if left <= 0 then return end
+    self.batch:sleep(min(left, 0.5))
+  end
 end
 
 function Job:write(entries)
@@ -133,11 +180,13 @@ end
 
 -- 2. If-Match, where the server changes a run's etag when it re-triggers it:
 -- repeat with the etag the first pending line recorded. 412: it was done.
+-- The repeat is a re-trigger like any other: journaled pending first.
 function Job:settle_by_if_match(entry)
   local etag = entry.pendings[1] and entry.pendings[1].etag
   if type(etag) ~= "string" then return nil end
-  local run, err = self.client:retrigger(entry.run, { if_match = etag })
-  if run then return "done", run.id, run end
+  local item = { run = { id = entry.run }, etag = etag }
+  local run, err = self:send_one(item)
+  if run then return "done", run.id end
   if err.status == 412 then return "done" end
   return nil, err
 end
@@ -158,17 +207,18 @@ function Job:settle_by_count(unsettled, accounted, unknown_done)
   end
   -- the dead process's last requests may still be landing
   local wait = (newest + self.grace * 1000 - self:server_now_ms()) / 1000
-  if wait > 0 then self.api.sleep(self.p, wait, self.waiter) end
+  if wait > 0 then self:sleep(wait) end
+  if self.report.stopped then return nil, "stopped before counting" end
   for _, entry in pairs(self.state.runs) do
     for _, id in ipairs(entry.new_ids) do accounted[id] = true end
     if entry.state == "done" and not entry.new_id and (entry.server_time or huge) >= oldest - CLOCK_MARGIN_MS then
       unknown_done = unknown_done + 1
     end
   end
-  local made, err = self.client:list_runs { flow_id = self.spec.flow_id,
+  local made, err = self.client:list_runs { flow_id = self.flow_id,
     filters = { format("createdAt>=%.0f", oldest - CLOCK_MARGIN_MS),
-      "createdClient==" .. self.api.client_id(self.p) } }
-  if not made then return nil, err end
+      "createdClient==" .. self.batch:client_id() } }
+  if not made then return nil, tostring(err) end
   local count = 0
   for _, run in ipairs(made) do
     if not accounted[run.id] then count = count + 1 end
@@ -179,18 +229,29 @@ function Job:settle_by_count(unsettled, accounted, unknown_done)
     count, #unsettled)
 end
 
+-- The journal's unsettled runs of this job's flow (older journals did not
+-- name the flow: theirs), or only the ones asked for by id.
+function Job:unsettled()
+  local list = {}
+  for _, entry in pairs(self.state.runs) do
+    if (entry.state == "pending" or entry.state == "ambiguous")
+      and (entry.flow == nil or entry.flow == self.flow_id)
+      and (not self.only or self.only[entry.run]) then
+      list[#list + 1] = entry
+    end
+  end
+  return list
+end
+
 function Job:settle(candidates_by_id)
   local learned = self.state.learned
-  local unsettled, entries = {}, {}
-  for _, entry in pairs(self.state.runs) do
-    if entry.state == "pending" or entry.state == "ambiguous" then unsettled[#unsettled + 1] = entry end
-  end
+  local unsettled, entries = self:unsettled(), {}
   if #unsettled == 0 then return true end
   local accounted, unknown_done = {}, 0
   local function settled(entry, outcome, evidence, new_id, why)
     local first = entry.pendings[1]
-    local line = { run = entry.run, state = outcome, evidence = evidence, new_id = new_id, why = why,
-      server_time = first and pending_time(first) or nil }
+    local line = { run = entry.run, flow = self.flow_id, state = outcome, evidence = evidence,
+      new_id = new_id, why = why, server_time = first and pending_time(first) or nil }
     if new_id then accounted[new_id] = true end
     if outcome == "done" and not new_id then unknown_done = unknown_done + 1 end
     entries[#entries + 1] = line
@@ -205,13 +266,13 @@ function Job:settle(candidates_by_id)
       if run then outcome, new_id = settle_by_linkage(entry, run) evidence = "linkage" end
       if outcome == "retry" then outcome = nil end -- only once grace has passed: see below
     end
-    if not outcome and learned.etag_changes then
+    if not outcome and learned.etag_changes and not self:stopping() then
       outcome, new_id = self:settle_by_if_match(entry)
       evidence = "if-match"
     end
     if outcome then settled(entry, outcome, evidence, new_id) else rest[#rest + 1] = entry end
   end
-  if #rest > 0 then
+  if #rest > 0 and not self:stopping() then
     local outcome, why = self:settle_by_count(rest, accounted, unknown_done)
     if not outcome then why = "could not count: " .. tostring(why) end
     for _, entry in ipairs(rest) do settled(entry, outcome or "ambiguous", "count", nil, why) end
@@ -233,22 +294,80 @@ function Job:learn(source_id, used_etag, new_id)
   return self:write { { learned = { etag_changes = source.etag ~= used_etag, linkage = linked and true or false } } }
 end
 
--- The concurrent part ------------------------------------------------------
+-- Sending ----------------------------------------------------------------
+--
+-- A round: take the round's token (which may drive the engine: nothing of
+-- this round is in it yet), prepare up to the free slots, write their
+-- pending lines with the answers of the last round in one fsync, and only
+-- then hand the transfers to the engine.
 
-function Job:submit_round()
-  local lines = {}
-  while self.in_flight < self.limit and #self.queue > 0 and now() >= self.not_before do
-    local item = remove(self.queue, 1)
-    local opts, err = self.api.attempt_opts(self.p, { if_match = item.etag }, self.waiter)
-    if not opts then return nil, err end
-    local t = self.p.handle:submit_retrigger(item.run.id, opts)
-    item.tries, item.sent_at = (item.tries or 0) + 1, now()
-    self.flight[t] = item
-    self.in_flight = self.in_flight + 1
-    lines[#lines + 1] = { run = item.run.id, state = "pending", request_id = t:request_id(),
-      etag = item.etag, time = wall_ms(), server_time = self:server_now_ms() - CLOCK_MARGIN_MS }
+function Job:pending_line(item, t)
+  return { run = item.run.id, flow = self.flow_id, state = "pending", request_id = t:request_id(),
+    etag = item.etag, time = wall_ms(), server_time = self:server_now_ms() - CLOCK_MARGIN_MS }
+end
+
+-- Prepared transfers of a round, with their pending lines appended to lines.
+function Job:prepare_round(lines)
+  local prepared = {}
+  if not (self.in_flight < self.limit and #self.queue > 0 and now() >= self.not_before) then
+    return prepared
   end
-  return lines
+  local token, err = self.batch:token()
+  if token == nil then return nil, err end
+  while self.in_flight + #prepared < self.limit and #self.queue > 0 do
+    local item = remove(self.queue, 1)
+    local t = self.batch:prepare(item.run.id, item.etag, token)
+    item.token, item.tries = token, (item.tries or 0) + 1
+    prepared[#prepared + 1] = { t = t, item = item }
+    lines[#lines + 1] = self:pending_line(item, t)
+  end
+  return prepared
+end
+
+-- After the fsync: from here on the engine may send them.
+function Job:launch(prepared)
+  for _, p in ipairs(prepared) do
+    p.item.sent_at = now()
+    self.batch:submit(p.t)
+    self.flight[p.t] = p.item
+    self.in_flight = self.in_flight + 1
+  end
+end
+
+local function cancel_all(prepared, flight)
+  for _, p in ipairs(prepared or {}) do p.t:cancel() end
+  for t in pairs(flight) do t:cancel() end
+end
+
+-- One re-trigger outside the queue (settling by If-Match), by the same
+-- rules: pending line durable, then the request; the answer journaled.
+function Job:send_one(item)
+  local token, err = self.batch:token()
+  if token == nil then return nil, err end
+  local t = self.batch:prepare(item.run.id, item.etag, token)
+  local ok, werr = self:write { self:pending_line(item, t) }
+  if not ok then t:cancel() return nil, werr end
+  local started = now()
+  self.batch:submit(t)
+  while not t:done() do
+    self.batch:step()
+    if not t:done() then self.batch:pause(0.25) end
+  end
+  local run, rerr = self.batch:answer(t, item.run.id, 1, started)
+  local line
+  if run then
+    line = { run = item.run.id, flow = self.flow_id, state = "done", new_id = run.id, etag = run.etag,
+      evidence = "if-match" }
+  elseif rerr.status == 412 then
+    line = { run = item.run.id, flow = self.flow_id, state = "done", evidence = "if-match" }
+  else
+    local verdict = retry.verdict(rerr, true)
+    line = { run = item.run.id, flow = self.flow_id, request_id = rerr.request_id, why = tostring(rerr),
+      state = verdict == "ambiguous" and "ambiguous" or "refused" }
+  end
+  ok, werr = self:write { line }
+  if not ok then return nil, werr end
+  return run, rerr
 end
 
 function Job:requeue(item, delay)
@@ -256,45 +375,47 @@ function Job:requeue(item, delay)
   if delay then self.not_before = max(self.not_before, now() + delay) end
 end
 
+function Job:skip(id, why)
+  self.report.skipped[#self.report.skipped + 1] = { run_id = id, reason = why }
+end
+
 -- One finished transfer -> report and journal lines.
 function Job:answer(item, t, lines)
-  local run, status_or_err, request_id, date = t:result()
-  self.in_flight = self.in_flight - 1
   local id = item.run.id
-  if self.p.log then
-    self.api.log_attempt(self.p, "POST", "/runs/" .. id .. "/action?op=" .. (self.p.opts.op or core.defaults.op),
-      run and status_or_err or status_or_err.status or status_or_err.kind, item.tries,
-      request_id or status_or_err.request_id, item.sent_at)
-  end
+  local run, err = self.batch:answer(t, id, item.tries, item.sent_at)
+  self.in_flight = self.in_flight - 1
   if run then
-    if date then self.api.saw_date(self.p, parse_date(date)) end
+    local request_id = err -- on success, answer's second value
     self.report.retriggered[#self.report.retriggered + 1] = { run_id = id, new_id = run.id,
-      etag = run.etag, request_id = request_id, possible_duplicate = run.resent or nil }
-    lines[#lines + 1] = { run = id, state = "done", new_id = run.id, etag = run.etag,
-      request_id = request_id, resent = run.resent or nil }
+      etag = run.etag, request_id = request_id, forced = item.forced or nil }
+    lines[#lines + 1] = { run = id, flow = self.flow_id, state = "done", new_id = run.id, etag = run.etag,
+      request_id = request_id }
     self.limit = min(self.concurrency, self.limit + 1)
     self.learn_from = self.learn_from or { id, item.etag, run.id }
     return
   end
-  local err = errors.from_core(status_or_err, self.api.secrets(self.p))
-  if err.date then self.api.saw_date(self.p, err.date) end
-  local refused = { run = id, state = "refused", request_id = err.request_id, status = err.status }
-  if err.kind == "http" and err.status == 429 then
+  local refused = { run = id, flow = self.flow_id, state = "refused", request_id = err.request_id,
+    status = err.status }
+  local policy = self.batch:retry_policy()
+  item.refreshed = item.refreshed or {}
+  local verdict = retry.verdict(err, true, item.token and not item.refreshed[item.token]
+    and (item.refreshes or 0) < policy.attempts)
+  if verdict == "retry" and err.status == 429 then
     item.throttled = (item.throttled or 0) + 1
     if item.throttled <= MAX_THROTTLED then
       self.limit = max(1, floor(self.limit / 2)) -- slow down, lose nothing
       lines[#lines + 1] = refused
-      return self:requeue(item, err.retry_after or retry.backoff(self.p.retry, item.throttled))
+      return self:requeue(item, err.retry_after or retry.backoff(policy, item.throttled))
     end
-  elseif retry.verdict(err, true) == "retry" then -- never sent: safe to repeat
+  elseif verdict == "retry" then -- never sent: safe to repeat
     item.attempts = (item.attempts or 1) + 1
-    if item.attempts <= self.p.retry.attempts then
+    if item.attempts <= policy.attempts then
       lines[#lines + 1] = refused
-      return self:requeue(item, retry.backoff(self.p.retry, item.attempts - 1))
+      return self:requeue(item, retry.backoff(policy, item.attempts - 1))
     end
-  elseif err.status == 401 and err.code == "401013" and self.p.auth and not self.refreshed then
-    self.refreshed = true -- one new token for the whole job, then replay
-    self.p.auth:invalidate(self.api.current_token(self.p))
+  elseif verdict == "refresh" and self.batch:refresh(item.token) then
+    -- its token was refused: a new one for the next round, once per token
+    item.refreshed[item.token], item.refreshes = true, (item.refreshes or 0) + 1
     lines[#lines + 1] = refused
     return self:requeue(item)
   elseif err.status == 412 and not item.refetched then
@@ -303,12 +424,9 @@ function Job:answer(item, t, lines)
     lines[#lines + 1] = refused
     local fresh = self.client:get_run(id)
     local why = not fresh and "changed since listed, and could not be read again"
-      or ineligible(fresh, self.spec) or (children_of(fresh) and #children_of(fresh) > 0
+      or ineligible(fresh, self.spec) or (not item.forced and children_of(fresh) and #children_of(fresh) > 0
         and "already re-triggered (childFlowRunIds)")
-    if why then
-      self.report.skipped[#self.report.skipped + 1] = { run_id = id, reason = why }
-      return
-    end
+    if why then return self:skip(id, why) end
     item.run, item.etag = fresh, fresh.etag
     return self:requeue(item)
   end
@@ -317,16 +435,17 @@ function Job:answer(item, t, lines)
     lines[#lines + 1] = refused
     return
   end
-  if retry.verdict(err, true) == "ambiguous" then
+  if verdict == "ambiguous" then
     err.ambiguous = true
     self.report.ambiguous[#self.report.ambiguous + 1] = { run_id = id, why = tostring(err),
       request_id = err.request_id }
-    lines[#lines + 1] = { run = id, state = "ambiguous", why = tostring(err), request_id = err.request_id }
+    lines[#lines + 1] = { run = id, flow = self.flow_id, state = "ambiguous", why = tostring(err),
+      request_id = err.request_id }
     return
   end
   self.report.failed[#self.report.failed + 1] = { run_id = id, error = err }
-  lines[#lines + 1] = { run = id, state = "failed", request_id = err.request_id, status = err.status,
-    code = err.code, why = tostring(err) }
+  lines[#lines + 1] = { run = id, flow = self.flow_id, state = "failed", request_id = err.request_id,
+    status = err.status, code = err.code, why = tostring(err) }
 end
 
 function Job:harvest(lines)
@@ -342,54 +461,86 @@ function Job:harvest(lines)
 end
 
 function Job:run_queue()
-  local handle = self.p.handle
   local carry = {} -- answers journaled with the next round's pending lines
   while (#self.queue > 0 and not self.fatal and not self.report.stopped) or self.in_flight > 0 do
-    local lines = carry
-    if self.api.exiting() then self.report.stopped = "nginx is exiting" end -- a timer's premature end
-    if not self.fatal and not self.report.stopped then
-      local pending, err = self:submit_round()
-      if not pending then return nil, err end
-      for _, l in ipairs(pending) do lines[#lines + 1] = l end
+    local lines, prepared = carry, nil
+    if not self.fatal and not self:stopping() then
+      local err
+      prepared, err = self:prepare_round(lines)
+      if not prepared then
+        self.fatal = err -- IMS refused or unreachable: nothing more can be sent
+        prepared = nil
+      end
     end
-    -- durable before the requests leave: they only go out in step()
+    -- durable before the requests leave: they join the engine only after
     local ok, err = self:write(lines)
     if not ok then
-      for t in pairs(self.flight) do t:cancel() end
+      cancel_all(prepared, self.flight)
       return nil, err
     end
     carry = {}
-    handle:step()
+    if prepared then self:launch(prepared) end
+    self.batch:step()
     if self:harvest(carry) then
       self:progress()
       if self.learn_from and not self.learned_once then
         self.learned_once = true
         local l = self.learn_from
         local ok2, lerr = self:learn(l[1], l[2], l[3])
-        if not ok2 then return nil, lerr end
+        if not ok2 then
+          cancel_all(nil, self.flight)
+          return nil, lerr
+        end
+      end
+    elseif self.in_flight == 0 then
+      if #self.queue > 0 and not self.fatal and not self.report.stopped then
+        self:sleep(min(max(self.not_before - now(), 0.001), 0.25))
       end
     else
-      local wait = handle:timeout() or 0.05
-      if self.in_flight == 0 then wait = max(0, self.not_before - now()) end
-      wait = min(max(wait, 0.001), self.waiter and 0.02 or 0.25)
-      if self.waiter then self.waiter(wait) else handle:wait(wait) end
+      self.batch:pause(0.25)
     end
   end
   return self:write(carry)
 end
 
--- client:retry_failed(spec) -> report or nil, err (err.report: the partial report)
-function _M.run(client, p, spec, api)
-  check_spec(spec)
+-- One flow: its journal, the operator's decisions, settling, then the
+-- queue. candidates: the runs to consider (listed, or read by id).
+local function journal_path(spec, flow_id)
+  local j = spec.journal
+  if type(j) == "function" then j = j(flow_id) end
+  return j or nil
+end
+
+local function new_report(spec)
+  return { considered = 0, retriggered = {}, skipped = {}, failed = {}, ambiguous = {},
+    settled = {}, dry_run = spec.dry_run or false, journals = {} }
+end
+
+function Job:check_resolutions()
+  for run_id, decision in pairs(self.spec.resolve or {}) do
+    local entry = self.state.runs[run_id]
+    local state = entry and entry.state
+    if state ~= "pending" and state ~= "ambiguous" then
+      if self.journal then self.journal:close() end
+      fail(format("spec field 'resolve': run %s %s; only runs the journal holds as pending or ambiguous"
+        .. " can be resolved (to %s)", run_id,
+        state and ("is " .. state .. " in the journal") or "is not in the journal", decision), 1)
+    end
+  end
+end
+
+-- Runs of one flow: candidates is a function returning the runs (or nil, err).
+local function flow_job(client, batch, spec, flow_id, candidates_of, only)
+  local path = journal_path(spec, flow_id)
   local job = setmetatable({
-    client = client, p = p, spec = spec, api = api, started = now(),
+    client = client, batch = batch, spec = spec, flow_id = flow_id, only = only, started = now(),
     concurrency = spec.concurrency or 8, grace = spec.grace or GRACE,
     queue = {}, flight = {}, in_flight = 0, not_before = 0, total = 0,
-    report = { considered = 0, retriggered = {}, skipped = {}, failed = {}, ambiguous = {},
-      settled = {}, dry_run = spec.dry_run or false, journal = spec.journal or nil },
+    report = new_report(spec),
   }, Job)
+  job.report.journal = path
+  job.report.journals[1] = path
   job.limit = job.concurrency
-  job.waiter = api.waiter(p, nil, 2)
   local report = job.report
   local function finish(err)
     if job.journal then job.journal:close() end
@@ -401,19 +552,20 @@ function _M.run(client, p, spec, api)
     return report
   end
 
-  if spec.journal and not spec.dry_run then
-    local j, err = journal.open(spec.journal)
+  if path and not spec.dry_run then
+    local j, err = journal.open(path)
     if not j then return nil, errors.new(err) end
     job.journal, job.state = j, j.state
   else
-    job.state = spec.journal and journal.read(spec.journal) or journal.read("/dev/null")
+    job.state = path and journal.read(path) or journal.read("/dev/null")
   end
   if spec.dry_run then report.planned = {} end
 
-  -- an operator's decisions come first
+  -- an operator's decisions come first; only for what is unknown
+  job:check_resolutions()
   local decisions = {}
   for run_id, decision in pairs(spec.resolve or {}) do
-    decisions[#decisions + 1] = { run = run_id, state = decision, evidence = "operator" }
+    decisions[#decisions + 1] = { run = run_id, flow = flow_id, state = decision, evidence = "operator" }
     report.settled[#report.settled + 1] = { run_id = run_id, outcome = decision, evidence = "operator" }
   end
   if spec.dry_run then
@@ -423,18 +575,8 @@ function _M.run(client, p, spec, api)
     if not ok then return finish(err) end
   end
 
-  local candidates, err = client:list_runs { flow_id = spec.flow_id, status = spec.status or "failed",
-    since = spec.since, before = spec.before, max = spec.max }
+  local candidates, err = candidates_of()
   if not candidates then return finish(err) end
-  if spec.zero_record_success then
-    local more
-    more, err = client:list_runs { flow_id = spec.flow_id, status = "success",
-      since = spec.since, before = spec.before, max = spec.max }
-    if not more then return finish(err) end
-    for _, run in ipairs(more) do
-      if records_of(run) == 0 then candidates[#candidates + 1] = run end
-    end
-  end
   local by_id, unique = {}, {}
   for _, run in ipairs(candidates) do
     if type(run) == "table" and type(run.id) == "string" and not by_id[run.id] then
@@ -453,28 +595,30 @@ function _M.run(client, p, spec, api)
   for _, run in ipairs(unique) do
     local entry = job.state.runs[run.id]
     local state = entry and entry.state
-    local why = ineligible(run, spec)
+    -- a run named by id goes to the service, which says why it may not
+    local why = not spec.run_ids and ineligible(run, spec) or nil
+    local forced = spec.force and not why
     if not why and state == "done" then why = "already re-triggered (journal)" end
     if not why and children_of(run) and #children_of(run) > 0 then
       why = "already re-triggered (childFlowRunIds)"
     end
-    if not why and (state == "pending" or state == "ambiguous") then
+    if forced and why then why = nil end
+    if not why and not forced and (state == "pending" or state == "ambiguous") then
       report.ambiguous[#report.ambiguous + 1] = { run_id = run.id, request_id = entry.request_id,
         why = entry.why or "outcome of an earlier job unknown: decide with resolve" }
     elseif why then
-      report.skipped[#report.skipped + 1] = { run_id = run.id, reason = why }
+      job:skip(run.id, why)
     elseif spec.dry_run then
       report.planned[#report.planned + 1] = run.id
     else
-      job.queue[#job.queue + 1] = { run = run, etag = run.etag }
+      job.queue[#job.queue + 1] = { run = run, etag = run.etag, forced = spec.force or nil }
     end
   end
   job.total = #job.queue
   -- runs the journal still holds as unknown but that were not listed this time
-  local listed = by_id
-  for id, entry in pairs(job.state.runs) do
-    if not listed[id] and (entry.state == "pending" or entry.state == "ambiguous") then
-      report.ambiguous[#report.ambiguous + 1] = { run_id = id, request_id = entry.request_id,
+  for _, entry in ipairs(job:unsettled()) do
+    if not by_id[entry.run] then
+      report.ambiguous[#report.ambiguous + 1] = { run_id = entry.run, request_id = entry.request_id,
         why = entry.why or "outcome of an earlier job unknown: decide with resolve" }
     end
   end
@@ -483,9 +627,90 @@ function _M.run(client, p, spec, api)
   local ok
   ok, err = job:run_queue()
   job:progress()
+  if report.stopped then report.not_attempted = #job.queue end
   if not ok then return finish(err) end
   if job.fatal then return finish(job.fatal) end
   return finish()
+end
+
+-- Runs named by id: read each, then one job per flow, each with its
+-- flow's journal, in one report.
+local function runs_job(client, batch, spec)
+  local report = new_report(spec)
+  local started = now()
+  local by_flow, flows = {}, {}
+  local function finish(err)
+    report.elapsed = now() - started
+    if err then
+      err.report = report
+      return nil, err
+    end
+    return report
+  end
+  local seen = {}
+  for _, id in ipairs(spec.run_ids) do
+    if not seen[id] then
+      seen[id] = true
+      local run, err = client:get_run(id)
+      if not run then
+        if err.status == 401 or err.status == 403 or err.kind == "auth" or FATAL_CODES[err.code or ""] then
+          return finish(err)
+        end
+        report.considered = report.considered + 1
+        report.failed[#report.failed + 1] = { run_id = id, error = err }
+      else
+        local flow = type(run.flowId) == "string" and run.flowId or "?"
+        if not by_flow[flow] then by_flow[flow] = {} flows[#flows + 1] = flow end
+        local list = by_flow[flow]
+        list[#list + 1] = run
+      end
+    end
+  end
+  for i, flow in ipairs(flows) do
+    if report.stopped then
+      for j = i, #flows do report.not_attempted = (report.not_attempted or 0) + #by_flow[flows[j]] end
+      break
+    end
+    local only = {}
+    for _, run in ipairs(by_flow[flow]) do only[run.id] = true end
+    local sub, err = flow_job(client, batch, spec, flow, function() return by_flow[flow] end, only)
+    local part = sub or err.report
+    if part then
+      for _, key in ipairs { "retriggered", "skipped", "failed", "ambiguous", "settled", "journals", "planned" } do
+        if part[key] then
+          report[key] = report[key] or {}
+          for _, v in ipairs(part[key]) do report[key][#report[key] + 1] = v end
+        end
+      end
+      report.considered = report.considered + part.considered
+      report.stopped = report.stopped or part.stopped
+      report.not_attempted = (report.not_attempted or 0) + (part.not_attempted or 0)
+    end
+    if not sub then return finish(err) end
+  end
+  report.journal = #report.journals == 1 and report.journals[1] or nil
+  return finish()
+end
+
+-- client:retry_failed(spec) -> report or nil, err (err.report: the partial report)
+function _M.run(client, batch, spec)
+  check_spec(spec)
+  if spec.run_ids then return runs_job(client, batch, spec) end
+  return flow_job(client, batch, spec, spec.flow_id, function()
+    local candidates, err = client:list_runs { flow_id = spec.flow_id, status = spec.status or "failed",
+      since = spec.since, before = spec.before, max = spec.max }
+    if not candidates then return nil, err end
+    if spec.zero_record_success then
+      local more
+      more, err = client:list_runs { flow_id = spec.flow_id, status = "success",
+        since = spec.since, before = spec.before, max = spec.max }
+      if not more then return nil, err end
+      for _, run in ipairs(more) do
+        if records_of(run) == 0 then candidates[#candidates + 1] = run end
+      end
+    end
+    return candidates
+  end)
 end
 
 return _M

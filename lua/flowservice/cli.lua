@@ -1,10 +1,12 @@
 -- The `flowservice` command: argv and the environment -> client options ->
 -- one subcommand -> human or JSON output and an exit code.
 --
---   0  everything asked for succeeded
+--   0  everything asked for succeeded (or was skipped, with the reason)
 --   1  some runs failed, or their outcome is unknown (ambiguous)
 --   2  usage or configuration error (nothing was sent)
 --   3  authentication failed (IMS refused, or HTTP 401/403)
+--   130, 143  interrupted by SIGINT, SIGTERM: what was in flight finished
+--      and was journaled; the same command resumes
 --
 -- cli.main(argv, env) takes env = { getenv, stdin, stdout, stderr, isatty }
 -- (each optional, the real ones by default) so it runs in-process in tests.
@@ -41,7 +43,12 @@ commands:
                                             ambiguous re-trigger counts as not done
       [--resolve RUN_ID=done|retry ...]     decide a run left ambiguous by an earlier job
       [--dry-run]                           list what would be re-triggered, send nothing
-  retrigger RUN_ID [RUN_ID ...] | -  re-trigger runs (-: run ids from stdin, one a line)
+  retrigger RUN_ID [RUN_ID ...] | -  re-trigger runs (-: run ids from stdin, one a line), each
+                                     at most once: each run is read first, and one its flow's
+                                     journal or its childFlowRunIds show re-triggered is skipped
+      [--force]                             re-trigger runs already re-triggered (journaled too)
+      [--journal FILE | --no-journal]       as for retry-failed (default: its flow's journal)
+      [--concurrency N] [--dry-run]
   get-run RUN_ID                     show one run
   list-runs --flow FLOW_ID           list a flow's runs, newest first
       [--status S[,S]] [--since TIME] [--before TIME]
@@ -63,7 +70,7 @@ flags for every command:
   --help, --version
 
 exit status: 0 done, 1 some runs failed or are ambiguous, 2 usage or configuration error,
-3 authentication failed.
+3 authentication failed, 130/143 interrupted (SIGINT/SIGTERM; the same command resumes).
 ]==]
 
 ---------------------------------------------------------------------------
@@ -393,13 +400,23 @@ local function run_line(run)
     records(run))
 end
 
-local function retrigger_line(run_id, new, err)
-  if new then
-    return format("%s -> %s %s%s\n", run_id, tostring(new.id), tostring(new.etag),
-      new.resent and "  (sent twice: the service may have created two runs)" or "")
+-- One run of `retrigger`, as the report tells it; why: why a run without
+-- an outcome was not attempted.
+local function retrigger_line(run_id, outcome, why)
+  local kind, e = outcome and outcome[1], outcome and outcome[2]
+  if kind == "retriggered" then
+    return format("%s -> %s %s\n", run_id, tostring(e.new_id), tostring(e.etag))
+  elseif kind == "skipped" then
+    return format("%s skipped: %s\n", run_id, tostring(e.reason))
+  elseif kind == "planned" then
+    return format("%s would be re-triggered\n", run_id)
+  elseif kind == "failed" then
+    return format("%s failed: %s\n", run_id, tostring(e.error))
+  elseif kind == "ambiguous" then
+    return format("%s ambiguous: %s  (it may have been re-triggered: the next run of this command"
+      .. " settles it, or decide with retry-failed --resolve)\n", run_id, tostring(e.why))
   end
-  return format("%s failed: %s%s\n", run_id, tostring(err), err.ambiguous
-    and "  (outcome unknown: it may have been re-triggered; check list-runs before retrying)" or "")
+  return format("%s not attempted (%s)\n", run_id, why)
 end
 
 -- The retry-failed report as a table of counts, then what needs a person.
@@ -425,12 +442,6 @@ local function report_text(r, flow_id)
     line("")
     line("would re-trigger:")
     for _, id in ipairs(r.planned) do line("  %s", tostring(id)) end
-  end
-  for _, p in ipairs(r.retriggered or {}) do
-    if p.possible_duplicate then
-      line("  %s -> %s: sent twice, the service may have created two runs", tostring(p.run_id),
-        tostring(p.new_id))
-    end
   end
   if count(r.failed) > 0 then
     line("")
@@ -475,7 +486,7 @@ local function report_json(r, flow_id, err)
     journal = r.journal,
     retriggered = entries(r.retriggered, function(e)
       return { run_id = e.run_id, new_id = e.new_id, etag = e.etag, request_id = e.request_id,
-        possible_duplicate = e.possible_duplicate and true or false }
+        forced = e.forced and true or nil }
     end),
     skipped = entries(r.skipped, function(e) return { run_id = e.run_id, reason = e.reason } end),
     failed = entries(r.failed, function(e) return { run_id = e.run_id, error = error_json(e.error) } end),
@@ -486,6 +497,9 @@ local function report_json(r, flow_id, err)
       return { run_id = e.run_id, outcome = e.outcome, evidence = e.evidence }
     end),
     planned = entries(r.planned, function(id) return id end),
+    journals = entries(r.journals, function(path) return path end),
+    stopped = r.stopped,
+    not_attempted = r.not_attempted,
     error = err and error_json(err) or nil,
   }
 end
@@ -608,7 +622,7 @@ local function verbose_log(ctx)
   end
 end
 
-local function retrigger_cmd(ctx)
+local function run_ids_of(ctx)
   local ids, seen = {}, {}
   local function add(id)
     check_id("run id", id)
@@ -629,26 +643,103 @@ local function retrigger_cmd(ctx)
     end
   end
   if #ids == 0 then usage_error("retrigger needs at least one RUN_ID (or - to read them from stdin)") end
-  local client = new_client(client_options(ctx.options, ctx.getenv, verbose_log(ctx)))
-  local done, failed, errs = list(), list(), {}
-  for _, id in ipairs(ids) do
-    local new, err = client:retrigger(id)
-    if new then
-      done[#done + 1] = { run_id = id, new_id = new.id, etag = new.etag,
-        possible_duplicate = new.resent and true or false }
-    else
-      errs[#errs + 1] = err
-      failed[#failed + 1] = { run_id = id, error = error_json(err), ambiguous = err.ambiguous and true or false }
-    end
-    if not ctx.json then ctx.stdout:write(retrigger_line(id, new, err)) end
-    if err and is_auth(err) then
-      ctx.stderr:write("flowservice: authentication failed, stopping\n")
-      break
-    end
+  return ids
+end
+
+-- spec.journal from --journal / --no-journal: a path, false, or by default
+-- a function giving each flow its own file (checked before it is used).
+local function journal_choice(ctx, copts, dry_run)
+  local o = ctx.options
+  if o.journal and o["no-journal"] then usage_error("give --journal FILE or --no-journal, not both") end
+  if o["no-journal"] then return false end
+  if o.journal then return dry_run and o.journal or check_journal(o.journal) end
+  return function(flow_id)
+    local path = default_journal(ctx.getenv, copts.org_id, copts.sandbox, flow_id, not dry_run)
+    return dry_run and path or check_journal(path)
   end
+end
+
+-- SIGINT and SIGTERM during a job: stop sending, let what is in flight
+-- finish (bounded by the call timeout) and be journaled, then report.
+local SIGNAL_EXIT = { INT = 130, TERM = 143 }
+
+local function watch_signals()
+  if type(core.signals) ~= "function" then return nil end
+  local watcher = core.signals { "INT", "TERM" }
+  return watcher
+end
+
+-- client:retry_failed(spec) with progress and interrupts; closes client.
+-- Returns report, err (report nil when the job could not start), signal.
+local function run_job(ctx, client, spec)
+  local watcher, caught = watch_signals(), nil
+  spec.stop = function()
+    if not caught and watcher then caught = watcher:pending() end
+    return caught and ("interrupted by SIG" .. caught) or nil
+  end
+  if ctx.isatty(ctx.stderr) then
+    ctx.progress = progress_line(ctx.stderr)
+    spec.on_progress = function(counts) ctx.progress.update(counts) end
+  end
+  local ok, report, err = pcall(client.retry_failed, client, spec)
   client:close()
-  if ctx.json then print_json(ctx.stdout, { retriggered = done, failed = failed }) end
-  return failure_code(errs)
+  if ctx.progress then ctx.progress.finish() end
+  if not caught and watcher then caught = watcher:pending() end
+  if watcher then watcher:close() end
+  if not ok then
+    local msg = tostring(report)
+    local inner = msg:match("^bad argument #%d+ to '[^']*' %((.*)%)$")
+    if inner then usage_error("%s", inner) end
+    error(report, 0)
+  end
+  if not report then report = type(err) == "table" and err.report or nil end
+  return report, err, caught
+end
+
+local function job_exit(ctx, report, err, caught)
+  if is_auth(err) then ctx.stderr:write("flowservice: authentication failed, stopping\n") end
+  if caught then
+    ctx.stderr:write(format("flowservice: interrupted by SIG%s: %d run(s) not attempted; what was in"
+      .. " flight is journaled; run the same command again to resume\n", caught, report.not_attempted or 0))
+    return SIGNAL_EXIT[caught]
+  end
+  local errs = { err }
+  for _, f in ipairs(report.failed or {}) do errs[#errs + 1] = f.error or "failed" end
+  local code = failure_code(errs)
+  if code == 0 and type(report.ambiguous) == "table" and #report.ambiguous > 0 then code = 1 end
+  return code
+end
+
+-- retrigger: the guarded path of retry-failed, for runs named by id.
+local function retrigger_cmd(ctx)
+  local ids = run_ids_of(ctx)
+  local o = ctx.options
+  local copts = client_options(o, ctx.getenv, verbose_log(ctx))
+  local client = new_client(copts)
+  local spec = {
+    run_ids = ids, force = o.force and true or nil, dry_run = o["dry-run"] and true or nil,
+    concurrency = o.concurrency and positive_integer("concurrency", o.concurrency),
+  }
+  spec.journal = journal_choice(ctx, copts, spec.dry_run)
+  local report, err, caught = run_job(ctx, client, spec)
+  if not report then return fail(ctx, err) end
+  if ctx.json then
+    print_json(ctx.stdout, report_json(report, nil, err))
+  else
+    local outcome = {}
+    for _, kind in ipairs { "retriggered", "skipped", "failed", "ambiguous" } do
+      for _, e in ipairs(report[kind] or {}) do outcome[e.run_id] = { kind, e } end
+    end
+    for _, id in ipairs(report.planned or {}) do outcome[id] = { "planned" } end
+    local why = report.stopped or (err and "the job stopped: " .. tostring(err)) or "?"
+    for _, id in ipairs(ids) do ctx.stdout:write(retrigger_line(id, outcome[id], why)) end
+    for _, st in ipairs(report.settled or {}) do
+      ctx.stdout:write(format("%s settled from the journal: %s (%s)\n", tostring(st.run_id),
+        tostring(st.outcome), tostring(st.evidence)))
+    end
+    if err then ctx.stderr:write(tostring(err), "\n") end
+  end
+  return job_exit(ctx, report, err, caught)
 end
 
 local function get_run_cmd(ctx)
@@ -698,7 +789,6 @@ local function retry_failed_cmd(ctx)
   local o = ctx.options
   local flow_id = required_flow(ctx)
   local since, before = window(o)
-  if o.journal and o["no-journal"] then usage_error("give --journal FILE or --no-journal, not both") end
   local spec = {
     flow_id = flow_id, since = since, before = before,
     status = o.status and parse_statuses(o.status),
@@ -710,44 +800,18 @@ local function retry_failed_cmd(ctx)
   }
   local copts = client_options(o, ctx.getenv, verbose_log(ctx))
   local client = new_client(copts)
-  if o["no-journal"] then
-    spec.journal = false
-  else
-    local path = o.journal or default_journal(ctx.getenv, copts.org_id, copts.sandbox, flow_id, not spec.dry_run)
-    spec.journal = spec.dry_run and path or check_journal(path)
-  end
-  if type(client.retry_failed) ~= "function" then
-    client:close()
-    usage_error("retry-failed is not available: this version of the library has no client:retry_failed")
-  end
-  if ctx.isatty(ctx.stderr) then
-    ctx.progress = progress_line(ctx.stderr)
-    spec.on_progress = function(counts) ctx.progress.update(counts) end
-  end
-  local ok, report, err = pcall(client.retry_failed, client, spec)
-  client:close()
-  if ctx.progress then ctx.progress.finish() end
-  if not ok then
-    local msg = tostring(report)
-    local inner = msg:match("^bad argument #%d+ to '[^']*' %((.*)%)$")
-    if inner then usage_error("%s", inner) end
-    error(report, 0)
-  end
-  if not report then
-    report = type(err) == "table" and err.report
-    if not report then return fail(ctx, err) end
-  end
+  local journal = journal_choice(ctx, copts, spec.dry_run)
+  if type(journal) == "function" then journal = journal(flow_id) end
+  spec.journal = journal
+  local report, err, caught = run_job(ctx, client, spec)
+  if not report then return fail(ctx, err) end
   if ctx.json then
     print_json(ctx.stdout, report_json(report, flow_id, err))
   else
     ctx.stdout:write(report_text(report, flow_id))
     if err then ctx.stderr:write(tostring(err), "\n") end
   end
-  local errs = { err }
-  for _, f in ipairs(report.failed or {}) do errs[#errs + 1] = f.error or "failed" end
-  local code = failure_code(errs)
-  if code == 0 and type(report.ambiguous) == "table" and #report.ambiguous > 0 then code = 1 end
-  return code
+  return job_exit(ctx, report, err, caught)
 end
 
 local COMMANDS = {
@@ -755,7 +819,9 @@ local COMMANDS = {
     flow = "value", since = "value", before = "value", status = "value",
     ["zero-record-success"] = "flag", concurrency = "value", journal = "value",
     ["no-journal"] = "flag", grace = "value", resolve = "list", ["dry-run"] = "flag" } },
-  retrigger = { run = retrigger_cmd, flags = {} },
+  retrigger = { run = retrigger_cmd, flags = {
+    force = "flag", journal = "value", ["no-journal"] = "flag", concurrency = "value",
+    ["dry-run"] = "flag" } },
   ["get-run"] = { run = get_run_cmd, flags = {} },
   ["list-runs"] = { run = list_runs_cmd, flags = {
     flow = "value", status = "value", since = "value", before = "value" } },
@@ -806,7 +872,7 @@ function _M.main(argv, env)
   }
   local ok, code = xpcall(function() return run(argv or {}, ctx) end, function(e)
     if getmetatable(e) == Usage then return e end
-    return traceback(tostring(e), 2) -- a bug: keep where it happened
+    return { bug = tostring(e), traceback = traceback(tostring(e), 2) }
   end)
   if ok then return code end
   if getmetatable(code) == Usage then
@@ -814,7 +880,16 @@ function _M.main(argv, env)
     ctx.stderr:write("run 'flowservice --help' for usage\n")
     return 2
   end
-  error(code, 0)
+  -- lua.c turns a SIGINT outside a job into this error
+  if code.bug:match("interrupted!$") then
+    ctx.stderr:write("flowservice: interrupted\n")
+    return 130
+  end
+  -- a bug: one line, without our file paths; the traceback when asked for
+  ctx.stderr:write("flowservice: internal error: ", (code.bug:gsub("^[^\n]-%.lua:%d+: ", "")),
+    "\n(set FLOWSERVICE_DEBUG=1 for the details, and please report it)\n")
+  if ctx.getenv("FLOWSERVICE_DEBUG") then ctx.stderr:write(code.traceback, "\n") end
+  return 1
 end
 
 _M.parse_time = parse_time -- for tests

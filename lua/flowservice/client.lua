@@ -53,6 +53,10 @@ local function check_credentials(c, argn, fname, level)
       args.fail(argn, fname, "option 'credentials' field '" .. key .. "' is required", level + 1)
     end
   end
+  if c.ims_url ~= nil then
+    local ok, why = core.check_url(c.ims_url)
+    if not ok then args.fail(argn, fname, "option 'credentials' field 'ims_url' " .. why, level + 1) end
+  end
   return c
 end
 
@@ -131,13 +135,14 @@ end
 -- within these bounds: its sockets are not the event loop's, so it is polled.
 local MIN_WAIT, MAX_WAIT = 0.001, 0.02
 
--- Drive the engine without blocking until t is done.
+-- Drive the engine without blocking until t is done (also when the waiter
+-- closed the client meanwhile: t then ends aborted).
 local function drive(p, t, waiter)
   local handle = p.handle
-  handle:step()
   while not t:done() do
-    waiter(min(max(handle:timeout() or MAX_WAIT, MIN_WAIT), MAX_WAIT))
     handle:step()
+    if t:done() then return end
+    waiter(min(max(handle:timeout() or MAX_WAIT, MIN_WAIT), MAX_WAIT))
   end
 end
 
@@ -160,12 +165,19 @@ local function failed(err, attempts, request_ids)
   return nil, err
 end
 
+-- A token for a call that must end by `ends` (monotonic seconds, or nil).
+local ims_request -- defined below: call() asks it for tokens, it asks call() to send
+
+local function fetch_token(p, waiter, ends)
+  return p.auth:token(function(form) return ims_request(p, form, waiter, ends) end,
+    function(s) sleep(p, s, waiter) end, ends)
+end
+
 -- One logical call: attempts until success, a final error or the deadline.
 -- send(p, target, opts) makes one attempt and returns result, status,
 -- request_id or nil, the core's error table. creates: the call makes a run
--- (see flowservice.retry). path: for log lines only (nil when not logging).
-local ims_request -- defined below: call() asks it for tokens, it asks call() to send
-
+-- (see flowservice.retry, which alone decides what may be repeated).
+-- path: for log lines only (nil when not logging).
 local function call(p, method, path, creates, opts, deadline, send, target, waiter)
   local policy = p.retry
   local ends = deadline and now() + deadline
@@ -174,8 +186,7 @@ local function call(p, method, path, creates, opts, deadline, send, target, wait
     local attempt_opts, token = opts, nil
     if p.auth then
       local err
-      token, err = p.auth:token(function(form) return ims_request(p, form, waiter) end,
-        function(s) sleep(p, s, waiter) end)
+      token, err = fetch_token(p, waiter, ends)
       if not token then return nil, err end -- the IMS call's own attempts and ids
       attempt_opts = copy(attempt_opts, { access_token = token })
     end
@@ -202,12 +213,12 @@ local function call(p, method, path, creates, opts, deadline, send, target, wait
     request_ids[#request_ids + 1] = err.request_id
     log_attempt(p, method, path, err.status or err.kind, attempt, err.request_id, started)
     last = err
-    if token and not refreshed and err.kind == "http" and err.status == 401 and err.code == "401013" then
-      -- the token died early: a 401 means nothing was done, so replaying is safe
+    local verdict = retry.verdict(err, creates, token ~= nil and not refreshed)
+    if verdict == "refresh" then
+      -- the token died early: once per call, and the attempt is free
       p.auth:invalidate(token)
       refreshed, budget = true, budget - 1
     else
-      local verdict = retry.verdict(err, creates)
       if verdict == "ambiguous" then err.ambiguous = true end
       if verdict ~= "retry" or budget >= policy.attempts then
         return failed(err, attempt, request_ids)
@@ -289,8 +300,9 @@ local function json_body(res, meta)
   return doc, meta
 end
 
--- The IMS token request: a safe call, no identity headers, the client's transport.
-function ims_request(p, form, waiter)
+-- The IMS token request: a safe call, no identity headers, the client's
+-- transport, within the asking call's deadline (ends) or the client's.
+function ims_request(p, form, waiter, ends)
   local a = p.auth
   local ims_opts = {}
   for _, key in ipairs { "timeout", "connect_timeout", "ca_file", "ca_path", "proxy",
@@ -301,7 +313,9 @@ function ims_request(p, form, waiter)
   local shape = { method = "POST", path = { "ims", "token", "v3" }, body = form,
     content_type = "application/x-www-form-urlencoded", identity = false }
   local no_auth = { retry = p.retry, log = p.log, handle = p.handle, opts = p.opts, ims_of = a }
-  return call(no_auth, "POST", "/ims/token/v3", false, ims_opts, p.deadline, send_request, shape,
+  local deadline = p.deadline
+  if ends then deadline = max(ends - now(), 0.001) end
+  return call(no_auth, "POST", "/ims/token/v3", false, ims_opts, deadline, send_request, shape,
     waiter)
 end
 
@@ -417,33 +431,106 @@ function Client:count_runs(query)
   return math.tointeger and math.tointeger(doc.count) or doc.count
 end
 
--- What the bulk job needs of a client's insides (flowservice.bulk).
-local job_api = {
-  log_attempt = log_attempt,
-  secrets = secrets,
-  sleep = sleep,
-  clock = server_clock,
-  saw_date = saw_date,
-  client_id = function(p) return p.opts.api_key end,
-  current_token = function(p) return p.auth and p.auth.cached end,
-  waiter = waiter_of,
-  exiting = ngxwait.exiting,
-  -- the client's options for one submitted attempt, with a fresh token
-  attempt_opts = function(p, changes, waiter)
-    if p.auth then
-      local token, err = p.auth:token(function(form) return ims_request(p, form, waiter) end,
-        function(s) sleep(p, s, waiter) end)
-      if not token then return nil, err end
-      changes.access_token = token
-    end
-    return copy(p.opts, changes)
-  end,
-}
+-- The one door the bulk job (flowservice.bulk) has into a client: run
+-- actions are prepared (built, not yet sent), submitted once their journal
+-- line is durable, driven, and read back as results or error objects. What
+-- may be repeated is flowservice.retry's to say.
+local Batch = {}
+Batch.__index = Batch
+
+local function new_batch(p, level)
+  return setmetatable({ p = p, waiter = waiter_of(p, nil, level + 1) }, Batch)
+end
+
+-- The token for the next round, fetched before any of its transfers is
+-- prepared (a fetch drives the engine); false when the client has a static
+-- token. nil, err when IMS refused or could not be reached.
+function Batch:token()
+  local p = self.p
+  if not p.auth then return false end
+  return fetch_token(p, self.waiter, p.deadline and now() + p.deadline)
+end
+
+-- Whether a 401 401013 on token can be cured with a new one; forgets it.
+function Batch:refresh(token)
+  local p = self.p
+  if not (p.auth and token) then return false end
+  p.auth:invalidate(token)
+  return true
+end
+
+-- A re-trigger of run_id, built but not sent: nothing that drives the
+-- engine sends it until submit(t).
+function Batch:prepare(run_id, if_match, token)
+  local p = self.p
+  local opts = copy(p.opts, { if_match = if_match })
+  if token then opts.access_token = token end
+  return p.handle:prepare_retrigger(run_id, opts)
+end
+
+function Batch:submit(t)
+  return t:submit()
+end
+
+-- Drive every submitted transfer once, without blocking.
+function Batch:step()
+  self.p.handle:step()
+end
+
+-- Wait for network activity, at most seconds (the waiter's way in nginx).
+function Batch:pause(seconds)
+  local handle = self.p.handle
+  local wait = min(handle:timeout() or seconds, seconds)
+  if self.waiter then
+    self.waiter(min(max(wait, MIN_WAIT), MAX_WAIT))
+  else
+    handle:wait(max(wait, MIN_WAIT))
+  end
+end
+
+function Batch:sleep(seconds)
+  sleep(self.p, seconds, self.waiter)
+end
+
+-- A finished transfer of run_id -> run, request_id or nil, err (an error
+-- object, secrets redacted). Logs the attempt and keeps the server's clock.
+function Batch:answer(t, run_id, attempt, started)
+  local p = self.p
+  local run, status_or_err, request_id, date = t:result()
+  local err
+  if run then
+    if date then saw_date(p, nil, date) end
+  else
+    err = errors.from_core(status_or_err, secrets(p))
+    if err.date then saw_date(p, err.date) end
+  end
+  if p.log then
+    log_attempt(p, "POST", "/runs/" .. run_id .. "/action?op=" .. (p.opts.op or core.defaults.op),
+      run and status_or_err or err.status or err.kind, attempt, request_id or err.request_id, started)
+  end
+  if run then return run, request_id end
+  return nil, err
+end
+
+-- The server's clock (epoch seconds) by its latest Date header, or nil.
+function Batch:server_time()
+  return server_clock(self.p)
+end
+
+function Batch:client_id()
+  return self.p.opts.api_key
+end
+
+function Batch:retry_policy()
+  return self.p.retry
+end
+
+Batch.exiting = ngxwait.exiting
 
 -- client:retry_failed(spec) -> report or nil, err (see flowservice.bulk)
 function Client:retry_failed(spec)
   local p = open(self, 2)
-  return bulk.run(self, p, spec, job_api)
+  return bulk.run(self, new_batch(p, 2), spec)
 end
 
 -- How many transfers the client's engine holds (0 between calls); for tests.

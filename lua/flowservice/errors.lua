@@ -103,7 +103,6 @@ function Error:__tostring()
   local notes = {}
   if self.request_id then notes[#notes + 1] = "request-id " .. self.request_id end
   if self.sent == false then notes[#notes + 1] = "not sent" end
-  if self.resent then notes[#notes + 1] = "sent twice" end
   if self.retry_after then notes[#notes + 1] = "retry after " .. tostring(self.retry_after) .. " s" end
   if #notes > 0 then line = line .. " (" .. table.concat(notes, ", ") .. ")" end
   return line

@@ -4,7 +4,8 @@
 -- run; a torn last line (a crash mid-write) is skipped.
 --
 -- Lines:
---   {"run": id, "state": "pending", "request_id": ..., "etag": ..., "time": ms, "server_time": ms}
+--   {"run": id, "flow": flow_id, "state": "pending", "request_id": ..., "etag": ..., "time": ms,
+--    "server_time": ms}          (every line about a run also names its flow)
 --   {"run": id, "state": "done", "new_id": ..., "etag": ..., "request_id": ..., "evidence": ...}
 --   {"run": id, "state": "failed" | "ambiguous" | "refused", ...}
 --     refused: the service answered without acting (429, not sent); free to try again
@@ -39,7 +40,8 @@ local function apply(state, entry)
     local previous = state.runs[entry.run] or { new_ids = {} }
     entry.new_ids = previous.new_ids
     if entry.state == "pending" then
-      entry.pendings = previous.state == "pending" and previous.pendings or {}
+      local unsettled = previous.state == "pending" or previous.state == "ambiguous"
+      entry.pendings = unsettled and previous.pendings or {}
       entry.pendings[#entry.pendings + 1] = { request_id = entry.request_id, etag = entry.etag,
         time = entry.time, server_time = entry.server_time }
     elseif entry.state == "ambiguous" then

@@ -1,9 +1,11 @@
--- When a failed attempt may be repeated, and after how long.
+-- When a failed attempt may be repeated, and after how long: the one place
+-- that decides it, for single calls and for the bulk job alike.
 --
 -- A re-trigger creates a run: it is repeated only when the service cannot
--- have acted on it (429, or the request never left this machine). After a
--- timeout, a dropped connection or a 5xx once it was sent, the outcome is
--- unknown: the error is returned marked ambiguous, never repeated blindly.
+-- have acted on it (429, 401 401013, or the request never left this
+-- machine). After a timeout, a dropped connection or a 5xx once it was
+-- sent, the outcome is unknown: the error is returned marked ambiguous,
+-- never repeated blindly (and the C core never lets libcurl resend it).
 -- Reads (GET) and token requests are repeated on 429, 5xx and network errors.
 local math_min, random = math.min, math.random
 
@@ -23,9 +25,16 @@ local function never_sent(err)
   return err.kind == "network" or err.kind == "timeout"
 end
 
--- "retry", "stop" or "ambiguous" (creates only: the run may exist now).
-function _M.verdict(err, creates)
+-- The verdict on a failed attempt:
+--   "retry"      the service did not act: repeat (after err.retry_after or a backoff)
+--   "refresh"    the token died early (401 401013) and can_refresh: a new token, then repeat
+--   "ambiguous"  creates only: the run may exist now; never repeat blindly
+--   "stop"       final
+function _M.verdict(err, creates, can_refresh)
   if err.kind == "http" and err.status == 429 then return "retry" end
+  if err.kind == "http" and err.status == 401 and err.code == "401013" then
+    return can_refresh and "refresh" or "stop" -- a 401: nothing was done
+  end
   if never_sent(err) then return "retry" end
   if creates then
     local after_send = err.kind == "timeout" or err.kind == "network"

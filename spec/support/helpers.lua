@@ -34,6 +34,7 @@ function _M.opts(base_url, extra)
 end
 
 _M.now = system.monotime
+_M.sleep = system.sleep
 
 -- A loopback port where nothing listens: bound by nobody, below the
 -- ephemeral range, and refused at once.
