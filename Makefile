@@ -14,8 +14,8 @@ ROCKSPEC     := flowservice-scm-1.rockspec
 CURL_INCDIR  ?= $(patsubst %/curl/curl.h,%,$(firstword $(wildcard /usr/include/*/curl/curl.h /usr/include/curl/curl.h)))
 STRICT       := -std=c99 -Wall -Wextra -Werror
 CFLAGS       ?= -O2 -g
-SOURCES      := src/core.c src/engine.c src/journal.c src/request.c
-HEADERS      := src/compat.h src/engine.h src/journal.h src/request.h
+SOURCES      := src/core.c src/engine.c src/journal.c src/request.c src/signals.c
+HEADERS      := src/compat.h src/engine.h src/journal.h src/request.h src/signals.h
 LUAJIT_INC   := /usr/include/luajit-2.1
 LUA51_INC    := /usr/include/lua5.1
 

@@ -39,7 +39,8 @@ build = {
     ["flowservice.retry"] = "lua/flowservice/retry.lua",
     ["flowservice.runs"] = "lua/flowservice/runs.lua",
     ["flowservice.core"] = {
-      sources = { "src/core.c", "src/engine.c", "src/journal.c", "src/request.c" },
+      sources = { "src/core.c", "src/engine.c", "src/journal.c", "src/request.c",
+                  "src/signals.c" },
       libraries = { "curl" },
       incdirs = { "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },

@@ -24,6 +24,7 @@
 #include "engine.h"
 #include "journal.h"
 #include "request.h"
+#include "signals.h"
 
 #define FS_CLIENT_MT "flowservice.client"
 #define FS_TRANSFER_MT "flowservice.transfer"
@@ -581,6 +582,7 @@ int luaopen_flowservice_core(lua_State *L) {
   lua_pushvalue(L, -3);
   fs_setfuncs(L, module, 2);
   fs_journal_register(L);
+  fs_signals_register(L);
   fs_request_push_defaults(L);
   lua_setfield(L, -2, "defaults");
   set_string(L, "_VERSION", FS_VERSION);

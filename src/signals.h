@@ -1,0 +1,10 @@
+/* A signal watcher without handlers or global state (signals.c). */
+#ifndef FLOWSERVICE_SIGNALS_H
+#define FLOWSERVICE_SIGNALS_H
+
+#include "lua.h"
+
+/* Adds signals to the module table on top of the stack. */
+void fs_signals_register(lua_State *L);
+
+#endif
