@@ -164,4 +164,70 @@ describe("IMS credentials", function()
     assert.is_string(run.id)
     assert.equal(1, #requests("/ims/"))
   end)
+
+  describe("a token fetch that goes wrong", function()
+    it("checks ims_url in new, before any I/O", function()
+      for _, url in ipairs { "not a url", "ftp://ims.example", "" } do
+        assert.has_error(function()
+          new { credentials = { client_id = "a", client_secret = "b", scopes = "c", ims_url = url } }
+        end)
+      end
+      local ok, err = pcall(new, { credentials = { client_id = "a", client_secret = "b", scopes = "c",
+        ims_url = "ftp://ims.example" } })
+      assert.is_false(ok)
+      assert.matches("bad argument #1 to 'new' %(option 'credentials' field 'ims_url' must be an http", err)
+      assert.same({}, server:requests())
+    end)
+
+    it("does not stall later calls when a fetch raised (its marker is its own)", function()
+      local raised = false
+      local client = new { wait = function(s)
+        if not raised then
+          raised = true
+          error("the caller's wait function broke")
+        end
+        system.sleep(s)
+      end }
+      assert.has_error(function() client:retrigger(h.runs.failed) end, "the caller's wait function broke")
+      local t0 = h.now()
+      local run, err = client:retrigger(h.runs.failed, { deadline = 20 })
+      client:close()
+      assert.is_nil(err)
+      assert.is_string(run.id)
+      assert.is_true(h.now() - t0 < 10, "the second call waited for the dead fetch")
+    end)
+
+    it("bounds the token fetch by the call's deadline", function()
+      server:scenario { match = "^POST /ims/", delay = 5 }
+      local client = new()
+      local t0 = h.now()
+      local run, err = client:retrigger(h.runs.failed, { deadline = 1 })
+      local waited = h.now() - t0
+      client:close()
+      assert.is_nil(run)
+      assert.equal("timeout", err.kind)
+      assert.is_true(waited < 4, "waited " .. waited .. " s past a 1 s deadline")
+      assert.same({}, requests("/runs/"))
+    end)
+
+    it("bounds waiting for another coroutine's fetch by the call's deadline", function()
+      server:scenario { match = "^POST /ims/", delay = 5 }
+      local client = new { wait = function(s) coroutine.yield(s) end }
+      local first = coroutine.create(function() return client:retrigger(h.runs.failed) end)
+      local second = coroutine.create(function() return client:retrigger(h.runs.failed, { deadline = 0.5 }) end)
+      assert(coroutine.resume(first)) -- now fetching the token
+      local t0 = h.now()
+      local ok, run, err
+      repeat
+        ok, run, err = coroutine.resume(second)
+        assert(ok, run)
+        system.sleep(0.01)
+      until coroutine.status(second) == "dead"
+      assert.is_nil(run)
+      assert.equal("timeout", err.kind)
+      assert.matches("another call was fetching the IMS token", err.message, 1, true)
+      assert.is_true(h.now() - t0 < 3)
+      client:close()
+    end)
+  end)
 end)

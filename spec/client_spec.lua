@@ -267,6 +267,93 @@ describe("flowservice.new", function()
     end)
   end)
 
+  describe("the engine's transfers (flowservice.core)", function()
+    local core = require "flowservice.core"
+
+    local function drive(c, t)
+      repeat
+        c:step()
+        if not t:done() then c:wait(0.05) end
+      until t:done()
+    end
+
+    it("sends a prepared re-trigger only once submitted, whatever drives the engine meanwhile", function()
+      local o = h.opts(server.url)
+      local c = core.new(o)
+      local t = c:prepare_retrigger(runs.failed, o)
+      assert.is_table((c:request(o, { method = "GET", path = { "runs", runs.failed } })))
+      for _ = 1, 5 do
+        c:step()
+        c:wait(0.01)
+      end
+      assert.equal(0, server:stats().posts)
+      assert.is_false(t:done())
+      assert.is_true(t:submit())
+      assert.has_error(function() t:submit() end, "flowservice: transfer already submitted")
+      drive(c, t)
+      assert.is_string((t:result()).id)
+      assert.equal(1, server:stats().posts)
+      assert.is_false(t:submit()) -- finished: nothing to send
+      c:close()
+    end)
+
+    it("ends a prepared transfer unsent when the client closes, a submitted one as sent", function()
+      local o = h.opts(server.url)
+      server:scenario { match = "^POST ", act_then_delay = 1 }
+      local c = core.new(o)
+      local prepared = c:prepare_retrigger(runs.failed, o)
+      local submitted = c:submit_retrigger(runs.failed, o)
+      repeat
+        c:step()
+        c:wait(0.01)
+      until server:stats().posts == 1
+      c:close()
+      assert.is_true(prepared:done())
+      assert.is_true(submitted:done())
+      local _, e1 = prepared:result()
+      local _, e2 = submitted:result()
+      assert.is_false(e1.sent)
+      assert.is_true(e2.sent)
+      assert.is_false(prepared:submit())
+    end)
+
+    it("a cancelled transfer is done, and its result is gone", function()
+      local o = h.opts(server.url)
+      local c = core.new(o)
+      local t = c:submit_retrigger(runs.failed, o)
+      t:cancel()
+      assert.is_true(t:done())
+      assert.error_matches(function() t:result() end, "already taken")
+      assert.equal(0, c:in_flight())
+      c:close()
+    end)
+
+    it("waits no time for a NaN or negative number of seconds", function()
+      local c = core.new(h.opts(server.url))
+      local t0 = h.now()
+      c:wait(0 / 0)
+      c:wait(-1)
+      c:wait(-math.huge)
+      assert.is_true(h.now() - t0 < 0.5)
+      c:close()
+    end)
+
+    it("reads Retry-After in seconds and as an HTTP date, and the Date header", function()
+      local client = new { retry = { attempts = 1 } }
+      server:scenario { status = 429, retry_after = "7" }
+      local _, err = client:retrigger(runs.failed)
+      assert.equal(7, err.retry_after)
+      assert.is_number(err.date)
+      server:scenario { status = 429, retry_after = os.date("!%a, %d %b %Y %H:%M:%S GMT", os.time() + 100) }
+      _, err = client:retrigger(runs.failed)
+      assert.is_true(err.retry_after >= 95 and err.retry_after <= 101, tostring(err.retry_after))
+      server:scenario { status = 503 }
+      _, err = client:retrigger(runs.failed)
+      assert.is_nil(err.retry_after)
+      client:close()
+    end)
+  end)
+
   describe("lifecycle", function()
     it("raises on a call after close; close twice is fine", function()
       local client = new()
