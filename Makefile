@@ -23,8 +23,8 @@ LUA51_INC    := /usr/include/lua5.1
 NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy
 TEST_LOG     := $(BUILD)/test-results.tap
 
-.PHONY: all deps build trees compat asan demo test test-lua test-lua5.3 test-lua5.1 \
-        test-luajit test-asan test-valgrind bench clean
+.PHONY: all deps build trees compat asan noprereq demo test test-lua test-lua5.3 test-lua5.1 \
+        test-luajit test-asan test-noprereq test-valgrind bench clean
 
 all: build
 
@@ -68,6 +68,15 @@ $(BUILD)/lua51/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
 	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I$(LUA51_INC) -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
 
+# The core as it builds on a libcurl without CURLOPT_PREREQFUNCTION (< 7.80):
+# re-triggers get fresh connections that are never reused, so libcurl has
+# nothing to resend them on. The client and bulk specs run against it.
+noprereq: $(BUILD)/noprereq/flowservice/core.so
+
+$(BUILD)/noprereq/flowservice/core.so: $(SOURCES) $(HEADERS)
+	@mkdir -p $(@D)
+	gcc $(CFLAGS) -DFS_NO_PREREQ -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
+
 # The core and a Lua 5.4 interpreter built with AddressSanitizer and UBSan;
 # the sanitizers live in the interpreter, so processes the tests start
 # (curl, nginx) are not touched.
@@ -90,10 +99,10 @@ demo: deps
 
 test: deps
 	@mkdir -p $(BUILD)
-	@$(MAKE) --no-print-directory trees compat asan
+	@$(MAKE) --no-print-directory trees compat asan noprereq
 	@rm -f $(TEST_LOG)
 	@status=0; \
-	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-asan test-valgrind; do \
+	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-asan test-noprereq test-valgrind; do \
 	  $(MAKE) --no-print-directory $$step || status=1; \
 	done; \
 	echo; echo "$$(grep -c '^ok ' $(TEST_LOG)) passed, $$(grep -c '^not ok ' $(TEST_LOG)) failed"; \
@@ -116,6 +125,9 @@ test-luajit: trees compat
 test-asan: asan
 	$(NO_PROXY_ENV) ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(BUILD)/asan/asan-lua $(BUSTED) --ignore-lua --run=asan -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
+
+test-noprereq: noprereq
+	$(NO_PROXY_ENV) $(LUA) $(BUSTED) --ignore-lua --run=noprereq -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
 test-valgrind: build
 	$(NO_PROXY_ENV) FLOWSERVICE_UNDER_VALGRIND=1 sh spec/support/valgrind.sh $(BUSTED) --ignore-lua --run=valgrind -o TAP \
