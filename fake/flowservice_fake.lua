@@ -17,7 +17,8 @@
 --        GET|DELETE /_fake/requests, GET /_fake/runs[/{id}],
 --        POST /_fake/runs (inject a run), GET|POST /_fake/behaviour,
 --        GET /_fake/stats,
---        POST /_fake/ims {"expires_in": n}, POST /_fake/expire_tokens
+--        POST /_fake/ims {"expires_in": n}, POST /_fake/expire_tokens,
+--        POST /_fake/chaos, POST /_fake/witness (below)
 --   scenario fields for GET /runs: repeat_token (the next link repeats the
 --        request's token), link_style "token" (default) or "full" (the next
 --        link carries the whole query)
@@ -42,7 +43,39 @@
 --        (Flow Service requests being handled at once, scenario stalls
 --        included), posts and gets (Flow Service requests received),
 --        retriggers (runs created by re-trigger), ims (token requests;
---        IMS is not counted in the others)
+--        IMS is not counted in the others), by_source (re-triggers per
+--        source run id), chaos (faults dealt since chaos was set or reset:
+--        drop_after, status_502, throttle, slow, revoke, get_502), witness
+--        (checked, missing, missing_runs [{run, request_id}], at most 50,
+--        errors [journals the worker could not read]; since set or reset)
+--   chaos (POST /_fake/chaos, until reset; {} turns it off; the answer
+--        names the settings, the seed included): faults drawn from a
+--        private generator, so the same seed and the same sequence of
+--        re-trigger POSTs give the same faults. They hit only re-trigger
+--        POSTs the service would accept, and only where no scenario
+--        matched; one draw per such POST picks at most one of, in this
+--        order (probabilities 0..1, adding up to at most 1):
+--          drop_after   create the run, then close without a reply byte
+--                       (on a reused connection libcurl resends the POST)
+--          status_502   create the run, then answer a gateway 502
+--          throttle     do not act: 429 429050 with Retry-After:
+--                       retry_after (seconds, 1); the next throttle_burst
+--                       (0) such POSTs get 429 too, without a draw
+--          slow         create the run, stall slow_seconds (3), then reply
+--          revoke       create the run and reply, and expire every IMS
+--                       token issued so far (as /_fake/expire_tokens)
+--        get_502 (probability): GET /runs and GET /runs/{id} answer 502
+--        without doing anything (its own stream: reads do not shift the
+--        POST faults). seed: a whole number (default from the clock).
+--   witness (POST /_fake/witness {"journals": [absolute path, ...]}, until
+--        reset; {} or [] turns it off): as each POST /runs/{id}/action
+--        arrives, before anything acts on it, some line of some journal
+--        (JSON lines; a missing file has none, lines that do not decode
+--        are skipped) must be {"run": id, "state": "pending",
+--        "request_id": the request's x-request-id}; else it counts as
+--        missing. The journals are written by another process: they are
+--        read from where the last read stopped, and from the start again
+--        when one shrank or its first bytes changed.
 --
 -- State lives in module-level tables. That is sound only because the
 -- configuration runs a single worker process.
@@ -83,6 +116,10 @@ local state = {
   ims_expires_in = IMS_DEFAULT_EXPIRES_IN,
   behaviour = nil,     -- see DEFAULT_BEHAVIOUR; set by reset()
   retriggered = {},    -- id -> how many times re-triggered since reset
+  chaos = nil,         -- chaos settings and generators; nil: off (POST /_fake/chaos)
+  chaos_counts = nil,  -- faults dealt since chaos was set or reset
+  witness = nil,       -- { journals = paths, caches = path -> cache }; nil: off
+  witness_stats = nil, -- { checked, missing, missing_runs, errors }
   -- In-flight accounting. in_flight is never reset: handlers still running
   -- across a reset decrement it when they finish.
   in_flight = 0,
@@ -103,6 +140,16 @@ local function default_behaviour()
   return b
 end
 state.behaviour = default_behaviour()
+
+-- What GET /_fake/stats reports of chaos and of the witness, from zero.
+local function chaos_zero_counts()
+  return { drop_after = 0, status_502 = 0, throttle = 0, slow = 0, revoke = 0, get_502 = 0 }
+end
+local function witness_zero_stats()
+  return { checked = 0, missing = 0, missing_runs = {}, errors = {} }
+end
+state.chaos_counts = chaos_zero_counts()
+state.witness_stats = witness_zero_stats()
 
 ---------------------------------------------------------------------------
 -- small helpers
@@ -193,6 +240,12 @@ local function set_of(list)
     for _, v in ipairs(list) do set[v] = true end
   end
   return set
+end
+
+local MAX_INTEGER = 1e14   -- cjson sends 14 significant digits exactly
+
+local function whole(v, min)
+  return type(v) == "number" and v == math_floor(v) and v >= min and v < MAX_INTEGER
 end
 
 local function read_file(path)
@@ -324,6 +377,10 @@ local function reset()
   state.behaviour = default_behaviour()
   state.retriggered = {}
   state.stats = { max_in_flight = state.in_flight, posts = 0, gets = 0, retriggers = 0, ims = 0 }
+  state.chaos = nil
+  state.chaos_counts = chaos_zero_counts()
+  state.witness = nil
+  state.witness_stats = witness_zero_stats()
 end
 
 ---------------------------------------------------------------------------
@@ -528,7 +585,10 @@ local function eligible(run)
   return false, status
 end
 
-local function retrigger(raw_id, args, headers, request_id)
+-- Whether the service would accept a re-trigger: nil and the run, or the
+-- refusal. Chaos decides its fault after this and before acting, so no
+-- yield may come between the two.
+local function retrigger_check(raw_id, args, headers, request_id)
   local op = args.op
   if op ~= "re-trigger" and op ~= "RE_TRIGGER" then
     return problem("FLOW-1401-400", 400, "Unsupported action",
@@ -575,9 +635,14 @@ local function retrigger(raw_id, args, headers, request_id)
                    "The flowRunId=" .. id .. " is in an invalid state for the action "
                    .. "re-trigger: it has already been re-triggered", request_id)
   end
+  return nil, run
+end
 
-  -- A new run; the original keeps its status, and (by the behaviour
-  -- switches) gets a link to the new run and a new etag.
+-- A new run; the original keeps its status, and (by the behaviour
+-- switches) gets a link to the new run and a new etag.
+local function retrigger_act(run, headers)
+  local id = run.id
+  local behaviour = state.behaviour
   local now = now_ms()
   local new_run = {
     id = uuid4(),
@@ -606,6 +671,12 @@ local function retrigger(raw_id, args, headers, request_id)
   state.runs[#state.runs + 1] = new_run
   state.stats.retriggers = state.stats.retriggers + 1
   return json_reply(200, { id = new_run.id, etag = new_run.etag })
+end
+
+local function retrigger(raw_id, args, headers, request_id)
+  local refused, run = retrigger_check(raw_id, args, headers, request_id)
+  if refused then return refused end
+  return retrigger_act(run, headers)
 end
 
 local function not_found_run(id, request_id)
@@ -898,6 +969,17 @@ local function ims_token(rec)
                            expires_in = expires_in })
 end
 
+-- Every token issued so far answers 401013 from now on (POST
+-- /_fake/expire_tokens, and chaos's revoke fault).
+local function expire_ims_tokens()
+  local n = 0
+  for _, info in pairs(state.ims_tokens) do
+    info.expires = 0
+    n = n + 1
+  end
+  return n
+end
+
 local function flow_service(rec, request_id, sc)
   if rec.path == IMS_TOKEN_PATH then return ims_token(rec) end
   local denied = gateway_check(rec.headers, request_id)
@@ -968,6 +1050,215 @@ local function record(method, raw_path, with_body, sc)
   }
   state.requests[#state.requests + 1] = rec
   return rec
+end
+
+---------------------------------------------------------------------------
+-- chaos: seeded faults on the re-trigger POSTs the service would accept
+-- (POST /_fake/chaos), for a fault campaign that must prove exactly-once
+
+-- The POST faults in the order of the draw: one uniform draw per accepted
+-- re-trigger POST picks the first kind whose cumulative probability lies
+-- above it (or none).
+local CHAOS_POST_FAULTS = { "drop_after", "status_502", "throttle", "slow", "revoke" }
+local CHAOS_DEFAULTS = { retry_after = 1, throttle_burst = 0, slow_seconds = 3 }
+
+-- A private generator: math.random also makes ids and etags, and would
+-- shift the faults whenever a test makes one more run. Park-Miller's
+-- minimal standard, x = x * 48271 mod (2^31 - 1): every product stays below
+-- 2^47, so LuaJIT's doubles compute it exactly.
+local PRNG_MODULUS, PRNG_MULTIPLIER = 2147483647, 48271
+local PRNG_WARMUP = 8   -- neighbouring seeds start out as neighbours: stir first
+
+local function new_prng(seed)
+  local span = PRNG_MODULUS - 1
+  local x = seed % span
+  -- % on doubles is a - floor(a / b) * b; for a seed near 2^46 the quotient
+  -- may round across an integer, leaving x just outside 0 .. span - 1
+  if x < 0 then x = x + span elseif x >= span then x = x - span end
+  x = x + 1   -- 1 .. 2^31 - 2: a state of 0 would stay 0
+  local function draw()
+    x = (x * PRNG_MULTIPLIER) % PRNG_MODULUS
+    return (x - 1) / span   -- [0, 1)
+  end
+  for _ = 1, PRNG_WARMUP do draw() end
+  return draw
+end
+
+-- Two streams from one seed, so that the GETs a client happens to make
+-- (token-dependent, paging) do not shift the faults of its POSTs.
+local function chaos_streams(seed)
+  return new_prng(seed), new_prng(seed + 7919)
+end
+
+-- The fault for an accepted re-trigger POST, or nil. Once a throttle is
+-- drawn, the next throttle_burst accepted POSTs are throttled without a
+-- draw (a 429 storm).
+local function chaos_post_fault(c)
+  if c.burst_left > 0 then
+    c.burst_left = c.burst_left - 1
+    return "throttle"
+  end
+  local u = c.draw_post()
+  local edge = 0
+  for _, kind in ipairs(CHAOS_POST_FAULTS) do
+    edge = edge + c[kind]
+    if u < edge then
+      if kind == "throttle" then c.burst_left = c.throttle_burst end
+      return kind
+    end
+  end
+  return nil
+end
+
+-- A gateway's own failure, in the gateway's body shape (the code is made up).
+local function bad_gateway()
+  return gateway_error(502, "502000", "Bad gateway")
+end
+
+-- Chaos for one Flow Service request that no scenario claimed: true and the
+-- handler's result when a fault took it over, nil to go on as usual.
+-- Decides the fault with the same checks the service makes, then acts at
+-- once (no yield between), so a fault never lands on a POST the service
+-- would have refused, and an "act" fault always creates its run.
+local function chaos_apply(rec, request_id)
+  local c = state.chaos
+  local counts = state.chaos_counts
+  if rec.method == "GET" then
+    if rec.path ~= "/runs" and not rec.path:match("^/runs/[^/]+$") then return nil end
+    -- a draw for every read, so the sequence of reads alone decides
+    if c.draw_get() < c.get_502 then
+      counts.get_502 = counts.get_502 + 1
+      return true, deliver(bad_gateway(), nil, request_id)
+    end
+    return nil
+  end
+  local raw_id = rec.method == "POST" and rec.path:match("^/runs/([^/]+)/action$")
+  if not raw_id or gateway_check(rec.headers, request_id) then return nil end
+  local refused, run = retrigger_check(raw_id, rec.args, rec.headers, request_id)
+  if refused then return nil end
+  local fault = chaos_post_fault(c)
+  if not fault then return nil end
+  counts[fault] = counts[fault] + 1
+
+  if fault == "throttle" then
+    local reply = gateway_error(429, "429050", "Too many requests")
+    reply.headers["Retry-After"] = str_format("%d", c.retry_after)
+    return true, deliver(reply, nil, request_id)
+  end
+  local reply = retrigger_act(run, rec.headers)
+  if fault == "drop_after" then
+    return true, "abort"   -- 444: no byte of a reply; libcurl may resend on reuse
+  elseif fault == "status_502" then
+    return true, deliver(bad_gateway(), nil, request_id)
+  elseif fault == "slow" then
+    ngx.sleep(c.slow_seconds)   -- the settings read before the sleep: a reset may come
+    return true, deliver(reply, nil, request_id)
+  end
+  -- revoke: no yield between this and the reply, so expiring first is the
+  -- same as expiring after, as far as any later request can tell
+  expire_ims_tokens()
+  return true, deliver(reply, nil, request_id)
+end
+
+---------------------------------------------------------------------------
+-- journal witness (POST /_fake/witness): does the client's journal hold a
+-- pending line for each re-trigger POST before the POST arrives?
+
+local WITNESS_MAX_LISTED = 50   -- missing_runs entries kept; the count goes on
+local JOURNAL_HEAD_BYTES = 64   -- compared on every read, to notice a replaced file
+
+local function journal_key(run_id, request_id)
+  return run_id .. "\0" .. request_id
+end
+
+-- One journal line into the cache's set of pending keys; lines that do not
+-- decode (a line torn by a crash, another writer's half line) are skipped.
+local function note_journal_line(keys, line)
+  local ok, entry = pcall(cjson.decode, line)
+  if ok and type(entry) == "table" and entry.state == "pending"
+     and type(entry.run) == "string" and type(entry.request_id) == "string" then
+    keys[journal_key(entry.run, entry.request_id)] = true
+  end
+end
+
+local function new_journal_cache()
+  return { offset = 0, head = "", keys = {} }
+end
+
+-- The pending keys of one journal file, and the text after its last
+-- newline. Journals only grow (the client appends and fsyncs), so each read
+-- takes up after the last complete line it consumed; a file that shrank, or
+-- whose first bytes changed, was replaced and is read again from the start.
+-- A missing file has no lines.
+local function journal_keys(cache, path)
+  local f, err, errno = io_open(path, "rb")
+  if not f then
+    for k, v in pairs(new_journal_cache()) do cache[k] = v end
+    return cache.keys, "", errno ~= 2 and err or nil   -- 2: ENOENT
+  end
+  local size = f:seek("end")
+  local head = ""
+  if cache.offset > 0 then
+    f:seek("set", 0)
+    head = f:read(#cache.head) or ""
+  end
+  if size < cache.offset or head ~= cache.head then
+    for k, v in pairs(new_journal_cache()) do cache[k] = v end
+  end
+  f:seek("set", cache.offset)
+  local text, rerr = f:read("*a")
+  f:close()
+  if not text then return cache.keys, "", path .. ": " .. tostring(rerr) end
+  local complete = text:match("^.*\n") or ""
+  for line in complete:gmatch("[^\n]+") do note_journal_line(cache.keys, line) end
+  if cache.offset == 0 then cache.head = str_sub(complete, 1, JOURNAL_HEAD_BYTES) end
+  cache.offset = cache.offset + #complete
+  return cache.keys, str_sub(text, #complete + 1)
+end
+
+local function note_witness_error(stats, message)
+  for _, seen in ipairs(stats.errors) do
+    if seen == message then return end
+  end
+  if #stats.errors < WITNESS_MAX_LISTED then stats.errors[#stats.errors + 1] = message end
+end
+
+-- Called as a re-trigger POST arrives, before anything acts on it.
+local function witness_check(raw_path, headers)
+  local w = state.witness
+  local raw_id = raw_path:match("^/runs/([^/]+)/action$")
+  if not raw_id then return end
+  local run_id = ngx.unescape_uri(raw_id)
+  local request_id = single(headers["x-request-id"])
+  local stats = state.witness_stats
+  stats.checked = stats.checked + 1
+  local found = false
+  if request_id then
+    local key = journal_key(run_id, request_id)
+    for _, path in ipairs(w.journals) do
+      local keys, tail, err = journal_keys(w.caches[path], path)
+      if err then note_witness_error(stats, tostring(err)) end
+      if not keys[key] and tail ~= "" then
+        -- a last line without its newline yet: it counts once it decodes
+        local tail_keys = {}
+        note_journal_line(tail_keys, tail)
+        if tail_keys[key] then keys = tail_keys end
+      end
+      if keys[key] then
+        found = true
+        break
+      end
+    end
+  end
+  if not found then
+    stats.missing = stats.missing + 1
+    if #stats.missing_runs < WITNESS_MAX_LISTED then
+      stats.missing_runs[#stats.missing_runs + 1] = {
+        run = run_id,
+        request_id = request_id or cjson.null,   -- none, or a repeated header
+      }
+    end
+  end
 end
 
 ---------------------------------------------------------------------------
@@ -1059,15 +1350,115 @@ local function stats_reply()
   -- by_source: re-triggers per source run, whatever the linkage switch says
   -- (tests count duplicates with it); cjson sends an empty table as {}
   local by_source = state.retriggered
-  return json_reply(200, { in_flight = state.in_flight, max_in_flight = s.max_in_flight,
-                           posts = s.posts, gets = s.gets, retriggers = s.retriggers,
-                           ims = s.ims, by_source = by_source })
+  local reply = json_reply(200, { in_flight = state.in_flight, max_in_flight = s.max_in_flight,
+                                  posts = s.posts, gets = s.gets, retriggers = s.retriggers,
+                                  ims = s.ims, by_source = by_source, chaos = state.chaos_counts })
+  -- The witness's lists go out as arrays even when empty: spliced in by
+  -- hand, as cjson 2.1.0 has no empty-array marker.
+  local w = state.witness_stats
+  local witness = str_format('{"checked":%d,"missing":%d,"missing_runs":%s,"errors":%s}',
+                             w.checked, w.missing, encode_array(w.missing_runs),
+                             encode_array(w.errors))
+  reply.body = str_sub(reply.body, 1, -2) .. ',"witness":' .. witness .. "}"
+  return reply
 end
 
-local MAX_INTEGER = 1e14   -- cjson sends 14 significant digits exactly
+-- POST /_fake/chaos: seeded faults on accepted re-trigger POSTs (and GETs)
+-- until reset; {} turns chaos off. Every field is optional:
+local CHAOS_FIELDS = {
+  seed = "seed",                 -- whole number; default from the clock (reported)
+  drop_after = "probability",    -- act, then close without a reply byte
+  status_502 = "probability",    -- act, then answer 502
+  throttle = "probability",      -- do not act; 429 with Retry-After
+  slow = "probability",          -- act, stall slow_seconds, then reply
+  revoke = "probability",        -- act, reply, and expire every IMS token issued so far
+  get_502 = "probability",       -- GET /runs[/{id}]: 502, nothing done
+  retry_after = "whole",         -- seconds in a throttle's Retry-After (1)
+  throttle_burst = "whole",      -- POSTs throttled after a drawn throttle (0)
+  slow_seconds = "seconds",      -- the slow fault's stall (3)
+}
 
-local function whole(v, min)
-  return type(v) == "number" and v == math_floor(v) and v >= min and v < MAX_INTEGER
+-- The settings as given, with defaults and the seed filled in.
+local function chaos_settings(c)
+  if not c then return { on = false } end
+  local t = { on = true }
+  for name in pairs(CHAOS_FIELDS) do t[name] = c[name] end
+  return t
+end
+
+local function set_chaos(text)
+  local ok, t = pcall(cjson.decode, text or "")
+  if not ok or type(t) ~= "table" then
+    return json_reply(400, { errorMessage = "chaos must be a JSON object" })
+  end
+  local function bad(msg) return json_reply(400, { errorMessage = msg }) end
+  for k, v in pairs(t) do
+    local want = CHAOS_FIELDS[k]
+    if not want then return bad("unknown chaos field " .. tostring(k)) end
+    if want == "probability" and not (type(v) == "number" and v >= 0 and v <= 1) then
+      return bad("chaos field " .. k .. " must be a probability from 0 to 1")
+    elseif want == "seed" and not (whole(v, -MAX_INTEGER)) then
+      return bad("seed must be a whole number of at most 14 digits")
+    elseif want == "whole" and not whole(v, 0) then
+      return bad("chaos field " .. k .. " must be a whole number >= 0")
+    elseif want == "seconds" and not (type(v) == "number" and v >= 0 and v < MAX_INTEGER) then
+      return bad("chaos field " .. k .. " must be a number of seconds >= 0")
+    end
+  end
+  local total = 0
+  for _, kind in ipairs(CHAOS_POST_FAULTS) do total = total + (t[kind] or 0) end
+  if total > 1 + 1e-9 then
+    return bad("the POST fault probabilities add up to more than 1")
+  end
+  state.chaos_counts = chaos_zero_counts()
+  if next(t) == nil then
+    state.chaos = nil
+    return json_reply(200, chaos_settings(nil))
+  end
+  local c = { burst_left = 0, get_502 = t.get_502 or 0 }
+  for _, kind in ipairs(CHAOS_POST_FAULTS) do c[kind] = t[kind] or 0 end
+  for name, default in pairs(CHAOS_DEFAULTS) do
+    if t[name] == nil then c[name] = default else c[name] = t[name] end
+  end
+  c.seed = t.seed or (now_ms() + ngx.worker.pid()) % 1000000007
+  c.draw_post, c.draw_get = chaos_streams(c.seed)
+  state.chaos = c
+  return json_reply(200, chaos_settings(c))
+end
+
+-- POST /_fake/witness {"journals": [absolute path, ...]}: check every
+-- re-trigger POST against these journals until reset; {} or no journals
+-- turns it off. The worker must be able to read them (it runs as the user
+-- that started the fake: see fake/nginx.conf.in).
+local function set_witness(text)
+  local ok, t = pcall(cjson.decode, text or "")
+  if not ok or type(t) ~= "table" then
+    return json_reply(400, { errorMessage = "witness must be a JSON object" })
+  end
+  local function bad(msg) return json_reply(400, { errorMessage = msg }) end
+  for k in pairs(t) do
+    if k ~= "journals" then return bad("unknown witness field " .. tostring(k)) end
+  end
+  local journals = t.journals or {}
+  if type(journals) ~= "table" then return bad("journals must be an array of paths") end
+  local n = 0
+  for _ in pairs(journals) do n = n + 1 end
+  if n ~= #journals then return bad("journals must be an array of paths") end
+  for _, path in ipairs(journals) do
+    if type(path) ~= "string" or str_sub(path, 1, 1) ~= "/" then
+      return bad("journals must be absolute paths")
+    end
+  end
+  state.witness_stats = witness_zero_stats()
+  if #journals == 0 then
+    state.witness = nil
+    return { status = 200, headers = {}, json = true, body = '{"journals":[]}' }
+  end
+  local caches = {}
+  for _, path in ipairs(journals) do caches[path] = caches[path] or new_journal_cache() end
+  state.witness = { journals = journals, caches = caches }
+  return { status = 200, headers = {}, json = true,
+           body = '{"journals":' .. encode_array(journals) .. '}' }
 end
 
 -- POST /_fake/runs: inject a run, as a scheduled run or another user's
@@ -1151,12 +1542,7 @@ local function control(method, path)
   elseif method == "POST" and path == "/_fake/ims" then
     reply = ims_settings(read_body())
   elseif method == "POST" and path == "/_fake/expire_tokens" then
-    local n = 0
-    for _, info in pairs(state.ims_tokens) do
-      info.expires = 0
-      n = n + 1
-    end
-    reply = json_reply(200, { ok = true, expired = n })
+    reply = json_reply(200, { ok = true, expired = expire_ims_tokens() })
   elseif method == "GET" and path == "/_fake/requests" then
     reply = { status = 200, headers = {}, body = encode_array(state.requests), json = true }
   elseif method == "DELETE" and path == "/_fake/requests" then
@@ -1172,6 +1558,10 @@ local function control(method, path)
     reply = set_behaviour(read_body())
   elseif method == "GET" and path == "/_fake/stats" then
     reply = stats_reply()
+  elseif method == "POST" and path == "/_fake/chaos" then
+    reply = set_chaos(read_body())
+  elseif method == "POST" and path == "/_fake/witness" then
+    reply = set_witness(read_body())
   elseif method == "GET" and path:match("^/_fake/runs/[^/]+$") then
     local run = find_run(ngx.unescape_uri(path:match("^/_fake/runs/([^/]+)$")))
     reply = run and json_reply(200, run)
@@ -1212,6 +1602,10 @@ local function dispatch()
     return control(method, raw_path)
   end
 
+  -- As a re-trigger POST arrives, before any scenario stalls or drops it
+  -- and before anything acts on it.
+  if state.witness and method == "POST" then witness_check(raw_path, ngx.req.get_headers(0)) end
+
   local sc = take_scenario(method .. " " .. request_uri) or {}
   local delay = tonumber(sc.delay)
   local act_then_delay = tonumber(sc.act_then_delay)
@@ -1234,6 +1628,12 @@ local function dispatch()
   -- the If-Match check itself (from rec.headers), so hide it from nginx.
   ngx.req.clear_header("If-Match")
   if delay then ngx.sleep(delay) end
+
+  -- Chaos only where no scenario spoke: a test's explicit scenario wins.
+  if state.chaos and not sc.id then
+    local handled, result = chaos_apply(rec, request_id)
+    if handled then return result end
+  end
 
   if act_then_delay then
     -- Act for real, then stall: the reply may never reach a client that

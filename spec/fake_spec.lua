@@ -46,12 +46,9 @@ local function dir_exists(path)
   return sh("test -d '" .. path .. "'")
 end
 
-local function now()
-  local p = io.popen("date +%s.%N")
-  local t = tonumber(p:read("*a"))
-  p:close()
-  return t
-end
+-- The clock server:wait_for_posts measures its deadlines with: one clock
+-- for the suite, so a wait of 0.3 s never reads as less.
+local now = require("spec.support.nginx").util.monotonic
 
 describe("fake Flow Service", function()
   local server
@@ -968,7 +965,10 @@ describe("fake Flow Service", function()
 
     it("counts requests, and how many were in flight at once", function()
       local ZERO = { in_flight = 0, max_in_flight = 0, posts = 0, gets = 0, retriggers = 0, ims = 0,
-                     by_source = {} }
+                     by_source = {},
+                     chaos = { drop_after = 0, status_502 = 0, throttle = 0, slow = 0, revoke = 0,
+                               get_502 = 0 },
+                     witness = { checked = 0, missing = 0, missing_runs = {}, errors = {} } }
       assert.same(ZERO, server:stats())
       server:scenario{ match = "^POST /runs/", delay = 0.3, times = 5 }
       local curls = {}
@@ -1119,6 +1119,411 @@ describe("fake Flow Service", function()
       for _, pid in ipairs(pids) do sh("kill -KILL " .. pid) end
       assert.is_true(wait_until(idle, 3))
       assert.equal(2, server:stats().retriggers)   -- the server acts all the same
+    end)
+  end)
+
+  describe("chaos", function()
+    local BULK_FAILED = 40   -- fake.bulk_run_id(1..40): failed, re-triggerable again and again
+
+    local function post(id, headers, opts)
+      local o = { method = "POST", path = action(id), auth = true, headers = headers }
+      for k, v in pairs(opts or {}) do o[k] = v end
+      return server:http(o)
+    end
+    local function children(id)
+      return #(server:run(id).childFlowRunIds or {})
+    end
+    -- What a client sees of one POST: "ok", "drop", "502", "429" (or the status).
+    local function outcome(res)
+      if res.status == 0 then return res.curl_exit == 52 and "drop" or ("curl " .. res.curl_exit) end
+      if res.status == 200 then return "ok" end
+      return tostring(res.status)
+    end
+    -- n POSTs over the bulk flow's failed runs; their outcomes, in order.
+    local function campaign(n, between)
+      local seen = {}
+      for i = 1, n do
+        seen[i] = outcome(post(fake.bulk_run_id((i - 1) % BULK_FAILED + 1)))
+        if between then between(i) end
+      end
+      return seen
+    end
+    local function tally(list)
+      local t = {}
+      for _, v in ipairs(list) do t[v] = (t[v] or 0) + 1 end
+      return t
+    end
+    local function ims_token()
+      local c = fake.ims_client
+      local res = server:http{ method = "POST", path = "/ims/token/v3",
+                               headers = { ["Content-Type"] = "application/x-www-form-urlencoded" },
+                               body = "grant_type=client_credentials&client_id=" .. esc(c.client_id)
+                                 .. "&client_secret=" .. esc(c.client_secret) .. "&scope=" .. esc(c.scopes) }
+      assert.equal(200, res.status)
+      return cjson.decode(res.body).access_token
+    end
+
+    it("is off by default; nil or {} turns it off, and so does reset", function()
+      assert.same({ on = false }, server:chaos())
+      assert.same(campaign(10), { "ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok" })
+      local stats = server:stats()
+      assert.same({ drop_after = 0, status_502 = 0, throttle = 0, slow = 0, revoke = 0, get_502 = 0 },
+                  stats.chaos)
+      assert.equal(10, stats.retriggers)
+
+      local settings = server:chaos{ seed = 5, drop_after = 1 }
+      assert.same({ on = true, seed = 5, drop_after = 1, status_502 = 0, throttle = 0, slow = 0,
+                    revoke = 0, get_502 = 0, retry_after = 1, throttle_burst = 0, slow_seconds = 3 },
+                  settings)
+      assert.equal("drop", outcome(post(RUN)))
+      assert.same({ on = false }, server:chaos{})
+      assert.equal("ok", outcome(post(RUN)))
+      assert.equal(0, server:stats().chaos.drop_after)   -- counts start again when set
+      server:chaos{ drop_after = 1 }
+      assert.is_number(server:chaos{ drop_after = 1 }.seed)   -- a seed from the clock, reported
+      server:reset()
+      assert.equal("ok", outcome(post(RUN)))
+      assert.equal(0, server:stats().chaos.drop_after)
+    end)
+
+    it("drop_after creates the run, then closes without a reply byte", function()
+      server:chaos{ drop_after = 1 }
+      local source = fake.bulk_run_id(1)
+      local res = post(source, { ["x-request-id"] = "drop-1" })
+      assert.equal(0, res.status)
+      assert.equal(52, res.curl_exit)   -- empty reply from server
+      assert.equal("", res.body)
+      assert.equal(1, children(source))
+      local stats = server:stats()
+      assert.equal(1, stats.retriggers)
+      assert.equal(1, stats.by_source[source])
+      assert.equal(1, stats.chaos.drop_after)
+      -- only POSTs the service would accept: refusals and reads go on as usual
+      assert.equal(400, post(RUN_IN_PROGRESS).status)
+      assert.equal(403, server:http{ method = "POST", path = action(source) }.status)
+      assert.equal(200, server:http{ path = "/runs/" .. source, auth = true }.status)
+      assert.equal(1, server:stats().chaos.drop_after)
+      -- an explicit scenario wins over chaos
+      server:scenario{ status = 503 }
+      assert.equal(503, post(source).status)
+      assert.equal(1, children(source))
+    end)
+
+    it("status_502 creates the run, then answers a gateway 502", function()
+      server:chaos{ status_502 = 1 }
+      local source = fake.bulk_run_id(2)
+      local res = post(source, { ["x-request-id"] = "r-502" })
+      assert.equal(502, res.status)
+      assert.equal("application/json", res.headers["content-type"])
+      assert.equal("r-502", res.headers["x-request-id"])
+      local body = cjson.decode(res.body)
+      assert.equal("502000", body.error_code)
+      assert.is_string(body.message)
+      assert.equal(1, children(source))
+      local stats = server:stats()
+      assert.equal(1, stats.retriggers)
+      assert.equal(1, stats.by_source[source])
+      assert.equal(1, stats.chaos.status_502)
+    end)
+
+    it("throttle answers 429 with Retry-After and does not act; throttle_burst makes a storm", function()
+      server:chaos{ throttle = 1, retry_after = 2 }
+      local source = fake.bulk_run_id(3)
+      local res = post(source)
+      assert.equal(429, res.status)
+      assert.equal("2", res.headers["retry-after"])
+      assert.equal("429050", cjson.decode(res.body).error_code)
+      assert.equal(0, children(source))
+      local stats = server:stats()
+      assert.equal(0, stats.retriggers)
+      assert.is_nil(stats.by_source[source])
+      assert.equal(1, stats.chaos.throttle)
+      server:chaos{ throttle = 1 }
+      assert.equal("1", post(source).headers["retry-after"])   -- the default
+
+      -- Each drawn throttle brings throttle_burst more: runs of 429s come
+      -- in whole blocks of 1 + burst (the last may be cut short).
+      local function runs_of_429(seen)
+        local lengths, n = {}, 0
+        for i = 1, #seen + 1 do
+          if seen[i] == "429" then n = n + 1
+          elseif n > 0 then lengths[#lengths + 1] = n; n = 0 end
+        end
+        return lengths, seen[#seen] == "429"
+      end
+      server:chaos{ seed = 11, throttle = 0.25, throttle_burst = 3 }
+      local seen = campaign(40)
+      local lengths, cut = runs_of_429(seen)
+      assert.is_true(#lengths >= 2, table.concat(seen, " "))
+      for i, n in ipairs(lengths) do
+        if not (cut and i == #lengths) then
+          assert.equal(0, n % 4, table.concat(seen, " "))
+        end
+      end
+      local t = tally(seen)
+      stats = server:stats()
+      assert.equal(t["429"], stats.chaos.throttle)
+      assert.equal(t.ok, stats.retriggers)
+      -- without a burst the same seed draws single 429s too
+      server:chaos{ seed = 11, throttle = 0.25 }
+      lengths = runs_of_429(campaign(40))
+      local short = false
+      for _, n in ipairs(lengths) do if n % 4 ~= 0 then short = true end end
+      assert.is_true(short)
+    end)
+
+    it("slow creates the run, then stalls the reply past a client's timeout", function()
+      server:chaos{ slow = 1, slow_seconds = 0.6 }
+      local source = fake.bulk_run_id(4)
+      local p = io.popen("curl -s --noproxy '*' --max-time 0.3 -o /dev/null -X POST"
+        .. " -H 'Authorization: Bearer fake-token' -H 'x-api-key: fake-api-key'"
+        .. " -H 'x-gw-ims-org-id: FAKEORG@AdobeOrg' -H 'x-sandbox-name: prod' '"
+        .. server.url .. action(source) .. "'; echo $?")
+      local exit_code = tonumber(p:read("*a"))
+      p:close()
+      assert.equal(28, exit_code)         -- timed out...
+      assert.equal(1, children(source))   -- ...after the server acted
+      local t0 = now()
+      local res = post(source)
+      assert.is_true(now() - t0 >= 0.6)
+      assert.equal(200, res.status)
+      assert.equal(cjson.decode(res.body).id, server:run(source).childFlowRunIds[2])
+      assert.equal(2, server:stats().chaos.slow)
+    end)
+
+    it("revoke acts and replies, then expires every IMS token issued so far", function()
+      local token = ims_token()
+      local with_token = { Authorization = "Bearer " .. token }
+      assert.equal(200, server:http{ path = "/runs?limit=1", auth = true, headers = with_token }.status)
+      server:chaos{ revoke = 1 }
+      local source = fake.bulk_run_id(5)
+      local res = post(source, with_token)
+      assert.equal(200, res.status)
+      assert.equal(1, children(source))
+      res = server:http{ path = "/runs?limit=1", auth = true, headers = with_token }
+      assert.equal(401, res.status)
+      assert.equal("401013", cjson.decode(res.body).error_code)
+      res = post(source, with_token)   -- refused by the gateway: no fault, no run
+      assert.equal(401, res.status)
+      assert.equal(1, children(source))
+      assert.equal(200, server:http{ path = "/runs?limit=1", auth = true }.status)   -- fixture token
+      local fresh = ims_token()
+      assert.equal(200, server:http{ path = "/runs?limit=1", auth = true,
+                                     headers = { Authorization = "Bearer " .. fresh } }.status)
+      assert.equal(1, server:stats().chaos.revoke)
+    end)
+
+    it("get_502 answers reads with 502 and does nothing", function()
+      server:chaos{ get_502 = 1 }
+      local res = server:http{ path = "/runs?limit=1", auth = true }
+      assert.equal(502, res.status)
+      assert.equal("502000", cjson.decode(res.body).error_code)
+      assert.equal(502, server:http{ path = "/runs/" .. RUN, auth = true }.status)
+      assert.equal(404, server:http{ path = "/flows", auth = true }.status)   -- not a read of runs
+      assert.equal(200, post(RUN).status)                                     -- POSTs untouched
+      local stats = server:stats()
+      assert.equal(2, stats.chaos.get_502)
+      assert.equal(3, stats.gets)
+      server:chaos{ seed = 3, get_502 = 0.5 }
+      local statuses = {}
+      for i = 1, 20 do statuses[i] = server:http{ path = "/runs/" .. RUN, auth = true }.status end
+      local t = tally(statuses)
+      assert.is_true(t[200] > 0 and t[502] > 0)
+      assert.equal(t[502], server:stats().chaos.get_502)
+    end)
+
+    it("reproduces the fault sequence from the seed, reads aside; another seed gives another", function()
+      local mix = { drop_after = 0.15, status_502 = 0.15, throttle = 0.15, revoke = 0.1 }
+      local function with_seed(seed, extra)
+        local t = { seed = seed }
+        for k, v in pairs(mix) do t[k] = v end
+        for k, v in pairs(extra or {}) do t[k] = v end
+        return t
+      end
+      server:chaos(with_seed(42))
+      local first = campaign(50)
+      local t = tally(first)
+      assert.is_true(t.drop > 0 and t["502"] > 0 and t["429"] > 0 and t.ok > 0, table.concat(first, " "))
+      -- every run an act fault made counts, by source too
+      local stats = server:stats()
+      assert.equal(t.drop + t["502"] + t.ok, stats.retriggers)
+      local by_source = 0
+      for _, n in pairs(stats.by_source) do by_source = by_source + n end
+      assert.equal(stats.retriggers, by_source)
+      assert.equal(ALL_RUNS + stats.retriggers, #server:runs())
+      assert.equal(t.drop, stats.chaos.drop_after)
+      assert.equal(t["502"], stats.chaos.status_502)
+      assert.equal(t["429"], stats.chaos.throttle)
+      assert.is_true(stats.chaos.revoke > 0)   -- among the oks: revoke replies normally
+
+      server:reset()
+      server:chaos(with_seed(42))
+      assert.same(first, campaign(50))
+
+      -- reads, failing or not, and refused POSTs draw nothing from the POST faults
+      server:reset()
+      server:chaos(with_seed(42, { get_502 = 0.5 }))
+      assert.same(first, campaign(50, function(i)
+        server:http{ path = "/runs/" .. RUN, auth = true }
+        if i % 5 == 0 then post(RUN_IN_PROGRESS) end
+      end))
+      assert.is_true(server:stats().chaos.get_502 > 0)
+
+      server:reset()
+      server:chaos(with_seed(43))
+      assert.not_same(first, campaign(50))
+    end)
+
+    it("refuses malformed settings", function()
+      local bad = {
+        { bogus = 1 }, { drop_after = 1.5 }, { throttle = -0.1 }, { get_502 = 2 },
+        { slow = "0.5" }, { seed = 1.5 }, { seed = "x" }, { seed = 1e15 },
+        { drop_after = 0.6, status_502 = 0.5 },   -- more than 1 in all
+        { throttle_burst = -1 }, { throttle_burst = 1.5 }, { retry_after = 0.5 },
+        { slow_seconds = -1 },
+      }
+      for _, t in ipairs(bad) do
+        assert.has_error(function() server:chaos(t) end, nil, cjson.encode(t))
+      end
+      assert.equal(400, server:http{ method = "POST", path = "/_fake/chaos", body = "[1" }.status)
+      assert.equal(400, server:http{ method = "POST", path = "/_fake/chaos", body = "3" }.status)
+      -- the POST faults may add up to exactly 1
+      assert.is_true(server:chaos{ drop_after = 0.5, status_502 = 0.25, throttle = 0.125,
+                                   slow = 0.0625, revoke = 0.0625, get_502 = 1 }.on)
+      assert.same({ on = false }, server:chaos())   -- a refused setting changed nothing else
+    end)
+  end)
+
+  describe("journal witness", function()
+    local dir
+
+    before_each(function()
+      dir = server.prefix .. "/journals"
+      assert.is_true(sh("rm -rf '" .. dir .. "' && mkdir -p '" .. dir .. "'"))
+    end)
+
+    local function write(path, text, mode)
+      local f = assert(io.open(path, mode or "wb"))
+      f:write(text)
+      f:close()
+    end
+    local function line(run, state, request_id)
+      return cjson.encode({ run = run, state = state, request_id = request_id, time = 1 }) .. "\n"
+    end
+    local function post(id, request_id)
+      local headers = request_id and { ["x-request-id"] = request_id } or nil
+      return server:http{ method = "POST", path = action(id), auth = true, headers = headers }.status
+    end
+    local function witness() return server:stats().witness end
+
+    it("counts POSTs whose pending line is there, and lists those whose line is not", function()
+      local j1, j2 = dir .. "/job-1.jsonl", dir .. "/job-2.jsonl"
+      write(j1, line(RUN, "pending", "r-1") .. line(RUN, "done", "r-2")
+                .. line(RUN_SUCCESS_EMPTY, "pending", "r-3") .. '{"run":"' .. RUN .. '","sta')
+      assert.is_true(sh("chmod 600 '" .. j1 .. "'"))   -- as the journal is
+      assert.same({ journals = { j1, j2 } }, server:witness{ j1, j2 })   -- j2: not yet there
+
+      assert.equal(200, post(RUN, "r-1"))                   -- pending: present
+      assert.equal(200, post(RUN, "r-2"))                   -- only a done line
+      assert.equal(200, post(RUN, "r-3"))                   -- another run's request id
+      assert.equal(200, post(RUN))                          -- no request id at all
+      assert.equal(200, post(RUN_SUCCESS_EMPTY:gsub("%-", "%%2D"), "r-3"))   -- escaped id: present
+      assert.equal(400, post(RUN_IN_PROGRESS, "r-4"))       -- refused, but sent all the same
+      local w = witness()
+      assert.equal(6, w.checked)
+      assert.equal(4, w.missing)
+      assert.same({ { run = RUN, request_id = "r-2" }, { run = RUN, request_id = "r-3" },
+                    { run = RUN, request_id = cjson.null },
+                    { run = RUN_IN_PROGRESS, request_id = "r-4" } }, w.missing_runs)
+      assert.same({}, w.errors)
+
+      -- the torn line stays torn; lines appended after it are read
+      write(j1, "\n" .. line(RUN, "pending", "r-5"), "ab")
+      -- a file that appears later, its last line not yet ended
+      write(j2, line(RUN_IN_PROGRESS, "pending", "r-6"):sub(1, -2))
+      assert.equal(200, post(RUN, "r-5"))
+      assert.equal(400, post(RUN_IN_PROGRESS, "r-6"))
+      assert.equal(200, post(RUN, "r-1"))   -- still known from the first read
+      w = witness()
+      assert.equal(9, w.checked)
+      assert.equal(4, w.missing)
+
+      -- a journal replaced by a shorter one is read again from the start
+      write(j1, line(RUN, "pending", "r-7"))
+      assert.equal(200, post(RUN, "r-1"))
+      assert.equal(200, post(RUN, "r-7"))
+      w = witness()
+      assert.equal(11, w.checked)
+      assert.equal(5, w.missing)
+      assert.same({ run = RUN, request_id = "r-1" }, w.missing_runs[5])
+
+      -- the raw stats say [] for empty lists, and settle as integers here
+      server:witness{ j1 }
+      local res = server:http{ path = "/_fake/stats" }
+      assert.matches('"witness":{"checked":0,"missing":0,"missing_runs":%[%],"errors":%[%]}', res.body)
+      if math.type then assert.equal("integer", math.type(witness().checked)) end
+    end)
+
+    it("checks every listed journal and keeps at most 50 missing runs", function()
+      local a, b = dir .. "/a.jsonl", dir .. "/b.jsonl"
+      write(a, line(RUN, "pending", "in-a"))
+      write(b, "not json\n" .. line(RUN, "pending", "in-b"))
+      server:witness{ a, b }
+      assert.equal(200, post(RUN, "in-a"))
+      assert.equal(200, post(RUN, "in-b"))
+      for i = 1, 52 do assert.equal(200, post(fake.bulk_run_id((i - 1) % 40 + 1), "none-" .. i)) end
+      local w = witness()
+      assert.equal(54, w.checked)
+      assert.equal(52, w.missing)
+      assert.equal(50, #w.missing_runs)
+      assert.same({ run = fake.bulk_run_id(1), request_id = "none-1" }, w.missing_runs[1])
+    end)
+
+    it("is off by default, off with nil or {}, and off after reset", function()
+      local j = dir .. "/j.jsonl"
+      write(j, line(RUN, "pending", "r-1"))
+      post(RUN, "r-1")
+      assert.equal(0, witness().checked)
+      server:witness{ j }
+      post(RUN, "r-1")
+      post(RUN, "other")
+      assert.same({ checked = 2, missing = 1, missing_runs = { { run = RUN, request_id = "other" } },
+                    errors = {} }, witness())
+      assert.same({ journals = {} }, server:witness())
+      post(RUN, "other")
+      assert.equal(0, witness().checked)
+      server:witness{ j }
+      server:reset()
+      post(RUN, "other")
+      assert.equal(0, witness().checked)
+      assert.same({ journals = {} }, server:witness{})
+      -- relative paths are made absolute by the helper; the endpoint wants them absolute
+      local rel = server:witness{ "spec/x.jsonl" }
+      assert.matches("^/.+/spec/x%.jsonl$", rel.journals[1])
+      local function raw(body)
+        return server:http{ method = "POST", path = "/_fake/witness", body = body }.status
+      end
+      assert.equal(400, raw('{"journals":["relative.jsonl"]}'))
+      assert.equal(400, raw('{"journals":"/a"}'))
+      assert.equal(400, raw('{"journals":[1]}'))
+      assert.equal(400, raw('{"files":["/a"]}'))
+      assert.equal(400, raw('nope'))
+      assert.equal(200, raw('{"journals":["/a"]}'))
+    end)
+
+    it("reports a journal it cannot read; a missing one just has no lines", function()
+      local unreadable = dir .. "/unreadable.jsonl"
+      assert.is_true(sh("mkdir -p '" .. unreadable .. "'"))   -- a directory: opens, reads fail
+      local gone, good = dir .. "/gone/x.jsonl", dir .. "/good.jsonl"
+      write(good, line(RUN, "pending", "r-2"))
+      server:witness{ gone, unreadable, good }
+      assert.equal(200, post(RUN, "r-1"))
+      assert.equal(200, post(RUN, "r-2"))
+      local w = witness()
+      assert.equal(2, w.checked)
+      assert.equal(1, w.missing)
+      assert.equal(1, #w.errors)   -- once, however often it failed
+      assert.matches("unreadable%.jsonl: ", w.errors[1])
     end)
   end)
 

@@ -26,8 +26,23 @@
 --   server:behaviour(t)        set switches until reset, answer all of them (t nil: read);
 --                              built-in defaults { linkage = true, etag_changes = false,
 --                              eligible_after_retrigger = true }, start's behaviour overrides
---   server:stats()             { in_flight, max_in_flight, posts, gets, retriggers, ims }
---                              since reset (Flow Service requests; IMS only in ims)
+--   server:stats()             { in_flight, max_in_flight, posts, gets, retriggers, ims,
+--                              by_source = { [source id] = n }, chaos = { drop_after,
+--                              status_502, throttle, slow, revoke, get_502 }, witness =
+--                              { checked, missing, missing_runs = { {run, request_id} },
+--                              errors = { text } } } since reset (Flow Service requests;
+--                              IMS only in ims; chaos and witness also since set)
+--   server:chaos(t)            seeded faults on re-trigger POSTs the service would accept,
+--                              until reset; t nil or {} turns them off; raises if refused;
+--                              returns the settings (seed included). t fields, all optional:
+--                              seed (whole number), probabilities 0..1 adding up to <= 1:
+--                              drop_after, status_502, throttle, slow, revoke; also get_502
+--                              (GET /runs[/{id}] answers 502), retry_after (s, 1),
+--                              throttle_burst (0), slow_seconds (3). See fake/flowservice_fake.lua.
+--   server:witness(paths)      as each re-trigger POST arrives, check that one of these
+--                              journal files (relative paths are made absolute) holds its
+--                              {"run", "state": "pending", "request_id": x-request-id} line;
+--                              results in stats().witness; nil or {} turns it off, as reset does
 --   server:add_run(t)          inject a run (flowId required; id, status "success",
 --                              createdClient "scheduler", createdAt now, outputRecordCount 0,
 --                              errors, parentFlowRunId optional); returns the created run
@@ -259,11 +274,14 @@ function Server:requests()
   return control_json(self, "GET", "/_fake/requests")
 end
 
--- cjson decodes every number as a float; counts read better as integers.
+-- cjson decodes every number as a float; counts read better as integers
+-- (the nested ones too: by_source, chaos, witness).
 local function integers(t)
   for k, v in pairs(t) do
     if math_tointeger and type(v) == "number" and v == math_floor(v) then
       t[k] = math_tointeger(v) or v
+    elseif type(v) == "table" then
+      integers(v)
     end
   end
   return t
@@ -279,6 +297,28 @@ end
 
 function Server:stats()
   return integers(control_json(self, "GET", "/_fake/stats"))
+end
+
+-- The settings go back as integers where whole (the seed, counts).
+function Server:chaos(t)
+  if t == nil then t = {} end
+  assert(type(t) == "table", "chaos must be a table")
+  local body = next(t) == nil and "{}" or cjson.encode(t)
+  return integers(control_json(self, "POST", "/_fake/chaos", body))
+end
+
+function Server:witness(paths)
+  if paths == nil then paths = {} end
+  assert(type(paths) == "table", "witness takes a list of journal paths")
+  local journals = {}
+  for i, path in ipairs(paths) do
+    assert(type(path) == "string", "journal paths are strings")
+    journals[i] = absolute(path)
+  end
+  -- an empty list must go out as [], which cjson may not do by itself
+  local body = #journals == 0 and '{"journals":[]}'
+               or cjson.encode({ journals = journals })
+  return control_json(self, "POST", "/_fake/witness", body)
 end
 
 function Server:add_run(t)
@@ -385,6 +425,14 @@ local function behaviour_lua(t)
   return "{ " .. table_concat(parts, ", ") .. " }"
 end
 
+-- nginx started by root runs its worker as nobody, which could not read
+-- the tests' files (a journal is mode 0600): keep it root then. Otherwise
+-- nginx ignores `user` and the worker is the tests' user anyway.
+local function worker_user()
+  if capture("id -u"):match("^%s*0%s*$") then return "user root root;" end
+  return ""
+end
+
 -- Health answers once the Lua handler runs; it names the worker, whose pid
 -- the fake's own tests check after stop.
 local function healthy(server)
@@ -409,6 +457,7 @@ function fake.start(opts)
       FAKEDIR = fake_dir,
       FIXTURE_LUA = str_format("%q", fixture),
       BEHAVIOUR_LUA = behaviour,
+      USER = worker_user(),
       TLS = opts.tls and tls_block(opts.tls) or "",
     },
     ports = opts.tls and 2 or 1,

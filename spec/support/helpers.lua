@@ -1,7 +1,8 @@
 -- Small things every spec needs: valid options for a fake server, fixture
--- run ids, a monotonic clock (luasystem, which busted itself depends on).
+-- run ids, the suite's one monotonic clock (spec/support/nginx.lua's:
+-- luasystem, which busted itself depends on, else /proc/uptime).
 local fake = require "spec.support.fake"
-local system = require "system"
+local nginx = require "spec.support.nginx"
 
 local _M = {}
 
@@ -33,7 +34,7 @@ function _M.opts(base_url, extra)
   return o
 end
 
-_M.now = system.monotime
+_M.now = nginx.util.monotonic
 _M.sleep = system.sleep
 
 -- A loopback port where nothing listens: bound by nobody, below the
