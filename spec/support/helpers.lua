@@ -35,7 +35,9 @@ function _M.opts(base_url, extra)
 end
 
 _M.now = nginx.util.monotonic
-_M.sleep = system.sleep
+-- luasystem's sleep (no process per call), else the shell's
+local has_system, system = pcall(require, "system")
+_M.sleep = has_system and system.sleep or nginx.util.sleep
 
 -- A loopback port where nothing listens: bound by nobody, below the
 -- ephemeral range, and refused at once.
