@@ -23,8 +23,8 @@ LUA51_INC    := /usr/include/lua5.1
 NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy
 TEST_LOG     := $(BUILD)/test-results.tap
 
-.PHONY: all deps build trees compat asan noprereq demo test test-lua test-lua5.3 test-lua5.1 \
-        test-luajit test-asan test-noprereq test-valgrind bench clean
+.PHONY: all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
+        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench clean
 
 all: build
 
@@ -80,7 +80,7 @@ $(BUILD)/noprereq/flowservice/core.so: $(SOURCES) $(HEADERS)
 # The core and a Lua 5.4 interpreter built with AddressSanitizer and UBSan;
 # the sanitizers live in the interpreter, so processes the tests start
 # (curl, nginx) are not touched.
-SANITIZE := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined
+SANITIZE := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow
 LUA54_STATIC := $(firstword $(wildcard /usr/lib/*/liblua5.4.a /usr/lib/liblua5.4.a))
 asan: $(BUILD)/asan/flowservice/core.so $(BUILD)/asan/asan-lua
 
@@ -92,6 +92,16 @@ $(BUILD)/asan/asan-lua: spec/support/asan_lua.c
 	@mkdir -p $(@D)
 	gcc $(SANITIZE) $(STRICT) -I/usr/include/lua5.4 -o $@ $< $(LUA54_STATIC) -lm -ldl -Wl,-E
 
+# Test-only C modules (spec/support/fork.c: spec_fork), one per Lua ABI;
+# LuaJIT loads the 5.1 one. .busted puts build/testlib/<version> on the cpath.
+TESTLIB := $(BUILD)/testlib/5.4/spec_fork.so $(BUILD)/testlib/5.3/spec_fork.so \
+           $(BUILD)/testlib/5.1/spec_fork.so
+testlib: $(TESTLIB)
+
+$(BUILD)/testlib/%/spec_fork.so: spec/support/fork.c
+	@mkdir -p $(@D)
+	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I/usr/include/lua$* -o $@ $<
+
 demo: deps
 	@mkdir -p $(BUILD)
 	@$(MAKE) --no-print-directory build
@@ -99,7 +109,7 @@ demo: deps
 
 test: deps
 	@mkdir -p $(BUILD)
-	@$(MAKE) --no-print-directory trees compat asan noprereq
+	@$(MAKE) --no-print-directory trees compat asan noprereq testlib
 	@rm -f $(TEST_LOG)
 	@status=0; \
 	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-asan test-noprereq test-valgrind; do \
@@ -109,27 +119,27 @@ test: deps
 	exit $$status
 
 # Each step appends busted's TAP lines to the log the final count reads.
-test-lua: build
+test-lua: build testlib
 	@mkdir -p $(BUILD)
 	$(NO_PROXY_ENV) $(LUA) $(BUSTED) --ignore-lua -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
-test-lua5.3: trees
+test-lua5.3: trees testlib
 	$(NO_PROXY_ENV) lua5.3 $(BUSTED) --ignore-lua --run=lua53 -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
-test-lua5.1: trees
+test-lua5.1: trees testlib
 	$(NO_PROXY_ENV) lua5.1 $(BUSTED) --ignore-lua --run=lua51 -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
-test-luajit: trees compat
+test-luajit: trees compat testlib
 	$(NO_PROXY_ENV) luajit $(BUSTED) --ignore-lua --run=luajit -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
-test-asan: asan
+test-asan: asan testlib
 	$(NO_PROXY_ENV) ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(BUILD)/asan/asan-lua $(BUSTED) --ignore-lua --run=asan -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
-test-noprereq: noprereq
+test-noprereq: noprereq testlib
 	$(NO_PROXY_ENV) $(LUA) $(BUSTED) --ignore-lua --run=noprereq -o TAP | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 
-test-valgrind: build
+test-valgrind: build testlib
 	$(NO_PROXY_ENV) FLOWSERVICE_UNDER_VALGRIND=1 sh spec/support/valgrind.sh $(BUSTED) --ignore-lua --run=valgrind -o TAP \
 	  | tee -a $(TEST_LOG); exit $${PIPESTATUS[0]}
 

@@ -138,13 +138,22 @@ describe("flowservice.retrigger", function()
       assert.equal("/runs/" .. runs.failed .. "/action?tenant=a%20b&op=re-trigger", only_request().uri)
     end)
 
-    it("percent-escapes the run id into one path segment", function()
-      local run, err = flowservice.retrigger("a/b c?d#e%", opts())
+    it("sends a run id of every unreserved character as it is, in one path segment", function()
+      local id = "AZaz09-_.~"
+      local run, err = flowservice.retrigger(id, opts())
       assert.is_nil(run)
       assert.equal(404, err.status)
       assert.equal("FLOW-1101-404", err.code)
-      assert.equal("/runs/a%2fb%20c%3fd%23e%25/action?op=re-trigger", only_request().uri:lower())
-      assert.matches("a/b c?d#e%", err.message, 1, true) -- the server saw the whole id
+      assert.equal("/runs/" .. id .. "/action?op=re-trigger", only_request().uri)
+      assert.matches(id, err.message, 1, true) -- the server saw the whole id
+    end)
+
+    it("sends a blank value of a header that is not guarded as empty, not as no header", function()
+      assert.is_table((flowservice.retrigger(runs.failed, opts {
+        headers = { ["X-Blank"] = " \t ", ["X-Tab"] = "a\tb" } })))
+      local hd = only_request().headers
+      assert.equal("", hd["x-blank"])
+      assert.equal("a\tb", hd["x-tab"])
     end)
 
     it("reads a whole run object with eTag (the OpenAPI reply shape)", function()
@@ -396,9 +405,21 @@ describe("flowservice.retrigger", function()
       raises("bad argument #1 .*run id must be a non%-empty string, got table", {}, opts())
       raises("bad argument #1 .*run id must be a non%-empty string, got number", 12345, opts())
       raises("bad argument #1 .*run id must be a non%-empty string", "", opts())
-      raises("bad argument #1 .*run id contains CR, LF or NUL", "abc\r\nX-Evil: 1", opts())
-      raises("bad argument #1 .*run id contains CR, LF or NUL", "abc\0def", opts())
+      raises("bad argument #1 .*run id may hold only letters, digits, '%-', '_', '%.' and '~'",
+        "abc\r\nX-Evil: 1", opts())
+      raises("bad argument #1 .*run id may hold only letters", "abc\0def", opts())
       raises("bad argument #1 .*run id may not be '%.' or '%.%.'", "..", opts())
+      raises("bad argument #1 .*run id may not be '%.' or '%.%.'", ".", opts())
+    end)
+
+    it("for a run id with a reserved or non-ASCII character (a proxy could decode it)", function()
+      for _, id in ipairs { "a/b", "a%2Fb", "a b", "a?b", "a#b", "a%b", "a+b", "a:b", "a@b",
+        "../x", "a\\b", "caf\195\169", "a\tb", "a\127b" } do
+        for _, fn in ipairs { flowservice.retrigger, core.retrigger } do
+          raises("bad argument #1 .*run id may hold only letters, digits, '%-', '_', '%.' and '~'",
+            id, opts(), fn)
+        end
+      end
     end)
 
     it("for options that are not a table", function()
@@ -451,15 +472,44 @@ describe("flowservice.retrigger", function()
       raises("option 'sandbox' must not be empty", runs.failed, opts { sandbox = "" })
     end)
 
-    it("for CR, LF or NUL in any header value (no header injection)", function()
+    it("for a control character in any header value (no header injection)", function()
       for _, key in ipairs { "access_token", "api_key", "org_id", "sandbox", "if_match",
         "request_id", "user_agent" } do
-        for _, bad in ipairs { "a\r\nX-Evil: 1", "a\nb", "a\rb", "a\0b" } do
-          raises("option '" .. key .. "' contains CR, LF or NUL", runs.failed, opts { [key] = bad })
+        for _, bad in ipairs { "a\r\nX-Evil: 1", "a\nb", "a\rb", "a\0b", "a\1b", "a\31b",
+          "a\127b", "a\27[31m" } do
+          raises("option '" .. key .. "' contains a control character", runs.failed, opts { [key] = bad })
         end
       end
-      raises("option 'headers' holds a value for 'X%-A' with CR, LF or NUL",
-        runs.failed, opts { headers = { ["X-A"] = "1\r\nAuthorization: Bearer other" } })
+      for _, bad in ipairs { "1\r\nAuthorization: Bearer other", "a\0b", "a\8b", "a\127" } do
+        raises("option 'headers' holds a value for 'X%-A' with a control character",
+          runs.failed, opts { headers = { ["X-A"] = bad } })
+      end
+    end)
+
+    it("for a blank identity or If-Match value (libcurl would drop the header)", function()
+      for _, key in ipairs { "access_token", "api_key", "org_id", "sandbox", "if_match" } do
+        for _, blank in ipairs { " ", "\t", " \t  " } do
+          raises("bad argument #2 .*option '" .. key .. "' must not be blank", runs.failed,
+            opts { [key] = blank })
+        end
+      end
+      raises("bad argument #2 .*option 'if_match' must not be empty", runs.failed, opts { if_match = "" })
+      for _, name in ipairs { "If-Match", "if-match" } do
+        for _, blank in ipairs { "", " ", "\t" } do
+          raises("bad argument #2 .*option 'headers' holds a blank value for 'If%-Match'", runs.failed,
+            opts { headers = { [name] = blank } })
+        end
+      end
+    end)
+
+    it("for headers that libcurl writes itself", function()
+      local cases = { host = "Host", ["Content-Length"] = "Content-Length",
+        ["TRANSFER-ENCODING"] = "Transfer-Encoding", connection = "Connection", Expect = "Expect",
+        te = "TE", Upgrade = "Upgrade" }
+      for name, canonical in pairs(cases) do
+        raises("bad argument #2 .*option 'headers' may not set '" .. canonical:gsub("%-", "%%-")
+          .. "' %(libcurl writes it%)", runs.failed, opts { headers = { [name] = "x" } })
+      end
     end)
 
     it("for a header name that is not an HTTP token", function()
@@ -486,14 +536,14 @@ describe("flowservice.retrigger", function()
       raises("option 'base_url' must be an http:// or https:// URL", runs.failed,
         opts { base_url = "file:///etc/passwd" })
       raises("option 'base_url' is not a valid URL", runs.failed, opts { base_url = "platform.adobe.io/data" })
-      raises("option 'base_url' contains CR, LF or NUL", runs.failed, opts { base_url = "http://a\r\n/" })
+      raises("option 'base_url' contains a control character", runs.failed, opts { base_url = "http://a\r\n/" })
     end)
 
     it("in the C function called directly, too", function()
       local o = opts()
       o.acess_token = "x"
       raises("bad argument #2 .*option 'acess_token' is unknown", runs.failed, o, core.retrigger)
-      raises("bad argument #1 .*run id contains CR, LF or NUL", "a\nb", opts(), core.retrigger)
+      raises("bad argument #1 .*run id may hold only letters", "a\nb", opts(), core.retrigger)
       raises("option 'access_token' is required", runs.failed, { api_key = "k", org_id = "o" }, core.retrigger)
     end)
   end)

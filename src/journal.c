@@ -6,6 +6,12 @@
 **   core.journal_open(path) -> journal | nil, err   (exclusive, 0600, O_APPEND)
 **   journal:append(text)    -> true | nil, err      (all of text, then fsync)
 **   journal:close()                                  (also __gc and __close)
+**
+** A journal belongs to the process that opened it: after a fork the child
+** shares the fd and its lock, so its append returns nil, err instead of
+** writing lines its parent does not know of; its close (or __gc) closes
+** only its own copy of the fd, never unlocks (flock would free the lock for
+** the parent too).
 */
 #define _DEFAULT_SOURCE  /* flock, O_CLOEXEC, O_DIRECTORY */
 
@@ -13,7 +19,6 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "compat.h"
@@ -22,7 +27,8 @@
 #define FS_JOURNAL_MT "flowservice.journal"
 
 typedef struct fs_journal {
-  int fd;  /* -1 once closed */
+  int fd;     /* -1 once closed */
+  pid_t pid;  /* the process that opened it */
 } fs_journal;
 
 /* nil, { kind = "journal", message = ... } */
@@ -36,12 +42,14 @@ static int journal_error(lua_State *L, const char *what, const char *path, int e
   return 2;
 }
 
-/* A new file's name is durable only once its directory is synced. */
+/* A file's name is durable only once its directory is synced: done on every
+** open, since a name that an earlier crash left unsynced looks like any
+** other. */
 static int sync_parent_dir(const char *path) {
   char dir[4096];
   const char *slash = strrchr(path, '/');
   size_t len = slash == NULL ? 1 : slash == path ? 1 : (size_t)(slash - path);
-  int fd, rc;
+  int fd, rc, err;
   if (len >= sizeof dir)
     return 0;  /* a path this long was opened fine; skip the extra sync */
   memcpy(dir, slash == NULL ? "." : path, len);
@@ -49,32 +57,39 @@ static int sync_parent_dir(const char *path) {
   fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0)
     return -1;
-  rc = fsync(fd);
+  while ((rc = fsync(fd)) != 0 && errno == EINTR)
+    ;
+  err = errno;
   close(fd);
+  errno = err;  /* fsync's, for the message */
   return rc;
+}
+
+/* Everything after open() that fails closes the fd (and so the lock) now,
+** not at the next collection: the caller may retry at once. */
+static int journal_abandon(fs_journal *j) {
+  int err = errno;
+  close(j->fd);
+  j->fd = -1;
+  return err;
 }
 
 static int journal_open(lua_State *L) {
   size_t len;
   const char *path = luaL_checklstring(L, 1, &len);
   fs_journal *j;
-  struct stat before;
-  int created, fd;
   if (len == 0 || memchr(path, '\0', len) != NULL)
     return luaL_argerror(L, 1, "journal path must be a non-empty string without NUL");
   j = (fs_journal *)lua_newuserdata(L, sizeof *j);
   j->fd = -1;
+  j->pid = getpid();
   luaL_getmetatable(L, FS_JOURNAL_MT);
   lua_setmetatable(L, -2);  /* from here on __gc closes what we open */
-  created = stat(path, &before) != 0;
-  fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0)
+  j->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+  if (j->fd < 0)
     return journal_error(L, "cannot open journal", path, errno);
-  j->fd = fd;
-  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    int err = errno;
-    close(fd);
-    j->fd = -1;
+  if (flock(j->fd, LOCK_EX | LOCK_NB) != 0) {
+    int err = journal_abandon(j);
     if (err == EWOULDBLOCK) {
       lua_pushnil(L);
       lua_createtable(L, 0, 2);
@@ -86,8 +101,10 @@ static int journal_open(lua_State *L) {
     }
     return journal_error(L, "cannot lock journal", path, err);
   }
-  if (created && sync_parent_dir(path) != 0)
-    return journal_error(L, "cannot sync the directory of journal", path, errno);
+  if (sync_parent_dir(path) != 0) {
+    int err = journal_abandon(j);
+    return journal_error(L, "cannot sync the directory of journal", path, err);
+  }
   return 1;
 }
 
@@ -103,6 +120,15 @@ static int journal_append(lua_State *L) {
   fs_journal *j = journal_check(L);
   size_t len, done = 0;
   const char *text = luaL_checklstring(L, 2, &len);
+  if (j->pid != getpid()) {  /* a forked child: the lines would be its own */
+    lua_pushnil(L);
+    lua_createtable(L, 0, 2);
+    lua_pushliteral(L, "journal");
+    lua_setfield(L, -2, "kind");
+    lua_pushfstring(L, "journal belongs to process %d", (int)j->pid);
+    lua_setfield(L, -2, "message");
+    return 2;
+  }
   while (done < len) {
     ssize_t n = write(j->fd, text + done, len - done);
     if (n < 0 && errno == EINTR)
@@ -121,7 +147,7 @@ static int journal_append(lua_State *L) {
 static int journal_close(lua_State *L) {
   fs_journal *j = (fs_journal *)luaL_checkudata(L, 1, FS_JOURNAL_MT);
   if (j->fd >= 0) {
-    close(j->fd);  /* releases the lock */
+    close(j->fd);  /* the opener's last copy releases the lock; a child's does not */
     j->fd = -1;
   }
   return 0;

@@ -83,11 +83,37 @@ static int is_token(const char *s, size_t len) {
   return 1;
 }
 
-static int is_header_safe(const char *s, size_t len) {
+/* Bytes below 0x20 but tab, and DEL: CR and LF would split a header, NUL
+** would cut it short, and no header or URL needs the others. */
+static int has_control(const char *s, size_t len) {
+  size_t i;
+  for (i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if ((c < 0x20 && c != '\t') || c == 0x7f)
+      return 1;
+  }
+  return 0;
+}
+
+/* Empty, or only spaces and tabs: libcurl would send "Name: " as no header. */
+static int is_blank(const char *s, size_t len) {
   size_t i;
   for (i = 0; i < len; i++)
-    if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0')
+    if (s[i] != ' ' && s[i] != '\t')
       return 0;
+  return 1;
+}
+
+/* RFC 3986 unreserved: the only bytes a run id needs, and none that a
+** decoding proxy could turn into another path. */
+static int is_unreserved(const char *s, size_t len) {
+  size_t i;
+  for (i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+          || c == '-' || c == '_' || c == '.' || c == '~'))
+      return 0;
+  }
   return 1;
 }
 
@@ -97,6 +123,19 @@ static int header_index(const char *name) {
     if (curl_strequal(name, header_names[i]))
       return i;
   return -1;
+}
+
+/* Headers that frame the message: libcurl writes them, opts.headers may not. */
+static const char *transport_header(const char *name) {
+  static const char *const names[] = {
+    "Host", "Content-Length", "Transfer-Encoding", "Connection", "Expect", "TE",
+    "Upgrade", NULL
+  };
+  int i;
+  for (i = 0; names[i] != NULL; i++)
+    if (curl_strequal(name, names[i]))
+      return names[i];
+  return NULL;
 }
 
 
@@ -152,11 +191,21 @@ static const char *opt_string(lua_State *L, const opt_values *v, int i,
       opt_error(L, v->opts, name, "is required");
     return def;
   }
-  if (!is_header_safe(v->str[i], v->len[i]))
-    opt_error(L, v->opts, name, "contains CR, LF or NUL");
+  if (has_control(v->str[i], v->len[i]))
+    opt_error(L, v->opts, name, "contains a control character");
   if (v->len[i] == 0 && (required || def != NULL))
     opt_error(L, v->opts, name, "must not be empty");
   return v->str[i];
+}
+
+/* A header value that must carry something: not even spaces alone. */
+static const char *opt_nonblank(lua_State *L, const opt_values *v, int i,
+                                const char *def, int required) {
+  const char *s = opt_string(L, v, i, def, required);
+  if (v->present[i] && is_blank(v->str[i], v->len[i]))
+    opt_error(L, v->opts, request_options[i].name,
+              v->len[i] == 0 ? "must not be empty" : "must not be blank");
+  return s;
 }
 
 static long opt_milliseconds(lua_State *L, const opt_values *v, int i, double def) {
@@ -190,14 +239,19 @@ static void check_extra_headers(lua_State *L, int opts, fs_request *r) {
     value = lua_tolstring(L, -1, &vlen);
     if (!is_token(name, nlen))
       opt_error(L, opts, "headers", "holds a name that is not an HTTP token");
-    if (!is_header_safe(value, vlen))
+    if (has_control(value, vlen))
       opt_error(L, opts, "headers", lua_pushfstring(L,
-                "holds a value for '%s' with CR, LF or NUL", name));
+                "holds a value for '%s' with a control character", name));
+    if (transport_header(name) != NULL)
+      opt_error(L, opts, "headers", lua_pushfstring(L,
+                "may not set '%s' (libcurl writes it)", transport_header(name)));
     i = header_index(name);
     if (i >= 0 && i <= H_PROTECTED)
       opt_error(L, opts, "headers", lua_pushfstring(L,
                 "may not set '%s' (use the option '%s')",
                 header_names[i], header_options[i]));
+    if (i == H_IF_MATCH && is_blank(value, vlen))  /* would go out unconditional */
+      opt_error(L, opts, "headers", "holds a blank value for 'If-Match'");
     if (i >= 0)
       r->header[i] = value;
     lua_pop(L, 1);
@@ -314,21 +368,19 @@ static const char *push_user_agent(lua_State *L) {
 }
 
 static void read_identity(lua_State *L, const opt_values *v, int flags, fs_request *r) {
-  const char *token = opt_string(L, v, O_ACCESS_TOKEN, NULL, !(flags & FS_TOKEN_LATER));
-  if (token != NULL) {
-    if (*token == '\0')
-      opt_error(L, v->opts, "access_token", "must not be empty");
+  const char *token = opt_nonblank(L, v, O_ACCESS_TOKEN, NULL, !(flags & FS_TOKEN_LATER));
+  if (token != NULL)
     r->header[H_AUTHORIZATION] = lua_pushfstring(L, "Bearer %s", token);
-  }
-  r->header[H_API_KEY] = opt_string(L, v, O_API_KEY, NULL, 1);
-  r->header[H_ORG_ID] = opt_string(L, v, O_ORG_ID, NULL, 1);
-  r->header[H_SANDBOX] = opt_string(L, v, O_SANDBOX, FS_DEFAULT_SANDBOX, 0);
+  r->header[H_API_KEY] = opt_nonblank(L, v, O_API_KEY, NULL, 1);
+  r->header[H_ORG_ID] = opt_nonblank(L, v, O_ORG_ID, NULL, 1);
+  r->header[H_SANDBOX] = opt_nonblank(L, v, O_SANDBOX, FS_DEFAULT_SANDBOX, 0);
 }
 
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   const char **h = r->header;
   opt_values v;
   luaL_checktype(L, opts, LUA_TTABLE);
+  luaL_checkstack(L, 12, "request options");  /* what we keep, and pairs */
   read_options(L, opts, &v);
   if (!(flags & FS_NO_IDENTITY))
     read_identity(L, &v, flags, r);
@@ -338,7 +390,7 @@ void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   h[H_REQUEST_ID] = opt_string(L, &v, O_REQUEST_ID, NULL, 0);
   if (h[H_REQUEST_ID] == NULL || *h[H_REQUEST_ID] == '\0')
     h[H_REQUEST_ID] = push_request_id(L);
-  h[H_IF_MATCH] = opt_string(L, &v, O_IF_MATCH, NULL, 0);
+  h[H_IF_MATCH] = opt_nonblank(L, &v, O_IF_MATCH, NULL, 0);  /* else: unconditional */
   h[H_USER_AGENT] = opt_string(L, &v, O_USER_AGENT, NULL, 0);
   if (h[H_USER_AGENT] == NULL)
     h[H_USER_AGENT] = r->default_user_agent ? r->default_user_agent : push_user_agent(L);
@@ -371,8 +423,8 @@ static void check_segment(lua_State *L, int arg, const char *what,
                           const char *s, size_t len) {
   if (len == 0)
     luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a non-empty string", what));
-  if (!is_header_safe(s, len))
-    luaL_argerror(L, arg, lua_pushfstring(L, "%s contains CR, LF or NUL", what));
+  if (has_control(s, len))
+    luaL_argerror(L, arg, lua_pushfstring(L, "%s contains a control character", what));
   if (strcmp(s, ".") == 0 || strcmp(s, "..") == 0)  /* path traversal */
     luaL_argerror(L, arg, lua_pushfstring(L, "%s may not be '.' or '..'", what));
 }
@@ -384,6 +436,9 @@ void fs_request_run_action(lua_State *L, int arg, fs_request *r) {
     luaL_argerror(L, arg, lua_pushfstring(L,
                   "run id must be a non-empty string, got %s", luaL_typename(L, arg)));
   run_id = lua_tolstring(L, arg, &len);
+  if (len > 0 && !is_unreserved(run_id, len))  /* '/' would reach a proxy as %2F */
+    luaL_argerror(L, arg,
+                  "run id may hold only letters, digits, '-', '_', '.' and '~'");
   check_segment(L, arg, "run id", run_id, len);
   r->get = 0;
   r->identity = 1;
@@ -412,55 +467,73 @@ static const char *shape_string(lua_State *L, int spec, int idx, const char *wha
   return lua_tolstring(L, idx, len);
 }
 
-/* Arrays for the shape live in userdata on the stack: collected, never leaked. */
+/* Pushes spec[key], raw: a metamethod could hand us a value that nothing
+** else holds (the GC would free what r points into). Returns its type. */
+static int shape_field(lua_State *L, int spec, const char *key) {
+  lua_pushstring(L, key);
+  lua_rawget(L, spec);
+  return lua_type(L, -1);
+}
+
+/* Fields read raw would silently miss what an __index supplies: refuse it. */
+static void check_plain(lua_State *L, int spec, int idx, const char *what) {
+  if (luaL_getmetafield(L, idx, "__index") != 0)  /* a raw read, too */
+    shape_error(L, spec, lua_pushfstring(L,
+                "%s may not have an __index metamethod (fields are read raw)", what));
+}
+
+/* Leaves the path table (it holds the segments r points to) and the array
+** of pointers (userdata: collected, never leaked) on the stack. */
 static void read_path(lua_State *L, int spec, fs_request *r) {
   size_t i, n;
-  lua_getfield(L, spec, "path");
-  if (!lua_istable(L, -1))
+  int path;
+  if (shape_field(L, spec, "path") != LUA_TTABLE)
     shape_error(L, spec, "path must be a list of segments");
-  n = (size_t)fs_rawlen(L, -1);
+  path = lua_gettop(L);
+  check_plain(L, spec, path, "path");
+  n = (size_t)fs_rawlen(L, path);
   r->segments = (const char **)lua_newuserdata(L, (n + 1) * sizeof(char *));
   for (i = 0; i < n; i++) {
     size_t len;
-    lua_rawgeti(L, -2, (int)i + 1);
+    lua_rawgeti(L, path, (int)i + 1);
     r->segments[i] = shape_string(L, spec, -1, "path segment", &len);
     check_segment(L, spec, "path segment", r->segments[i], len);
-    lua_pop(L, 1);  /* the path table keeps it */
+    lua_pop(L, 1);  /* the path table, on the stack, keeps it */
   }
   r->nsegments = n;
-  lua_replace(L, -2);  /* keep the array, the path table is held by spec */
 }
 
+/* Leaves the query table (or nil) and, for a table, the pair array. */
 static void read_query(lua_State *L, int spec, fs_request *r) {
   size_t i, n;
+  int query;
   fs_param *q;
-  lua_getfield(L, spec, "query");
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    r->query = NULL;
-    r->nquery = 0;
+  r->query = NULL;
+  r->nquery = 0;
+  if (shape_field(L, spec, "query") == LUA_TNIL)
     return;
-  }
   if (!lua_istable(L, -1))
     shape_error(L, spec, "query must be a list of {name, value} pairs");
-  n = (size_t)fs_rawlen(L, -1);
+  query = lua_gettop(L);
+  check_plain(L, spec, query, "query");
+  n = (size_t)fs_rawlen(L, query);
   q = (fs_param *)lua_newuserdata(L, (n + 1) * sizeof *q);
   for (i = 0; i < n; i++) {
     size_t nlen, vlen;
-    lua_rawgeti(L, -2, (int)i + 1);
+    lua_rawgeti(L, query, (int)i + 1);
     if (!lua_istable(L, -1))
       shape_error(L, spec, "query must be a list of {name, value} pairs");
+    check_plain(L, spec, lua_gettop(L), "query pair");
     lua_rawgeti(L, -1, 1);
     lua_rawgeti(L, -2, 2);
     q[i].name = shape_string(L, spec, -2, "query name", &nlen);
     q[i].value = shape_string(L, spec, -1, "query value", &vlen);
     if (nlen == 0 || memchr(q[i].name, '\0', nlen) || memchr(q[i].value, '\0', vlen))
       shape_error(L, spec, "query names must be non-empty, without NUL");
-    lua_pop(L, 3);  /* the query table keeps the strings */
+    lua_pop(L, 3);  /* the query table, on the stack, keeps its pairs */
   }
   r->query = q;
   r->nquery = n;
-  lua_replace(L, -2);
 }
 
 static void check_shape_keys(lua_State *L, int spec) {
@@ -481,33 +554,40 @@ static void check_shape_keys(lua_State *L, int spec) {
   }
 }
 
+/* Every field read raw; every borrowed value (path and query tables, body,
+** content_type) stays on the stack above spec until the caller returns. */
 void fs_request_shape(lua_State *L, int spec, fs_request *r) {
   const char *method;
   luaL_checktype(L, spec, LUA_TTABLE);
+  if (spec < 0)
+    spec = lua_gettop(L) + spec + 1;  /* we push above it */
+  /* six kept values, three at a time in read_query, and the usual room
+  ** for fs_request_options after us */
+  luaL_checkstack(L, 9 + LUA_MINSTACK, "request shape");
+  check_plain(L, spec, spec, "shape");
   check_shape_keys(L, spec);
-  lua_getfield(L, spec, "method");
+  shape_field(L, spec, "method");
   method = lua_tostring(L, -1);
   if (lua_type(L, -1) != LUA_TSTRING
       || (strcmp(method, "GET") != 0 && strcmp(method, "POST") != 0))
     shape_error(L, spec, "method must be \"GET\" or \"POST\"");
   r->get = method[0] == 'G';
-  lua_pop(L, 1);
+  lua_pop(L, 1);  /* only compared */
   read_path(L, spec, r);
   read_query(L, spec, r);
-  lua_getfield(L, spec, "body");
-  r->body = lua_isnil(L, -1) ? "" : shape_string(L, spec, -1, "body", &r->body_len);
-  lua_pop(L, 1);  /* spec keeps it */
+  r->body = "";
+  r->body_len = 0;
+  if (shape_field(L, spec, "body") != LUA_TNIL)  /* stays */
+    r->body = shape_string(L, spec, -1, "body", &r->body_len);
   if (r->get && r->body_len > 0)
     shape_error(L, spec, "body needs method POST");
-  lua_getfield(L, spec, "content_type");
-  if (!lua_isnil(L, -1)) {
+  if (shape_field(L, spec, "content_type") != LUA_TNIL) {  /* stays */
     size_t len;
     r->header[H_CONTENT_TYPE] = shape_string(L, spec, -1, "content_type", &len);
-    if (!is_header_safe(r->header[H_CONTENT_TYPE], len))
-      shape_error(L, spec, "content_type contains CR, LF or NUL");
+    if (has_control(r->header[H_CONTENT_TYPE], len))
+      shape_error(L, spec, "content_type contains a control character");
   }
-  lua_pop(L, 1);
-  lua_getfield(L, spec, "identity");
+  shape_field(L, spec, "identity");
   r->identity = lua_isnil(L, -1) || lua_toboolean(L, -1);
   lua_pop(L, 1);
 }
@@ -630,14 +710,17 @@ static void apply_check(lua_State *L, CURLcode rc) {
     luaL_error(L, "flowservice: libcurl setup failed: %s", curl_easy_strerror(rc));
 }
 
-/* "Name: value", or "Name;", libcurl's way to send an empty value. Lines
-** are built on the C stack: this runs nine times a call. */
+/* "Name: value", or "Name;", libcurl's way to send an empty value (a value
+** of only spaces and tabs is one: "Name:  " would send no header at all).
+** Lines are built on the C stack: this runs nine times a call. */
 static void add_header(lua_State *L, fs_transfer *t, const char *name,
                        const char *value) {
   char buffer[2048];
   size_t n = strlen(name), v = strlen(value);
   const char *line = buffer;
   struct curl_slist *list;
+  if (is_blank(value, v))
+    v = 0;
   if (n + v + 3 > sizeof buffer) {
     line = v > 0 ? lua_pushfstring(L, "%s: %s", name, value)  /* a long token, say */
                  : lua_pushfstring(L, "%s;", name);

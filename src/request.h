@@ -79,12 +79,15 @@ typedef struct fs_request {
 */
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r);
 
-/* Check the run id at stack index arg; POST runs/{id}/action?op={op}. */
+/* Check the run id at stack index arg (unreserved characters only, not "."
+** or ".."); POST runs/{id}/action?op={op}. */
 void fs_request_run_action(lua_State *L, int arg, fs_request *r);
 
 /* Check a request shape table at stack index spec:
 ** { method = "GET"|"POST", path = {seg, ...}, query = {{name, value}, ...},
 **   body = string, content_type = string, identity = boolean }.
+** Fields are read raw (a table with __index is refused); the values r
+** borrows stay on the stack above spec until the caller returns.
 ** Call before fs_request_options, with whose flags identity must agree. */
 void fs_request_shape(lua_State *L, int spec, fs_request *r);
 

@@ -48,8 +48,10 @@ function _M.run_id(run_id, argn, fname, level)
     _M.fail(argn, fname, "run id must be a non-empty string, got "
       .. (run_id == "" and "an empty string" or type(run_id)), level)
   end
-  if run_id:find("[\r\n]") or run_id:find("\0", 1, true) then
-    _M.fail(argn, fname, "run id contains CR, LF or NUL", level)
+  -- unreserved only: "/" would go out as %2F, which a decoding proxy turns
+  -- into another path (explicit ranges: %w follows the locale)
+  if run_id:find("[^0-9A-Za-z_.~%-]") then
+    _M.fail(argn, fname, "run id may hold only letters, digits, '-', '_', '.' and '~'", level)
   end
   if run_id == "." or run_id == ".." then
     _M.fail(argn, fname, "run id may not be '.' or '..'", level)
