@@ -173,6 +173,77 @@ describe("exactly once", function()
     end)
   end)
 
+  describe("3. aborted transfers count as sent", function()
+    local F = require "spec_fork"
+
+    -- fn() in a forked child; its exit status (0: fn returned true).
+    local function in_child(fn)
+      io.stdout:flush()
+      io.stderr:flush()
+      local pid = F.fork()
+      if pid == 0 then
+        local ok, good = pcall(fn)
+        F.exit(ok and good and 0 or 1)
+      end
+      return F.wait(pid)
+    end
+
+    it("a forked child never repeats the re-trigger its parent has in flight", function()
+      server:scenario { match = "^POST ", act_then_delay = 0.5 }
+      local client = new { wait = function(s) coroutine.yield(s) end }
+      local co = coroutine.create(function() return client:retrigger(h.runs.failed) end)
+      repeat
+        assert(coroutine.resume(co))
+      until server:stats().posts == 1 -- the parent's POST is out
+      local status = in_child(function()
+        local ok, run, err = coroutine.resume(co)
+        return ok and run == nil and err.sent == true and err.ambiguous == true and err.attempts == 1
+      end)
+      assert.equal(0, status, "the child repeated the request or did not call it ambiguous")
+      local ok, run, err
+      repeat
+        ok, run, err = coroutine.resume(co)
+        assert(ok, run)
+        h.sleep(0.01)
+      until coroutine.status(co) == "dead"
+      client:close()
+      assert.is_nil(err)
+      assert.is_string(run.id)
+      assert.equal(1, server:stats().posts)
+      assert.equal(1, server:stats().by_source[h.runs.failed])
+    end)
+
+    it("a child's close and collection leave the parent's TLS connection alone", function()
+      local pki = tls.make()
+      local s2 = fake.start { tls = { cert = pki.cert, key = pki.key } }
+      local client = flowservice.new(h.opts(s2.tls_url, { ca_file = pki.ca_file, retry = FAST }))
+      assert.is_table((client:get_run(h.runs.failed)))
+      local core = require "flowservice.core"
+      local raw = core.new(h.opts(s2.tls_url, { ca_file = pki.ca_file }))
+      assert.is_table((raw:request(h.opts(s2.tls_url, { ca_file = pki.ca_file }),
+        { method = "GET", path = { "runs", h.runs.failed } })))
+      local prepared = raw:prepare_retrigger(h.runs.failed, h.opts(s2.tls_url, { ca_file = pki.ca_file }))
+      local status = in_child(function()
+        prepared = nil -- collected here: forgotten, not freed
+        client:close()
+        raw = nil
+        collectgarbage()
+        collectgarbage()
+        return true
+      end)
+      assert.equal(0, status)
+      assert.is_table((client:get_run(h.runs.failed)))
+      local log = s2:requests()
+      assert.equal(3, #log)
+      assert.equal(log[1].connection, log[3].connection) -- still the first connection, alive
+      client:close()
+      prepared:cancel()
+      raw:close()
+      s2:stop()
+      tls.remove(pki)
+    end)
+  end)
+
   describe("4. retrigger by id keeps memory", function()
     it("refuses a run its journal holds as done, and one whose children show a re-trigger; force goes on", function()
       local client = new()
