@@ -210,6 +210,161 @@ describe("flowservice command", function()
     end)
   end)
 
+  describe("retrigger keeps memory", function()
+    local function posts_for(id)
+      local n = 0
+      for _, r in ipairs(requests("/runs/" .. id)) do
+        if r.method == "POST" then n = n + 1 end
+      end
+      return n
+    end
+
+    it("skips a run its flow's journal holds as done (exit 0); --force re-triggers it, journaled", function()
+      local code, out = flowservice_cmd { "retrigger", h.runs.failed }
+      assert.equal(0, code)
+      code, out = flowservice_cmd { "retrigger", h.runs.failed }
+      assert.equal(0, code)
+      assert.equal(h.runs.failed .. " skipped: already re-triggered (journal)\n", out)
+      assert.equal(1, posts_for(h.runs.failed))
+      code, out = flowservice_cmd { "retrigger", "--force", h.runs.failed }
+      assert.equal(0, code)
+      assert.matches("^" .. lit(h.runs.failed) .. " %-> ", out)
+      assert.equal(2, posts_for(h.runs.failed))
+      local journal = state_home .. "/flowservice/FAKEORG@AdobeOrg_prod_" .. ENABLED .. ".jsonl"
+      local states = {}
+      for line in read(journal):gmatch("[^\n]+") do
+        local e = json(line)
+        if e.run == h.runs.failed then states[#states + 1] = e.state end
+      end
+      assert.same({ "pending", "done", "pending", "done" }, states)
+    end)
+
+    it("skips a run whose childFlowRunIds show it was re-triggered, without a journal too", function()
+      local code = flowservice_cmd { "retrigger", "--no-journal", h.runs.failed }
+      assert.equal(0, code)
+      local out
+      code, out = flowservice_cmd({ "retrigger", "--no-journal", "-" }, nil, h.runs.failed .. "\n")
+      assert.equal(0, code)
+      assert.equal(h.runs.failed .. " skipped: already re-triggered (childFlowRunIds)\n", out)
+      assert.equal(1, posts_for(h.runs.failed))
+    end)
+
+    it("reports a run left pending by a killed job as ambiguous, then settles it on the next run", function()
+      server:scenario { match = "^POST ", act_then_delay = 0, status = 503 }
+      local code, out = flowservice_cmd { "retrigger", h.runs.failed }
+      assert.equal(1, code)
+      assert.matches(lit(h.runs.failed) .. " ambiguous: flowservice: HTTP 503", out)
+      code, out = flowservice_cmd { "retrigger", "--grace", "0", h.runs.failed }
+      assert.equal(0, code, out)
+      assert.matches("skipped: already re%-triggered %(journal%)", out)
+      assert.matches("settled from the journal: done %(count%)", out) -- nothing learned yet
+      assert.equal(1, posts_for(h.runs.failed))
+      assert.equal(1, server:stats().by_source[h.runs.failed])
+    end)
+  end)
+
+  describe("interrupts", function()
+    -- flowservice in the background: returns its pid and a function that
+    -- waits for it and returns exit status, stdout, stderr
+    local function spawn(argv, extra)
+      local words = { "env -i" }
+      for k, v in pairs(environment(extra)) do words[#words + 1] = k .. "=" .. q(v) end
+      words[#words + 1] = "lua5.4 bin/flowservice"
+      for _, a in ipairs(argv) do words[#words + 1] = q(a) end
+      local base = tmp .. "/bg-" .. tests
+      os.execute("( " .. table.concat(words, " ") .. " </dev/null >" .. q(base .. ".out") .. " 2>"
+        .. q(base .. ".err") .. " & echo $! >" .. q(base .. ".pid") .. "; wait $!; echo $? >"
+        .. q(base .. ".status") .. " ) >/dev/null 2>&1 &")
+      local pid
+      for _ = 1, 200 do
+        local f = io.open(base .. ".pid")
+        pid = f and tonumber(f:read("*a"))
+        if f then f:close() end
+        if pid then break end
+        h.sleep(0.01)
+      end
+      return assert(pid), function()
+        local deadline = h.now() + 30
+        while h.now() < deadline do
+          local f = io.open(base .. ".status")
+          local code = f and tonumber(f:read("*a"))
+          if f then f:close() end
+          if code then
+            local out, err = read(base .. ".out"), read(base .. ".err")
+            no_secret(out, err)
+            return code, out, err
+          end
+          h.sleep(0.05)
+        end
+        error("flowservice did not exit")
+      end
+    end
+
+    for _, case in ipairs { { "INT", 130 }, { "TERM", 143 } } do
+      it("SIG" .. case[1] .. " during retry-failed: in-flight finished and journaled, partial report, exit "
+        .. case[2] .. "; the same command resumes", function()
+        local journal = tmp .. "/interrupted-" .. tests .. ".jsonl"
+        server:scenario { match = "^POST /runs/", act_then_delay = 0.5, times = 0 }
+        local argv = { "retry-failed", "--flow", BULK, "--journal", journal, "--concurrency", "2" }
+        local pid, finish = spawn(argv)
+        assert.is_true(server:wait_for_posts(2, 20))
+        os.execute("kill -" .. case[1] .. " " .. pid)
+        local code, out, err = finish()
+        assert.equal(case[2], code, err)
+        assert.matches("interrupted by SIG" .. case[1], err)
+        assert.matches("run the same command again to resume", err)
+        assert.matches("retriggered +2\n", out)
+        assert.is_nil(err:find("traceback", 1, true))
+        assert.is_nil((out .. err):find("%.lua:%d"))
+        local done = 0
+        for line in read(journal):gmatch("[^\n]+") do
+          if json(line).state == "done" then done = done + 1 end
+        end
+        assert.equal(2, done)
+        assert.equal(2, server:stats().posts)
+        server:scenario {}
+        server:reset()
+        code, out = flowservice_cmd(argv)
+        assert.equal(0, code)
+        assert.matches("retriggered +38\n", out)
+        local by_source = server:stats().by_source
+        for i = 1, 40 do assert.is_true((by_source[fake.bulk_run_id(i)] or 0) <= 1) end
+      end)
+    end
+
+    it("SIGINT during retrigger of several runs: exit 130, the rest not attempted", function()
+      server:scenario { match = "^POST /runs/", act_then_delay = 0.5, times = 0 }
+      local ids = {}
+      for i = 1, 6 do ids[i] = fake.bulk_run_id(i) end
+      local pid, finish = spawn { "retrigger", "--concurrency", "1", table.unpack(ids) }
+      assert.is_true(server:wait_for_posts(1, 20))
+      os.execute("kill -INT " .. pid)
+      local code, out, err = finish()
+      assert.equal(130, code, err)
+      assert.matches("^" .. lit(ids[1]) .. " %-> ", out)
+      assert.matches(lit(ids[6]) .. " not attempted %(interrupted by SIGINT%)", out)
+      assert.equal(1, server:stats().posts)
+    end)
+  end)
+
+  describe("a bug inside the command", function()
+    it("is one line on stderr, without a traceback or a file path, exit 1", function()
+      local cli = require "flowservice.cli"
+      local err = {}
+      local env = environment()
+      local code = cli.main({ "get-run", h.runs.failed }, {
+        getenv = function(name) return env[name] end,
+        stdout = { write = function() error("attempt to index a nil value (field 'x')") end },
+        stderr = { write = function(self, ...) for _, v in ipairs { ... } do err[#err + 1] = v end return self end },
+        isatty = function() return false end })
+      assert.equal(1, code)
+      local text = table.concat(err)
+      assert.matches("^flowservice: internal error: attempt to index a nil value %(field 'x'%)\n", text)
+      assert.is_nil(text:find("traceback", 1, true))
+      assert.is_nil(text:find("%.lua:%d"))
+    end)
+  end)
+
   describe("get-run", function()
     it("prints a summary", function()
       local code, out = flowservice_cmd { "get-run", h.runs.failed }

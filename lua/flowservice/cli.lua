@@ -48,7 +48,7 @@ commands:
                                      journal or its childFlowRunIds show re-triggered is skipped
       [--force]                             re-trigger runs already re-triggered (journaled too)
       [--journal FILE | --no-journal]       as for retry-failed (default: its flow's journal)
-      [--concurrency N] [--dry-run]
+      [--concurrency N] [--grace SECONDS] [--dry-run]
   get-run RUN_ID                     show one run
   list-runs --flow FLOW_ID           list a flow's runs, newest first
       [--status S[,S]] [--since TIME] [--before TIME]
@@ -719,6 +719,7 @@ local function retrigger_cmd(ctx)
   local spec = {
     run_ids = ids, force = o.force and true or nil, dry_run = o["dry-run"] and true or nil,
     concurrency = o.concurrency and positive_integer("concurrency", o.concurrency),
+    grace = o.grace and seconds("grace", o.grace),
   }
   spec.journal = journal_choice(ctx, copts, spec.dry_run)
   local report, err, caught = run_job(ctx, client, spec)
@@ -821,7 +822,7 @@ local COMMANDS = {
     ["no-journal"] = "flag", grace = "value", resolve = "list", ["dry-run"] = "flag" } },
   retrigger = { run = retrigger_cmd, flags = {
     force = "flag", journal = "value", ["no-journal"] = "flag", concurrency = "value",
-    ["dry-run"] = "flag" } },
+    grace = "value", ["dry-run"] = "flag" } },
   ["get-run"] = { run = get_run_cmd, flags = {} },
   ["list-runs"] = { run = list_runs_cmd, flags = {
     flow = "value", status = "value", since = "value", before = "value" } },
