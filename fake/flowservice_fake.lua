@@ -1060,7 +1060,7 @@ end
 -- re-trigger POST picks the first kind whose cumulative probability lies
 -- above it (or none).
 local CHAOS_POST_FAULTS = { "drop_after", "status_502", "throttle", "slow", "revoke" }
-local CHAOS_DEFAULTS = { retry_after = 1, throttle_burst = 0, slow_seconds = 3 }
+local CHAOS_DEFAULTS = { retry_after = 1, throttle_burst = 0, slow_seconds = 3, latency = 0 }
 
 -- A private generator: math.random also makes ids and etags, and would
 -- shift the faults whenever a test makes one more run. Park-Miller's
@@ -1137,7 +1137,13 @@ local function chaos_apply(rec, request_id)
   local refused, run = retrigger_check(raw_id, rec.args, rec.headers, request_id)
   if refused then return nil end
   local fault = chaos_post_fault(c)
-  if not fault then return nil end
+  if not fault then
+    if c.latency <= 0 then return nil end
+    -- the service's own time: act at once, answer after latency
+    local reply = retrigger_act(run, rec.headers)
+    ngx.sleep(c.latency)
+    return true, deliver(reply, nil, request_id)
+  end
   counts[fault] = counts[fault] + 1
 
   if fault == "throttle" then
@@ -1376,6 +1382,7 @@ local CHAOS_FIELDS = {
   retry_after = "whole",         -- seconds in a throttle's Retry-After (1)
   throttle_burst = "whole",      -- POSTs throttled after a drawn throttle (0)
   slow_seconds = "seconds",      -- the slow fault's stall (3)
+  latency = "seconds",           -- a POST without a fault acts, then answers after this (0)
 }
 
 -- The settings as given, with defaults and the seed filled in.
