@@ -9,7 +9,9 @@ description = {
   detailed = [[
 A Lua module with its HTTP core in C over libcurl: flowservice.retrigger(run_id, opts)
 calls POST {base}/runs/{RUN_ID}/action?op=re-trigger on Adobe's Flow Service and returns
-the new run's { id, etag }, or nil and a structured error.
+the new run's { id, etag }, or nil and a structured error. Needs libcurl 7.66.0 or later
+(the build stops below it); 7.80.0 or later refuses libcurl's own resends of a re-trigger in
+CURLOPT_PREREQFUNCTION, older ones give every re-trigger a fresh, never-reused connection.
 ]],
   homepage = "https://github.com/lua-flowservice/lua-flowservice",
   license = "MIT",

@@ -1173,7 +1173,8 @@ describe("fake Flow Service", function()
 
       local settings = server:chaos{ seed = 5, drop_after = 1 }
       assert.same({ on = true, seed = 5, drop_after = 1, status_502 = 0, throttle = 0, slow = 0,
-                    revoke = 0, get_502 = 0, retry_after = 1, throttle_burst = 0, slow_seconds = 3 },
+                    revoke = 0, get_502 = 0, retry_after = 1, throttle_burst = 0, slow_seconds = 3,
+                    latency = 0 },
                   settings)
       assert.equal("drop", outcome(post(RUN)))
       assert.same({ on = false }, server:chaos{})
@@ -1289,6 +1290,24 @@ describe("fake Flow Service", function()
       assert.equal(200, res.status)
       assert.equal(cjson.decode(res.body).id, server:run(source).childFlowRunIds[2])
       assert.equal(2, server:stats().chaos.slow)
+    end)
+
+    it("latency: a POST without a fault acts at once, then answers after it", function()
+      server:chaos{ latency = 0.4 }
+      local source = fake.bulk_run_id(6)
+      local p = io.popen("curl -s --noproxy '*' --max-time 0.2 -o /dev/null -X POST"
+        .. " -H 'Authorization: Bearer fake-token' -H 'x-api-key: fake-api-key'"
+        .. " -H 'x-gw-ims-org-id: FAKEORG@AdobeOrg' -H 'x-sandbox-name: prod' '"
+        .. server.url .. action(source) .. "'; echo $?")
+      local exit_code = tonumber(p:read("*a"))
+      p:close()
+      assert.equal(28, exit_code)         -- no answer yet...
+      assert.equal(1, children(source))   -- ...but acted
+      local t0 = now()
+      assert.equal(200, post(source).status)
+      assert.is_true(now() - t0 >= 0.4)
+      assert.same({ drop_after = 0, status_502 = 0, throttle = 0, slow = 0, revoke = 0, get_502 = 0 },
+                  server:stats().chaos) -- latency is not a fault
     end)
 
     it("revoke acts and replies, then expires every IMS token issued so far", function()

@@ -100,6 +100,14 @@ describe("flowservice.retrigger", function()
       assert.equal("", hd["x-empty"])
     end)
 
+    it("makes a fresh request id for an empty or blank request_id", function()
+      for _, blank in ipairs { "", "  ", "\t" } do
+        server:reset()
+        assert.is_table((flowservice.retrigger(runs.failed, opts { request_id = blank })))
+        assert.matches(UUID, only_request().headers["x-request-id"])
+      end
+    end)
+
     it("lets headers replace the non-identity defaults without duplicating them", function()
       assert.is_table((flowservice.retrigger(runs.failed, opts {
         headers = { ["content-type"] = "application/json; charset=utf-8", ["X-Request-Id"] = "mine" },

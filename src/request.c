@@ -388,8 +388,8 @@ void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
     h[H_CONTENT_TYPE] = "application/json";
   h[H_ACCEPT] = "application/json";
   h[H_REQUEST_ID] = opt_string(L, &v, O_REQUEST_ID, NULL, 0);
-  if (h[H_REQUEST_ID] == NULL || *h[H_REQUEST_ID] == '\0')
-    h[H_REQUEST_ID] = push_request_id(L);
+  if (h[H_REQUEST_ID] == NULL || is_blank(h[H_REQUEST_ID], v.len[O_REQUEST_ID]))
+    h[H_REQUEST_ID] = push_request_id(L);  /* every attempt has an id to trace */
   h[H_IF_MATCH] = opt_nonblank(L, &v, O_IF_MATCH, NULL, 0);  /* else: unconditional */
   h[H_USER_AGENT] = opt_string(L, &v, O_USER_AGENT, NULL, 0);
   if (h[H_USER_AGENT] == NULL)
