@@ -5,15 +5,9 @@ local fake = require "spec.support.fake"
 local h = require "spec.support.helpers"
 local cjson = require "cjson"
 
+local sh, literal, tmp_journal = h.sh, h.literal, h.tmp_journal
 local BULK = fake.flows.bulk
 local B = fake.bulk_runs
-
-local function tmp_journal()
-  local p = assert(io.popen("mktemp -u /tmp/flowservice-journal.XXXXXX"))
-  local path = p:read("*l") .. ".jsonl"
-  p:close()
-  return path
-end
 
 local function lines_of(path)
   local list = {}
@@ -24,20 +18,12 @@ local function lines_of(path)
   return list
 end
 
-local function sh(cmd)
-  local ok, _, code = os.execute(cmd)
-  if type(ok) == "number" then return ok end
-  return ok and 0 or code
-end
-
 -- Re-triggers per source run, as the fake counted them (whatever linkage says).
 local function children(server)
   return server:stats().by_source
 end
 
 -- A run id as a Lua pattern that matches it literally.
-local function literal(s) return (s:gsub("%p", "%%%0")) end
-
 local function eligible_failed()
   local ids = {}
   for i = 1, B.failed.count do ids[#ids + 1] = fake.bulk_run_id(i, "failed") end

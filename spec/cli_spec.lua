@@ -11,27 +11,8 @@ local LUA_CPATH = "build/tree/lib/lua/5.4/?.so;;"
 local TOKEN, SECRET = fake.credentials.access_token, fake.ims_client.client_secret
 local ENABLED, BULK = fake.flows.enabled, fake.bulk_flow
 
-local function q(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
--- s as a Lua pattern that matches itself (run ids have dashes)
-local function lit(s)
-  return (tostring(s):gsub("%p", "%%%0"))
-end
-
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local text = f:read("*a")
-  f:close()
-  return text
-end
-
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local q, lit, write = h.q, h.literal, h.write
+local function read(path) return assert(h.read(path), "cannot read " .. path) end
 
 -- client:retry_failed lands with flowservice.bulk; until then its tests wait.
 local HAS_RETRY_FAILED

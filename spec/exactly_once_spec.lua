@@ -9,14 +9,8 @@ local cjson = require "cjson"
 
 local BULK = fake.flows.bulk
 local B = fake.bulk_runs
+local sh, literal, tmp_journal = h.sh, h.literal, h.tmp_journal
 local FAST = { attempts = 4, base_delay = 0.01, max_delay = 0.1 }
-
-local function tmp_journal()
-  local p = assert(io.popen("mktemp -u /tmp/flowservice-journal.XXXXXX"))
-  local path = p:read("*l") .. ".jsonl"
-  p:close()
-  return path
-end
 
 local function entries_of(path)
   local list = {}
@@ -29,14 +23,6 @@ local function entries_of(path)
   f:close()
   return list
 end
-
-local function sh(cmd)
-  local ok, _, code = os.execute(cmd)
-  if type(ok) == "number" then return ok end
-  return ok and 0 or code
-end
-
-local function literal(s) return (s:gsub("%p", "%%%0")) end
 
 local function eligible_failed()
   local ids = {}
@@ -52,12 +38,6 @@ local function assert_exactly_once(server, ids, unknown)
     assert.is_true(n <= 1, id .. " was re-triggered " .. n .. " times")
     assert.is_true(n == 1 or (unknown and unknown[id]), id .. " was never re-triggered")
   end
-end
-
-local function set_of(list, key)
-  local s = {}
-  for _, e in ipairs(list or {}) do s[key and e[key] or e] = true end
-  return s
 end
 
 local function posts_of(server)

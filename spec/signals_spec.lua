@@ -10,22 +10,9 @@ local LUA = arg and arg[-1] or "lua5.4"
 local NO_PROXY_ENV = "env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy"
 local UNDER_VALGRIND = os.getenv("FLOWSERVICE_UNDER_VALGRIND") ~= nil
 
-local function q(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local text = f:read("*a")
-  f:close()
-  return text
-end
-
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local h = require "spec.support.helpers"
+local q, write = h.q, h.write
+local function read(path) return assert(h.read(path), "cannot read " .. path) end
 
 -- What every script starts with: the suite's module paths, the core, and
 -- send(name), which signals this process and returns once kill(1) has

@@ -511,6 +511,16 @@ local function journal_path(spec, flow_id)
   return j or nil
 end
 
+-- A job's answer: its report, or nil and err carrying the partial report.
+local function ended(report, started, err)
+  report.elapsed = now() - started
+  if err then
+    err.report = report
+    return nil, err
+  end
+  return report
+end
+
 local function new_report(spec)
   return { considered = 0, retriggered = {}, skipped = {}, failed = {}, ambiguous = {},
     settled = {}, dry_run = spec.dry_run or false, journals = {} }
@@ -544,12 +554,7 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
   local report = job.report
   local function finish(err)
     if job.journal then job.journal:close() end
-    report.elapsed = now() - job.started
-    if err then
-      err.report = report
-      return nil, err
-    end
-    return report
+    return ended(report, job.started, err)
   end
 
   if path and not spec.dry_run then
@@ -639,14 +644,7 @@ local function runs_job(client, batch, spec)
   local report = new_report(spec)
   local started = now()
   local by_flow, flows = {}, {}
-  local function finish(err)
-    report.elapsed = now() - started
-    if err then
-      err.report = report
-      return nil, err
-    end
-    return report
-  end
+  local function finish(err) return ended(report, started, err) end
   local seen = {}
   for _, id in ipairs(spec.run_ids) do
     if not seen[id] then

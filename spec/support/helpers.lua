@@ -39,6 +39,31 @@ _M.now = nginx.util.monotonic
 local has_system, system = pcall(require, "system")
 _M.sleep = has_system and system.sleep or nginx.util.sleep
 
+-- Shell and file helpers the specs share (spec/support/nginx.lua's).
+_M.q = nginx.util.quote           -- a shell word, single-quoted
+_M.read = nginx.util.read_file    -- whole file, or nil
+_M.write = nginx.util.write_file
+
+-- os.execute's exit status, the same on Lua 5.1 (a number) and 5.2+.
+function _M.sh(cmd)
+  local ok, _, code = os.execute(cmd)
+  if type(ok) == "number" then return ok end
+  return ok and 0 or code
+end
+
+-- s as a Lua pattern that matches itself (run ids have dashes).
+function _M.literal(s)
+  return (tostring(s):gsub("%p", "%%%0"))
+end
+
+-- A fresh journal path under /tmp (not created).
+function _M.tmp_journal()
+  local p = assert(io.popen("mktemp -u /tmp/flowservice-journal.XXXXXX"))
+  local path = p:read("*l") .. ".jsonl"
+  p:close()
+  return path
+end
+
 -- A loopback port where nothing listens: bound by nobody, below the
 -- ephemeral range, and refused at once.
 _M.closed_port = 9
