@@ -40,6 +40,7 @@ build = {
     ["flowservice.ngx"] = "lua/flowservice/ngx.lua",
     ["flowservice.retry"] = "lua/flowservice/retry.lua",
     ["flowservice.runs"] = "lua/flowservice/runs.lua",
+    ["flowservice.window"] = "lua/flowservice/window.lua",
     ["flowservice.core"] = {
       sources = { "src/core.c", "src/engine.c", "src/journal.c", "src/request.c",
                   "src/signals.c" },

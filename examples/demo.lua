@@ -47,9 +47,9 @@ local ok, failure = pcall(function()
     "AEP_API_KEY=" .. fake.credentials.api_key,
     "AEP_ORG_ID=" .. fake.credentials.org,
     "lua5.4 bin/flowservice retry-failed --flow " .. fake.flows.bulk,
-    "--url " .. server.url .. " --journal " .. journal .. " --concurrency 8",
+    "--since all --url " .. server.url .. " --journal " .. journal .. " --concurrency 8",
   }, " ")
-  print("\n$ flowservice retry-failed --flow " .. fake.flows.bulk .. " --concurrency 8 ...")
+  print("\n$ flowservice retry-failed --flow " .. fake.flows.bulk .. " --since all --concurrency 8 ...")
   assert(os.execute(command))
   print("\nthe same command again: the journal makes it a no-op")
   os.execute(command .. " | head -3")

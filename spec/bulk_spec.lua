@@ -111,6 +111,62 @@ describe("client:retry_failed", function()
     end)
   end)
 
+  describe("why runs failed", function()
+    local function add_failed(code, nested)
+      return server:add_run { flowId = BULK, status = "failed", outputRecordCount = 0,
+        errors = { { code = code, message = "failed with " .. code,
+          nestedErrors = nested and { { code = nested, message = "caused by " .. nested } } or nil } } }
+    end
+
+    it("carries each source run's errors and start time, and counts runs by first code", function()
+      local a = add_failed("CONNECTOR-1001-500")
+      local report = assert(client:retry_failed { flow_id = BULK, journal = false, dry_run = true })
+      assert.equal(B.failed.count + 1, #report.planned)
+      local planned = {}
+      for _, p in ipairs(report.planned) do planned[p.run_id] = p end
+      assert.same({ { code = "CONNECTOR-1001-500", message = "failed with CONNECTOR-1001-500" } },
+        planned[a.id].errors)
+      assert.equal(a.metrics.durationSummary.startedAtUTC, planned[a.id].started)
+      assert.equal("CONNECTOR-2001-500", planned[fake.bulk_run_id(1)].errors[1].code)
+      assert.same({ ["CONNECTOR-2001-500"] = B.failed.count, ["CONNECTOR-1001-500"] = 1 }, report.by_code)
+      report = assert(client:retry_failed { flow_id = BULK, journal = false })
+      for _, r in ipairs(report.retriggered) do assert.is_string(r.errors[1].code) end
+    end)
+
+    it("re-triggers only runs with a matching code (any code, nested too, by prefix), or skips excluded ones", function()
+      local a = add_failed("CONNECTOR-1001-500")
+      local b = add_failed("CONNECTOR-3000-500", "INGEST-1212-400")
+      local only = assert(client:retry_failed { flow_id = BULK, journal = false,
+        codes = { "CONNECTOR-1001", "INGEST-1212" } })
+      local ids = {}
+      for _, r in ipairs(only.retriggered) do ids[#ids + 1] = r.run_id end
+      table.sort(ids)
+      local want = { a.id, b.id }
+      table.sort(want)
+      assert.same(want, ids)
+      assert.equal("no error code matching CONNECTOR-1001,INGEST-1212", only.skipped[1].reason)
+      server:reset()
+      add_failed("CONNECTOR-1001-500")
+      local excluded = assert(client:retry_failed { flow_id = BULK, journal = false,
+        exclude_codes = { "CONNECTOR-2001" } })
+      assert.equal(1, #excluded.retriggered)
+      assert.equal(B.failed.count, #excluded.skipped)
+      assert.equal("excluded error code CONNECTOR-2001-500", excluded.skipped[1].reason)
+    end)
+
+    it("takes since and before as time strings too, and says its window", function()
+      local report = assert(client:retry_failed { flow_id = BULK, journal = false, dry_run = true,
+        since = "2025-12-17T19:33:20Z", before = "2025-12-17T19:43:20Z" })
+      assert.equal(1766000000000, report.window.since)
+      assert.equal(1766000600000, report.window.before)
+      assert.is_true(#report.planned >= 1 and #report.planned < B.failed.count)
+      assert.error_matches(function() client:retry_failed { flow_id = BULK, since = "soon" } end,
+        "spec field 'since' \"soon\" is not a time")
+      assert.error_matches(function() client:retry_failed { flow_id = BULK, codes = { "" } } end,
+        "spec field 'codes' entry 1 must be a non%-empty string")
+    end)
+  end)
+
   describe("concurrency", function()
     it("keeps up to concurrency re-triggers in flight in one thread", function()
       server:scenario { match = "^POST ", delay = 0.2, times = 0 }

@@ -286,7 +286,7 @@ describe("flowservice command", function()
         .. case[2] .. "; the same command resumes", function()
         local journal = tmp .. "/interrupted-" .. tests .. ".jsonl"
         server:scenario { match = "^POST /runs/", act_then_delay = 0.5, times = 0 }
-        local argv = { "retry-failed", "--flow", BULK, "--journal", journal, "--concurrency", "2" }
+        local argv = { "retry-failed", "--flow", BULK, "--since", "all", "--journal", journal, "--concurrency", "2" }
         local pid, finish = spawn(argv)
         assert.is_true(server:wait_for_posts(2, 20))
         os.execute("kill -" .. case[1] .. " " .. pid)
@@ -518,7 +518,7 @@ describe("flowservice command", function()
       { "an unknown flag", { "retrigger", h.runs.failed, "--bogus" }, nil, "unknown flag %-%-bogus" },
       { "a missing value", { "list-runs", "--flow" }, nil, "missing value for %-%-flow" },
       { "a flag where a value belongs", { "list-runs", "--flow", "--json" }, nil, "missing value for %-%-flow" },
-      { "a value for a switch", { "retry-failed", "--flow", BULK, "--dry-run=yes" }, nil, "takes no value" },
+      { "a value for a switch", { "retry-failed", "--flow", BULK, "--since", "all", "--dry-run=yes" }, nil, "takes no value" },
       { "a flag given twice", { "list-runs", "--flow", ENABLED, "--flow", BULK }, nil, "given twice" },
       { "missing credentials", { "get-run", h.runs.failed }, { AEP_ACCESS_TOKEN = false }, "missing credentials" },
       { "incomplete OAuth credentials", { "get-run", h.runs.failed },
@@ -532,24 +532,28 @@ describe("flowservice command", function()
       { "a run id with /", { "retrigger", h.runs.failed, "../runs/x" }, nil, "run id must be" },
       { "a bad run id on stdin", { "retrigger", "-" }, nil, "run id must be", h.runs.failed .. "\nnot an/id\n" },
       { "no run id", { "retrigger" }, nil, "at least one RUN_ID" },
-      { "--concurrency 0", { "retry-failed", "--flow", BULK, "--concurrency", "0" }, nil, "positive integer" },
-      { "--concurrency abc", { "retry-failed", "--flow", BULK, "--concurrency=abc" }, nil, "positive integer" },
-      { "a --since that is no time", { "list-runs", "--flow", ENABLED, "--since", "yesterday" }, nil,
-        "%-%-since must be ISO%-8601" },
+      { "--concurrency 0", { "retry-failed", "--flow", BULK, "--since", "all", "--concurrency", "0" }, nil, "positive integer" },
+      { "--concurrency abc", { "retry-failed", "--flow", BULK, "--since", "all", "--concurrency=abc" }, nil, "positive integer" },
+      { "a --since that is no time", { "list-runs", "--flow", ENABLED, "--since", "the day before" }, nil,
+        "%-%-since \"the day before\" is not a time: use 30m, 24h" },
       { "a --since without a zone", { "retry-failed", "--flow", BULK, "--since", "2026-11-24T00:00:00" }, nil,
-        "%-%-since must be ISO%-8601" },
+        "%-%-since \"2026%-11%-24T00:00:00\" is not a time" },
       { "a --since on no date", { "list-runs", "--flow", ENABLED, "--since", "2026-02-30T00:00:00Z" }, nil,
-        "not a valid date" },
-      { "--since after --before", { "list-runs", "--flow", ENABLED, "--since", "2000", "--before", "1000" }, nil,
-        "earlier than" },
+        "is not a time" },
+      { "a --since in epoch seconds", { "list-runs", "--flow", ENABLED, "--since", "1764000000" }, nil,
+        "1764000000 looks like epoch seconds; give epoch milliseconds %(1764000000000%)" },
+      { "--since after --before", { "list-runs", "--flow", ENABLED, "--since", "2000000000000",
+        "--before", "1000000000000" }, nil, "earlier than" },
+      { "an unknown --status", { "list-runs", "--flow", ENABLED, "--status", "failed,faild" }, nil,
+        "unknown status \"faild\"" },
       { "a bad --status", { "list-runs", "--flow", ENABLED, "--status", "failed,,x" }, nil, "%-%-status" },
-      { "--journal and --no-journal", { "retry-failed", "--flow", BULK, "--journal", "/tmp/j", "--no-journal" },
+      { "--journal and --no-journal", { "retry-failed", "--flow", BULK, "--since", "all", "--journal", "/tmp/j", "--no-journal" },
         nil, "not both" },
-      { "an unwritable journal", { "retry-failed", "--flow", BULK, "--journal", "/proc/nope/journal.jsonl" },
+      { "an unwritable journal", { "retry-failed", "--flow", BULK, "--since", "all", "--journal", "/proc/nope/journal.jsonl" },
         nil, "journal" },
-      { "a bad --resolve", { "retry-failed", "--flow", BULK, "--resolve", h.runs.failed .. "=maybe" }, nil,
+      { "a bad --resolve", { "retry-failed", "--flow", BULK, "--since", "all", "--resolve", h.runs.failed .. "=maybe" }, nil,
         "%-%-resolve takes" },
-      { "a --grace that is no number", { "retry-failed", "--flow", BULK, "--grace", "soon" }, nil, "seconds" },
+      { "a --grace that is no number", { "retry-failed", "--flow", BULK, "--since", "all", "--grace", "soon" }, nil, "seconds" },
     }
     for _, case in ipairs(cases) do
       local name, argv, env, message, stdin = case[1], case[2], case[3], case[4], case[5]
@@ -571,7 +575,7 @@ describe("flowservice command", function()
     end
 
     it_needs_bulk("re-triggers every failed run of the flow: exit 0, the report as JSON", function()
-      local code, out, err = flowservice_cmd { "retry-failed", "--flow", BULK, "--no-journal", "--json",
+      local code, out, err = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--no-journal", "--json",
         "--concurrency", "4" }
       assert.equal(0, code, err)
       local report = json(out)
@@ -588,7 +592,7 @@ describe("flowservice command", function()
     end)
 
     it_needs_bulk("--dry-run --zero-record-success plans 45 runs and sends no re-trigger", function()
-      local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--dry-run",
+      local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--dry-run",
         "--zero-record-success", "--json" }
       assert.equal(0, code)
       local report = json(out)
@@ -597,10 +601,41 @@ describe("flowservice command", function()
       assert.equal(0, server:stats().posts)
     end)
 
+    it_needs_bulk("--dry-run lists each run with its start and first error, its window, and runs by code", function()
+      server:add_run { flowId = BULK, status = "failed", errors = { { code = "CONNECTOR-1001-500",
+        message = "source unreachable" } } }
+      local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "2025-12-17T19:33:20Z",
+        "--dry-run" }
+      assert.equal(0, code)
+      assert.matches("window       2025%-12%-17T19:33:20Z %.%. now\n", out)
+      assert.matches(lit(fake.bulk_run_id(1)) .. "  2025%-12%-17T19:33:21%.500Z  CONNECTOR%-2001%-500: Something went wrong", out)
+      assert.matches("source unreachable", out)
+      assert.matches("runs by first error code:\n +40  CONNECTOR%-2001%-500\n +1  CONNECTOR%-1001%-500\n", out)
+      code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--dry-run", "--json",
+        "--exclude-code", "CONNECTOR-2001" }
+      assert.equal(0, code)
+      local report = json(out)
+      assert.equal(1, #report.planned)
+      assert.equal("CONNECTOR-1001-500", report.planned[1].errors[1].code)
+      assert.equal(40, report.by_code["CONNECTOR-2001-500"])
+      assert.is_nil(report.window.since)
+      code = flowservice_cmd { "retry-failed", "--flow", BULK, "--only-code", "bad code" }
+      assert.equal(2, code)
+    end)
+
+    it_needs_bulk("looks at the last 24 hours unless told otherwise", function()
+      server:add_run { flowId = BULK, status = "failed" } -- started now; the generated ones in 2025
+      local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--dry-run", "--json" }
+      assert.equal(0, code)
+      local report = json(out)
+      assert.equal(1, #report.planned)
+      assert.is_number(report.window.since)
+    end)
+
     it_needs_bulk("keeps a journal per org/sandbox/flow by default, so a second job does nothing", function()
       local state = tmp .. "/state"
       local env = { XDG_STATE_HOME = state }
-      local code, out, err = flowservice_cmd({ "retry-failed", "--flow", BULK }, env)
+      local code, out, err = flowservice_cmd({ "retry-failed", "--flow", BULK, "--since", "all" }, env)
       assert.equal(0, code, err)
       assert.matches("retriggered +40", out)
       local path = state .. "/flowservice/FAKEORG@AdobeOrg_prod_" .. BULK .. ".jsonl"
@@ -609,7 +644,7 @@ describe("flowservice command", function()
       assert.equal("700\n600\n", f:read("*a"))
       f:close()
       server:clear_requests()
-      code, out = flowservice_cmd({ "retry-failed", "--flow", BULK, "--json" }, env)
+      code, out = flowservice_cmd({ "retry-failed", "--flow", BULK, "--since", "all", "--json" }, env)
       assert.equal(0, code)
       local report = json(out)
       assert.equal(0, #report.retriggered)
@@ -621,7 +656,7 @@ describe("flowservice command", function()
       local victim = fake.bulk_run_id(7)
       server:scenario { match = "^POST /runs/" .. lit(victim), status = 400,
         body = '{"error_code":"400123","message":"refused for the test"}' }
-      local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--no-journal" }
+      local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--no-journal" }
       assert.equal(1, code)
       assert.matches("failed +1", out)
       assert.matches(lit(victim) .. "  flowservice: HTTP 400 400123: refused for the test", out)
@@ -633,7 +668,7 @@ describe("flowservice command", function()
       -- what a job killed right after sending leaves behind
       write(journal, cjson.encode { run = id, flow = BULK, state = "pending", request_id = "r-1",
         time = 1766000000000 } .. "\n")
-      local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--dry-run", "--json",
+      local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--dry-run", "--json",
         "--journal", journal, "--resolve", id .. "=done" }
       assert.equal(0, code)
       local report = json(out)
@@ -643,16 +678,16 @@ describe("flowservice command", function()
 
     it_needs_bulk("refuses --resolve of a run that is not pending or ambiguous: exit 2, nothing sent", function()
       local journal = tmp .. "/resolve-" .. tests .. ".jsonl"
-      local code, _, err = flowservice_cmd { "retry-failed", "--flow", BULK, "--journal", journal,
+      local code, _, err = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--journal", journal,
         "--resolve", fake.bulk_run_id(4) .. "=done" }
       assert.equal(2, code)
       assert.matches("run " .. lit(fake.bulk_run_id(4)) .. " is not in the journal", err)
       assert.equal(0, server:stats().posts)
-      code = flowservice_cmd { "retry-failed", "--flow", BULK, "--journal", journal }
+      code = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--journal", journal }
       assert.equal(0, code)
       for _, decision in ipairs { "done", "retry" } do
         server:reset()
-        code, _, err = flowservice_cmd { "retry-failed", "--flow", BULK, "--journal", journal,
+        code, _, err = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--journal", journal,
           "--resolve", fake.bulk_run_id(4) .. "=" .. decision }
         assert.equal(2, code)
         assert.matches("run " .. lit(fake.bulk_run_id(4)) .. " is done in the journal", err)
@@ -662,7 +697,7 @@ describe("flowservice command", function()
     end)
 
     it_needs_bulk("exits 3 when the token is refused, without leaking it", function()
-      local code, out, err = flowservice_cmd({ "retry-failed", "--flow", BULK, "--no-journal", "--verbose" },
+      local code, out, err = flowservice_cmd({ "retry-failed", "--flow", BULK, "--since", "all", "--no-journal", "--verbose" },
         { AEP_ACCESS_TOKEN = "wrong-token-value" })
       assert.equal(3, code)
       assert.is_nil((out .. err):find("wrong-token-value", 1, true))
@@ -673,7 +708,7 @@ describe("flowservice command", function()
       local out, err = {}, {}
       local function sink(t) return { write = function(self, ...) for _, s in ipairs { ... } do t[#t + 1] = s end return self end } end
       local env = environment()
-      local code = cli.main({ "retry-failed", "--flow", BULK, "--no-journal" }, {
+      local code = cli.main({ "retry-failed", "--flow", BULK, "--since", "all", "--no-journal" }, {
         getenv = function(name) return env[name] end, stdout = sink(out), stderr = sink(err),
         isatty = function() return true end })
       assert.equal(0, code)

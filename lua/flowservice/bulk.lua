@@ -20,20 +20,21 @@ local args = require "flowservice.args"
 local errors = require "flowservice.errors"
 local journal = require "flowservice.journal"
 local retry = require "flowservice.retry"
+local window = require "flowservice.window"
 
 local now, parse_date = core.now, core.parse_date
 local floor, huge, max, min = math.floor, math.huge, math.max, math.min
-local format, lower = string.format, string.lower
+local format, lower, concat = string.format, string.lower, table.concat
 local ipairs, pairs, setmetatable, tostring, type = ipairs, pairs, setmetatable, tostring, type
 local os_time, remove = os.time, table.remove
 
 local _M = {}
 
 local SPEC = {
-  flow_id = "string", run_ids = "table", since = "number", before = "number", status = "any",
+  flow_id = "string", run_ids = "table", since = "any", before = "any", status = "any",
   zero_record_success = "boolean", concurrency = "number", dry_run = "boolean",
   journal = "any", grace = "number", on_progress = "function", max = "number",
-  resolve = "table", force = "boolean", stop = "function",
+  resolve = "table", force = "boolean", stop = "function", codes = "table", exclude_codes = "table",
 }
 
 -- Errors that every run would get too: stop at once instead of failing all.
@@ -71,6 +72,18 @@ local function check_spec(spec)
   elseif spec.force ~= nil then
     fail("spec field 'force' needs 'run_ids'")
   end
+  for _, key in ipairs { "codes", "exclude_codes" } do
+    for i, code in ipairs(spec[key] or {}) do
+      if type(code) ~= "string" or code == "" then
+        fail(format("spec field '%s' entry %d must be a non-empty string", key, i))
+      end
+    end
+  end
+  for _, key in ipairs { "since", "before" } do
+    if spec[key] ~= nil and type(spec[key]) ~= "number" and type(spec[key]) ~= "string" then
+      fail(format("spec field '%s' must be epoch ms or a time string, got %s", key, type(spec[key])))
+    end
+  end
   if spec.concurrency ~= nil and not (args.is_integer(spec.concurrency) and spec.concurrency >= 1) then
     fail("spec field 'concurrency' must be a whole number >= 1")
   end
@@ -96,6 +109,57 @@ end
 local function records_of(run)
   local summary = type(run.metrics) == "table" and run.metrics.recordSummary
   return type(summary) == "table" and summary.outputRecordCount or nil
+end
+
+-- The first three of a run's errors ({code, message}) and its start time:
+-- why it failed, for every report entry about it.
+local function source_facts(run)
+  local metrics = type(run.metrics) == "table" and run.metrics or {}
+  local summary = type(metrics.statusSummary) == "table" and metrics.statusSummary or {}
+  local list = type(summary.errors) == "table" and summary.errors or {}
+  local errs = {}
+  for i = 1, min(3, #list) do
+    local e = list[i]
+    if type(e) == "table" then
+      errs[#errs + 1] = { code = type(e.code) == "string" and e.code or nil,
+        message = type(e.message) == "string" and e.message or nil }
+    end
+  end
+  local duration = type(metrics.durationSummary) == "table" and metrics.durationSummary or {}
+  return errs, type(duration.startedAtUTC) == "number" and duration.startedAtUTC or nil
+end
+
+-- Every error code of a run, nested ones included (Adobe nests causes).
+local function codes_of(run)
+  local metrics = type(run.metrics) == "table" and run.metrics or {}
+  local summary = type(metrics.statusSummary) == "table" and metrics.statusSummary or {}
+  local found = {}
+  local function walk(list, depth)
+    if type(list) ~= "table" or depth > 8 then return end
+    for _, e in ipairs(list) do
+      if type(e) == "table" then
+        if type(e.code) == "string" then found[#found + 1] = e.code end
+        walk(e.nestedErrors, depth + 1)
+      end
+    end
+  end
+  walk(summary.errors, 0)
+  return found
+end
+
+-- The first of the run's codes that one of the prefixes starts, or nil.
+local function matching_code(run, prefixes)
+  for _, code in ipairs(codes_of(run)) do
+    for _, prefix in ipairs(prefixes) do
+      if code:sub(1, #prefix) == prefix then return code end
+    end
+  end
+  return nil
+end
+
+local function first_code(run)
+  local errs = source_facts(run)
+  return errs[1] and errs[1].code or "(none)"
 end
 
 local function children_of(run)
@@ -375,8 +439,17 @@ function Job:requeue(item, delay)
   if delay then self.not_before = max(self.not_before, now() + delay) end
 end
 
+-- An entry of the report's list kind, with the source run's errors and
+-- start time when the job knows the run.
+function Job:add(kind, entry)
+  local run = self.by_id and self.by_id[entry.run_id]
+  if run then entry.errors, entry.started = source_facts(run) end
+  local list = self.report[kind]
+  list[#list + 1] = entry
+end
+
 function Job:skip(id, why)
-  self.report.skipped[#self.report.skipped + 1] = { run_id = id, reason = why }
+  self:add("skipped", { run_id = id, reason = why })
 end
 
 -- One finished transfer -> report and journal lines.
@@ -386,8 +459,8 @@ function Job:answer(item, t, lines)
   self.in_flight = self.in_flight - 1
   if run then
     local request_id = err -- on success, answer's second value
-    self.report.retriggered[#self.report.retriggered + 1] = { run_id = id, new_id = run.id,
-      etag = run.etag, request_id = request_id, forced = item.forced or nil }
+    self:add("retriggered", { run_id = id, new_id = run.id, etag = run.etag, request_id = request_id,
+      forced = item.forced or nil })
     lines[#lines + 1] = { run = id, flow = self.flow_id, state = "done", new_id = run.id, etag = run.etag,
       request_id = request_id }
     self.limit = min(self.concurrency, self.limit + 1)
@@ -437,13 +510,12 @@ function Job:answer(item, t, lines)
   end
   if verdict == "ambiguous" then
     err.ambiguous = true
-    self.report.ambiguous[#self.report.ambiguous + 1] = { run_id = id, why = tostring(err),
-      request_id = err.request_id }
+    self:add("ambiguous", { run_id = id, why = tostring(err), request_id = err.request_id })
     lines[#lines + 1] = { run = id, flow = self.flow_id, state = "ambiguous", why = tostring(err),
       request_id = err.request_id }
     return
   end
-  self.report.failed[#self.report.failed + 1] = { run_id = id, error = err }
+  self:add("failed", { run_id = id, error = err })
   lines[#lines + 1] = { run = id, flow = self.flow_id, state = "failed", request_id = err.request_id,
     status = err.status, code = err.code, why = tostring(err) }
 end
@@ -580,8 +652,11 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
     if not ok then return finish(err) end
   end
 
-  local candidates, err = candidates_of()
-  if not candidates then return finish(err) end
+  local candidates, err = candidates_of(report)
+  if not candidates then
+    report.aborted = "could not list runs: " .. tostring(err)
+    return finish(err)
+  end
   local by_id, unique = {}, {}
   for _, run in ipairs(candidates) do
     if type(run) == "table" and type(run.id) == "string" and not by_id[run.id] then
@@ -590,6 +665,12 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
     end
   end
   report.considered = #unique
+  job.by_id = by_id
+  report.by_code = {}
+  for _, run in ipairs(unique) do
+    local code = first_code(run)
+    report.by_code[code] = (report.by_code[code] or 0) + 1
+  end
 
   if not spec.dry_run then
     local ok
@@ -608,13 +689,20 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
       why = "already re-triggered (childFlowRunIds)"
     end
     if forced and why then why = nil end
+    if not why and spec.exclude_codes then
+      local code = matching_code(run, spec.exclude_codes)
+      if code then why = "excluded error code " .. code end
+    end
+    if not why and spec.codes and not matching_code(run, spec.codes) then
+      why = "no error code matching " .. concat(spec.codes, ",")
+    end
     if not why and not forced and (state == "pending" or state == "ambiguous") then
-      report.ambiguous[#report.ambiguous + 1] = { run_id = run.id, request_id = entry.request_id,
-        why = entry.why or "outcome of an earlier job unknown: decide with resolve" }
+      job:add("ambiguous", { run_id = run.id, request_id = entry.request_id,
+        why = entry.why or "outcome of an earlier job unknown: decide with resolve" })
     elseif why then
       job:skip(run.id, why)
     elseif spec.dry_run then
-      report.planned[#report.planned + 1] = run.id
+      job:add("planned", { run_id = run.id })
     else
       job.queue[#job.queue + 1] = { run = run, etag = run.etag, forced = spec.force or nil }
     end
@@ -681,6 +769,10 @@ local function runs_job(client, batch, spec)
         end
       end
       report.considered = report.considered + part.considered
+      for code, n in pairs(part.by_code or {}) do
+        report.by_code = report.by_code or {}
+        report.by_code[code] = (report.by_code[code] or 0) + n
+      end
       report.stopped = report.stopped or part.stopped
       report.not_attempted = (report.not_attempted or 0) + (part.not_attempted or 0)
     end
@@ -690,18 +782,29 @@ local function runs_job(client, batch, spec)
   return finish()
 end
 
+-- spec.since / spec.before as epoch ms (a string is read by flowservice.window)
+local function bound(spec, key)
+  local v = spec[key]
+  if type(v) ~= "string" then return v end
+  local ms, why = window.parse(v)
+  if not ms then fail(format("spec field '%s' %s", key, why)) end
+  return ms
+end
+
 -- client:retry_failed(spec) -> report or nil, err (err.report: the partial report)
 function _M.run(client, batch, spec)
   check_spec(spec)
   if spec.run_ids then return runs_job(client, batch, spec) end
-  return flow_job(client, batch, spec, spec.flow_id, function()
+  local since, before = bound(spec, "since"), bound(spec, "before")
+  return flow_job(client, batch, spec, spec.flow_id, function(report)
+    report.window = { since = since, before = before }
     local candidates, err = client:list_runs { flow_id = spec.flow_id, status = spec.status or "failed",
-      since = spec.since, before = spec.before, max = spec.max }
+      since = since, before = before, max = spec.max }
     if not candidates then return nil, err end
     if spec.zero_record_success then
       local more
       more, err = client:list_runs { flow_id = spec.flow_id, status = "success",
-        since = spec.since, before = spec.before, max = spec.max }
+        since = since, before = before, max = spec.max }
       if not more then return nil, err end
       for _, run in ipairs(more) do
         if records_of(run) == 0 then candidates[#candidates + 1] = run end

@@ -14,6 +14,7 @@
 -- flags show in `ps`.
 local flowservice = require "flowservice"
 local core = require "flowservice.core"
+local window = require "flowservice.window"
 local cjson = require("cjson").new()
 
 local error, getmetatable, ipairs, next, pairs, pcall, select, setmetatable, tonumber,
@@ -21,9 +22,9 @@ local error, getmetatable, ipairs, next, pairs, pcall, select, setmetatable, ton
   tonumber, tostring, type, xpcall
 local traceback = debug.traceback
 local concat = table.concat
-local floor, huge = math.floor, math.huge
+local huge = math.huge
 local format = string.format
-local io_open, os_date, os_execute, os_getenv = io.open, os.date, os.execute, os.getenv
+local io_open, os_execute, os_getenv = io.open, os.execute, os.getenv
 local io_stdin, io_stdout, io_stderr = io.stdin, io.stdout, io.stderr
 
 local _M = {}
@@ -33,9 +34,15 @@ usage: flowservice COMMAND [ARGS] [FLAGS]
 
 commands:
   retry-failed --flow FLOW_ID      re-trigger every eligible failed run of a flow
-      [--since TIME] [--before TIME]        window on the run's start (inclusive, exclusive)
-      [--status failed[,partialSuccess]]    statuses to consider (default: failed)
+      [--since TIME] [--before TIME]        window on the run's start (inclusive, exclusive;
+                                            default: the last 24 hours; --since all: no bound)
+      [--status S[,S]]                      statuses to list (default: failed); the service
+                                            re-triggers only failed runs, and successful ones
+                                            with 0 records (--zero-record-success)
       [--zero-record-success]               also successful runs that ingested no record
+      [--only-code CODE[,CODE]]             only runs with an error code starting so (any
+                                            code of the run, nested ones too)
+      [--exclude-code CODE[,CODE]]          skip runs with such an error code
       [--concurrency N]                     re-triggers in flight at once (default 8)
       [--journal FILE | --no-journal]       where progress is kept (default: one file per
                                             org/sandbox/flow under $XDG_STATE_HOME/flowservice)
@@ -53,7 +60,9 @@ commands:
   list-runs --flow FLOW_ID           list a flow's runs, newest first
       [--status S[,S]] [--since TIME] [--before TIME]
 
-  TIME is ISO-8601 UTC (2026-11-24T00:00:00Z, fractions and +00:00 allowed) or epoch ms.
+  TIME: 30m, 24h, 7d (before now), today, yesterday (UTC midnight), 2026-11-30,
+  2026-11-30T07:00:00Z (or +hh:mm / -hh:mm), epoch milliseconds, or all.
+  S: failed, success, partialSuccess, inProgress, cancelled.
 
 flags for every command:
   --json                 one JSON document on stdout
@@ -143,56 +152,41 @@ local function check_id(what, id)
   return id
 end
 
--- Howard Hinnant's days_from_civil: days since 1970-01-01 of a proleptic
--- Gregorian date, without os.time (which reads the date as local time).
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = floor(y / 400)
-  local yoe = y - era * 400
-  local mp = m > 2 and m - 3 or m + 9
-  local doy = floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-
-local function days_in_month(y, m)
-  if m == 2 then
-    return (y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0)) and 29 or 28
-  end
-  return (m == 4 or m == 6 or m == 9 or m == 11) and 30 or 31
-end
-
--- "2026-11-24T00:00:00Z" (fractions, "+00:00") or epoch ms digits -> epoch ms
+-- a time as people type it (flowservice.window) -> epoch ms; "all": no bound
 local function parse_time(flag, text)
-  if text:match("^%d+$") and #text <= 15 then return tonumber(text) end
-  local y, mo, d, h, mi, s, rest = text:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)(.*)$")
-  local fraction, zone = (rest or ""):match("^%.?(%d*)(.*)$")
-  if rest and rest:sub(1, 1) == "." and fraction == "" then zone = nil end
-  if not y or not (zone == "Z" or zone == "+00:00" or zone == "-00:00") then
-    usage_error("--%s must be ISO-8601 UTC like 2026-11-24T00:00:00Z, or epoch milliseconds; got %q",
-      flag, text)
-  end
-  y, mo, d, h, mi, s = tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(s)
-  if mo < 1 or mo > 12 or d < 1 or d > days_in_month(y, mo) or h > 23 or mi > 59 or s > 59 then
-    usage_error("--%s is not a valid date and time: %q", flag, text)
-  end
-  local ms = fraction ~= "" and tonumber((fraction .. "00"):sub(1, 3)) or 0
-  return ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000 + s * 1000 + ms
+  if text == "all" then return nil end
+  local ms, why = window.parse(text)
+  if not ms then usage_error("--%s %s", flag, why) end
+  return ms
 end
 
--- epoch ms -> "2026-11-24T00:00:00Z" (".123" when there are milliseconds)
-local function iso_time(ms)
-  if type(ms) ~= "number" or ms ~= ms or ms == huge or ms == -huge then return "-" end
-  local seconds = floor(ms / 1000)
-  local rest = floor(ms - seconds * 1000)
-  return os_date("!%Y-%m-%dT%H:%M:%S", seconds) .. (rest > 0 and format(".%03dZ", rest) or "Z")
-end
+local iso_time = window.iso
+
+-- The statuses the service knows, by lower case (it answers in mixed case).
+local STATUSES = { failed = "failed", success = "success", partialsuccess = "partialSuccess",
+  inprogress = "inProgress", cancelled = "cancelled" }
 
 local function parse_statuses(text)
   local list = {}
   for s in (text .. ","):gmatch("([^,]*),") do
-    if not s:match("^%a+$") then usage_error("--status must be statuses like failed,partialSuccess") end
-    list[#list + 1] = s
+    local known = STATUSES[s:lower()]
+    if not known then
+      usage_error("--status: unknown status %q (the service knows failed, success, partialSuccess,"
+        .. " inProgress, cancelled)", s)
+    end
+    list[#list + 1] = known
+  end
+  return list
+end
+
+-- "CONNECTOR-2001,INGEST-1212" -> a list of code prefixes
+local function error_codes(flag, text)
+  local list = {}
+  for code in (text .. ","):gmatch("([^,]*),") do
+    if not code:match("^[%w%-_]+$") then
+      usage_error("--%s takes error codes (or their start) like CONNECTOR-2001, got %q", flag, code)
+    end
+    list[#list + 1] = code
   end
   return list
 end
@@ -209,8 +203,9 @@ local function seconds(flag, text)
   return n
 end
 
-local function window(options)
-  local since = options.since and parse_time("since", options.since)
+-- --since/--before; default_since: the bound when --since is not given
+local function time_window(options, default_since)
+  local since = parse_time("since", options.since or default_since or "all")
   local before = options.before and parse_time("before", options.before)
   if since and before and since >= before then usage_error("--since must be earlier than --before") end
   return since, before
@@ -419,12 +414,23 @@ local function retrigger_line(run_id, outcome, why)
   return format("%s not attempted (%s)\n", run_id, why)
 end
 
--- The retry-failed report as a table of counts, then what needs a person.
+-- "2026-11-30T07:00:00Z  CONNECTOR-2001-500: the message" of a report entry
+local function run_facts(e)
+  local first = type(e.errors) == "table" and e.errors[1]
+  local err = first and format("%s: %s", tostring(first.code or "-"), tostring(first.message or "-"))
+    or "no error recorded"
+  return format("%s  %s", e.started and iso_time(e.started) or "-", err)
+end
+
+-- The retry-failed report as a table of counts, then what needs a person,
+-- then the runs by their first error code.
 local function report_text(r, flow_id)
   local out = {}
   local function line(fmt, ...) out[#out + 1] = format(fmt, ...) end
   local function count(t) return type(t) == "table" and #t or 0 end
   line("flow         %s", flow_id)
+  if r.window then line("window       %s", window.describe(r.window.since, r.window.before)) end
+  if r.aborted then line("aborted      %s", r.aborted) end
   if r.dry_run then line("dry run      nothing was sent") end
   line("considered   %s", tostring(r.considered or 0))
   if r.dry_run then
@@ -441,7 +447,7 @@ local function report_text(r, flow_id)
   if r.dry_run and count(r.planned) > 0 then
     line("")
     line("would re-trigger:")
-    for _, id in ipairs(r.planned) do line("  %s", tostring(id)) end
+    for _, p in ipairs(r.planned) do line("  %s  %s", tostring(p.run_id), run_facts(p)) end
   end
   if count(r.failed) > 0 then
     line("")
@@ -469,6 +475,17 @@ local function report_text(r, flow_id)
     line("still ambiguous: %s", concat(ids, " "))
     line("decide with --resolve RUN_ID=done|retry")
   end
+  if type(r.by_code) == "table" and next(r.by_code) then
+    local codes = {}
+    for code in pairs(r.by_code) do codes[#codes + 1] = code end
+    table.sort(codes, function(a, b)
+      if r.by_code[a] ~= r.by_code[b] then return r.by_code[a] > r.by_code[b] end
+      return a < b
+    end)
+    line("")
+    line("runs by first error code:")
+    for _, code in ipairs(codes) do line("  %6d  %s", r.by_code[code], code) end
+  end
   return concat(out, "\n") .. "\n"
 end
 
@@ -478,6 +495,11 @@ local function report_json(r, flow_id, err)
     for _, e in ipairs(src or {}) do t[#t + 1] = shape(e) end
     return t
   end
+  -- every entry about a source run says why it failed and when it started
+  local function facts(e, t)
+    if e.errors then t.errors, t.started = list(e.errors), e.started end
+    return t
+  end
   return {
     flow_id = flow_id,
     dry_run = r.dry_run and true or false,
@@ -485,18 +507,21 @@ local function report_json(r, flow_id, err)
     elapsed = r.elapsed,
     journal = r.journal,
     retriggered = entries(r.retriggered, function(e)
-      return { run_id = e.run_id, new_id = e.new_id, etag = e.etag, request_id = e.request_id,
-        forced = e.forced and true or nil }
+      return facts(e, { run_id = e.run_id, new_id = e.new_id, etag = e.etag, request_id = e.request_id,
+        forced = e.forced and true or nil })
     end),
-    skipped = entries(r.skipped, function(e) return { run_id = e.run_id, reason = e.reason } end),
-    failed = entries(r.failed, function(e) return { run_id = e.run_id, error = error_json(e.error) } end),
+    skipped = entries(r.skipped, function(e) return facts(e, { run_id = e.run_id, reason = e.reason }) end),
+    failed = entries(r.failed, function(e) return facts(e, { run_id = e.run_id, error = error_json(e.error) }) end),
     ambiguous = entries(r.ambiguous, function(e)
-      return { run_id = e.run_id, why = e.why, request_id = e.request_id }
+      return facts(e, { run_id = e.run_id, why = e.why, request_id = e.request_id })
     end),
     settled = entries(r.settled, function(e)
       return { run_id = e.run_id, outcome = e.outcome, evidence = e.evidence }
     end),
-    planned = entries(r.planned, function(id) return id end),
+    planned = entries(r.planned, function(e) return facts(e, { run_id = e.run_id }) end),
+    window = r.window,
+    by_code = r.by_code,
+    aborted = r.aborted,
     journals = entries(r.journals, function(path) return path end),
     stopped = r.stopped,
     not_attempted = r.not_attempted,
@@ -731,7 +756,7 @@ local function retrigger_cmd(ctx)
     for _, kind in ipairs { "retriggered", "skipped", "failed", "ambiguous" } do
       for _, e in ipairs(report[kind] or {}) do outcome[e.run_id] = { kind, e } end
     end
-    for _, id in ipairs(report.planned or {}) do outcome[id] = { "planned" } end
+    for _, e in ipairs(report.planned or {}) do outcome[e.run_id] = { "planned", e } end
     local why = report.stopped or (err and "the job stopped: " .. tostring(err)) or "?"
     for _, id in ipairs(ids) do ctx.stdout:write(retrigger_line(id, outcome[id], why)) end
     for _, st in ipairs(report.settled or {}) do
@@ -757,7 +782,7 @@ end
 local function list_runs_cmd(ctx)
   no_positionals(ctx)
   local flow_id = required_flow(ctx)
-  local since, before = window(ctx.options)
+  local since, before = time_window(ctx.options)
   local status = ctx.options.status and parse_statuses(ctx.options.status)
   local client = new_client(client_options(ctx.options, ctx.getenv, verbose_log(ctx)))
   local runs, err = client:list_runs { flow_id = flow_id, status = status, since = since, before = before }
@@ -789,11 +814,13 @@ local function retry_failed_cmd(ctx)
   no_positionals(ctx)
   local o = ctx.options
   local flow_id = required_flow(ctx)
-  local since, before = window(o)
+  local since, before = time_window(o, "24h")
   local spec = {
     flow_id = flow_id, since = since, before = before,
     status = o.status and parse_statuses(o.status),
     zero_record_success = o["zero-record-success"] and true or nil,
+    codes = o["only-code"] and error_codes("only-code", o["only-code"]),
+    exclude_codes = o["exclude-code"] and error_codes("exclude-code", o["exclude-code"]),
     concurrency = o.concurrency and positive_integer("concurrency", o.concurrency),
     grace = o.grace and seconds("grace", o.grace),
     resolve = resolutions(o.resolve),
@@ -819,6 +846,7 @@ local COMMANDS = {
   ["retry-failed"] = { run = retry_failed_cmd, flags = {
     flow = "value", since = "value", before = "value", status = "value",
     ["zero-record-success"] = "flag", concurrency = "value", journal = "value",
+    ["only-code"] = "value", ["exclude-code"] = "value",
     ["no-journal"] = "flag", grace = "value", resolve = "list", ["dry-run"] = "flag" } },
   retrigger = { run = retrigger_cmd, flags = {
     force = "flag", journal = "value", ["no-journal"] = "flag", concurrency = "value",

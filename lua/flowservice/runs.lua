@@ -3,6 +3,7 @@
 -- `_links.next.href`.
 local args = require "flowservice.args"
 local core = require "flowservice.core"
+local window = require "flowservice.window"
 
 local concat, format = table.concat, string.format
 local ipairs, pairs, tostring, type = ipairs, pairs, tostring, type
@@ -12,7 +13,7 @@ local _M = {}
 _M.MAX_PAGE = 100
 
 local QUERY_FIELDS = {
-  flow_id = "string", status = "any", since = "number", before = "number",
+  flow_id = "string", status = "any", since = "any", before = "any",
   order = "string", page_size = "number", max = "number", filters = "table",
 }
 
@@ -35,6 +36,25 @@ local function statuses(status, argn, fname, level)
   return concat(list, ",")
 end
 
+-- A window bound: epoch ms (a whole number) or a string flowservice.window
+-- reads ("24h", "2026-11-30T07:00:00Z", ...) -> epoch ms, or nil.
+function _M.time(v, key, argn, fname, level)
+  if v == nil then return nil end
+  if type(v) == "number" then
+    if not args.is_integer(v) then
+      args.fail(argn, fname, format("query field '%s' must be a whole number of epoch ms", key), level + 1)
+    end
+    return v
+  end
+  if type(v) ~= "string" then
+    args.fail(argn, fname, format("query field '%s' must be epoch ms or a time string, got %s", key, type(v)),
+      level + 1)
+  end
+  local ms, why = window.parse(v)
+  if not ms then args.fail(argn, fname, format("query field '%s' %s", key, why), level + 1) end
+  return ms
+end
+
 -- Checks query (raising at the caller's argument argn) and returns the
 -- `property` filters as {name, value} pairs, plus the checked query.
 function _M.filters(query, argn, fname, level)
@@ -50,11 +70,13 @@ function _M.filters(query, argn, fname, level)
       args.fail(argn, fname, format("query field '%s' must be a %s, got %s", key, want, type(value)), level)
     end
   end
-  for _, key in ipairs { "since", "before", "page_size", "max" } do
+  for _, key in ipairs { "page_size", "max" } do
     if query[key] ~= nil and not args.is_integer(query[key]) then
       args.fail(argn, fname, format("query field '%s' must be a whole number", key), level)
     end
   end
+  local since, before = _M.time(query.since, "since", argn, fname, level),
+    _M.time(query.before, "before", argn, fname, level)
   if query.page_size and (query.page_size < 1 or query.page_size > _M.MAX_PAGE) then
     args.fail(argn, fname, "query field 'page_size' must be from 1 to " .. _M.MAX_PAGE, level)
   end
@@ -65,8 +87,8 @@ function _M.filters(query, argn, fname, level)
   local function add(expression) params[#params + 1] = { "property", expression } end
   if query.flow_id then add("flowId==" .. query.flow_id) end
   if query.status then add("metrics.statusSummary.status==" .. statuses(query.status, argn, fname, level)) end
-  if query.since then add("metrics.durationSummary.startedAtUTC>=" .. integer_string(query.since)) end
-  if query.before then add("metrics.durationSummary.startedAtUTC<" .. integer_string(query.before)) end
+  if since then add("metrics.durationSummary.startedAtUTC>=" .. integer_string(since)) end
+  if before then add("metrics.durationSummary.startedAtUTC<" .. integer_string(before)) end
   for i, expression in ipairs(query.filters or {}) do
     if type(expression) ~= "string" or expression == "" then
       args.fail(argn, fname, format("query 'filters' entry %d must be a non-empty string", i), level)
