@@ -568,6 +568,57 @@ describe("flowservice command", function()
     end
   end)
 
+  describe("the whole sandbox", function()
+    it("list-flows: id, state and name; with --since, the failed runs of each", function()
+      local code, out = flowservice_cmd { "list-flows" }
+      assert.equal(0, code)
+      assert.matches("^FLOW +STATE +NAME\n", out)
+      assert.matches(lit(fake.flows.disabled) .. "  disabled", out)
+      code, out = flowservice_cmd { "list-flows", "--state", "enabled", "--since", "2020-01-01", "--json" }
+      assert.equal(0, code)
+      local by_id = {}
+      for _, f in ipairs(json(out)) do by_id[f.id] = f end
+      assert.is_nil(by_id[fake.flows.disabled])
+      assert.equal(40, by_id[BULK].failed_runs)
+      assert.equal(2, (flowservice_cmd { "list-flows", "--state", "on" }))
+    end)
+
+    it("list-runs without --flow lists every flow's runs", function()
+      local code, out = flowservice_cmd { "list-runs", "--status", "failed", "--json" }
+      assert.equal(0, code)
+      local flows = {}
+      for _, r in ipairs(json(out)) do flows[r.flowId] = true end
+      assert.is_true(flows[BULK] and flows[ENABLED])
+    end)
+
+    it("retry-failed --flow of a flow that does not exist, or is disabled: exit 2, nothing sent", function()
+      local code, out, err = flowservice_cmd { "retry-failed", "--flow", "00000000-0000-4000-8000-000000000000" }
+      assert.equal(2, code)
+      assert.matches("flow 00000000%-0000%-4000%-8000%-000000000000 not found", out .. err)
+      code, out, err = flowservice_cmd { "retry-failed", "--flow", fake.flows.disabled }
+      assert.equal(2, code)
+      assert.matches("is disabled", out .. err)
+      assert.equal(0, server:stats().posts)
+    end)
+
+    it("retry-failed --all-flows: one report, a line per flow", function()
+      local code, out = flowservice_cmd { "retry-failed", "--all-flows", "--since", "all", "--concurrency", "8" }
+      assert.equal(0, code, out)
+      assert.matches("by flow:\n", out)
+      assert.matches(lit(BULK) .. "  [^\n]*: 40 considered, 40 retriggered", out)
+      assert.matches(lit(fake.flows.disabled) .. "  [^\n]*%(the flow is disabled%)", out)
+      assert.matches(lit(fake.flows.streaming) .. "  [^\n]*FLOW%-1333%-400", out)
+      assert.equal(2, (flowservice_cmd { "retry-failed", "--all-flows", "--flow", BULK }))
+    end)
+
+    it("says when the listing failed: aborted, exit 1", function()
+      server:scenario { match = "^GET /runs%?", status = 500, times = 0 }
+      local code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all" }
+      assert.equal(1, code)
+      assert.matches("aborted      could not list runs: ", out)
+    end)
+  end)
+
   describe("retry-failed", function()
     -- until client:retry_failed exists (flowservice.bulk), say so and skip
     local function it_needs_bulk(name, fn)

@@ -293,9 +293,9 @@ describe("exactly once", function()
     it("takes exactly one of flow_id and run_ids", function()
       local client = new()
       assert.error_matches(function() client:retry_failed { journal = false } end,
-        "spec takes exactly one of 'flow_id' and 'run_ids'")
+        "spec takes exactly one of 'flow_id', 'run_ids' and 'all_flows'")
       assert.error_matches(function() client:retry_failed { flow_id = BULK, run_ids = { "a" } } end,
-        "spec takes exactly one of 'flow_id' and 'run_ids'")
+        "spec takes exactly one of 'flow_id', 'run_ids' and 'all_flows'")
       assert.error_matches(function() client:retry_failed { run_ids = {} } end, "non%-empty list")
       assert.error_matches(function() client:retry_failed { run_ids = { "a/b" } } end, "run id")
       assert.error_matches(function() client:retry_failed { flow_id = BULK, force = true } end,

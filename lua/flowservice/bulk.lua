@@ -35,6 +35,8 @@ local SPEC = {
   zero_record_success = "boolean", concurrency = "number", dry_run = "boolean",
   journal = "any", grace = "number", on_progress = "function", max = "number",
   resolve = "table", force = "boolean", stop = "function", codes = "table", exclude_codes = "table",
+  all_flows = "boolean", wait_runs = "boolean", wait_timeout = "number", max_active = "number",
+  wait_backoff = "table",
 }
 
 -- Errors that every run would get too: stop at once instead of failing all.
@@ -56,9 +58,9 @@ local function fail(msg, depth) args.fail(1, "retry_failed", msg, 3 + (depth or 
 local function check_spec(spec)
   if type(spec) ~= "table" then fail("spec must be a table, got " .. type(spec)) end
   args.fields(spec, SPEC, "spec field", 1, "retry_failed", 3)
-  if (spec.flow_id ~= nil) == (spec.run_ids ~= nil) then
-    fail("spec takes exactly one of 'flow_id' and 'run_ids'")
-  end
+  local given = (spec.flow_id ~= nil and 1 or 0) + (spec.run_ids ~= nil and 1 or 0)
+    + (spec.all_flows and 1 or 0)
+  if given ~= 1 then fail("spec takes exactly one of 'flow_id', 'run_ids' and 'all_flows'") end
   if spec.flow_id == "" then fail("spec field 'flow_id' must not be empty") end
   if spec.run_ids then
     if #spec.run_ids == 0 then fail("spec field 'run_ids' must be a non-empty list") end
@@ -72,6 +74,7 @@ local function check_spec(spec)
   elseif spec.force ~= nil then
     fail("spec field 'force' needs 'run_ids'")
   end
+  if spec.all_flows and spec.resolve then fail("spec field 'resolve' needs 'flow_id'") end
   for _, key in ipairs { "codes", "exclude_codes" } do
     for i, code in ipairs(spec[key] or {}) do
       if type(code) ~= "string" or code == "" then
@@ -83,6 +86,16 @@ local function check_spec(spec)
     if spec[key] ~= nil and type(spec[key]) ~= "number" and type(spec[key]) ~= "string" then
       fail(format("spec field '%s' must be epoch ms or a time string, got %s", key, type(spec[key])))
     end
+  end
+  if spec.max_active ~= nil and not (args.is_integer(spec.max_active) and spec.max_active >= 1) then
+    fail("spec field 'max_active' must be a whole number >= 1")
+  end
+  if spec.wait_timeout ~= nil and not (spec.wait_timeout > 0 and spec.wait_timeout < huge) then
+    fail("spec field 'wait_timeout' must be a positive number of seconds")
+  end
+  local b = spec.wait_backoff
+  if b ~= nil and not (type(b[1]) == "number" and type(b[2]) == "number" and b[1] > 0 and b[2] >= b[1]) then
+    fail("spec field 'wait_backoff' must be { first, max } seconds, 0 < first <= max")
   end
   if spec.concurrency ~= nil and not (args.is_integer(spec.concurrency) and spec.concurrency >= 1) then
     fail("spec field 'concurrency' must be a whole number >= 1")
@@ -371,14 +384,25 @@ function Job:pending_line(item, t)
 end
 
 -- Prepared transfers of a round, with their pending lines appended to lines.
+-- How many more re-triggers may start now: the concurrency limit, and with
+-- max_active the runs of this flow still executing.
+function Job:room()
+  local room = self.limit - self.in_flight
+  if self.spec.max_active then
+    room = min(room, self.spec.max_active - self.in_flight - self.executing)
+  end
+  return room
+end
+
 function Job:prepare_round(lines)
   local prepared = {}
-  if not (self.in_flight < self.limit and #self.queue > 0 and now() >= self.not_before) then
+  if not (self:room() > 0 and #self.queue > 0 and now() >= self.not_before) then
     return prepared
   end
   local token, err = self.batch:token()
   if token == nil then return nil, err end
-  while self.in_flight + #prepared < self.limit and #self.queue > 0 do
+  local room = self:room()
+  while #prepared < room and #self.queue > 0 do
     local item = remove(self.queue, 1)
     local t = self.batch:prepare(item.run.id, item.etag, token)
     item.token, item.tries = token, (item.tries or 0) + 1
@@ -465,6 +489,7 @@ function Job:answer(item, t, lines)
       request_id = request_id }
     self.limit = min(self.concurrency, self.limit + 1)
     self.learn_from = self.learn_from or { id, item.etag, run.id }
+    self:follow(id, run.id)
     return
   end
   local refused = { run = id, flow = self.flow_id, state = "refused", request_id = err.request_id,
@@ -532,10 +557,88 @@ function Job:harvest(lines)
   return finished
 end
 
+-- Following re-triggered runs (wait_runs, max_active) ----------------------
+--
+-- Each new run is read (GET /runs/{id}, on the engine, beside the
+-- re-triggers) from `first` seconds after it was made, the pause doubling
+-- up to `max`, until it is no longer in progress. Its outcome is journaled,
+-- so a resumed job follows what a dead one left running.
+
+local WAIT_BACKOFF = { 5, 60 }
+local WAIT_TIMEOUT = 7200
+
+function Job:following_on()
+  return self.spec.wait_runs or self.spec.max_active ~= nil
+end
+
+function Job:follow(source_id, new_id)
+  if not self:following_on() or self.followed[new_id] then return end
+  local first = (self.spec.wait_backoff or WAIT_BACKOFF)[1]
+  self.followed[new_id] = { source = source_id, next_at = now() + first, delay = first }
+  self.executing = self.executing + 1
+end
+
+local FINISHED = { success = "succeeded", failed = "failed", partialsuccess = "failed",
+  cancelled = "failed" }
+
+-- A read finished: record the outcome, or read again later.
+function Job:observed(new_id, run, lines)
+  local f = self.followed[new_id]
+  f.reading = nil
+  local verdict = run and FINISHED[status_of(run)]
+  if not verdict then -- still running, or the read failed: look again later
+    f.delay = min(f.delay * 2, (self.spec.wait_backoff or WAIT_BACKOFF)[2])
+    f.next_at = now() + f.delay
+    return
+  end
+  f.done = true
+  self.executing = self.executing - 1
+  local errs = source_facts(run)
+  self.report.outcomes[verdict][#self.report.outcomes[verdict] + 1] = { run_id = f.source,
+    new_id = new_id, status = status_of(run), errors = verdict == "failed" and errs or nil }
+  lines[#lines + 1] = { run = f.source, flow = self.flow_id, followed = new_id, outcome = status_of(run) }
+end
+
+-- Start the reads that are due; harvest those that finished.
+function Job:follow_step(token, lines)
+  local busy = false
+  for t, new_id in pairs(self.reads) do
+    if t:done() then
+      self.reads[t] = nil
+      self:observed(new_id, self.batch:read_result(t), lines)
+      busy = true
+    end
+  end
+  local at = now()
+  for new_id, f in pairs(self.followed) do
+    if not f.done and not f.reading and f.next_at <= at and token ~= nil then
+      f.reading = true
+      self.reads[self.batch:read_run(new_id, token)] = new_id
+    end
+  end
+  return busy
+end
+
+function Job:still_following()
+  return self.executing > 0 and now() < self.follow_until
+end
+
 function Job:run_queue()
   local carry = {} -- answers journaled with the next round's pending lines
-  while (#self.queue > 0 and not self.fatal and not self.report.stopped) or self.in_flight > 0 do
+  local following = self:following_on()
+  while (#self.queue > 0 and not self.fatal and not self.report.stopped) or self.in_flight > 0
+    or (following and not self.fatal and not self.report.stopped and self:still_following())
+    or next(self.reads) do
     local lines, prepared = carry, nil
+    if following and #self.queue == 0 and self.in_flight == 0 and not self.waiting_since then
+      self.waiting_since = now() -- every re-trigger sent: the wait for the runs begins
+      self.follow_until = now() + (self.spec.wait_timeout or WAIT_TIMEOUT)
+    end
+    local read_busy = false
+    if following then
+      -- false: a static token; nil: IMS could not be asked now, read later
+      read_busy = self:follow_step(self.batch:token(), lines)
+    end
     if not self.fatal and not self:stopping() then
       local err
       prepared, err = self:prepare_round(lines)
@@ -564,12 +667,21 @@ function Job:run_queue()
           return nil, lerr
         end
       end
-    elseif self.in_flight == 0 then
-      if #self.queue > 0 and not self.fatal and not self.report.stopped then
+    elseif read_busy then
+      self:progress()
+    elseif self.in_flight == 0 and not next(self.reads) then
+      if (#self.queue > 0 or following) and not self.fatal and not self.report.stopped then
         self:sleep(min(max(self.not_before - now(), 0.001), 0.25))
       end
     else
       self.batch:pause(0.25)
+    end
+  end
+  -- what is still running when the wait ends
+  for new_id, f in pairs(self.followed) do
+    if not f.done then
+      self.report.outcomes.still_running[#self.report.outcomes.still_running + 1] = { run_id = f.source,
+        new_id = new_id }
     end
   end
   return self:write(carry)
@@ -618,8 +730,10 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
     client = client, batch = batch, spec = spec, flow_id = flow_id, only = only, started = now(),
     concurrency = spec.concurrency or 8, grace = spec.grace or GRACE,
     queue = {}, flight = {}, in_flight = 0, not_before = 0, total = 0,
+    followed = {}, reads = {}, executing = 0, follow_until = huge,
     report = new_report(spec),
   }, Job)
+  if job:following_on() then job.report.outcomes = { succeeded = {}, failed = {}, still_running = {} } end
   job.report.journal = path
   job.report.journals[1] = path
   job.limit = job.concurrency
@@ -654,7 +768,8 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
 
   local candidates, err = candidates_of(report)
   if not candidates then
-    report.aborted = "could not list runs: " .. tostring(err)
+    report.aborted = (err.not_found or err.kind == "flow") and err.message
+      or "could not list runs: " .. tostring(err)
     return finish(err)
   end
   local by_id, unique = {}, {}
@@ -708,6 +823,17 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
     end
   end
   job.total = #job.queue
+  -- runs a dead job re-triggered and left running: followed again
+  if job:following_on() and not spec.dry_run then
+    for _, entry in pairs(job.state.runs) do
+      if entry.state == "done" and (entry.flow == nil or entry.flow == flow_id)
+        and (not only or only[entry.run]) then
+        for _, new_id in ipairs(entry.new_ids) do
+          if not job.state.followed[new_id] then job:follow(entry.run, new_id) end
+        end
+      end
+    end
+  end
   -- runs the journal still holds as unknown but that were not listed this time
   for _, entry in ipairs(job:unsettled()) do
     if not by_id[entry.run] then
@@ -715,7 +841,7 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
         why = entry.why or "outcome of an earlier job unknown: decide with resolve" }
     end
   end
-  if spec.dry_run or #job.queue == 0 then return finish() end
+  if spec.dry_run or (#job.queue == 0 and job.executing == 0) then return finish() end
 
   local ok
   ok, err = job:run_queue()
@@ -726,60 +852,147 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
   return finish()
 end
 
+-- Several flows' jobs in one report: each flow's part merged in.
+local function merge(report, part)
+  for _, key in ipairs { "retriggered", "skipped", "failed", "ambiguous", "settled", "journals", "planned" } do
+    if part[key] then
+      report[key] = report[key] or {}
+      for _, v in ipairs(part[key]) do report[key][#report[key] + 1] = v end
+    end
+  end
+  report.considered = report.considered + part.considered
+  for code, n in pairs(part.by_code or {}) do
+    report.by_code = report.by_code or {}
+    report.by_code[code] = (report.by_code[code] or 0) + n
+  end
+  report.stopped = report.stopped or part.stopped
+  if part.outcomes then
+    report.outcomes = report.outcomes or { succeeded = {}, failed = {}, still_running = {} }
+    for kind, list in pairs(part.outcomes) do
+      for _, v in ipairs(list) do report.outcomes[kind][#report.outcomes[kind] + 1] = v end
+    end
+  end
+  if part.not_attempted then report.not_attempted = (report.not_attempted or 0) + part.not_attempted end
+end
+
+-- Errors that end a flow's job but not the others' (all_flows goes on).
+local FLOW_CODES = { ["FLOW-1388-400"] = true, ["FLOW-1333-400"] = true }
+
+-- One job per flow, in order: groups[flow] = its runs. flows: { {id, name} }.
+-- A flow refused as a whole is reported and passed over when each_flow.
+local function flows_job(client, batch, spec, report, started, flows, groups, each_flow)
+  report.flows = {}
+  for i, flow in ipairs(flows) do
+    local runs_of = groups[flow.id]
+    if report.stopped then
+      for j = i, #flows do
+        report.not_attempted = (report.not_attempted or 0) + #groups[flows[j].id]
+      end
+      break
+    end
+    local summary = { flow_id = flow.id, name = flow.name, considered = #runs_of }
+    report.flows[#report.flows + 1] = summary
+    local only
+    if spec.run_ids then
+      only = {}
+      for _, run in ipairs(runs_of) do only[run.id] = true end
+    end
+    local part, err
+    if flow.state and flow.state ~= "enabled" then
+      part = new_report(spec)
+      part.considered = #runs_of
+      for _, run in ipairs(runs_of) do
+        part.skipped[#part.skipped + 1] = { run_id = run.id, reason = "the flow is " .. flow.state }
+      end
+      summary.skipped_flow = "the flow is " .. flow.state
+    else
+      part, err = flow_job(client, batch, spec, flow.id, function() return runs_of end, only)
+      if not part then part = err.report end
+    end
+    if part then
+      merge(report, part)
+      for _, key in ipairs { "retriggered", "skipped", "failed", "ambiguous" } do
+        summary[key] = #(part[key] or {})
+      end
+      summary.journal = part.journal
+    end
+    if err then
+      summary.error = err
+      if not (each_flow and FLOW_CODES[err.code or ""]) then return ended(report, started, err) end
+    end
+  end
+  report.journal = #report.journals == 1 and report.journals[1] or nil
+  return ended(report, started)
+end
+
+local function fatal_for_all(err)
+  return err.status == 401 or err.status == 403 or err.kind == "auth"
+    or err.code == "FLOW-2105-400" or err.code == "FLOW-2100-404"
+end
+
 -- Runs named by id: read each, then one job per flow, each with its
 -- flow's journal, in one report.
 local function runs_job(client, batch, spec)
-  local report = new_report(spec)
-  local started = now()
-  local by_flow, flows = {}, {}
-  local function finish(err) return ended(report, started, err) end
-  local seen = {}
+  local report, started = new_report(spec), now()
+  local groups, flows, seen = {}, {}, {}
   for _, id in ipairs(spec.run_ids) do
     if not seen[id] then
       seen[id] = true
       local run, err = client:get_run(id)
       if not run then
-        if err.status == 401 or err.status == 403 or err.kind == "auth" or FATAL_CODES[err.code or ""] then
-          return finish(err)
-        end
+        if fatal_for_all(err) then return ended(report, started, err) end
         report.considered = report.considered + 1
         report.failed[#report.failed + 1] = { run_id = id, error = err }
       else
         local flow = type(run.flowId) == "string" and run.flowId or "?"
-        if not by_flow[flow] then by_flow[flow] = {} flows[#flows + 1] = flow end
-        local list = by_flow[flow]
+        if not groups[flow] then
+          groups[flow] = {}
+          flows[#flows + 1] = { id = flow }
+        end
+        local list = groups[flow]
         list[#list + 1] = run
       end
     end
   end
-  for i, flow in ipairs(flows) do
-    if report.stopped then
-      for j = i, #flows do report.not_attempted = (report.not_attempted or 0) + #by_flow[flows[j]] end
-      break
-    end
-    local only = {}
-    for _, run in ipairs(by_flow[flow]) do only[run.id] = true end
-    local sub, err = flow_job(client, batch, spec, flow, function() return by_flow[flow] end, only)
-    local part = sub or err.report
-    if part then
-      for _, key in ipairs { "retriggered", "skipped", "failed", "ambiguous", "settled", "journals", "planned" } do
-        if part[key] then
-          report[key] = report[key] or {}
-          for _, v in ipairs(part[key]) do report[key][#report[key] + 1] = v end
-        end
-      end
-      report.considered = report.considered + part.considered
-      for code, n in pairs(part.by_code or {}) do
-        report.by_code = report.by_code or {}
-        report.by_code[code] = (report.by_code[code] or 0) + n
-      end
-      report.stopped = report.stopped or part.stopped
-      report.not_attempted = (report.not_attempted or 0) + (part.not_attempted or 0)
-    end
-    if not sub then return finish(err) end
+  return flows_job(client, batch, spec, report, started, flows, groups, false)
+end
+
+-- Every flow's failed runs in the window, one listing, then one job per
+-- flow (each its own journal); a disabled flow, or one whose source cannot
+-- re-trigger, is reported and passed over.
+local function all_flows_job(client, batch, spec, since, before, list_candidates)
+  local report, started = new_report(spec), now()
+  report.window = { since = since, before = before }
+  local known, err = client:list_flows {}
+  if not known then
+    report.aborted = "could not list flows: " .. tostring(err)
+    return ended(report, started, err)
   end
-  report.journal = #report.journals == 1 and report.journals[1] or nil
-  return finish()
+  local by_id = {}
+  for _, flow in ipairs(known) do
+    if type(flow) == "table" and type(flow.id) == "string" then by_id[flow.id] = flow end
+  end
+  local candidates
+  candidates, err = list_candidates(nil)
+  if not candidates then
+    report.aborted = "could not list runs: " .. tostring(err)
+    return ended(report, started, err)
+  end
+  local groups, flows = {}, {}
+  for _, run in ipairs(candidates) do
+    if type(run) == "table" and type(run.flowId) == "string" then
+      local id = run.flowId
+      if not groups[id] then
+        local flow = by_id[id] or {}
+        groups[id] = {}
+        flows[#flows + 1] = { id = id, name = flow.name, state = flow.state }
+      end
+      local list = groups[id]
+      list[#list + 1] = run
+    end
+  end
+  table.sort(flows, function(a, b) return a.id < b.id end)
+  return flows_job(client, batch, spec, report, started, flows, groups, true)
 end
 
 -- spec.since / spec.before as epoch ms (a string is read by flowservice.window)
@@ -796,14 +1009,14 @@ function _M.run(client, batch, spec)
   check_spec(spec)
   if spec.run_ids then return runs_job(client, batch, spec) end
   local since, before = bound(spec, "since"), bound(spec, "before")
-  return flow_job(client, batch, spec, spec.flow_id, function(report)
-    report.window = { since = since, before = before }
-    local candidates, err = client:list_runs { flow_id = spec.flow_id, status = spec.status or "failed",
+  -- the candidates of one flow, or (flow_id nil) of every flow
+  local function list_candidates(flow_id)
+    local candidates, err = client:list_runs { flow_id = flow_id, status = spec.status or "failed",
       since = since, before = before, max = spec.max }
     if not candidates then return nil, err end
     if spec.zero_record_success then
       local more
-      more, err = client:list_runs { flow_id = spec.flow_id, status = "success",
+      more, err = client:list_runs { flow_id = flow_id, status = "success",
         since = since, before = before, max = spec.max }
       if not more then return nil, err end
       for _, run in ipairs(more) do
@@ -811,6 +1024,26 @@ function _M.run(client, batch, spec)
       end
     end
     return candidates
+  end
+  if spec.all_flows then return all_flows_job(client, batch, spec, since, before, list_candidates) end
+  return flow_job(client, batch, spec, spec.flow_id, function(report)
+    report.window = { since = since, before = before }
+    -- the flow first: one that does not exist, or cannot run, is said so
+    local flow, err = client:get_flow(spec.flow_id)
+    if not flow then
+      if err.status == 404 then
+        err.message = "flow " .. spec.flow_id .. " not found"
+        err.not_found = true
+      end
+      return nil, err
+    end
+    report.flow_name = flow.name
+    if flow.state and flow.state ~= "enabled" then
+      return nil, errors.new { kind = "flow", code = "FLOW-1388-400", flow_state = flow.state,
+        message = format("flow %s is %s: the service re-triggers runs of enabled flows only",
+          spec.flow_id, tostring(flow.state)) }
+    end
+    return list_candidates(spec.flow_id)
   end)
 end
 

@@ -34,6 +34,7 @@ usage: flowservice COMMAND [ARGS] [FLAGS]
 
 commands:
   retry-failed --flow FLOW_ID      re-trigger every eligible failed run of a flow
+  retry-failed --all-flows         ... of every flow of the sandbox (each its own journal)
       [--since TIME] [--before TIME]        window on the run's start (inclusive, exclusive;
                                             default: the last 24 hours; --since all: no bound)
       [--status S[,S]]                      statuses to list (default: failed); the service
@@ -50,6 +51,10 @@ commands:
                                             ambiguous re-trigger counts as not done
       [--resolve RUN_ID=done|retry ...]     decide a run left ambiguous by an earlier job
       [--dry-run]                           list what would be re-triggered, send nothing
+      [--wait] [--wait-timeout SECONDS]     follow each re-run until it finishes (default 2 h);
+                                            exit 1 if one failed
+      [--max-active N]                      at most N re-runs of one flow executing at once
+                                            (follows them as --wait does)
   retrigger RUN_ID [RUN_ID ...] | -  re-trigger runs (-: run ids from stdin, one a line), each
                                      at most once: each run is read first, and one its flow's
                                      journal or its childFlowRunIds show re-triggered is skipped
@@ -57,8 +62,10 @@ commands:
       [--journal FILE | --no-journal]       as for retry-failed (default: its flow's journal)
       [--concurrency N] [--grace SECONDS] [--dry-run]
   get-run RUN_ID                     show one run
-  list-runs --flow FLOW_ID           list a flow's runs, newest first
+  list-runs [--flow FLOW_ID]         list a flow's runs (without --flow: every flow's), newest first
       [--status S[,S]] [--since TIME] [--before TIME]
+  list-flows [--state enabled|disabled] [--since TIME]
+                                     the sandbox's flows; with --since, failed runs of each
 
   TIME: 30m, 24h, 7d (before now), today, yesterday (UTC midnight), 2026-11-30,
   2026-11-30T07:00:00Z (or +hh:mm / -hh:mm), epoch milliseconds, or all.
@@ -475,6 +482,28 @@ local function report_text(r, flow_id)
     line("still ambiguous: %s", concat(ids, " "))
     line("decide with --resolve RUN_ID=done|retry")
   end
+  if r.outcomes then
+    local o = r.outcomes
+    line("")
+    line("re-runs: %d succeeded, %d failed, %d still running", count(o.succeeded), count(o.failed),
+      count(o.still_running))
+    for _, f in ipairs(o.failed) do
+      line("  %s -> %s  failed  %s", tostring(f.run_id), tostring(f.new_id), run_facts(f))
+    end
+    for _, f in ipairs(o.still_running) do
+      line("  %s -> %s  still running", tostring(f.run_id), tostring(f.new_id))
+    end
+  end
+  if count(r.flows) > 0 then
+    line("")
+    line("by flow:")
+    for _, f in ipairs(r.flows) do
+      line("  %s  %s: %d considered, %d retriggered, %d skipped, %d failed, %d ambiguous%s",
+        tostring(f.flow_id), tostring(f.name or "-"), f.considered or 0, f.retriggered or 0,
+        f.skipped or 0, f.failed or 0, f.ambiguous or 0,
+        f.skipped_flow and "  (" .. f.skipped_flow .. ")" or f.error and "  (" .. tostring(f.error) .. ")" or "")
+    end
+  end
   if type(r.by_code) == "table" and next(r.by_code) then
     local codes = {}
     for code in pairs(r.by_code) do codes[#codes + 1] = code end
@@ -522,6 +551,18 @@ local function report_json(r, flow_id, err)
     window = r.window,
     by_code = r.by_code,
     aborted = r.aborted,
+    outcomes = r.outcomes and {
+      succeeded = entries(r.outcomes.succeeded, function(e) return e end),
+      failed = entries(r.outcomes.failed, function(e)
+        return { run_id = e.run_id, new_id = e.new_id, status = e.status, errors = list(e.errors) }
+      end),
+      still_running = entries(r.outcomes.still_running, function(e) return e end),
+    } or nil,
+    flows = r.flows and entries(r.flows, function(f)
+      return { flow_id = f.flow_id, name = f.name, considered = f.considered, retriggered = f.retriggered,
+        skipped = f.skipped, failed = f.failed, ambiguous = f.ambiguous, journal = f.journal,
+        skipped_flow = f.skipped_flow, error = f.error and error_json(f.error) or nil }
+    end) or nil,
     journals = entries(r.journals, function(path) return path end),
     stopped = r.stopped,
     not_attempted = r.not_attempted,
@@ -732,6 +773,7 @@ local function job_exit(ctx, report, err, caught)
   for _, f in ipairs(report.failed or {}) do errs[#errs + 1] = f.error or "failed" end
   local code = failure_code(errs)
   if code == 0 and type(report.ambiguous) == "table" and #report.ambiguous > 0 then code = 1 end
+  if code == 0 and report.outcomes and #report.outcomes.failed > 0 then code = 1 end
   return code
 end
 
@@ -781,7 +823,7 @@ end
 
 local function list_runs_cmd(ctx)
   no_positionals(ctx)
-  local flow_id = required_flow(ctx)
+  local flow_id = ctx.options.flow and check_id("--flow", ctx.options.flow) -- none: every flow
   local since, before = time_window(ctx.options)
   local status = ctx.options.status and parse_statuses(ctx.options.status)
   local client = new_client(client_options(ctx.options, ctx.getenv, verbose_log(ctx)))
@@ -813,10 +855,12 @@ end
 local function retry_failed_cmd(ctx)
   no_positionals(ctx)
   local o = ctx.options
-  local flow_id = required_flow(ctx)
+  if o["all-flows"] and o.flow then usage_error("give --flow FLOW_ID or --all-flows, not both") end
+  if o["all-flows"] and o.resolve then usage_error("--resolve needs --flow FLOW_ID") end
+  local flow_id = not o["all-flows"] and required_flow(ctx) or nil
   local since, before = time_window(o, "24h")
   local spec = {
-    flow_id = flow_id, since = since, before = before,
+    flow_id = flow_id, all_flows = o["all-flows"] and true or nil, since = since, before = before,
     status = o.status and parse_statuses(o.status),
     zero_record_success = o["zero-record-success"] and true or nil,
     codes = o["only-code"] and error_codes("only-code", o["only-code"]),
@@ -825,28 +869,79 @@ local function retry_failed_cmd(ctx)
     grace = o.grace and seconds("grace", o.grace),
     resolve = resolutions(o.resolve),
     dry_run = o["dry-run"] and true or nil,
+    wait_runs = o.wait and true or nil,
+    wait_timeout = o["wait-timeout"] and seconds("wait-timeout", o["wait-timeout"]),
+    max_active = o["max-active"] and positive_integer("max-active", o["max-active"]),
   }
+  if spec.wait_timeout and not (spec.wait_runs or spec.max_active) then
+    usage_error("--wait-timeout needs --wait or --max-active")
+  end
   local copts = client_options(o, ctx.getenv, verbose_log(ctx))
   local client = new_client(copts)
   local journal = journal_choice(ctx, copts, spec.dry_run)
-  if type(journal) == "function" then journal = journal(flow_id) end
+  if flow_id and type(journal) == "function" then journal = journal(flow_id) end
   spec.journal = journal
   local report, err, caught = run_job(ctx, client, spec)
   if not report then return fail(ctx, err) end
+  local label = flow_id or "every flow of the sandbox"
   if ctx.json then
     print_json(ctx.stdout, report_json(report, flow_id, err))
   else
-    ctx.stdout:write(report_text(report, flow_id))
+    ctx.stdout:write(report_text(report, label))
     if err then ctx.stderr:write(tostring(err), "\n") end
   end
+  -- a flow that does not exist or cannot run: nothing was sent
+  if err and (err.not_found or err.kind == "flow") then return 2 end
   return job_exit(ctx, report, err, caught)
+end
+
+-- list-flows: id, state, name; with --since, each flow's failed runs in the window.
+local function list_flows_cmd(ctx)
+  no_positionals(ctx)
+  local o = ctx.options
+  if o.state and o.state ~= "enabled" and o.state ~= "disabled" then
+    usage_error("--state takes enabled or disabled, got %q", o.state)
+  end
+  local since = o.since and parse_time("since", o.since)
+  local client = new_client(client_options(o, ctx.getenv, verbose_log(ctx)))
+  local flows, err = client:list_flows { state = o.state }
+  if not flows then
+    client:close()
+    return fail(ctx, err)
+  end
+  if since then
+    for _, flow in ipairs(flows) do
+      local n, cerr = client:count_runs { flow_id = flow.id, status = "failed", since = since }
+      if not n then
+        client:close()
+        return fail(ctx, cerr)
+      end
+      flow.failed_runs = n
+    end
+  end
+  client:close()
+  if ctx.json then
+    local out = list()
+    for i, flow in ipairs(flows) do
+      out[i] = { id = flow.id, name = flow.name, state = flow.state, failed_runs = flow.failed_runs }
+    end
+    print_json(ctx.stdout, out)
+    return 0
+  end
+  ctx.stdout:write(format("%-36s  %-8s  %s%s\n", "FLOW", "STATE", since and "FAILED  " or "", "NAME"))
+  for _, flow in ipairs(flows) do
+    ctx.stdout:write(format("%-36s  %-8s  %s%s\n", tostring(flow.id), tostring(flow.state or "-"),
+      since and format("%6d  ", flow.failed_runs) or "", tostring(flow.name or "-")))
+  end
+  return 0
 end
 
 local COMMANDS = {
   ["retry-failed"] = { run = retry_failed_cmd, flags = {
     flow = "value", since = "value", before = "value", status = "value",
     ["zero-record-success"] = "flag", concurrency = "value", journal = "value",
-    ["only-code"] = "value", ["exclude-code"] = "value",
+    ["only-code"] = "value", ["exclude-code"] = "value", ["all-flows"] = "flag",
+    wait = "flag", ["wait-timeout"] = "value", ["max-active"] = "value",
     ["no-journal"] = "flag", grace = "value", resolve = "list", ["dry-run"] = "flag" } },
   retrigger = { run = retrigger_cmd, flags = {
     force = "flag", journal = "value", ["no-journal"] = "flag", concurrency = "value",
@@ -854,6 +949,7 @@ local COMMANDS = {
   ["get-run"] = { run = get_run_cmd, flags = {} },
   ["list-runs"] = { run = list_runs_cmd, flags = {
     flow = "value", status = "value", since = "value", before = "value" } },
+  ["list-flows"] = { run = list_flows_cmd, flags = { state = "value", since = "value" } },
 }
 
 ---------------------------------------------------------------------------

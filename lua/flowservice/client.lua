@@ -363,12 +363,13 @@ function Client:get_run(run_id)
   return run
 end
 
--- A listing, page by page: next_run() -> run, or nil at the end, or
--- nil, err when a page fails (no pcall around a wait that may yield).
-local function listing(p, query, filters)
+-- A listing of runs or flows (what: "runs" | "flows"), page by page:
+-- next_item() -> item, or nil at the end, or nil, err when a page fails
+-- (no pcall around a wait that may yield).
+local function listing(p, what, query, filters)
   local seen, token, items, i, count, finished = {}, nil, {}, 0, 0, false
   local function next_page()
-    local page, meta = get_json(p, { "runs" }, runs.page_params(query, filters, token), "/runs",
+    local page, meta = get_json(p, { what }, runs.page_params(query, filters, token), "/" .. what,
       waiter_of(p, nil, 4))
     if not page then return nil, meta end
     items, i = type(page.items) == "table" and page.items or {}, 0
@@ -396,29 +397,59 @@ local function listing(p, query, filters)
   end
 end
 
+local function each_of(next_item)
+  return function()
+    local item, err = next_item()
+    if err then error(err, 0) end -- as io.lines does
+    return item
+  end
+end
+
+local function all_of(next_item)
+  local list = {}
+  while true do
+    local item, err = next_item()
+    if err then return nil, err end
+    if item == nil then return list end
+    list[#list + 1] = item
+  end
+end
+
 -- for run in client:each_run(query) do ... end
 function Client:each_run(query)
   local p = open(self, 2)
-  local filters = runs.filters(query, 1, "each_run", 2)
-  local next_run = listing(p, query, filters)
-  return function()
-    local run, err = next_run()
-    if err then error(err, 0) end -- as io.lines does
-    return run
-  end
+  return each_of(listing(p, "runs", query, runs.filters(query, 1, "each_run", 2)))
 end
 
 -- client:list_runs(query) -> array of runs (all pages, up to query.max) or nil, err
 function Client:list_runs(query)
   local p = open(self, 2)
-  local filters = runs.filters(query, 1, "list_runs", 2)
-  local next_run, list = listing(p, query, filters), {}
-  while true do
-    local run, err = next_run()
-    if err then return nil, err end
-    if run == nil then return list end
-    list[#list + 1] = run
-  end
+  return all_of(listing(p, "runs", query, runs.filters(query, 1, "list_runs", 2)))
+end
+
+-- for flow in client:each_flow(query) do ... end
+function Client:each_flow(query)
+  local p = open(self, 2)
+  query = query or {}
+  return each_of(listing(p, "flows", query, runs.flow_filters(query, 1, "each_flow", 2)))
+end
+
+-- client:list_flows(query) -> array of flows (all pages, up to query.max) or nil, err
+function Client:list_flows(query)
+  local p = open(self, 2)
+  query = query or {}
+  return all_of(listing(p, "flows", query, runs.flow_filters(query, 1, "list_flows", 2)))
+end
+
+-- client:get_flow(flow_id) -> the flow (unwrapped from {"items": [flow]}) or nil, err
+function Client:get_flow(flow_id)
+  local p = open(self, 2)
+  args.run_id(flow_id, 1, "get_flow", 2)
+  local doc, meta = get_json(p, { "flows", flow_id }, nil, "/flows/" .. flow_id, waiter_of(p, nil, 2))
+  if not doc then return nil, meta end
+  local flow = type(doc.items) == "table" and doc.items[1]
+  if type(flow) ~= "table" then return nil, reply_error(meta, "decode", "reply has no items[1]") end
+  return flow
 end
 
 -- client:count_runs(query) -> number or nil, err
@@ -470,6 +501,23 @@ end
 
 function Batch:submit(t)
   return t:submit()
+end
+
+-- A read of run_id, submitted at once (reads may leave any time).
+function Batch:read_run(run_id, token)
+  local p = self.p
+  local opts = token and copy(p.opts, { access_token = token }) or p.opts
+  return p.handle:submit(opts, { method = "GET", path = { "runs", run_id } })
+end
+
+-- A finished read -> the run, or nil, err.
+function Batch:read_result(t)
+  local res, err = t:result()
+  if not res then return nil, errors.from_core(err, secrets(self.p)) end
+  local doc = decode(res.body)
+  local run = type(doc) == "table" and type(doc.items) == "table" and doc.items[1]
+  if type(run) ~= "table" then return nil, errors.new { kind = "decode", message = "reply has no items[1]" } end
+  return run
 end
 
 -- Drive every submitted transfer once, without blocking.

@@ -11,6 +11,8 @@
 --     refused: the service answered without acting (429, not sent); free to try again
 --   {"run": id, "state": "retry", "evidence": ...}  settled as never done; free to try again
 --   {"learned": {"etag_changes": bool, "linkage": bool}}
+--   {"run": id, "flow": ..., "followed": new_id, "outcome": "success" | "failed" | ...}
+--     the re-run new_id, followed (wait_runs, max_active) until it finished
 -- No secret is ever written: entries carry ids, states and error summaries.
 local core = require "flowservice.core"
 
@@ -25,7 +27,7 @@ local Journal = {}
 Journal.__index = Journal
 
 local function new_state()
-  return { runs = {}, learned = {}, skipped_lines = 0 }
+  return { runs = {}, learned = {}, followed = {}, skipped_lines = 0 }
 end
 
 -- One entry into the state: runs[id] is the run's last entry, with
@@ -36,6 +38,8 @@ local function apply(state, entry)
     state.skipped_lines = state.skipped_lines + 1 -- torn by a crash mid-write
   elseif type(entry.learned) == "table" then
     for k, v in pairs(entry.learned) do state.learned[k] = v end
+  elseif type(entry.followed) == "string" and type(entry.outcome) == "string" then
+    state.followed[entry.followed] = entry.outcome -- a re-run followed to its end
   elseif type(entry.run) == "string" and type(entry.state) == "string" then
     local previous = state.runs[entry.run] or { new_ids = {} }
     entry.new_ids = previous.new_ids

@@ -1,6 +1,6 @@
--- The Flow Service runs listing: a query table -> repeated `property`
--- filters and the other parameters, and the next page's token out of
--- `_links.next.href`.
+-- The Flow Service's listings (runs, and flows): a query table -> repeated
+-- `property` filters and the other parameters, and the next page's token
+-- out of `_links.next.href`.
 local args = require "flowservice.args"
 local core = require "flowservice.core"
 local window = require "flowservice.window"
@@ -94,6 +94,45 @@ function _M.filters(query, argn, fname, level)
       args.fail(argn, fname, format("query 'filters' entry %d must be a non-empty string", i), level)
     end
     add(expression)
+  end
+  return params
+end
+
+local FLOW_QUERY_FIELDS = { state = "string", filters = "table", max = "number", page_size = "number",
+  order = "string" }
+
+-- The same for a flows listing: query { state = "enabled"|"disabled", filters, max, page_size, order }.
+function _M.flow_filters(query, argn, fname, level)
+  level = (level or 2) + 1
+  if type(query) ~= "table" then
+    args.fail(argn, fname, "query must be a table, got " .. type(query), level)
+  end
+  for key, value in pairs(query) do
+    local want = FLOW_QUERY_FIELDS[key]
+    if not want then
+      args.fail(argn, fname, format("query field '%s' is unknown", tostring(key)), level)
+    elseif type(value) ~= want then
+      args.fail(argn, fname, format("query field '%s' must be a %s, got %s", key, want, type(value)), level)
+    end
+  end
+  if query.state and query.state ~= "enabled" and query.state ~= "disabled" then
+    args.fail(argn, fname, "query field 'state' must be \"enabled\" or \"disabled\"", level)
+  end
+  for _, key in ipairs { "page_size", "max" } do
+    if query[key] ~= nil and not (args.is_integer(query[key]) and query[key] >= 1) then
+      args.fail(argn, fname, format("query field '%s' must be a whole number >= 1", key), level)
+    end
+  end
+  if query.page_size and query.page_size > _M.MAX_PAGE then
+    args.fail(argn, fname, "query field 'page_size' must be from 1 to " .. _M.MAX_PAGE, level)
+  end
+  local params = {}
+  if query.state then params[1] = { "property", "state==" .. query.state } end
+  for i, expression in ipairs(query.filters or {}) do
+    if type(expression) ~= "string" or expression == "" then
+      args.fail(argn, fname, format("query 'filters' entry %d must be a non-empty string", i), level)
+    end
+    params[#params + 1] = { "property", expression }
   end
   return params
 end
