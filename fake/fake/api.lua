@@ -216,6 +216,9 @@ function _M.handle(rec, request_id, sc)
     if rec.path == "/runs" then return list_runs(request_id, sc) end
     raw_id = rec.path:match("^/runs/([^/]+)$")
     if raw_id then return get_run(raw_id, request_id) end
+    if rec.path == "/flows" then return list_flows(request_id, sc) end
+    raw_id = rec.path:match("^/flows/([^/]+)$")
+    if raw_id then return get_flow(raw_id, request_id) end
   end
   return json_reply(404, { errorMessage = "Not found: " .. rec.method .. " " .. rec.path })
 end

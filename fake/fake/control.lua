@@ -54,7 +54,9 @@ local function stats_reply()
   local by_source = state.retriggered
   local reply = json_reply(200, { in_flight = state.in_flight, max_in_flight = s.max_in_flight,
                                   posts = s.posts, gets = s.gets, retriggers = s.retriggers,
-                                  ims = s.ims, by_source = by_source, chaos = state.chaos_counts})
+                                  ims = s.ims, by_source = by_source, chaos = state.chaos_counts,
+                                  executing = state.executing,
+                                  max_executing = state.max_executing })
   -- hand, as cjson 2.1.0 has no empty-array marker.
   local w = state.witness_stats
   local witness = str_format('{"checked":%d,"missing":%d,"missing_runs":%s,"errors":%s}',

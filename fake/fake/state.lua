@@ -29,7 +29,8 @@ local state = {
   witness = nil,       -- { journals = paths, caches = path -> cache }; nil: off
   witness_stats = nil, -- { checked, missing, missing_runs, errors }
   outcomes = nil,      -- how re-triggered runs finish (POST /_fake/outcomes); nil: never
-  unfinished = {},     -- run id -> { flowId, finish_at (s) or nil, outcome } (re-triggered)
+  unfinished = {},     -- run id -> { run, flowId, outcome, finish_at (ngx.now() s) }:
+                       -- re-triggered runs with an outcome, not finished yet
   executing = {},      -- flow id -> re-triggered runs not finished yet
   max_executing = {},  -- flow id -> the most of them at once, since reset
   sandbox = nil,       -- what POST /_fake/sandbox added (its answer); nil: nothing

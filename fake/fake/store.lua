@@ -265,7 +265,7 @@ function _M.settle()
   ngx.update_time()
   local now = ngx.now()
   for id, u in pairs(state.unfinished) do
-    if u.finish_at and now >= u.finish_at then
+    if now >= u.finish_at then
       finish(u)
       state.unfinished[id] = nil
       note_executing(u.flowId, -1)
@@ -277,11 +277,12 @@ end
 function _M.track_retriggered(new_run, source)
   _M.settle()
   local o = outcome_for(source, new_run.flowId)
-  ngx.update_time()
-  state.unfinished[new_run.id] = {
-    run = new_run, flowId = new_run.flowId, outcome = o,
-    finish_at = o and (ngx.now() + o.after) or nil,
-  }
+  if o then   -- without an outcome it never finishes: nothing to watch
+    ngx.update_time()
+    state.unfinished[new_run.id] = {
+      run = new_run, flowId = new_run.flowId, outcome = o, finish_at = ngx.now() + o.after,
+    }
+  end
   note_executing(new_run.flowId, 1)
 end
 
