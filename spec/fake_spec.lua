@@ -193,9 +193,9 @@ describe("fake Flow Service", function()
     end)
 
     it("answers an old-style 404 for unknown paths and methods", function()
-      local res = server:http{ path = "/flows", auth = true }
+      local res = server:http{ path = "/flowSpecs", auth = true }
       assert.equal(404, res.status)
-      assert.same({ errorMessage = "Not found: GET /flows" }, cjson.decode(res.body))
+      assert.same({ errorMessage = "Not found: GET /flowSpecs" }, cjson.decode(res.body))
       res = server:http{ method = "DELETE", path = "/runs", auth = true }
       assert.equal(404, res.status)
       res = server:http{ method = "GET", path = action(RUN), auth = true }
@@ -678,6 +678,402 @@ describe("fake Flow Service", function()
     end)
   end)
 
+  describe("flows", function()
+    local FLOW_IDS = { fake.flows.enabled, fake.flows.disabled, fake.flows.streaming,
+                       fake.flows.paging, fake.flows.bulk }   -- fixture order
+
+    local function get(path, headers)
+      local res = server:http{ path = path, auth = true, headers = headers }
+      local ok, body = pcall(cjson.decode, res.body)
+      return res.status, ok and body or res.body, res
+    end
+    local function code_of(body)
+      return type(body) == "table" and body.type and body.type:match("[^/]+$") or nil
+    end
+    local function ids(items)
+      local t = {}
+      for i, item in ipairs(items) do t[i] = item.id end
+      return t
+    end
+    local function count(...)
+      local parts = { "count=true" }
+      for _, expr in ipairs({ ... }) do parts[#parts + 1] = "property=" .. esc(expr) end
+      local status, body = get("/flows?" .. table.concat(parts, "&"))
+      assert.equal(200, status)
+      return body.count
+    end
+
+    it("GET /flows lists the fixture's flows, newest first, with the service's fields", function()
+      local status, body, res = get("/flows")
+      assert.equal(200, status)
+      assert.equal("application/json", res.headers["content-type"])
+      assert.matches(',"_links":{}}$', res.body)
+      assert.same({ FLOW_IDS[5], FLOW_IDS[4], FLOW_IDS[3], FLOW_IDS[2], FLOW_IDS[1] }, ids(body.items))
+      local by_id = {}
+      for _, flow in ipairs(body.items) do by_id[flow.id] = flow end
+      local enabled = by_id[fake.flows.enabled]
+      assert.equal("enabled flow", enabled.name)
+      assert.equal("enabled", enabled.state)
+      assert.same({ id = fake.flow_specs.batch, version = "1.0" }, enabled.flowSpec)
+      assert.is_string(enabled.description)
+      assert.equal(1, #enabled.sourceConnectionIds)
+      assert.equal(1, #enabled.targetConnectionIds)
+      assert.matches('^"[%x%-]+"$', enabled.etag)
+      assert.equal(1669000000000, enabled.createdAt)
+      assert.matches('"createdAt":1669000000000[,}]', res.body)
+      assert.is_string(enabled.createdBy)
+      assert.equal("FAKEORG@AdobeOrg", enabled.imsOrgId)
+      assert.equal("/runs?property=flowId==" .. enabled.id, enabled.runs)
+      local src = enabled.inheritedAttributes.sourceConnections[1]
+      assert.equal(enabled.sourceConnectionIds[1], src.id)
+      assert.is_string(src.connectionSpec.id)
+      assert.equal(enabled.targetConnectionIds[1],
+                   enabled.inheritedAttributes.targetConnections[1].id)
+      assert.is_nil(enabled.enabled)        -- the fixture's shorthand is not served
+      assert.is_nil(enabled.source)
+      assert.equal("disabled", by_id[fake.flows.disabled].state)
+      local streaming = by_id[fake.flows.streaming]
+      assert.equal("enabled", streaming.state)
+      assert.same({ id = fake.flow_specs.streaming, version = "1.0" }, streaming.flowSpec)
+      assert.not_equal(src.connectionSpec.id,
+                       streaming.inheritedAttributes.sourceConnections[1].connectionSpec.id)
+    end)
+
+    it("filters by state, name and flowSpec.id, and counts", function()
+      assert.equal(5, count())
+      assert.equal(4, count("state==enabled"))
+      assert.equal(1, count("state==disabled"))
+      assert.equal(5, count("state==enabled,disabled"))
+      local _, body = get("/flows?property=" .. esc("state==disabled"))
+      assert.same({ fake.flows.disabled }, ids(body.items))
+      _, body = get("/flows?property=" .. esc("name==Paging Flow"))   -- case-insensitive
+      assert.same({ fake.flows.paging }, ids(body.items))
+      _, body = get("/flows?property=" .. esc("flowSpec.id==" .. fake.flow_specs.streaming))
+      assert.same({ fake.flows.streaming }, ids(body.items))
+      _, body = get("/flows?property=" .. esc("flowSpec.id==" .. fake.flow_specs.batch)
+                    .. "&property=" .. esc("state==enabled"))
+      assert.same({ fake.flows.bulk, fake.flows.paging, fake.flows.enabled }, ids(body.items))
+      _, body = get("/flows?property=" .. esc("createdAt>=1669172800000"))   -- day 3 on
+      assert.same({ FLOW_IDS[5], FLOW_IDS[4], FLOW_IDS[3] }, ids(body.items))
+      _, body = get("/flows?orderby=%2Bname")
+      assert.same({ FLOW_IDS[5], FLOW_IDS[2], FLOW_IDS[1], FLOW_IDS[4], FLOW_IDS[3] }, ids(body.items))
+      local status
+      status, body = get("/flows?property=" .. esc("state=enabled"))
+      assert.equal(400, status)
+      assert.equal("FLOW-1107-400", code_of(body))
+      status, body = get("/flows?count=true&limit=2")
+      assert.equal("FLOW-1109-400", code_of(body))
+    end)
+
+    it("pages with limit and continuationToken, bound to /flows", function()
+      local seen, pages = {}, 0
+      local status, body = get("/flows?limit=2")
+      while true do
+        assert.equal(200, status)
+        pages = pages + 1
+        for _, id in ipairs(ids(body.items)) do seen[#seen + 1] = id end
+        local href = body._links.next and body._links.next.href
+        if not href then break end
+        assert.matches("^/flows%?continuationToken=[^&]+$", href)
+        status, body = get(href)
+      end
+      assert.equal(3, pages)
+      assert.same({ FLOW_IDS[5], FLOW_IDS[4], FLOW_IDS[3], FLOW_IDS[2], FLOW_IDS[1] }, seen)
+      local limit_status, limit_body = get("/flows?limit=0")
+      assert.equal(400, limit_status)
+      assert.equal("FLOW-1108-400", code_of(limit_body))
+      -- a token of /runs is not one of /flows, nor the other way round
+      local _, runs = get("/runs?limit=1")
+      local token = runs._links.next.href:match("continuationToken=([^&]+)")
+      local bad_status, bad = get("/flows?continuationToken=" .. token)
+      assert.equal(400, bad_status)
+      assert.equal("FLOW-1110-400", code_of(bad))
+      local _, flows = get("/flows?limit=1")
+      token = flows._links.next.href:match("continuationToken=([^&]+)")
+      bad_status, bad = get("/runs?continuationToken=" .. token)
+      assert.equal(400, bad_status)
+      assert.equal("FLOW-1110-400", code_of(bad))
+    end)
+
+    it("GET /flows/{id} answers a list of one, and FLOW-1101-404 for an unknown id", function()
+      local _, list = get("/flows")
+      local status, body, res = get("/flows/" .. fake.flows.bulk)
+      assert.equal(200, status)
+      assert.equal(1, #body.items)
+      assert.same(list.items[1], body.items[1])
+      assert.is_nil(body._links)
+      assert.equal(fake.flows.bulk, cjson.decode(res.body).items[1].id)
+      status, body = get("/flows/" .. fake.flows.bulk:gsub("%-", "%%2D"))
+      assert.equal(fake.flows.bulk, body.items[1].id)
+      status, body = get("/flows/00000000-0000-4000-8000-000000000000", { ["x-request-id"] = "f-1" })
+      assert.equal(404, status)
+      assert.equal("FLOW-1101-404", code_of(body))
+      assert.equal(404, body.status)
+      assert.equal("The flowId=00000000-0000-4000-8000-000000000000 was not found.",
+                   body.report["detailed-message"])
+      assert.equal("f-1", body.report["request-id"])
+      -- the gateway checks apply
+      assert.equal(403, server:http{ path = "/flows/" .. fake.flows.bulk }.status)
+      assert.equal(403, server:http{ path = "/flows" }.status)
+    end)
+  end)
+
+  describe("sandbox", function()
+    local function get(path)
+      local res = server:http{ path = path, auth = true }
+      return res.status, cjson.decode(res.body), res
+    end
+    local function count(path, ...)
+      local parts = { "count=true" }
+      for _, expr in ipairs({ ... }) do parts[#parts + 1] = "property=" .. esc(expr) end
+      local status, body = get(path .. "?" .. table.concat(parts, "&"))
+      assert.equal(200, status)
+      return body.count
+    end
+    local function post(id)
+      local res = server:http{ method = "POST", path = action(id), auth = true }
+      local body = cjson.decode(res.body)
+      return res.status, body.type and body.type:match("[^/]+$") or body
+    end
+
+    it("adds 20 flows and 1000 failed runs with realistic errors, until reset", function()
+      local failed_before = count("/runs", "metrics.statusSummary.status==failed")
+      local sb = server:sandbox()
+      assert.equal(1, sb.seed)
+      assert.equal(1000, sb.runs)
+      assert.equal(20, #sb.flows)
+      local total = 0
+      for i, f in ipairs(sb.flows) do
+        assert.equal(fake.sandbox_flow_id(i), f.id)
+        assert.equal(string.format("sandbox flow %02d", i), f.name)
+        assert.equal(i >= 17 and i <= 19 and "disabled" or "enabled", f.state)
+        assert.equal(i == 20 and "streaming" or "batch", f.source)
+        assert.is_true(f.runs > 0, "flow " .. i .. " has runs")
+        assert.equal(f.runs, count("/runs", "flowId==" .. f.id))
+        total = total + f.runs
+      end
+      assert.equal(1000, total)
+      assert.equal(ALL_RUNS + 1000, count("/runs"))
+      assert.equal(ALL_RUNS + 1000, #server:runs())
+      assert.equal(failed_before + 1000, count("/runs", "metrics.statusSummary.status==failed"))
+      assert.equal(5 + 20, count("/flows"))
+      assert.equal(1 + 3, count("/flows", "state==disabled"))
+      assert.equal(2, count("/flows", "flowSpec.id==" .. fake.flow_specs.streaming))
+      -- a mix of codes; a run may carry both CONNECTOR codes
+      for _, code in ipairs({ "CONNECTOR-2001-500", "CONNECTOR-1001-500", "INGEST-1212-400" }) do
+        assert.is_true(sb.by_code[code] > 100, code .. " " .. tostring(sb.by_code[code]))
+      end
+      assert.equal(sb.by_code["CONNECTOR-1001-500"], sb.by_code["INGEST-1212-400"])
+      assert.is_true(sb.by_code["CONNECTOR-2001-500"] + sb.by_code["CONNECTOR-1001-500"] > 1000)
+
+      -- GET /runs without a flowId filter: every flow's runs, newest first (the night's)
+      local _, page = get("/runs?limit=100")
+      local flows_seen, n = {}, 0
+      for _, run in ipairs(page.items) do
+        if not flows_seen[run.flowId] then flows_seen[run.flowId] = true n = n + 1 end
+        assert.matches("^5a9d", run.id)
+      end
+      assert.is_true(n >= 10, n .. " flows on the first page")
+
+      server:reset()
+      assert.equal(ALL_RUNS, count("/runs"))
+      assert.equal(5, count("/flows"))
+      assert.equal(404, server:http{ path = "/flows/" .. fake.sandbox_flow_id(1), auth = true }.status)
+    end)
+
+    it("gives runs deterministic ids, etags and errors with nestedErrors", function()
+      local sb = server:sandbox()
+      local run = server:run(fake.sandbox_run_id(1, 1))
+      assert.equal(fake.sandbox_flow_id(1), run.flowId)
+      assert.equal('"5a9d0001-0000-0200-0000-000000000001"', run.etag)
+      assert.equal("scheduler", run.createdClient)
+      assert.equal(0, run.metrics.recordSummary.outputRecordCount)
+      assert.is_number(run.metrics.durationSummary.completedAtUTC)
+      assert.is_nil(server:run(fake.sandbox_run_id(1, sb.flows[1].runs + 1)))
+      assert.equal(fake.sandbox_run_id(20, 1),
+                   server:run(fake.sandbox_run_id(20, sb.flows[20].runs)).id:gsub("%d+$", "000000000001"))
+      -- find one of each error shape among flow 2's runs
+      local shapes = {}
+      for j = 1, sb.flows[2].runs do
+        local errors = server:run(fake.sandbox_run_id(2, j)).metrics.statusSummary.errors
+        local key = {}
+        for i, e in ipairs(errors) do
+          assert.is_string(e.message)
+          key[i] = e.code
+          if e.nestedErrors then
+            assert.equal("CONNECTOR-1001-500", e.code)
+            assert.equal(1, #e.nestedErrors)
+            assert.equal("INGEST-1212-400", e.nestedErrors[1].code)
+            assert.matches("^Encountered %d+ errors in the data", e.nestedErrors[1].message)
+            key[i] = e.code .. ">" .. e.nestedErrors[1].code
+          end
+        end
+        shapes[table.concat(key, ",")] = true
+      end
+      assert.same({ ["CONNECTOR-2001-500"] = true, ["CONNECTOR-1001-500>INGEST-1212-400"] = true,
+                    ["CONNECTOR-2001-500,CONNECTOR-1001-500>INGEST-1212-400"] = true }, shapes)
+      -- the same seed gives the same sandbox; another seed another spread
+      server:reset()
+      assert.same(sb, server:sandbox{ seed = 1 })
+      server:reset()
+      local other = server:sandbox{ seed = 2 }
+      assert.not_same(sb.flows, other.flows)
+    end)
+
+    it("re-triggers by the usual rules: enabled batch flows only", function()
+      server:sandbox()
+      local status, body = post(fake.sandbox_run_id(1, 1))
+      assert.equal(200, status)
+      assert.matches(UUID4, body.id)
+      assert.equal(fake.sandbox_flow_id(1), server:run(body.id).flowId)
+      assert.same({ 400, "FLOW-1388-400" }, { post(fake.sandbox_run_id(17, 1)) })
+      assert.same({ 400, "FLOW-1333-400" }, { post(fake.sandbox_run_id(20, 1)) })
+    end)
+
+    it("takes its sizes, once per reset, and refuses bad settings", function()
+      local sb = server:sandbox{ flows = 4, runs = 10, seed = 99, disabled = 1, streaming = 0 }
+      assert.equal(4, #sb.flows)
+      assert.same({ "enabled", "enabled", "enabled", "disabled" },
+                  { sb.flows[1].state, sb.flows[2].state, sb.flows[3].state, sb.flows[4].state })
+      assert.equal(ALL_RUNS + 10, count("/runs"))
+      local ok, err = pcall(server.sandbox, server)
+      assert.is_false(ok)
+      assert.matches("409", tostring(err))
+      server:reset()
+      for _, bad in ipairs({ { flows = 0 }, { runs = -1 }, { seed = 1.5 }, { colour = 1 },
+                             { flows = 2, disabled = 2, streaming = 1 } }) do
+        ok, err = pcall(server.sandbox, server, bad)
+        assert.is_false(ok)
+        assert.matches("400", tostring(err))
+      end
+      assert.equal(ALL_RUNS, count("/runs"))
+    end)
+  end)
+
+  describe("outcomes", function()
+    local BULK = fake.bulk_flow
+    local CREDS = "-H 'Authorization: Bearer fake-token' -H 'x-api-key: fake-api-key'"
+      .. " -H 'x-gw-ims-org-id: FAKEORG@AdobeOrg' -H 'x-sandbox-name: prod'"
+    local function retrigger(id)
+      local res = server:http{ method = "POST", path = action(id), auth = true }
+      assert.equal(200, res.status, res.body)
+      return cjson.decode(res.body).id
+    end
+    local function read(id)
+      local res = server:http{ path = "/runs/" .. id, auth = true }
+      assert.equal(200, res.status)
+      return cjson.decode(res.body).items[1]
+    end
+    local function sleep(s) os.execute("sleep " .. s) end
+
+    it("by default new runs stay inProgress, and count as executing", function()
+      assert.same({ on = false }, server:outcomes())
+      local a = retrigger(fake.bulk_run_id(1))
+      local b = retrigger(fake.bulk_run_id(2))
+      sleep(0.3)
+      assert.equal("inProgress", read(a).metrics.statusSummary.status)
+      assert.is_nil(read(b).metrics.durationSummary.completedAtUTC)
+      local stats = server:stats()
+      assert.same({ [BULK] = 2 }, stats.executing)
+      assert.same({ [BULK] = 2 }, stats.max_executing)
+      server:reset()
+      stats = server:stats()
+      assert.same({}, stats.executing)
+      assert.same({}, stats.max_executing)
+    end)
+
+    it("finishes a new run as success with records after the delay, seen on read", function()
+      local o = server:outcomes{ after = 0.6, status = "success", records = 42 }
+      assert.is_true(o.on)
+      assert.same({ after = 0.6, status = "success", records = 42 }, o.default)
+      local id = retrigger(fake.bulk_run_id(3))
+      local run = read(id)
+      assert.equal("inProgress", run.metrics.statusSummary.status)
+      assert.is_nil(run.metrics.durationSummary.completedAtUTC)
+      assert.same({ [BULK] = 1 }, server:stats().executing)
+      sleep(0.8)
+      run = read(id)
+      assert.equal("success", run.metrics.statusSummary.status)
+      assert.equal(42, run.metrics.recordSummary.outputRecordCount)
+      assert.is_nil(run.metrics.statusSummary.errors)
+      assert.equal(run.metrics.durationSummary.startedAtUTC + 600,
+                   run.metrics.durationSummary.completedAtUTC)
+      assert.equal(run.metrics.durationSummary.completedAtUTC, run.updatedAt)
+      local stats = server:stats()
+      assert.same({}, stats.executing)
+      assert.same({ [BULK] = 1 }, stats.max_executing)
+      -- a success with records is not re-triggerable
+      assert.equal(400, server:http{ method = "POST", path = action(id), auth = true }.status)
+      -- the listing sees it too, and the control API
+      local res = server:http{ path = "/runs?property=" .. esc("parentFlowRunId==" .. fake.bulk_run_id(3)),
+                               auth = true }
+      assert.equal("success", cjson.decode(res.body).items[1].metrics.statusSummary.status)
+      assert.equal("success", server:run(id).metrics.statusSummary.status)
+    end)
+
+    it("finishes as failed with the given or default errors; by_source and by_flow first", function()
+      local nested = { { code = "CONNECTOR-1001-500", message = "Error occurred at promotion activity.",
+                         nestedErrors = { { code = "INGEST-1212-400", message = "Encountered 3 errors" } } } }
+      local src = fake.bulk_run_id(4)
+      server:outcomes{ after = 5, status = "success",
+                       by_source = { [src] = { status = "failed", errors = nested } },
+                       by_flow = { [FLOW] = { status = "failed" } } }
+      local failed = retrigger(src)
+      local default_failed = retrigger(RUN)         -- the enabled flow: by_flow
+      local slow = retrigger(fake.bulk_run_id(5))   -- the default: 5 s
+      local run = read(failed)
+      assert.equal("failed", run.metrics.statusSummary.status)
+      assert.same(nested, run.metrics.statusSummary.errors)
+      assert.equal(0, run.metrics.recordSummary.outputRecordCount)
+      assert.equal(run.metrics.durationSummary.startedAtUTC, run.metrics.durationSummary.completedAtUTC)
+      run = read(default_failed)
+      assert.equal("failed", run.metrics.statusSummary.status)
+      assert.same({ { code = "CONNECTOR-2001-500",
+                      message = "Something went wrong while reading data from the source." } },
+                  run.metrics.statusSummary.errors)
+      assert.equal("inProgress", read(slow).metrics.statusSummary.status)
+      assert.same({ [BULK] = 1 }, server:stats().executing)
+      -- a run that finished failed can be re-triggered in turn
+      local again = retrigger(failed)
+      assert.equal(failed, read(again).parentFlowRunId)
+      -- {} turns outcomes off: runs made from now on stay inProgress
+      assert.same({ on = false }, server:outcomes{})
+      local stays = retrigger(fake.bulk_run_id(6))
+      assert.equal("inProgress", read(stays).metrics.statusSummary.status)
+    end)
+
+    it("counts executing and max_executing per flow, for --max-active", function()
+      server:outcomes{ after = 1, status = "success" }
+      local curls = {}
+      for i = 1, 4 do
+        curls[i] = "curl -s --noproxy '*' --max-time 5 -X POST " .. CREDS .. " -o /dev/null '"
+          .. server.url .. action(fake.bulk_run_id(10 + i)) .. "' &"
+      end
+      assert.is_true(sh(table.concat(curls, " ") .. " wait"))
+      retrigger(fake.paging_run_id(1))
+      local stats = server:stats()
+      assert.same({ [BULK] = 4, [fake.paging_flow] = 1 }, stats.executing)
+      assert.same({ [BULK] = 4, [fake.paging_flow] = 1 }, stats.max_executing)
+      sleep(1.3)
+      retrigger(fake.bulk_run_id(20))   -- the four have finished: one at a time now
+      stats = server:stats()
+      assert.same({ [BULK] = 1 }, stats.executing)
+      assert.same({ [BULK] = 4, [fake.paging_flow] = 1 }, stats.max_executing)
+      if math.type then assert.equal("integer", math.type(stats.max_executing[BULK])) end
+    end)
+
+    it("refuses malformed outcomes", function()
+      for _, bad in ipairs({ { status = "partialSuccess" }, { after = -1 }, { colour = 1 },
+                             { status = "success", errors = { { code = "X" } } },
+                             { status = "failed", records = 3 }, { status = "failed", errors = {} },
+                             { by_source = { [RUN] = { after = "soon" } } }, { by_flow = 5 } }) do
+        local ok, err = pcall(server.outcomes, server, bad)
+        assert.is_false(ok)
+        assert.matches("400", tostring(err))
+      end
+    end)
+  end)
+
   describe("IMS", function()
     local FORM = { ["Content-Type"] = "application/x-www-form-urlencoded" }
 
@@ -968,7 +1364,8 @@ describe("fake Flow Service", function()
                      by_source = {},
                      chaos = { drop_after = 0, status_502 = 0, throttle = 0, slow = 0, revoke = 0,
                                get_502 = 0 },
-                     witness = { checked = 0, missing = 0, missing_runs = {}, errors = {} } }
+                     witness = { checked = 0, missing = 0, missing_runs = {}, errors = {} },
+                     executing = {}, max_executing = {} }
       assert.same(ZERO, server:stats())
       server:scenario{ match = "^POST /runs/", delay = 0.3, times = 5 }
       local curls = {}
@@ -1338,7 +1735,7 @@ describe("fake Flow Service", function()
       assert.equal(502, res.status)
       assert.equal("502000", cjson.decode(res.body).error_code)
       assert.equal(502, server:http{ path = "/runs/" .. RUN, auth = true }.status)
-      assert.equal(404, server:http{ path = "/flows", auth = true }.status)   -- not a read of runs
+      assert.equal(200, server:http{ path = "/flows", auth = true }.status)   -- not a read of runs
       assert.equal(200, post(RUN).status)                                     -- POSTs untouched
       local stats = server:stats()
       assert.equal(2, stats.chaos.get_502)

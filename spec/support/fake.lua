@@ -30,8 +30,31 @@
 --                              by_source = { [source id] = n }, chaos = { drop_after,
 --                              status_502, throttle, slow, revoke, get_502 }, witness =
 --                              { checked, missing, missing_runs = { {run, request_id} },
---                              errors = { text } } } since reset (Flow Service requests;
---                              IMS only in ims; chaos and witness also since set)
+--                              errors = { text } }, executing = { [flow id] = n },
+--                              max_executing = { [flow id] = n } } since reset (Flow Service
+--                              requests; IMS only in ims; chaos and witness also since set).
+--                              executing: runs made by re-trigger not finished yet (flows
+--                              with none are left out); max_executing: the most of them one
+--                              flow had at once, checked on every re-trigger and read
+--   server:outcomes(t)         how runs made by re-trigger from now on finish, until reset;
+--                              t nil or {}: they stay inProgress (the default). t = { after = s
+--                              (0), status = "success" (default) | "failed", errors = { {code,
+--                              message, nestedErrors?}, ... } (failed only; default one
+--                              CONNECTOR-2001-500), records = n (success only; 100), by_source
+--                              = { [source run id] = outcome }, by_flow = { [flow id] = outcome } }
+--                              (an outcome: the same four fields; by_source, then by_flow, then
+--                              the top level). A new run finishes once `after` seconds passed,
+--                              seen on the next read: completedAtUTC = startedAtUTC + after.
+--                              Returns { on, default, by_source, by_flow }; raises if refused
+--   server:sandbox(t)          add the generated sandbox until reset (once per reset; raises
+--                              if refused). t fields, all optional: flows (20), runs (1000),
+--                              seed (1), disabled (3), streaming (1). Flows 1..flows: the last
+--                              `streaming` are streaming, the `disabled` before them disabled,
+--                              the rest enabled batch; every run failed, spread over the flows
+--                              and an 8-hour night by the seed, with CONNECTOR-2001-500 and/or
+--                              CONNECTOR-1001-500 carrying nestedErrors { INGEST-1212-400 }.
+--                              Returns { seed, runs, flows = { {id, name, state, source, runs
+--                              = n} }, by_code = { [code] = runs carrying it } }
 --   server:chaos(t)            seeded faults on re-trigger POSTs the service would accept,
 --                              until reset; t nil or {} turns them off; raises if refused;
 --                              returns the settings (seed included). t fields, all optional:
@@ -54,6 +77,11 @@
 --   fake.paging_run_id(i, s)   id of its i-th generated run, s "failed" (default) or "success"
 --   fake.bulk_flow             the generated flow for bulk jobs (see fake.bulk_runs)
 --   fake.bulk_run_id(i, kind)  id of its i-th run of a kind (default "failed")
+--   fake.flow_specs            { batch = id, streaming = id }: the flowSpec ids of flows
+--                              (a streaming flow is one with the streaming flowSpec)
+--   fake.sandbox_flow_id(i)    id of the sandbox's i-th flow
+--   fake.sandbox_run_id(i, j)  id of the j-th run of the sandbox's i-th flow (j up to
+--                              that flow's runs in server:sandbox()'s answer)
 --
 -- The server is a real nginx on loopback with its own prefix directory
 -- (spec/support/nginx.lua), so it neither needs nor touches a system nginx.
@@ -151,6 +179,22 @@ function fake.bulk_run_id(i, kind)
   end
   assert(i >= 1 and i <= gen.count, "no such bulk run")
   return str_format("%s-0000-4000-8000-%012d", gen.id_prefix, i)
+end
+
+-- What GET /flows answers for a flow's flowSpec.id (fake/fake/store.lua).
+fake.flow_specs = {
+  batch = "9753525b-82c7-4dce-8a9b-5ccfce2b9876",
+  streaming = "d8a6f005-7eaf-4153-983e-e8574508b877",
+}
+
+-- The sandbox (server:sandbox): flow i, and the j-th run of flow i.
+function fake.sandbox_flow_id(i)
+  assert(i >= 1 and i <= 1000, "no such sandbox flow")
+  return str_format("5a9d0000-0000-4000-8000-%012d", i)
+end
+function fake.sandbox_run_id(i, j)
+  assert(i >= 1 and i <= 1000 and j >= 1, "no such sandbox run")
+  return str_format("5a9d%04x-0000-4000-8000-%012d", i, j)
 end
 
 local NGINX = os_getenv("FAKE_NGINX") or "nginx"
@@ -319,6 +363,20 @@ function Server:witness(paths)
   local body = #journals == 0 and '{"journals":[]}'
                or cjson.encode({ journals = journals })
   return control_json(self, "POST", "/_fake/witness", body)
+end
+
+function Server:outcomes(t)
+  if t == nil then t = {} end
+  assert(type(t) == "table", "outcomes must be a table")
+  local body = next(t) == nil and "{}" or cjson.encode(t)
+  return integers(control_json(self, "POST", "/_fake/outcomes", body))
+end
+
+function Server:sandbox(t)
+  if t == nil then t = {} end
+  assert(type(t) == "table", "sandbox settings must be a table")
+  local body = next(t) == nil and "{}" or cjson.encode(t)
+  return integers(control_json(self, "POST", "/_fake/sandbox", body))
 end
 
 function Server:add_run(t)
