@@ -108,4 +108,58 @@ describe("the whole sandbox", function()
       assert.matches("^could not list runs: ", err.report.aborted)
     end)
   end)
+
+  describe("did the re-runs work?", function()
+    local BACKOFF = { 0.1, 0.3 }
+
+    it("wait_runs follows each new run to its end: succeeded, failed with errors", function()
+      local bad = fake.bulk_run_id(7)
+      server:outcomes { after = 0.3, status = "success",
+        by_source = { [bad] = { after = 0.3, status = "failed" } } }
+      local report = assert(client:retry_failed { flow_id = F.bulk, journal = false, wait_runs = true,
+        wait_backoff = BACKOFF })
+      assert.equal(40, #report.retriggered)
+      assert.equal(39, #report.outcomes.succeeded)
+      assert.equal(1, #report.outcomes.failed)
+      assert.equal(bad, report.outcomes.failed[1].run_id)
+      assert.equal("CONNECTOR-2001-500", report.outcomes.failed[1].errors[1].code)
+      assert.same({}, report.outcomes.still_running)
+    end)
+
+    it("max_active keeps at most N re-runs of a flow executing at once, and loses none", function()
+      server:outcomes { after = 0.3 }
+      local report = assert(client:retry_failed { flow_id = F.bulk, journal = false, max_active = 5,
+        concurrency = 8, wait_backoff = BACKOFF })
+      assert.equal(40, #report.retriggered)
+      assert.equal(40, #report.outcomes.succeeded)
+      local most = server:stats().max_executing[F.bulk]
+      assert.is_true(most <= 5, most .. " executing at once")
+      assert.equal(5, most)
+    end)
+
+    it("gives up waiting after wait_timeout: still running", function()
+      server:outcomes { after = 30 }
+      local report = assert(client:retry_failed { run_ids = { fake.bulk_run_id(1) }, journal = false,
+        wait_runs = true, wait_timeout = 0.5, wait_backoff = BACKOFF })
+      assert.equal(1, #report.outcomes.still_running)
+    end)
+
+    it("a resumed job follows what a stopped one left running, without re-triggering", function()
+      server:outcomes { after = 1 }
+      local journal = dir .. "/follow.jsonl"
+      local first = assert(client:retry_failed { flow_id = F.bulk, journal = journal, wait_runs = true,
+        wait_backoff = BACKOFF, stop = function()
+          return server:stats().retriggers >= 40 and "stopped while following" or nil
+        end })
+      assert.equal("stopped while following", first.stopped)
+      local posts = server:stats().posts
+      h.sleep(1.1)
+      local second = assert(client:retry_failed { flow_id = F.bulk, journal = journal, wait_runs = true,
+        wait_backoff = BACKOFF })
+      assert.equal(posts, server:stats().posts)
+      assert.equal(40, #first.outcomes.succeeded + #second.outcomes.succeeded)
+      assert.same({}, second.retriggered)
+      os.remove(journal)
+    end)
+  end)
 end)
