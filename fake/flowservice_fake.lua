@@ -11,6 +11,12 @@
 --        made-up codes: FLOW-1107-400 filter, FLOW-1108-400 limit,
 --        FLOW-1109-400 count with limit, FLOW-1110-400 token (bad, or issued for
 --        another query), FLOW-1111-400 orderby or a repeated single parameter
+--   GET  /flows/{id}                       {"items": [flow]}; FLOW-1101-404 for an
+--        unknown id, as for runs
+--   GET  /flows                            the same listing rules as GET /runs
+--        (property= filters on flow fields: state==enabled, name, flowSpec.id,
+--        ...; orderby, default -createdAt; limit; count=true;
+--        continuationToken, bound to /flows)
 --   POST /ims/token/v3                     IMS client_credentials (no gateway);
 --        issued tokens pass the gateway until they expire
 --   control: GET /_fake/health, POST /_fake/reset, POST /_fake/scenario,
@@ -18,17 +24,11 @@
 --        POST /_fake/runs (inject a run), GET|POST /_fake/behaviour,
 --        GET /_fake/stats,
 --        POST /_fake/ims {"expires_in": n}, POST /_fake/expire_tokens,
---   GET  /flows/{id}                       {"items": [flow]}; FLOW-1101-404 for an
---        unknown id, as for runs
---   GET  /flows                            the same listing rules as GET /runs
---        (property= filters on flow fields: state==enabled, name, flowSpec.id,
---        ...; orderby, default -createdAt; limit; count=true;
---        continuationToken, bound to /flows)
 --        POST /_fake/chaos, POST /_fake/witness (below)
+--        POST /_fake/outcomes, POST /_fake/sandbox (fake/fake/control.lua)
 --   scenario fields for GET /runs: repeat_token (the next link repeats the
 --        request's token), link_style "token" (default) or "full" (the next
 --        link carries the whole query)
---        POST /_fake/outcomes, POST /_fake/sandbox (fake/fake/control.lua)
 --   scenario field act_then_delay (seconds): do the request (a re-trigger
 --        creates its run), then stall before the reply; with status/body/
 --        oversize the canned reply follows the real action, with
@@ -55,6 +55,9 @@
 --        drop_after, status_502, throttle, slow, revoke, get_502), witness
 --        (checked, missing, missing_runs [{run, request_id}], at most 50,
 --        errors [journals the worker could not read]; since set or reset)
+--        executing ({ [flow id] = re-triggered runs not finished yet },
+--        flows with none left out) and max_executing ({ [flow id] = the
+--        most at once since reset; checked on every re-trigger and read })
 --   chaos (POST /_fake/chaos, until reset; {} turns it off; the answer
 --        names the settings, the seed included): faults drawn from a
 --        private generator, so the same seed and the same sequence of
@@ -69,9 +72,6 @@
 --                       retry_after (seconds, 1); the next throttle_burst
 --                       (0) such POSTs get 429 too, without a draw
 --          slow         create the run, stall slow_seconds (3), then reply
---        executing ({ [flow id] = re-triggered runs not finished yet },
---        flows with none left out) and max_executing ({ [flow id] = the
---        most at once since reset }; counted on every re-trigger and read)
 --          revoke       create the run and reply, and expire every IMS
 --                       token issued so far (as /_fake/expire_tokens)
 --        get_502 (probability): GET /runs and GET /runs/{id} answer 502
@@ -86,8 +86,6 @@
 --        missing. The journals are written by another process: they are
 --        read from where the last read stopped, and from the start again
 --        when one shrank or its first bytes changed.
---
--- State lives in module-level tables. That is sound only because the
 --
 -- The code, one concern a file, under fake/fake/ (require "fake.<name>"):
 --   state.lua      every piece of module-level state, and what reset clears
