@@ -387,7 +387,7 @@ describe("flowservice command", function()
       return p
     end
 
-    it("sends --status and an ISO --since as filters; one line a run", function()
+    it("sends --status and an ISO --since as filters; a header, then one line a run", function()
       local code, out = flowservice_cmd { "list-runs", "--flow", ENABLED, "--status", "failed",
         "--since", "2022-12-07T21:00:00Z" }
       assert.equal(0, code)
@@ -396,9 +396,13 @@ describe("flowservice command", function()
       local n = 0
       for line in out:gmatch("[^\n]+") do
         n = n + 1
-        assert.matches("^[%w%-]+  [Ff]ailed +2022%-12%-0%dT%d%d:%d%d:%d%d[%.%d]*Z  0$", line)
+        if n == 1 then
+          assert.matches("^RUN +STATUS +CREATED +RECORDS  ERROR$", line)
+        else
+          assert.matches("^[%w%-]+  [Ff]ailed +2022%-12%-0%dT%d%d:%d%d:%d%d[%.%d]*Z +0  [%w%-]+$", line)
+        end
       end
-      assert.is_true(n > 0)
+      assert.is_true(n > 1)
       assert.is_nil(out:find(h.runs.failed, 1, true)) -- started before 21:00
     end)
 
@@ -609,6 +613,21 @@ describe("flowservice command", function()
       assert.matches(lit(fake.flows.disabled) .. "  [^\n]*%(the flow is disabled%)", out)
       assert.matches(lit(fake.flows.streaming) .. "  [^\n]*FLOW%-1333%-400", out)
       assert.equal(2, (flowservice_cmd { "retry-failed", "--all-flows", "--flow", BULK }))
+    end)
+
+    it("--wait follows the re-runs: exit 1 when one failed, and says which", function()
+      local bad = fake.bulk_run_id(3)
+      server:outcomes { after = 0, status = "success", by_source = { [bad] = { status = "failed" } } }
+      local ids = { fake.bulk_run_id(1), fake.bulk_run_id(2), bad }
+      local code, out = flowservice_cmd { "retrigger", ids[1], ids[2], ids[3], "--no-journal" }
+      assert.equal(0, code) -- without --wait nobody looks
+      server:reset()
+      server:outcomes { after = 0, status = "success", by_source = { [bad] = { status = "failed" } } }
+      code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--no-journal", "--wait" }
+      assert.equal(1, code)
+      assert.matches("re%-runs: 39 succeeded, 1 failed, 0 still running", out)
+      assert.matches(lit(bad) .. " %-> [%w%-]+  failed  ", out)
+      assert.equal(2, (flowservice_cmd { "retry-failed", "--flow", BULK, "--wait-timeout", "5" }))
     end)
 
     it("says when the listing failed: aborted, exit 1", function()

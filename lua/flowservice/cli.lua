@@ -396,10 +396,15 @@ local function run_summary(run)
   return concat(lines, "\n") .. "\n"
 end
 
+local RUN_HEADER = format("%-36s  %-14s  %-24s  %7s  %s\n", "RUN", "STATUS", "CREATED", "RECORDS", "ERROR")
+
+-- one run of list-runs: id, status, created, records, its first error code
 local function run_line(run)
-  return format("%s  %-14s  %s  %s\n", tostring(run.id),
+  local errs = field(run, "metrics", "statusSummary", "errors")
+  local first = type(errs) == "table" and type(errs[1]) == "table" and errs[1].code
+  return format("%-36s  %-14s  %-24s  %7s  %s\n", tostring(run.id),
     tostring(field(run, "metrics", "statusSummary", "status") or "-"), iso_time(run.createdAt),
-    records(run))
+    records(run), type(first) == "string" and first or "-")
 end
 
 -- One run of `retrigger`, as the report tells it; why: why a run without
@@ -833,6 +838,7 @@ local function list_runs_cmd(ctx)
   if ctx.json then
     print_json(ctx.stdout, list(runs))
   else
+    ctx.stdout:write(RUN_HEADER)
     for _, run in ipairs(runs) do ctx.stdout:write(run_line(run)) end
   end
   return 0
