@@ -1,6 +1,7 @@
 -- Cases the fuzz targets (fuzz/, make fuzz) found, kept as specs so every
 -- Lua version checks them. Each names the target that found it.
 local core = require "flowservice.core"
+local errors = require "flowservice.errors"
 
 local function opts(extra)
   local o = { access_token = "fake-token", api_key = "fake-api-key", org_id = "FAKEORG@AdobeOrg",
@@ -31,5 +32,23 @@ describe("fuzz findings", function()
     assert.is_false(ok)
     assert.matches("request field 'query' is unknown", err, 1, true)
     client:close()
+  end)
+
+  -- fuzz/reply: Adobe's code and the report's request-id come from the
+  -- body, yet went into the error's one line as they were, unredacted
+  it("an error's code and request-id from the body are redacted and kept on one line", function()
+    local secret = "fuzz-s3cr3t-token"
+    local e = errors.from_core({ kind = "http", status = 403,
+      body = '{"error_code":"' .. secret .. '","message":"no"}' }, { secret })
+    assert.is_nil(tostring(e):find(secret, 1, true))
+    assert.is_nil(e.code:find(secret, 1, true))
+    e = errors.from_core({ kind = "http", status = 409,
+      body = '{"type":"x/FLOW-1\\nInjected: 1","report":{"request-id":"a\\r\\nb ' .. secret .. '"}}' },
+      { secret })
+    local line = tostring(e)
+    assert.is_nil(line:find("[\r\n]"), line)
+    assert.matches("HTTP 409 FLOW-1 Injected: 1", line, 1, true)
+    assert.is_nil(line:find(secret, 1, true))
+    assert.is_nil(e.request_id:find(secret, 1, true))
   end)
 end)
