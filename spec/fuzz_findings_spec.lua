@@ -2,6 +2,7 @@
 -- Lua version checks them. Each names the target that found it.
 local core = require "flowservice.core"
 local errors = require "flowservice.errors"
+local journal = require "flowservice.journal"
 
 local function opts(extra)
   local o = { access_token = "fake-token", api_key = "fake-api-key", org_id = "FAKEORG@AdobeOrg",
@@ -50,5 +51,23 @@ describe("fuzz findings", function()
     assert.matches("HTTP 409 FLOW-1 Injected: 1", line, 1, true)
     assert.is_nil(line:find(secret, 1, true))
     assert.is_nil(e.request_id:find(secret, 1, true))
+  end)
+
+  -- fuzz/journal: a foreign line's own "pendings" field was kept, and a
+  -- later pending line of the same run then raised inside the fold, so
+  -- the journal could not be read at all
+  it("a journal line's own pendings field cannot break reading the journal", function()
+    local path = os.tmpname()
+    local f = assert(io.open(path, "wb"))
+    f:write('{"run":"a","state":"done","pendings":"x","new_ids":7}\n',
+      '{"run":"a","state":"ambiguous"}\n',
+      '{"run":"a","flow":"f","state":"pending","request_id":"r1"}\n')
+    f:close()
+    local ok, state = pcall(journal.read, path)
+    os.remove(path)
+    assert.is_true(ok, tostring(state))
+    assert.equal("pending", state.runs.a.state)
+    assert.same({ { request_id = "r1" } }, state.runs.a.pendings)
+    assert.same({}, state.runs.a.new_ids)
   end)
 end)
