@@ -3,7 +3,9 @@ SHELL := /bin/bash
 # lua-flowservice. The two commands of the README:
 #   make demo   re-trigger a failed run against the local fake Flow Service
 #   make test   the whole suite under Lua 5.4, 5.3, 5.1 and LuaJIT, then with
-#               AddressSanitizer and UBSan, then under valgrind (Lua 5.4)
+#               AddressSanitizer and UBSan, then under valgrind (Lua 5.4),
+#               then each fuzz target for 20 s
+#   make fuzz   each fuzz target for FUZZ_SECONDS (default 300)
 # Both install what is missing (Debian packages) first.
 
 LUA          ?= lua5.4
@@ -24,7 +26,8 @@ NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u
 TEST_LOG     := $(BUILD)/test-results.tap
 
 .PHONY: all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
-        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox clean
+        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox clean \
+        fuzzers fuzz test-fuzz
 
 all: build
 
@@ -102,6 +105,41 @@ $(BUILD)/testlib/%/spec_fork.so: spec/support/fork.c
 	@mkdir -p $(@D)
 	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I/usr/include/lua$* -o $@ $<
 
+# libFuzzer targets (fuzz/): the real C sources and Lua modules inside one
+# Lua 5.4 state per process, built with clang's fuzzer, ASan and UBSan.
+# fuzz/reply.c includes core.c and engine.c (it reaches their static reply
+# readers), so that target links only the other sources.
+FUZZ_TARGETS  := request reply journal parsers
+FUZZ_SECONDS  ?= 300
+FUZZ_SMOKE    := 20
+FUZZ_CFLAGS   := -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
+                 -fno-sanitize-recover=undefined -std=c99 -Wall -Wextra -Werror \
+                 -DFS_FUZZING -DFUZZ_ROOT='"$(CURDIR)"' -I/usr/include/lua5.4 -I$(CURL_INCDIR)
+FUZZ_LIBS     := $(LUA54_STATIC) -lcurl -lm -ldl -Wl,-E
+FUZZ_COMMON   := fuzz/harness.c fuzz/harness.h $(HEADERS)
+fuzzers: $(FUZZ_TARGETS:%=$(BUILD)/fuzz/%)
+
+$(BUILD)/fuzz/reply: fuzz/reply.c $(FUZZ_COMMON) $(SOURCES)
+	@mkdir -p $(@D)
+	clang $(FUZZ_CFLAGS) -o $@ fuzz/reply.c fuzz/harness.c $(filter-out src/core.c src/engine.c,$(SOURCES)) $(FUZZ_LIBS)
+
+$(BUILD)/fuzz/%: fuzz/%.c $(FUZZ_COMMON) $(SOURCES)
+	@mkdir -p $(@D)
+	clang $(FUZZ_CFLAGS) -o $@ $< fuzz/harness.c $(SOURCES) $(FUZZ_LIBS)
+
+fuzz: deps
+	@$(MAKE) --no-print-directory fuzzers
+	@status=0; n=0; for t in $(FUZZ_TARGETS); do \
+	  n=$$((n + 1)); bash fuzz/run.sh $$t $(FUZZ_SECONDS) $$n || status=1; \
+	done; exit $$status
+
+# The smoke in make test: 20 s a target, one TAP line each in the log.
+test-fuzz: fuzzers
+	@status=0; n=0; for t in $(FUZZ_TARGETS); do \
+	  n=$$((n + 1)); bash fuzz/run.sh $$t $(FUZZ_SMOKE) $$n | tee -a $(TEST_LOG); \
+	  [ $${PIPESTATUS[0]} -eq 0 ] || status=1; \
+	done; exit $$status
+
 demo: deps
 	@mkdir -p $(BUILD)
 	@$(MAKE) --no-print-directory build
@@ -109,10 +147,10 @@ demo: deps
 
 test: deps
 	@mkdir -p $(BUILD)
-	@$(MAKE) --no-print-directory trees compat asan noprereq testlib
+	@$(MAKE) --no-print-directory trees compat asan noprereq testlib fuzzers
 	@rm -f $(TEST_LOG)
 	@status=0; \
-	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-asan test-noprereq test-valgrind; do \
+	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-asan test-noprereq test-valgrind test-fuzz; do \
 	  $(MAKE) --no-print-directory $$step || status=1; \
 	done; \
 	echo; echo "$$(grep -c '^ok ' $(TEST_LOG)) passed, $$(grep -c '^not ok ' $(TEST_LOG)) failed"; \

@@ -147,10 +147,11 @@ static int opt_error(lua_State *L, int opts, const char *name, const char *what)
   return luaL_argerror(L, opts, lua_pushfstring(L, "option '%s' %s", name, what));
 }
 
-static int option_index(const char *key) {
+/* By length too: "sandbox\0x" is not "sandbox" (found by fuzz/request). */
+static int option_index(const char *key, size_t len) {
   int i;
   for (i = 0; i < O_COUNT; i++)
-    if (strcmp(request_options[i].name, key) == 0)
+    if (strlen(request_options[i].name) == len && memcmp(request_options[i].name, key, len) == 0)
       return i;
   return -1;
 }
@@ -162,10 +163,13 @@ static void read_options(lua_State *L, int opts, opt_values *v) {
   lua_pushnil(L);
   while (lua_next(L, opts) != 0) {
     int i;
+    size_t len;
+    const char *key;
     if (lua_type(L, -2) != LUA_TSTRING)
       luaL_argerror(L, opts, lua_pushfstring(L,
                     "option names must be strings, got %s", luaL_typename(L, -2)));
-    i = option_index(lua_tostring(L, -2));
+    key = lua_tolstring(L, -2, &len);
+    i = option_index(key, len);
     if (i < 0)
       opt_error(L, opts, lua_tostring(L, -2), "is unknown");
     if (lua_type(L, -1) != request_options[i].type)
@@ -543,9 +547,11 @@ static void check_shape_keys(lua_State *L, int spec) {
   lua_pushnil(L);
   while (lua_next(L, spec) != 0) {
     int i = 0;
-    if (lua_type(L, -2) == LUA_TSTRING)
+    size_t len = 0;
+    const char *key = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &len) : NULL;
+    if (key != NULL)
       for (; keys[i] != NULL; i++)
-        if (strcmp(keys[i], lua_tostring(L, -2)) == 0)
+        if (strlen(keys[i]) == len && memcmp(keys[i], key, len) == 0)  /* a NUL too */
           break;
     if (lua_type(L, -2) != LUA_TSTRING || keys[i] == NULL)
       shape_error(L, spec, lua_pushfstring(L, "field '%s' is unknown",
@@ -757,15 +763,28 @@ static void add_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
   }
 }
 
+#ifdef FS_FUZZING
+void (*fs_fuzz_on_url)(const char *url);
+void (*fs_fuzz_on_headers)(const struct curl_slist *headers);
+#endif
+
 void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r) {
   CURLcode rc;
   char *url = url_build(t->easy, r);
   if (url == NULL)
     luaL_error(L, "flowservice: could not build the request URL (out of memory?)");
   rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);  /* libcurl copies it */
+#ifdef FS_FUZZING
+  if (fs_fuzz_on_url != NULL)
+    fs_fuzz_on_url(url);
+#endif
   free(url);
   apply_check(L, rc);
   add_headers(L, t, r);
+#ifdef FS_FUZZING
+  if (fs_fuzz_on_headers != NULL)
+    fs_fuzz_on_headers(t->headers);
+#endif
 #define FS_SET(opt, val) \
   if (rc == CURLE_OK) rc = curl_easy_setopt(t->easy, opt, val)
   FS_SET(CURLOPT_HTTPHEADER, t->headers);

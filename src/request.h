@@ -97,4 +97,11 @@ void fs_request_push_defaults(lua_State *L);
 /* Configure t (already prepared) for r; raises on failure. */
 void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r);
 
+#ifdef FS_FUZZING
+/* Test-only (fuzz/request.c): each URL and header list as built, before
+** libcurl sees them. Absent from every other build. */
+extern void (*fs_fuzz_on_url)(const char *url);
+extern void (*fs_fuzz_on_headers)(const struct curl_slist *headers);
+#endif
+
 #endif

@@ -86,6 +86,8 @@ function _M.from_core(raw, secrets)
   secrets = secrets or {}
   err.message = redact(err.message, secrets)
   err.body = redact(err.body, secrets)
+  err.code = redact(err.code, secrets) -- the server's words too (found by fuzz/reply)
+  err.request_id = redact(err.request_id, secrets)
   return err
 end
 
@@ -97,11 +99,12 @@ function Error:__tostring()
     head = tostring(self.kind) .. " error"
     if self.status then head = head .. " (HTTP " .. tostring(self.status) .. ")" end
   end
-  if self.code then head = head .. " " .. self.code end
+  -- code and request id may come from the body: one line too (found by fuzz/reply)
+  if self.code then head = head .. " " .. one_line(tostring(self.code)) end
   local line = "flowservice: " .. head
   if self.message then line = line .. ": " .. one_line(self.message) end
   local notes = {}
-  if self.request_id then notes[#notes + 1] = "request-id " .. self.request_id end
+  if self.request_id then notes[#notes + 1] = "request-id " .. one_line(tostring(self.request_id)) end
   if self.sent == false then notes[#notes + 1] = "not sent" end
   if self.retry_after then notes[#notes + 1] = "retry after " .. tostring(self.retry_after) .. " s" end
   if #notes > 0 then line = line .. " (" .. table.concat(notes, ", ") .. ")" end

@@ -1,0 +1,167 @@
+-- Fuzz driver 1 (fuzz/request.c): options table -> request builder.
+--
+-- Input: records split by "\30", each "key\31value"; a value holding
+-- "\29" splits once more into name and value. Keys:
+--   run            the run id            token_later   core.new's flag
+--   h              headers[name] = value  n / b / t     opts[name] = number / boolean / {}
+--   i              opts[number] = value  -              opts[value] = nil
+--   s.method s.path s.query s.body s.content_type s.identity
+--                  a request shape (client:submit instead of prepare_retrigger)
+--   anything else  opts[key] = value (a string)
+-- Options start valid (token, key, org on a loopback base URL) so every
+-- input reaches the builder; records take them apart.
+--
+-- Properties: a refusal is a luaL_argerror ("bad argument #..."), never
+-- another error; an accepted request has an http(s) URL without control
+-- bytes or spaces, header lines "Name: value" or "Name;" with a token name
+-- and no control byte but tab, each of our nine headers once, the
+-- identity values exactly as given, and every opts.headers entry on the
+-- wire whole (a NUL must not cut one short).
+local core = require "flowservice.core"
+
+local byte, find, format, lower, sub = string.byte, string.find, string.format, string.lower, string.sub
+local pairs, pcall, tonumber, type = pairs, pcall, tonumber, type
+local fail, wire = fuzz.fail, fuzz.wire
+
+local OURS = { "authorization", "x-api-key", "x-gw-ims-org-id", "x-sandbox-name", "content-type",
+  "accept", "x-request-id", "if-match", "user-agent" }
+local IS_OURS = {}
+for _, n in pairs(OURS) do IS_OURS[n] = true end
+
+local function split(s, sep)
+  local i = find(s, sep, 1, true)
+  if not i then return s, nil end
+  return sub(s, 1, i - 1), sub(s, i + 1)
+end
+
+local function decode(input)
+  local opts = { access_token = "fuzz-token", api_key = "fuzz-key", org_id = "FUZZ@AdobeOrg",
+    base_url = "http://127.0.0.1:9/data/foundation/flowservice" }
+  local run, shape, token_later, headers = "4fb0418e-1804-45d6-8d56-dd51f05c0baf", nil, false, nil
+  for record in (input .. "\30"):gmatch("(.-)\30") do
+    local key, value = split(record, "\31")
+    value = value or ""
+    local name, v = split(value, "\29")
+    if key == "run" then run = value
+    elseif key == "token_later" then token_later = true
+    elseif key == "h" then
+      headers = headers or {}
+      opts.headers = headers
+      headers[name] = v or ""
+    elseif key == "n" then opts[name] = tonumber(v or "")
+    elseif key == "b" then opts[name] = v == "1"
+    elseif key == "t" then opts[name] = {}
+    elseif key == "i" then opts[tonumber(name) or 1] = v
+    elseif key == "-" then opts[value] = nil
+    elseif sub(key, 1, 2) == "s." then
+      shape = shape or { method = "GET", path = {} }
+      local field = sub(key, 3)
+      if field == "path" then shape.path[#shape.path + 1] = value
+      elseif field == "query" then
+        shape.query = shape.query or {}
+        shape.query[#shape.query + 1] = { name, v or "" }
+      elseif field == "identity" then shape.identity = value == "1"
+      else shape[field] = value end
+    else
+      opts[key] = value
+    end
+  end
+  return opts, run, shape, token_later
+end
+
+local function refused(err, what)
+  if type(err) ~= "string" or not find(err, "^bad argument #%d") then
+    fail(format("%s raised something other than an argument error: %s", what, tostring(err)))
+  end
+  if wire() then fail(what .. " refused but a request was built") end
+end
+
+local function is_token(s)
+  return #s > 0 and not find(s, "[^%w!#$%%&'*+%-.^_`|~]")
+end
+
+local function has_control(s)
+  return find(s, "[%z\1-\8\10-\31\127]") ~= nil
+end
+
+-- line -> name, value ("" for "Name;")
+local function parse_line(line)
+  local name, value = line:match("^([^:;]+): (.*)$")
+  if not name then name, value = line:match("^([^:;]+);$"), "" end
+  if not name or not is_token(name) then fail(format("header line %q is not 'Name: value'", line)) end
+  if has_control(value) then fail(format("header line %q holds a control byte", line)) end
+  return name, value
+end
+
+local function check_wire(opts, run, shape)
+  local url, lines = wire()
+  if not url then fail("accepted, but no request was built") end
+  if not find(url, "^https?://") then fail(format("URL %q is not http(s)", url)) end
+  if find(url, "[%z\1-\32\127]") then fail(format("URL %q holds a control byte or space", url)) end
+  -- a base URL with a query keeps it: ...action?x=1&op=...
+  if not shape and not (find(url, "/runs/" .. run:gsub("%p", "%%%0") .. "/action%?")
+                        and (find(url, "[?&]op=[^&#]*$") or find(url, "[?&]op=[^&#]*#"))) then
+    fail(format("URL %q is not the run action of %q", url, run))
+  end
+  local seen = {}
+  for _, line in ipairs(lines) do
+    local name, value = parse_line(line)
+    local lname = lower(name)
+    if IS_OURS[lname] and seen[lname] then fail(format("header %s sent twice", name)) end
+    seen[lname] = seen[lname] or {}
+    seen[lname][#seen[lname] + 1] = value
+  end
+  local identity = not shape or shape.identity ~= false
+  if identity then
+    local want = {
+      authorization = "Bearer " .. opts.access_token, ["x-api-key"] = opts.api_key,
+      ["x-gw-ims-org-id"] = opts.org_id, ["x-sandbox-name"] = opts.sandbox or "prod" }
+    for name, value in pairs(want) do
+      local got = seen[name] and seen[name][1]
+      if got ~= value then fail(format("%s went out as %q, not %q", name, tostring(got), value)) end
+    end
+  else
+    if seen.authorization or seen["x-api-key"] then fail("a request without identity sent identity") end
+  end
+  -- one of ours named twice ("Accept", "accept") goes out once, with one
+  -- of the values given; any other name goes out as often as it is given
+  local given = {}
+  for name, value in pairs(opts.headers or {}) do
+    local key = IS_OURS[lower(name)] and lower(name) or name
+    given[key] = given[key] or {}
+    given[key][#given[key] + 1] = not find(value, "[^ \t]") and "" or value
+  end
+  for key, values in pairs(given) do
+    local wanted = IS_OURS[key] and 1 or #values
+    local found = 0
+    for _, want in ipairs(values) do
+      for _, v in ipairs(seen[lower(key)] or {}) do
+        if v == want then found = found + 1 break end
+      end
+    end
+    if found < wanted then
+      fail(format("headers[%q] (%d value(s)) is not on the wire whole", key, #values))
+    end
+  end
+end
+
+return function(input)
+  local opts, run, shape, token_later = decode(input)
+  wire()
+  local ok, client = pcall(core.new, opts, token_later)
+  if not ok then return refused(client, "core.new") end
+  wire()
+  local t
+  if shape then
+    ok, t = pcall(client.submit, client, opts, shape)
+  else
+    ok, t = pcall(client.prepare_retrigger, client, run, opts)
+  end
+  if ok then
+    t:cancel()
+    check_wire(opts, run, shape)
+  else
+    refused(t, shape and "client:submit" or "client:prepare_retrigger")
+  end
+  client:close()
+end
