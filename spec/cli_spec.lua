@@ -548,6 +548,8 @@ describe("flowservice command", function()
         "1764000000 looks like epoch seconds; give epoch milliseconds %(1764000000000%)" },
       { "--since after --before", { "list-runs", "--flow", ENABLED, "--since", "2000000000000",
         "--before", "1000000000000" }, nil, "earlier than" },
+      { "a bad --url", { "get-run", h.runs.failed, "--url", "notaurl" }, nil,
+        "invalid configuration: option 'base_url' is not a valid URL\n" },
       { "an unknown --status", { "list-runs", "--flow", ENABLED, "--status", "failed,faild" }, nil,
         "unknown status \"faild\"" },
       { "a bad --status", { "list-runs", "--flow", ENABLED, "--status", "failed,,x" }, nil, "%-%-status" },
@@ -566,6 +568,7 @@ describe("flowservice command", function()
         assert.equal(2, code, err)
         assert.equal("", out)
         assert.matches("^flowservice: .*" .. message, err)
+        assert.is_nil(err:find("%.lua:%d"), "an internal file path in: " .. err)
         assert.same({}, server:requests())
         no_secret(err)
       end)

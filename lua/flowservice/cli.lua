@@ -280,12 +280,18 @@ local function client_options(options, getenv, log)
   return opts
 end
 
+-- What an argument error says, without where it was raised (a file path
+-- and line of ours would mean nothing to the person at the prompt).
+local function argument_problem(msg)
+  return msg:match("bad argument #%d+ to '[^']*' %((.*)%)$")
+end
+
 -- flowservice.new raises on options it refuses (a bad URL): a usage error.
 local function new_client(opts)
   local ok, client = pcall(flowservice.new, opts)
   if not ok then
     local msg = tostring(client)
-    usage_error("invalid configuration: %s", msg:match("^bad argument #%d+ to '[^']*' %((.*)%)$") or msg)
+    usage_error("invalid configuration: %s", argument_problem(msg) or msg)
   end
   return client
 end
@@ -759,7 +765,7 @@ local function run_job(ctx, client, spec)
   if watcher then watcher:close() end
   if not ok then
     local msg = tostring(report)
-    local inner = msg:match("^bad argument #%d+ to '[^']*' %((.*)%)$")
+    local inner = argument_problem(msg)
     if inner then usage_error("%s", inner) end
     error(report, 0)
   end
