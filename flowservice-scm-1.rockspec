@@ -38,6 +38,7 @@ build = {
     ["flowservice.errors"] = "lua/flowservice/errors.lua",
     ["flowservice.journal"] = "lua/flowservice/journal.lua",
     ["flowservice.ngx"] = "lua/flowservice/ngx.lua",
+    ["flowservice.policy"] = "lua/flowservice/policy.lua",
     ["flowservice.retry"] = "lua/flowservice/retry.lua",
     ["flowservice.runs"] = "lua/flowservice/runs.lua",
     ["flowservice.window"] = "lua/flowservice/window.lua",

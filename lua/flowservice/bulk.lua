@@ -19,12 +19,13 @@ local core = require "flowservice.core"
 local args = require "flowservice.args"
 local errors = require "flowservice.errors"
 local journal = require "flowservice.journal"
+local policy = require "flowservice.policy"
 local retry = require "flowservice.retry"
 local window = require "flowservice.window"
 
 local now, parse_date = core.now, core.parse_date
 local floor, huge, max, min = math.floor, math.huge, math.max, math.min
-local format, lower, concat = string.format, string.lower, table.concat
+local format, concat = string.format, table.concat
 local ipairs, pairs, setmetatable, tostring, type = ipairs, pairs, setmetatable, tostring, type
 local os_time, remove = os.time, table.remove
 
@@ -114,84 +115,9 @@ local function check_spec(spec)
   end
 end
 
-local function status_of(run)
-  local summary = type(run.metrics) == "table" and run.metrics.statusSummary
-  return type(summary) == "table" and type(summary.status) == "string" and lower(summary.status) or "?"
-end
-
-local function records_of(run)
-  local summary = type(run.metrics) == "table" and run.metrics.recordSummary
-  return type(summary) == "table" and summary.outputRecordCount or nil
-end
-
--- The first three of a run's errors ({code, message}) and its start time:
--- why it failed, for every report entry about it.
-local function source_facts(run)
-  local metrics = type(run.metrics) == "table" and run.metrics or {}
-  local summary = type(metrics.statusSummary) == "table" and metrics.statusSummary or {}
-  local list = type(summary.errors) == "table" and summary.errors or {}
-  local errs = {}
-  for i = 1, min(3, #list) do
-    local e = list[i]
-    if type(e) == "table" then
-      errs[#errs + 1] = { code = type(e.code) == "string" and e.code or nil,
-        message = type(e.message) == "string" and e.message or nil }
-    end
-  end
-  local duration = type(metrics.durationSummary) == "table" and metrics.durationSummary or {}
-  return errs, type(duration.startedAtUTC) == "number" and duration.startedAtUTC or nil
-end
-
--- Every error code of a run, nested ones included (Adobe nests causes).
-local function codes_of(run)
-  local metrics = type(run.metrics) == "table" and run.metrics or {}
-  local summary = type(metrics.statusSummary) == "table" and metrics.statusSummary or {}
-  local found = {}
-  local function walk(list, depth)
-    if type(list) ~= "table" or depth > 8 then return end
-    for _, e in ipairs(list) do
-      if type(e) == "table" then
-        if type(e.code) == "string" then found[#found + 1] = e.code end
-        walk(e.nestedErrors, depth + 1)
-      end
-    end
-  end
-  walk(summary.errors, 0)
-  return found
-end
-
--- The first of the run's codes that one of the prefixes starts, or nil.
-local function matching_code(run, prefixes)
-  for _, code in ipairs(codes_of(run)) do
-    for _, prefix in ipairs(prefixes) do
-      if code:sub(1, #prefix) == prefix then return code end
-    end
-  end
-  return nil
-end
-
-local function first_code(run)
-  local errs = source_facts(run)
-  return errs[1] and errs[1].code or "(none)"
-end
-
-local function children_of(run)
-  return type(run.childFlowRunIds) == "table" and run.childFlowRunIds or nil
-end
-
--- Why a listed run may not be re-triggered, or nil when it may. A run
--- named by id may be a successful one with 0 records without asking.
-local function ineligible(run, spec)
-  local status = status_of(run)
-  if status == "failed" then return nil end
-  if status == "success" and (spec.zero_record_success or spec.run_ids) and records_of(run) == 0 then
-    return nil
-  end
-  if status == "success" and records_of(run) == 0 then
-    return "success with 0 records (ask with zero_record_success)"
-  end
-  return "status " .. status .. " cannot be re-triggered"
-end
+local status_of, records_of, children_of = policy.status_of, policy.records_of, policy.children_of
+local source_facts, matching_code, first_code = policy.source_facts, policy.matching_code, policy.first_code
+local ineligible = policy.ineligible
 
 local function wall_ms() return os_time() * 1000 end
 
