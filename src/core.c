@@ -8,6 +8,7 @@
 **   client:prepare_retrigger(...) -> transfer, built but not yet sent
 **   client:step() / client:wait(s) / client:timeout() / client:close()
 **   transfer:submit() / transfer:done() / transfer:result() / transfer:cancel()
+**   transfer:watch() -> key; client:step(list) lists finished watched keys
 **
 ** A run action (re-trigger) is never sent twice: a resend libcurl would
 ** make on a dead reused connection is refused (core.resend_guard).
@@ -277,6 +278,15 @@ static int transfer_request_id(lua_State *L) {
   return 1;
 }
 
+/* Have the engine list t when it finishes (client:step(list)); returns
+** the key it will be listed by. */
+static int transfer_watch(lua_State *L) {
+  fs_call *c = call_check(L, 1);
+  c->t.watched = 1;
+  lua_pushlightuserdata(L, (void *)&c->t);
+  return 1;
+}
+
 /* Stop a transfer in flight; its result becomes unavailable. */
 static int transfer_cancel(lua_State *L) {
   fs_call *c = call_check(L, 1);
@@ -397,13 +407,30 @@ static int client_submit(lua_State *L) {
   return 1;
 }
 
-/* Non-blocking: returns how many transfers are still running. */
+/* Non-blocking: returns how many transfers are still running. With a
+** table, also lists there (from 1) the keys of the watched transfers that
+** finished since the last such call, and returns their count and whether
+** some could not be listed (then every watcher must look). */
 static int client_step(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  int running = 0;
+  int running = 0, n, i, lost;
+  const void **finished;
+  if (lua_isnoneornil(L, 2)) {
+    engine_check(L, fs_engine_step(&client->engine, &running));
+    lua_pushinteger(L, running);
+    return 1;
+  }
+  luaL_checktype(L, 2, LUA_TTABLE);
   engine_check(L, fs_engine_step(&client->engine, &running));
+  n = fs_engine_take_finished(&client->engine, &finished, &lost);
+  for (i = 0; i < n; i++) {
+    lua_pushlightuserdata(L, (void *)finished[i]);
+    lua_rawseti(L, 2, i + 1);
+  }
   lua_pushinteger(L, running);
-  return 1;
+  lua_pushinteger(L, n);
+  lua_pushboolean(L, lost);
+  return 3;
 }
 
 static int client_wait(lua_State *L) {
@@ -567,7 +594,7 @@ int luaopen_flowservice_core(lua_State *L) {
   static const luaL_Reg transfer[] = {
     {"done", transfer_done}, {"result", transfer_result}, {"submit", transfer_submit},
     {"request_id", transfer_request_id}, {"cancel", transfer_cancel},
-    {NULL, NULL}
+    {"watch", transfer_watch}, {NULL, NULL}
   };
   if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)  /* ref-counted */
     return luaL_error(L, "flowservice: curl_global_init failed");

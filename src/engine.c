@@ -103,6 +103,9 @@ static void engine_forget(fs_engine *e) {
   e->nidle = 0;
   e->multi = NULL;
   e->pid = (long)getpid();
+  free(e->finished);  /* plain memory: this process's copy */
+  e->finished = NULL;
+  e->nfinished = e->capfinished = 0;
 }
 
 void fs_engine_free(fs_engine *e) {
@@ -128,6 +131,9 @@ void fs_engine_free(fs_engine *e) {
     curl_multi_cleanup(e->multi);
     e->multi = NULL;
   }
+  free(e->finished);
+  e->finished = NULL;
+  e->nfinished = e->capfinished = 0;
 }
 
 int fs_engine_after_fork(fs_engine *e) {
@@ -282,6 +288,30 @@ CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t) {
   return rc;
 }
 
+/* List a watched transfer as finished; the list grows by doubling. */
+static void engine_note_finished(fs_engine *e, const fs_transfer *t) {
+  if (e->nfinished == e->capfinished) {
+    int cap = e->capfinished ? e->capfinished * 2 : 64;
+    const void **grown = (const void **)realloc((void *)e->finished, (size_t)cap * sizeof *grown);
+    if (grown == NULL) {
+      e->finished_lost = 1;
+      return;
+    }
+    e->finished = grown;
+    e->capfinished = cap;
+  }
+  e->finished[e->nfinished++] = (const void *)t;
+}
+
+int fs_engine_take_finished(fs_engine *e, const void ***list, int *lost) {
+  int n = e->nfinished;
+  *list = e->finished;
+  *lost = e->finished_lost;
+  e->nfinished = 0;
+  e->finished_lost = 0;
+  return n;
+}
+
 /* Read what the caller will want off the easy handle, then give it back. */
 static void transfer_finish(fs_transfer *t, CURLcode result) {
   t->result = result;
@@ -297,6 +327,8 @@ static void transfer_finish(fs_transfer *t, CURLcode result) {
   }
 #endif
   t->done = 1;
+  if (t->watched)
+    engine_note_finished(t->engine, t);
   engine_release(t);
 }
 

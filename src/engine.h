@@ -51,6 +51,12 @@ typedef struct fs_engine {
   int nidle;
   long max_idle_seconds;        /* connections idle longer are not reused */
   long pid;                     /* the process that made the multi handle */
+  /* watched transfers finished since the last fs_engine_take_finished:
+  ** their addresses only, never dereferenced here (a key may outlive its
+  ** transfer; the reader checks) */
+  const void **finished;
+  int nfinished, capfinished;
+  int finished_lost;            /* the list could not grow: some are missing */
 } fs_engine;
 
 /* One HTTP exchange: what it sends, and once done, what came back. */
@@ -60,6 +66,7 @@ struct fs_transfer {
   CURL *easy;                 /* borrowed from the engine while attached */
   struct curl_slist *headers;
   int once;                   /* creates a run: never sent twice */
+  int watched;                /* listed in engine->finished when it ends */
   int submitted;
   int done;
   /* the reply, collected by the write callback */
@@ -112,6 +119,10 @@ CURLMcode fs_engine_finish(fs_engine *e, fs_transfer *t);
 ** parent may still send them) and start afresh. Returns -1 when no new
 ** multi handle can be made. */
 int fs_engine_after_fork(fs_engine *e);
+/* The watched transfers finished since the last call: sets *list to an
+** array of their addresses (valid until the next step) and returns the
+** count; *lost is 1 when some could not be listed (out of memory). */
+int fs_engine_take_finished(fs_engine *e, const void ***list, int *lost);
 /* Transfers holding one of e's easy handles (submitted or being built). */
 int fs_engine_attached(const fs_engine *e);
 

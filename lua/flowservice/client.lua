@@ -14,8 +14,8 @@ local ngxwait = require "flowservice.ngx"
 
 local decode = require("cjson.safe").new().decode
 local now = core.now
-local error, ipairs, next, pairs, pcall, setmetatable, tostring, type =
-  error, ipairs, next, pairs, pcall, setmetatable, tostring, type
+local error, ipairs, next, pairs, pcall, rawget, setmetatable, tostring, type =
+  error, ipairs, next, pairs, pcall, rawget, setmetatable, tostring, type
 local format, floor, max, min = string.format, math.floor, math.max, math.min
 
 local _M = {}
@@ -136,9 +136,13 @@ end
 local MIN_WAIT, MAX_WAIT = 0.001, 0.02
 
 -- Drive the engine without blocking until t is done (also when the waiter
--- closed the client meanwhile: t then ends aborted).
+-- closed the client meanwhile: t then ends aborted). Inside nginx the
+-- worker's pump drives it and the call sleeps until woken; any other
+-- waiter polls.
 local function drive(p, t, waiter)
   local handle = p.handle
+  local pump = ngxwait.pump(handle, waiter)
+  if pump and pump:await(handle, t) then return end
   while not t:done() do
     handle:step()
     if t:done() then return end
@@ -439,7 +443,10 @@ local Batch = {}
 Batch.__index = Batch
 
 local function new_batch(p, level)
-  return setmetatable({ p = p, waiter = waiter_of(p, nil, level + 1) }, Batch)
+  local waiter = waiter_of(p, nil, level + 1)
+  local pump = ngxwait.pump(p.handle, waiter)
+  return setmetatable({ p = p, waiter = waiter, pump = pump, sema = pump and pump:semaphore() },
+    Batch)
 end
 
 -- The token for the next round, fetched before any of its transfers is
@@ -469,17 +476,27 @@ function Batch:prepare(run_id, if_match, token)
 end
 
 function Batch:submit(t)
-  return t:submit()
+  local ok = t:submit()
+  if ok and self.pump then self.pump:watch(t, self.sema) end
+  return ok
 end
 
--- Drive every submitted transfer once, without blocking.
+-- Drive every submitted transfer once, without blocking (inside nginx the
+-- worker's pump does, shared with every other call of the client).
 function Batch:step()
-  self.p.handle:step()
+  local handle = self.p.handle
+  if self.pump and self.pump:ensure(handle) then return end
+  handle:step()
 end
 
--- Wait for network activity, at most seconds (the waiter's way in nginx).
+-- Wait for network activity, at most seconds (the waiter's way in nginx):
+-- with the pump, until one of the batch's transfers finishes.
 function Batch:pause(seconds)
   local handle = self.p.handle
+  if self.pump and self.pump:ensure(handle) then
+    local ok, err = self.sema:wait(seconds)
+    if ok or err == "timeout" then return end
+  end
   local wait = min(handle:timeout() or seconds, seconds)
   if self.waiter then
     self.waiter(min(max(wait, MIN_WAIT), MAX_WAIT))
@@ -536,6 +553,12 @@ end
 -- How many transfers the client's engine holds (0 between calls); for tests.
 function Client:_in_flight()
   return open(self, 2).handle:in_flight()
+end
+
+-- This worker's pump of the client's engine inside nginx, or nil; for tests.
+function Client:_pump()
+  local ngx = rawget(_G, "ngx")
+  return ngx and ngxwait.pump(open(self, 2).handle, ngx.sleep)
 end
 
 function Client:close()
