@@ -24,7 +24,7 @@ NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u
 TEST_LOG     := $(BUILD)/test-results.tap
 
 .PHONY: all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
-        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench clean
+        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-nginx clean
 
 all: build
 
@@ -155,3 +155,12 @@ bench: deps
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua memory
 	$(NO_PROXY_ENV) $(LUA) bench/bulk.lua
+
+# Inside nginx: one worker, wrk -c 100 and -c 1000, each request one
+# re-trigger against a backend answering after 50 ms, the shared client
+# against a hand-written ngx.socket.tcp keep-alive POST (bench/nginx.lua:
+# BENCH_NGINX_CONNS, BENCH_NGINX_SECONDS, BENCH_NGINX_ROUNDS, ...).
+bench-nginx: deps
+	@sh .ci/deps wrk
+	@$(MAKE) --no-print-directory trees
+	$(NO_PROXY_ENV) $(LUA) bench/nginx.lua
