@@ -70,12 +70,14 @@ $(BUILD)/lua51/flowservice/core.so: $(SOURCES) $(HEADERS)
 
 # The core as it builds on a libcurl without CURLOPT_PREREQFUNCTION (< 7.80):
 # re-triggers get fresh connections that are never reused, so libcurl has
-# nothing to resend them on. The client and bulk specs run against it.
+# nothing to resend them on; and as on a system without epoll: the socket
+# set is an array polled with poll(2). The client, bulk, stepped and events
+# specs run against it.
 noprereq: $(BUILD)/noprereq/flowservice/core.so
 
 $(BUILD)/noprereq/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
-	gcc $(CFLAGS) -DFS_NO_PREREQ -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
+	gcc $(CFLAGS) -DFS_NO_PREREQ -DFS_NO_EPOLL -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
 
 # The core and a Lua 5.4 interpreter built with AddressSanitizer and UBSan;
 # the sanitizers live in the interpreter, so processes the tests start

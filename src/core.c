@@ -7,6 +7,7 @@
 **   client:submit_retrigger(...) / client:submit(...) -> transfer  non-blocking
 **   client:prepare_retrigger(...) -> transfer, built but not yet sent
 **   client:step() / client:wait(s) / client:timeout() / client:close()
+**   client:fd() / client:pump()   for event loops: the epoll set, a step
 **   transfer:submit() / transfer:done() / transfer:result() / transfer:cancel()
 **   transfer:watch() -> key; client:step(list) lists finished watched keys
 **
@@ -442,6 +443,34 @@ static int client_wait(lua_State *L) {
   return 0;
 }
 
+/* The fd an event loop watches for the client (readable: a step has
+** something to do), or nil in a build without epoll. */
+static int client_fd(lua_State *L) {
+  int fd = fs_engine_fd(&client_check(L, 1)->engine);
+  if (fd < 0)
+    lua_pushnil(L);
+  else
+    lua_pushinteger(L, fd);
+  return 1;
+}
+
+/* An event loop's step: act on what is ready; returns the transfers still
+** running and the seconds until the engine wants the next step (nil: only
+** when client:fd() becomes readable). */
+static int client_pump(lua_State *L) {
+  fs_client *client = client_check(L, 1);
+  int running = 0;
+  long ms;
+  engine_check(L, fs_engine_step(&client->engine, &running));
+  lua_pushinteger(L, running);
+  ms = fs_engine_timer_ms(&client->engine);
+  if (ms < 0)
+    lua_pushnil(L);
+  else
+    lua_pushnumber(L, (lua_Number)ms / 1000);
+  return 2;
+}
+
 /* Seconds until libcurl wants the next step, or nil if it has no timer. */
 static int client_timeout(lua_State *L) {
   fs_client *client = client_check(L, 1);
@@ -589,7 +618,8 @@ int luaopen_flowservice_core(lua_State *L) {
     {"submit_retrigger", client_submit_retrigger}, {"submit", client_submit},
     {"prepare_retrigger", client_prepare_retrigger},
     {"step", client_step}, {"wait", client_wait}, {"timeout", client_timeout},
-    {"in_flight", client_in_flight}, {"close", client_close}, {NULL, NULL}
+    {"in_flight", client_in_flight}, {"fd", client_fd}, {"pump", client_pump},
+    {"close", client_close}, {NULL, NULL}
   };
   static const luaL_Reg transfer[] = {
     {"done", transfer_done}, {"result", transfer_result}, {"submit", transfer_submit},
@@ -614,6 +644,7 @@ int luaopen_flowservice_core(lua_State *L) {
   lua_setfield(L, -2, "defaults");
   set_string(L, "_VERSION", FS_VERSION);
   set_string(L, "resend_guard", FS_RESEND_GUARD);
+  set_string(L, "socket_set", FS_SOCKET_SET);
   /* not curl_version(): it initialises libldap/libsasl, whose memory is
   ** lost when Lua unloads the library at exit */
   set_string(L, "curl_version", curl_version_info(CURLVERSION_NOW)->version);

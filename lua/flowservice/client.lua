@@ -134,6 +134,9 @@ end
 -- Between two steps of the engine the waiter gets the time libcurl asks for,
 -- within these bounds: its sockets are not the event loop's, so it is polled.
 local MIN_WAIT, MAX_WAIT = 0.001, 0.02
+-- A waiter that watches the engine's fd is woken by it: this only bounds a
+-- sleep libcurl's timer would not end.
+local MAX_FD_WAIT = 1
 
 -- Drive the engine without blocking until t is done (also when the waiter
 -- closed the client meanwhile: t then ends aborted). Inside nginx the
@@ -143,6 +146,14 @@ local function drive(p, t, waiter)
   local handle = p.handle
   local pump = ngxwait.pump(handle, waiter)
   if pump and pump:await(handle, t) then return end
+  local fd = ngxwait.fd_aware(waiter) and handle:fd()
+  if fd then -- the waiter sleeps until the engine's sockets or timer want a step
+    while true do
+      local _, timeout = handle:pump()
+      if t:done() then return end
+      waiter(timeout and min(timeout, MAX_FD_WAIT) or MAX_FD_WAIT, fd)
+    end
+  end
   while not t:done() do
     handle:step()
     if t:done() then return end
@@ -496,6 +507,12 @@ function Batch:pause(seconds)
   if self.pump and self.pump:ensure(handle) then
     local ok, err = self.sema:wait(seconds)
     if ok or err == "timeout" then return end
+  end
+  local fd = self.waiter and ngxwait.fd_aware(self.waiter) and handle:fd()
+  if fd then
+    local _, timeout = handle:pump()
+    self.waiter(min(timeout or seconds, seconds), fd)
+    return
   end
   local wait = min(handle:timeout() or seconds, seconds)
   if self.waiter then

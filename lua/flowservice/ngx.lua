@@ -163,6 +163,12 @@ function Pump:await(handle, t)
     sema_of_coroutine[co] = s
   end
   local key = self:watch(t, s)
+  -- one step now sends t at once rather than at the pump's next tick (what it
+  -- finishes of others is listed for the pump to wake)
+  if not self.failed and pcall(handle.step, handle) and t:done() then
+    self:unwatch(t, key)
+    return true
+  end
   while not t:done() do
     if not self:ensure(handle) then
       self:unwatch(t, key)
@@ -194,6 +200,19 @@ function _M.pump(handle, waiter)
     pumps[handle] = pump
   end
   return pump
+end
+
+-- Wait functions that also take the engine's fd: wait(seconds, fd) returns
+-- once fd is readable or seconds passed (flowservice.cqueues registers its own).
+local fd_waiters = setmetatable({}, { __mode = "k" })
+
+function _M.watches_fd(wait)
+  fd_waiters[wait] = true
+  return wait
+end
+
+function _M.fd_aware(wait)
+  return fd_waiters[wait] == true
 end
 
 -- True once nginx wants this worker to exit (a timer's job stops early).
