@@ -26,6 +26,12 @@ describe("the engine's sockets and event loops", function()
       assert.is_nil(c:fd())
     end
     c:close()
+    local client = flowservice.new(h.opts(server.url))
+    assert.equal(core.socket_set == "epoll" and "number" or "nil", type(client:fd()))
+    local running, timeout = client:pump()
+    assert.equal(0, running)
+    assert.is_nil(timeout)
+    client:close()
   end)
 
   it("client:pump() drives submitted transfers to the end and then reports no timer", function()

@@ -567,6 +567,17 @@ function Client:retry_failed(spec)
   return bulk.run(self, new_batch(p, 2), spec)
 end
 
+-- For an event loop of one's own: the fd that turns readable when the engine
+-- has work (nil without epoll), and one step -> transfers running, seconds
+-- until libcurl's next timer (nil: none).
+function Client:fd()
+  return open(self, 2).handle:fd()
+end
+
+function Client:pump()
+  return open(self, 2).handle:pump()
+end
+
 -- How many transfers the client's engine holds (0 between calls); for tests.
 function Client:_in_flight()
   return open(self, 2).handle:in_flight()
