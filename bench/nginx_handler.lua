@@ -73,7 +73,8 @@ end
 
 function _M.pump()
   local pump = client:_pump()
-  ngx.say(cjson.encode { starts = pump.starts, ticks = pump.ticks, pid = ngx.worker.pid() })
+  ngx.say(cjson.encode { starts = pump.starts, ticks = pump.ticks, late = pump.late,
+    pid = ngx.worker.pid() })
 end
 
 return _M

@@ -111,6 +111,7 @@ describe("#openresty lua-flowservice in nginx", function()
     local ticks = after.ticks - before.ticks
     assert.is_true(ticks > 0 and ticks < 2000, "the pump stepped " .. ticks .. " times")
     assert.is_true(after.starts - before.starts <= 5, "the pump started " .. (after.starts - before.starts) .. " times")
+    assert.equal(before.late, after.late) -- every call was woken by the pump, none by the safety net
   end)
 
   it("takes the transfer of a light thread killed while it waits away with the garbage", function()

@@ -81,7 +81,8 @@ local function new_pump(ngx)
     sema_of = setmetatable({}, { __mode = "k" }),     -- watched transfer -> semaphore
     finished = {},
     ticks = 0,  -- steps taken, and
-    starts = 0, -- times the pump started: for tests and the benchmark
+    starts = 0, -- times the pump started, and
+    late = 0,   -- calls found done by the safety net: for tests and the benchmark
   }, Pump)
 end
 
@@ -175,9 +176,12 @@ function Pump:await(handle, t)
       return false
     end
     local ok, err = s:wait(SAFETY)
-    if not ok and err ~= "timeout" then
-      self:unwatch(t, key)
-      return false
+    if not ok then
+      if err ~= "timeout" then
+        self:unwatch(t, key)
+        return false
+      end
+      if t:done() then self.late = self.late + 1 end -- the pump never woke it
     end
   end
   self:unwatch(t, key)
