@@ -122,6 +122,12 @@ describe("#openresty lua-flowservice in nginx", function()
     assert.matches('"id"', get(server.url .. "/retrigger?run=" .. h.runs.failed, "-X POST"))
   end)
 
+  it("ends a waiting call at once, sent and ambiguous, when its client is closed", function()
+    flow_service:reset()
+    flow_service:scenario { match = "^POST ", delay = 1, times = 0 }
+    assert.equal("true true promptly", get(server.url .. "/close-while-waiting"):gsub("%s+$", ""))
+  end)
+
   it("removes the transfer of an aborted request by __gc, before its reply comes", function()
     flow_service:reset()
     flow_service:scenario { match = "^POST ", delay = 2, times = 0 }

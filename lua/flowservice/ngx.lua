@@ -90,20 +90,13 @@ function Pump:wake_all()
   for _, s in pairs(self.sema_of) do wake(s) end
 end
 
--- The pump's light thread: a timer, so that no request's lifetime holds it.
--- A premature start (the worker exiting) still drives: calls are waiting.
-local function pump_run(_, self, handle)
+-- Step until nothing is in flight; raises when the engine cannot be driven.
+local function pump_loop(self, handle)
   local ngx = rawget(_G, "ngx")
   local sleep, finished, transfer_of, sema_of = ngx.sleep, self.finished, self.transfer_of,
     self.sema_of
   while true do
-    local ok, running, n, lost = pcall(handle.step, handle, finished)
-    if not ok then
-      -- the client was closed (its transfers ended aborted) or libcurl failed
-      self.running, self.failed = false, tostring(running)
-      self:wake_all()
-      return
-    end
+    local running, n, lost = handle:step(finished)
     self.ticks = self.ticks + 1
     for i = 1, n do
       local key = finished[i]
@@ -120,10 +113,22 @@ local function pump_run(_, self, handle)
       end
     end
     if lost then self:wake_all() end
-    if running == 0 then break end
+    if running == 0 then return end
     sleep(TICK)
   end
+end
+
+-- The pump's light thread: a timer, so that no request's lifetime holds it.
+-- A premature start (the worker exiting) still drives: calls are waiting.
+-- When the engine cannot be driven (the client was closed: its transfers
+-- ended aborted; or libcurl failed), every waiter looks and then polls.
+local function pump_run(_, self, handle)
+  local ok, err = pcall(pump_loop, self, handle)
   self.running = false
+  if not ok then
+    self.failed = tostring(err)
+    self:wake_all()
+  end
 end
 
 -- Make sure the pump runs for handle; false when it cannot (poll instead).
