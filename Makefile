@@ -26,8 +26,8 @@ NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u
 TEST_LOG     := $(BUILD)/test-results.tap
 
 .PHONY: all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
-        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox clean \
-        fuzzers fuzz test-fuzz
+        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox \
+        bench-nginx clean fuzzers fuzz test-fuzz
 
 all: build
 
@@ -73,12 +73,14 @@ $(BUILD)/lua51/flowservice/core.so: $(SOURCES) $(HEADERS)
 
 # The core as it builds on a libcurl without CURLOPT_PREREQFUNCTION (< 7.80):
 # re-triggers get fresh connections that are never reused, so libcurl has
-# nothing to resend them on. The client and bulk specs run against it.
+# nothing to resend them on; and as on a system without epoll: the socket
+# set is an array polled with poll(2). The client, bulk, stepped and events
+# specs run against it.
 noprereq: $(BUILD)/noprereq/flowservice/core.so
 
 $(BUILD)/noprereq/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
-	gcc $(CFLAGS) -DFS_NO_PREREQ -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
+	gcc $(CFLAGS) -DFS_NO_PREREQ -DFS_NO_EPOLL -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
 
 # The core and a Lua 5.4 interpreter built with AddressSanitizer and UBSan;
 # the sanitizers live in the interpreter, so processes the tests start
@@ -198,3 +200,12 @@ bench: deps
 # runs at 50 ms, and max_active shown holding (bench/sandbox.lua).
 bench-sandbox: build
 	$(NO_PROXY_ENV) $(LUA) bench/sandbox.lua
+
+# Inside nginx: one worker, wrk -c 100 and -c 1000, each request one
+# re-trigger against a backend answering after 50 ms, the shared client
+# against a hand-written ngx.socket.tcp keep-alive POST (bench/nginx.lua:
+# BENCH_NGINX_CONNS, BENCH_NGINX_SECONDS, BENCH_NGINX_ROUNDS, ...).
+bench-nginx: deps
+	@sh .ci/deps wrk
+	@$(MAKE) --no-print-directory trees
+	$(NO_PROXY_ENV) $(LUA) bench/nginx.lua

@@ -35,6 +35,7 @@ build = {
     ["flowservice.bulk"] = "lua/flowservice/bulk.lua",
     ["flowservice.cli"] = "lua/flowservice/cli.lua",
     ["flowservice.client"] = "lua/flowservice/client.lua",
+    ["flowservice.cqueues"] = "lua/flowservice/cqueues.lua",
     ["flowservice.errors"] = "lua/flowservice/errors.lua",
     ["flowservice.journal"] = "lua/flowservice/journal.lua",
     ["flowservice.ngx"] = "lua/flowservice/ngx.lua",

@@ -90,12 +90,91 @@ describe("#openresty lua-flowservice in nginx", function()
     assert.equal("0", get(server.url .. "/in-flight"):gsub("%s+$", ""))
   end)
 
+  it("drives the engine from one pump per worker: no request polls, the pump stops when idle", function()
+    flow_service:reset()
+    flow_service:scenario { match = "^POST ", delay = 0.2, times = 0 }
+    local before = cjson.decode(get(server.url .. "/pump"))
+    local urls = {}
+    for i = 1, 50 do urls[i] = "-o /dev/null '" .. server.url .. "/retrigger?run=" .. h.runs.failed .. "'" end
+    local codes = sh_capture("curl -s --noproxy '*' --max-time 20 --parallel --parallel-immediate "
+      .. "--parallel-max 50 -X POST -w '%{http_code}\\n' " .. table.concat(urls, " ") .. " 2>/dev/null")
+    local n = 0
+    for code in codes:gmatch("%d+") do
+      assert.equal("200", code)
+      n = n + 1
+    end
+    assert.equal(50, n)
+    local after = cjson.decode(get(server.url .. "/pump"))
+    assert.is_false(after.running) -- nothing in flight: the pump stopped
+    -- 50 pollers would have stepped ~50 x 200 times (1-20 ms each); one pump
+    -- with a 1 ms tick steps about once per ms of the ~0.25 s it ran
+    local ticks = after.ticks - before.ticks
+    assert.is_true(ticks > 0 and ticks < 2000, "the pump stepped " .. ticks .. " times")
+    assert.is_true(after.starts - before.starts <= 5, "the pump started " .. (after.starts - before.starts) .. " times")
+    assert.equal(before.late, after.late) -- every call was woken by the pump, none by the safety net
+  end)
+
+  it("takes the transfer of a light thread killed while it waits away with the garbage", function()
+    flow_service:reset()
+    flow_service:scenario { match = "^POST ", delay = 2, times = 0 }
+    assert.equal("1 0", get(server.url .. "/thread-dies"):gsub("%s+$", ""))
+    flow_service:reset()
+    assert.matches('"id"', get(server.url .. "/retrigger?run=" .. h.runs.failed, "-X POST"))
+  end)
+
+  it("ends a waiting call at once, sent and ambiguous, when its client is closed", function()
+    flow_service:reset()
+    flow_service:scenario { match = "^POST ", delay = 1, times = 0 }
+    assert.equal("true true promptly", get(server.url .. "/close-while-waiting"):gsub("%s+$", ""))
+  end)
+
+  it("removes the transfer of an aborted request by __gc, before its reply comes", function()
+    flow_service:reset()
+    flow_service:scenario { match = "^POST ", delay = 2, times = 0 }
+    get(server.url .. "/retrigger?run=" .. h.runs.failed, "-X POST --max-time 0.1")
+    os.execute("sleep 0.2")
+    assert.equal("0", get(server.url .. "/in-flight"):gsub("%s+$", ""))
+    flow_service:reset()
+    assert.matches('"id"', get(server.url .. "/retrigger?run=" .. h.runs.failed, "-X POST"))
+  end)
+
   it("leaves no transfer behind when the client of a request goes away", function()
     flow_service:reset()
     flow_service:scenario { match = "^POST ", delay = 0.5, times = 0 }
     get(server.url .. "/retrigger?run=" .. h.runs.failed, "-X POST --max-time 0.1")
     os.execute("sleep 0.7")
     assert.equal("0", get(server.url .. "/in-flight"):gsub("%s+$", ""))
+  end)
+
+  it("finishes a waiting request while the worker exits (reload), and serves on in the new worker", function()
+    flow_service:reset()
+    flow_service:scenario { match = "^POST ", delay = 1.5, times = 1 } -- this request's only
+    local old_pid = cjson.decode(get(server.url .. "/pump")).pid
+    local out = tmp .. "/exiting"
+    os.execute(("curl -s --noproxy '*' --max-time 10 -X POST -o %s.body -w '%%{http_code}' '%s' > %s.code 2>/dev/null &")
+      :format(out, server.url .. "/retrigger?run=" .. h.runs.failed, out))
+    os.execute("sleep 0.2")
+    os.execute("kill -HUP " .. server.pid) -- the old worker exits once its requests are done
+    local new_pid
+    for _ = 1, 100 do -- a new worker takes over while the request still waits in the old one
+      new_pid = cjson.decode(get(server.url .. "/pump")).pid
+      if new_pid ~= old_pid then break end
+      os.execute("sleep 0.02")
+    end
+    assert.are_not.equal(old_pid, new_pid)
+    local f = io.open(out .. ".code")
+    assert.equal("", f and f:read("*a") or "")
+    if f then f:close() end
+    local code
+    for _ = 1, 100 do
+      f = io.open(out .. ".code")
+      code = f and f:read("*a")
+      if f then f:close() end
+      if code and code ~= "" then break end
+      os.execute("sleep 0.05")
+    end
+    assert.equal("200", code)
+    assert.matches('"id"', get(server.url .. "/retrigger?run=" .. h.runs.failed, "-X POST"))
   end)
 
   it("lists runs across pages and reads one run the same way", function()
@@ -113,6 +192,20 @@ describe("#openresty lua-flowservice in nginx", function()
     flow_service:reset()
     flow_service:scenario { match = "^POST ", delay = 0.05, times = 0 }
     assert.equal("started", get(server.url .. "/job"):gsub("%s+$", ""))
+    -- nothing but the job is in flight: the pump runs for it (it stops
+    -- between the job's rounds when nothing is in flight)
+    local pumped = false
+    for _ = 1, 20 do
+      if cjson.decode(get(server.url .. "/pump")).running then pumped = true break end
+      os.execute("sleep 0.01")
+    end
+    assert.is_true(pumped, "the pump never ran for the job")
+    -- handlers meanwhile share the worker's pump with the job
+    local urls = {}
+    for i = 1, 20 do urls[i] = "-o /dev/null '" .. server.url .. "/retrigger?run=" .. h.runs.failed .. "'" end
+    local codes = sh_capture("curl -s --noproxy '*' --max-time 20 --parallel --parallel-immediate "
+      .. "--parallel-max 20 -X POST -w '%{http_code}\\n' " .. table.concat(urls, " ") .. " 2>/dev/null")
+    assert.equal(("200\n"):rep(20), codes)
     local result = "pending"
     for _ = 1, 200 do
       result = get(server.url .. "/job-result"):gsub("%s+$", "")
@@ -126,5 +219,6 @@ describe("#openresty lua-flowservice in nginx", function()
     for _ in io.lines(journal) do lines = lines + 1 end
     assert.is_true(lines >= 2 * fake.bulk_runs.failed.count)
     assert.is_true(flow_service:stats().max_in_flight >= 8)
+    assert.is_false(cjson.decode(get(server.url .. "/pump")).running)
   end)
 end)

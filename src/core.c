@@ -7,7 +7,9 @@
 **   client:submit_retrigger(...) / client:submit(...) -> transfer  non-blocking
 **   client:prepare_retrigger(...) -> transfer, built but not yet sent
 **   client:step() / client:wait(s) / client:timeout() / client:close()
+**   client:fd() / client:pump()   for event loops: the epoll set, a step
 **   transfer:submit() / transfer:done() / transfer:result() / transfer:cancel()
+**   transfer:watch() -> key; client:step(list) lists finished watched keys
 **
 ** A run action (re-trigger) is never sent twice: a resend libcurl would
 ** make on a dead reused connection is refused (core.resend_guard).
@@ -277,6 +279,15 @@ static int transfer_request_id(lua_State *L) {
   return 1;
 }
 
+/* Have the engine list t when it finishes (client:step(list)); returns
+** the key it will be listed by. */
+static int transfer_watch(lua_State *L) {
+  fs_call *c = call_check(L, 1);
+  c->t.watched = 1;
+  lua_pushlightuserdata(L, (void *)&c->t);
+  return 1;
+}
+
 /* Stop a transfer in flight; its result becomes unavailable. */
 static int transfer_cancel(lua_State *L) {
   fs_call *c = call_check(L, 1);
@@ -397,13 +408,30 @@ static int client_submit(lua_State *L) {
   return 1;
 }
 
-/* Non-blocking: returns how many transfers are still running. */
+/* Non-blocking: returns how many transfers are still running. With a
+** table, also lists there (from 1) the keys of the watched transfers that
+** finished since the last such call, and returns their count and whether
+** some could not be listed (then every watcher must look). */
 static int client_step(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  int running = 0;
+  int running = 0, n, i, lost;
+  const void **finished;
+  if (lua_isnoneornil(L, 2)) {
+    engine_check(L, fs_engine_step(&client->engine, &running));
+    lua_pushinteger(L, running);
+    return 1;
+  }
+  luaL_checktype(L, 2, LUA_TTABLE);
   engine_check(L, fs_engine_step(&client->engine, &running));
+  n = fs_engine_take_finished(&client->engine, &finished, &lost);
+  for (i = 0; i < n; i++) {
+    lua_pushlightuserdata(L, (void *)finished[i]);
+    lua_rawseti(L, 2, i + 1);
+  }
   lua_pushinteger(L, running);
-  return 1;
+  lua_pushinteger(L, n);
+  lua_pushboolean(L, lost);
+  return 3;
 }
 
 static int client_wait(lua_State *L) {
@@ -413,6 +441,34 @@ static int client_wait(lua_State *L) {
            : seconds >= 3600 ? 3600000 : (int)(seconds * 1000 + 0.5);
   engine_check(L, fs_engine_wait(&client->engine, ms));
   return 0;
+}
+
+/* The fd an event loop watches for the client (readable: a step has
+** something to do), or nil in a build without epoll. */
+static int client_fd(lua_State *L) {
+  int fd = fs_engine_fd(&client_check(L, 1)->engine);
+  if (fd < 0)
+    lua_pushnil(L);
+  else
+    lua_pushinteger(L, fd);
+  return 1;
+}
+
+/* An event loop's step: act on what is ready; returns the transfers still
+** running and the seconds until the engine wants the next step (nil: only
+** when client:fd() becomes readable). */
+static int client_pump(lua_State *L) {
+  fs_client *client = client_check(L, 1);
+  int running = 0;
+  long ms;
+  engine_check(L, fs_engine_step(&client->engine, &running));
+  lua_pushinteger(L, running);
+  ms = fs_engine_timer_ms(&client->engine);
+  if (ms < 0)
+    lua_pushnil(L);
+  else
+    lua_pushnumber(L, (lua_Number)ms / 1000);
+  return 2;
 }
 
 /* Seconds until libcurl wants the next step, or nil if it has no timer. */
@@ -562,12 +618,13 @@ int luaopen_flowservice_core(lua_State *L) {
     {"submit_retrigger", client_submit_retrigger}, {"submit", client_submit},
     {"prepare_retrigger", client_prepare_retrigger},
     {"step", client_step}, {"wait", client_wait}, {"timeout", client_timeout},
-    {"in_flight", client_in_flight}, {"close", client_close}, {NULL, NULL}
+    {"in_flight", client_in_flight}, {"fd", client_fd}, {"pump", client_pump},
+    {"close", client_close}, {NULL, NULL}
   };
   static const luaL_Reg transfer[] = {
     {"done", transfer_done}, {"result", transfer_result}, {"submit", transfer_submit},
     {"request_id", transfer_request_id}, {"cancel", transfer_cancel},
-    {NULL, NULL}
+    {"watch", transfer_watch}, {NULL, NULL}
   };
   if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)  /* ref-counted */
     return luaL_error(L, "flowservice: curl_global_init failed");
@@ -587,6 +644,7 @@ int luaopen_flowservice_core(lua_State *L) {
   lua_setfield(L, -2, "defaults");
   set_string(L, "_VERSION", FS_VERSION);
   set_string(L, "resend_guard", FS_RESEND_GUARD);
+  set_string(L, "socket_set", FS_SOCKET_SET);
   /* not curl_version(): it initialises libldap/libsasl, whose memory is
   ** lost when Lua unloads the library at exit */
   set_string(L, "curl_version", curl_version_info(CURLVERSION_NOW)->version);

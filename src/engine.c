@@ -1,5 +1,7 @@
 #define _POSIX_C_SOURCE 200809L  /* getpid */
 
+#include <errno.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -7,18 +9,150 @@
 
 #include "engine.h"
 
+#if FS_HAVE_EPOLL
+#include <sys/epoll.h>
+#endif
+
+/* Ready sockets handled per epoll_wait, and at most this many rounds a step. */
+#define FS_EVENTS 64
+#define FS_EVENT_ROUNDS 16
+
 /* libcurl waits at most this long between checks of its own timers. */
 #define FS_POLL_MS 1000
 /* Servers commonly drop idle keep-alive connections after 30 s or more;
 ** reusing one they are about to drop is what makes libcurl resend. */
 #define FS_MAX_IDLE_SECONDS 25L
 
+static long long monotonic_us(void) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+    return 0;
+  return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* ---------------------------------------------------------------------
+** The socket set: what libcurl asked to watch
+*/
+
+#if FS_HAVE_EPOLL
+/* sockp: non-NULL once s is in the set (curl_multi_assign) */
+static int sockets_watch(fs_engine *e, curl_socket_t s, int what, void *sockp) {
+  struct epoll_event ev;
+  if (what == CURL_POLL_REMOVE) {
+    (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, s, NULL);  /* closed already: gone anyway */
+    return 0;
+  }
+  memset(&ev, 0, sizeof ev);
+  ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0u) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0u);
+  ev.data.fd = s;
+  if (sockp != NULL && epoll_ctl(e->epfd, EPOLL_CTL_MOD, s, &ev) == 0)
+    return 0;
+  if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, s, &ev) != 0
+      && !(errno == EEXIST && epoll_ctl(e->epfd, EPOLL_CTL_MOD, s, &ev) == 0))
+    return -1;
+  return curl_multi_assign(e->multi, s, (void *)e) == CURLM_OK ? 0 : -1;
+}
+#else
+static int sockets_watch(fs_engine *e, curl_socket_t s, int what, void *sockp) {
+  int i;
+  (void)sockp;
+  for (i = 0; i < e->npfds && e->pfds[i].fd != s; i++)
+    ;
+  if (what == CURL_POLL_REMOVE) {
+    if (i < e->npfds)
+      e->pfds[i] = e->pfds[--e->npfds];
+    return 0;
+  }
+  if (i == e->npfds) {
+    if (e->npfds == e->cappfds) {
+      int cap = e->cappfds ? e->cappfds * 2 : 16;
+      struct pollfd *grown = (struct pollfd *)realloc(e->pfds, (size_t)cap * sizeof *grown);
+      if (grown == NULL)
+        return -1;
+      e->pfds = grown;
+      e->cappfds = cap;
+    }
+    e->pfds[e->npfds++].fd = s;
+  }
+  e->pfds[i].events = (short)(((what & CURL_POLL_IN) ? POLLIN : 0)
+                              | ((what & CURL_POLL_OUT) ? POLLOUT : 0));
+  e->pfds[i].revents = 0;
+  return 0;
+}
+#endif
+
+static int engine_on_socket(CURL *easy, curl_socket_t s, int what, void *ud, void *sockp) {
+  (void)easy;
+  return sockets_watch((fs_engine *)ud, s, what, sockp);
+}
+
+static int engine_on_timer(CURLM *multi, long timeout_ms, void *ud) {
+  fs_engine *e = (fs_engine *)ud;
+  (void)multi;
+  if (timeout_ms < 0) {
+    e->timer_set = 0;
+  } else {
+    e->timer_set = 1;
+    e->timer_due = monotonic_us() + (long long)timeout_ms * 1000;
+  }
+  return 0;
+}
+
+/* A multi handle that reports its sockets and timer to e, and an empty set. */
+static int engine_open(fs_engine *e) {
+  e->timer_set = 0;
+  e->npfds = 0;
+#if FS_HAVE_EPOLL
+  if (e->epfd < 0)
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (e->epfd < 0)
+    return -1;
+#endif
+  e->multi = curl_multi_init();
+  if (e->multi == NULL)
+    return -1;
+  if (curl_multi_setopt(e->multi, CURLMOPT_SOCKETFUNCTION, engine_on_socket) != CURLM_OK
+      || curl_multi_setopt(e->multi, CURLMOPT_SOCKETDATA, (void *)e) != CURLM_OK
+      || curl_multi_setopt(e->multi, CURLMOPT_TIMERFUNCTION, engine_on_timer) != CURLM_OK
+      || curl_multi_setopt(e->multi, CURLMOPT_TIMERDATA, (void *)e) != CURLM_OK) {
+    curl_multi_cleanup(e->multi);
+    e->multi = NULL;
+    return -1;
+  }
+  return 0;
+}
+
+/* Let go of the set; in a forked child the epoll instance stays the
+** parent's (closing our fd of it touches nothing of theirs). */
+static void engine_close_set(fs_engine *e) {
+  if (e->epfd >= 0) {
+    (void)close(e->epfd);
+    e->epfd = -1;
+  }
+  free(e->pfds);
+  e->pfds = NULL;
+  e->npfds = e->cappfds = 0;
+  e->timer_set = 0;
+}
+
 int fs_engine_init(fs_engine *e) {
   memset(e, 0, sizeof *e);
+  e->epfd = -1;
   e->max_idle_seconds = FS_MAX_IDLE_SECONDS;
   e->pid = (long)getpid();
-  e->multi = curl_multi_init();
-  return e->multi != NULL ? 0 : -1;
+  return engine_open(e);
+}
+
+int fs_engine_fd(const fs_engine *e) {
+  return e->epfd;
+}
+
+long fs_engine_timer_ms(const fs_engine *e) {
+  long long left;
+  if (!e->timer_set)
+    return -1;
+  left = e->timer_due - monotonic_us();
+  return left <= 0 ? 0 : (long)((left + 999) / 1000);
 }
 
 static void engine_link(fs_engine *e, fs_transfer *t) {
@@ -48,6 +182,7 @@ static void engine_release(fs_transfer *t) {
   if (t->submitted) {
     (void)curl_multi_remove_handle(e->multi, t->easy);
     t->submitted = 0;
+    e->nsubmitted--;
   }
   if (e->nidle < FS_IDLE_HANDLES) {
     curl_easy_reset(t->easy);  /* keeps the DNS and TLS session caches */
@@ -102,7 +237,12 @@ static void engine_forget(fs_engine *e) {
   }
   e->nidle = 0;
   e->multi = NULL;
+  e->nsubmitted = 0;
   e->pid = (long)getpid();
+  engine_close_set(e);
+  free(e->finished);  /* plain memory: this process's copy */
+  e->finished = NULL;
+  e->nfinished = e->capfinished = 0;
 }
 
 void fs_engine_free(fs_engine *e) {
@@ -125,17 +265,22 @@ void fs_engine_free(fs_engine *e) {
   while (e->nidle > 0)
     curl_easy_cleanup(e->idle[--e->nidle]);
   if (e->multi != NULL) {
-    curl_multi_cleanup(e->multi);
+    curl_multi_cleanup(e->multi);  /* may still report sockets to e */
     e->multi = NULL;
   }
+  e->nsubmitted = 0;
+  engine_close_set(e);
+  free(e->finished);
+  e->finished = NULL;
+  e->nfinished = e->capfinished = 0;
 }
 
 int fs_engine_after_fork(fs_engine *e) {
   if (engine_forked(e))
     engine_forget(e);
   if (e->multi == NULL)  /* forgotten, here or by a transfer's __gc */
-    e->multi = curl_multi_init();
-  return e->multi != NULL ? 0 : -1;
+    return engine_open(e);
+  return 0;
 }
 
 int fs_engine_attached(const fs_engine *e) {
@@ -274,12 +419,37 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
 }
 
 CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t) {
-  CURLMcode rc = curl_multi_add_handle(e->multi, t->easy);
+  CURLMcode rc = curl_multi_add_handle(e->multi, t->easy);  /* sets a timer due now */
   if (rc == CURLM_OK) {
     t->submitted = 1;
     t->done = 0;
+    e->nsubmitted++;
   }
   return rc;
+}
+
+/* List a watched transfer as finished; the list grows by doubling. */
+static void engine_note_finished(fs_engine *e, const fs_transfer *t) {
+  if (e->nfinished == e->capfinished) {
+    int cap = e->capfinished ? e->capfinished * 2 : 64;
+    const void **grown = (const void **)realloc((void *)e->finished, (size_t)cap * sizeof *grown);
+    if (grown == NULL) {
+      e->finished_lost = 1;
+      return;
+    }
+    e->finished = grown;
+    e->capfinished = cap;
+  }
+  e->finished[e->nfinished++] = (const void *)t;
+}
+
+int fs_engine_take_finished(fs_engine *e, const void ***list, int *lost) {
+  int n = e->nfinished;
+  *list = e->finished;
+  *lost = e->finished_lost;
+  e->nfinished = 0;
+  e->finished_lost = 0;
+  return n;
 }
 
 /* Read what the caller will want off the easy handle, then give it back. */
@@ -297,6 +467,8 @@ static void transfer_finish(fs_transfer *t, CURLcode result) {
   }
 #endif
   t->done = 1;
+  if (t->watched)
+    engine_note_finished(t->engine, t);
   engine_release(t);
 }
 
@@ -315,9 +487,71 @@ static CURLMcode engine_harvest(fs_engine *e) {
   return CURLM_OK;
 }
 
+static int action_of(unsigned ready_in, unsigned ready_out, unsigned failed) {
+  return (ready_in ? CURL_CSELECT_IN : 0) | (ready_out ? CURL_CSELECT_OUT : 0)
+         | (failed ? CURL_CSELECT_ERR : 0);
+}
+
+/* Act on every ready socket (a later one may have been closed by an earlier
+** action: libcurl ignores sockets it does not know). */
+static CURLMcode engine_act_on_sockets(fs_engine *e) {
+  CURLMcode rc = CURLM_OK;
+  int still, n, i;
+#if FS_HAVE_EPOLL
+  struct epoll_event ev[FS_EVENTS];
+  int rounds = 0;
+  do {
+    n = epoll_wait(e->epfd, ev, FS_EVENTS, 0);
+    if (n < 0)
+      return errno == EINTR ? CURLM_OK : CURLM_INTERNAL_ERROR;
+    for (i = 0; i < n && rc == CURLM_OK; i++)
+      rc = curl_multi_socket_action(e->multi, ev[i].data.fd,
+                                    action_of(ev[i].events & (EPOLLIN | EPOLLHUP),
+                                              ev[i].events & EPOLLOUT, ev[i].events & EPOLLERR),
+                                    &still);
+  } while (rc == CURLM_OK && n == FS_EVENTS && ++rounds < FS_EVENT_ROUNDS);
+#else
+  struct pollfd ready[FS_EVENTS];
+  int base;
+  /* a copy: actions change the set */
+  for (base = 0; rc == CURLM_OK && base < e->npfds; base += FS_EVENTS) {
+    int m = e->npfds - base < FS_EVENTS ? e->npfds - base : FS_EVENTS;
+    memcpy(ready, e->pfds + base, (size_t)m * sizeof *ready);
+    n = poll(ready, (nfds_t)m, 0);
+    if (n < 0)
+      return errno == EINTR ? CURLM_OK : CURLM_INTERNAL_ERROR;
+    for (i = 0; i < m && n > 0 && rc == CURLM_OK; i++) {
+      if (ready[i].revents == 0)
+        continue;
+      n--;
+      rc = curl_multi_socket_action(e->multi, ready[i].fd,
+                                    action_of(ready[i].revents & (POLLIN | POLLHUP),
+                                              ready[i].revents & POLLOUT,
+                                              ready[i].revents & (POLLERR | POLLNVAL)),
+                                    &still);
+    }
+  }
+#endif
+  return rc;
+}
+
 CURLMcode fs_engine_step(fs_engine *e, int *running) {
-  CURLMcode rc = curl_multi_perform(e->multi, running);
-  return rc == CURLM_OK ? engine_harvest(e) : rc;
+  CURLMcode rc = engine_act_on_sockets(e);
+  if (rc == CURLM_OK && e->timer_set && monotonic_us() >= e->timer_due) {
+    int still;
+    long ms = -1;
+    rc = curl_multi_socket_action(e->multi, CURL_SOCKET_TIMEOUT, 0, &still);
+    /* libcurl calls the timer function only when its next timer changed:
+    ** after one fired (perhaps early by our clock), ask it */
+    if (rc == CURLM_OK)
+      rc = curl_multi_timeout(e->multi, &ms);
+    if (rc == CURLM_OK)
+      (void)engine_on_timer(e->multi, ms, (void *)e);
+  }
+  if (rc == CURLM_OK)
+    rc = engine_harvest(e);
+  *running = e->nsubmitted;
+  return rc;
 }
 
 CURLMcode fs_engine_wait(fs_engine *e, int timeout_ms) {

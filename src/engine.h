@@ -42,6 +42,24 @@
 
 #define FS_IDLE_HANDLES 16
 
+/*
+** libcurl tells the engine which sockets to watch (CURLMOPT_SOCKETFUNCTION)
+** and when its next timer is due (CURLMOPT_TIMERFUNCTION); a step acts only
+** on the sockets that are ready (curl_multi_socket_action), so a step with
+** nothing to do is one epoll_wait(..., 0) however many transfers wait. The
+** set is an epoll instance on Linux (its fd is what an event loop watches),
+** an array for poll(2) elsewhere (or built with -DFS_NO_EPOLL).
+*/
+#if defined(__linux__) && !defined(FS_NO_EPOLL)
+#define FS_HAVE_EPOLL 1
+#define FS_SOCKET_SET "epoll"
+#else
+#define FS_HAVE_EPOLL 0
+#define FS_SOCKET_SET "poll"
+#endif
+
+struct pollfd;
+
 typedef struct fs_transfer fs_transfer;
 
 typedef struct fs_engine {
@@ -51,6 +69,19 @@ typedef struct fs_engine {
   int nidle;
   long max_idle_seconds;        /* connections idle longer are not reused */
   long pid;                     /* the process that made the multi handle */
+  int nsubmitted;               /* transfers in the multi handle */
+  /* the sockets libcurl watches, and its timer */
+  int epfd;                     /* the epoll set (-1 without) */
+  struct pollfd *pfds;          /* the poll(2) set without epoll */
+  int npfds, cappfds;
+  int timer_set;                /* libcurl has a timer ... */
+  long long timer_due;          /* ... due then (monotonic microseconds) */
+  /* watched transfers finished since the last fs_engine_take_finished:
+  ** their addresses only, never dereferenced here (a key may outlive its
+  ** transfer; the reader checks) */
+  const void **finished;
+  int nfinished, capfinished;
+  int finished_lost;            /* the list could not grow: some are missing */
 } fs_engine;
 
 /* One HTTP exchange: what it sends, and once done, what came back. */
@@ -60,6 +91,7 @@ struct fs_transfer {
   CURL *easy;                 /* borrowed from the engine while attached */
   struct curl_slist *headers;
   int once;                   /* creates a run: never sent twice */
+  int watched;                /* listed in engine->finished when it ends */
   int submitted;
   int done;
   /* the reply, collected by the write callback */
@@ -99,8 +131,15 @@ void fs_engine_free(fs_engine *e);
 */
 CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int once);
 CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t);
-/* Drive every transfer without blocking; finished ones get done = 1. */
+/* Drive every transfer without blocking: act on the ready sockets and a
+** due timer; finished ones get done = 1. *running: transfers still in the
+** multi handle. */
 CURLMcode fs_engine_step(fs_engine *e, int *running);
+/* The fd that is readable when a step has something to do (the epoll set),
+** or -1 (poll(2) build); with fs_engine_timer_ms, what an event loop waits on. */
+int fs_engine_fd(const fs_engine *e);
+/* Milliseconds until libcurl's timer is due (0: now), -1 without one. */
+long fs_engine_timer_ms(const fs_engine *e);
 /* Block until there is socket activity or timeout_ms passes. */
 CURLMcode fs_engine_wait(fs_engine *e, int timeout_ms);
 /* How long libcurl wants to wait at most before the next step (ms, -1 none). */
@@ -112,6 +151,10 @@ CURLMcode fs_engine_finish(fs_engine *e, fs_transfer *t);
 ** parent may still send them) and start afresh. Returns -1 when no new
 ** multi handle can be made. */
 int fs_engine_after_fork(fs_engine *e);
+/* The watched transfers finished since the last call: sets *list to an
+** array of their addresses (valid until the next step) and returns the
+** count; *lost is 1 when some could not be listed (out of memory). */
+int fs_engine_take_finished(fs_engine *e, const void ***list, int *lost);
 /* Transfers holding one of e's easy handles (submitted or being built). */
 int fs_engine_attached(const fs_engine *e);
 

@@ -14,8 +14,8 @@ local ngxwait = require "flowservice.ngx"
 
 local decode = require("cjson.safe").new().decode
 local now = core.now
-local error, ipairs, next, pairs, pcall, setmetatable, tostring, type =
-  error, ipairs, next, pairs, pcall, setmetatable, tostring, type
+local error, ipairs, next, pairs, pcall, rawget, setmetatable, tostring, type =
+  error, ipairs, next, pairs, pcall, rawget, setmetatable, tostring, type
 local format, floor, max, min = string.format, math.floor, math.max, math.min
 
 local _M = {}
@@ -134,11 +134,26 @@ end
 -- Between two steps of the engine the waiter gets the time libcurl asks for,
 -- within these bounds: its sockets are not the event loop's, so it is polled.
 local MIN_WAIT, MAX_WAIT = 0.001, 0.02
+-- A waiter that watches the engine's fd is woken by it: this only bounds a
+-- sleep libcurl's timer would not end.
+local MAX_FD_WAIT = 1
 
 -- Drive the engine without blocking until t is done (also when the waiter
--- closed the client meanwhile: t then ends aborted).
+-- closed the client meanwhile: t then ends aborted). Inside nginx the
+-- worker's pump drives it and the call sleeps until woken; any other
+-- waiter polls.
 local function drive(p, t, waiter)
   local handle = p.handle
+  local pump = ngxwait.pump(handle, waiter)
+  if pump and pump:await(handle, t) then return end
+  local fd = ngxwait.fd_aware(waiter) and handle:fd()
+  if fd then -- the waiter sleeps until the engine's sockets or timer want a step
+    while true do
+      local _, timeout = handle:pump()
+      if t:done() then return end
+      waiter(timeout and min(timeout, MAX_FD_WAIT) or MAX_FD_WAIT, fd)
+    end
+  end
   while not t:done() do
     handle:step()
     if t:done() then return end
@@ -470,7 +485,10 @@ local Batch = {}
 Batch.__index = Batch
 
 local function new_batch(p, level)
-  return setmetatable({ p = p, waiter = waiter_of(p, nil, level + 1) }, Batch)
+  local waiter = waiter_of(p, nil, level + 1)
+  local pump = ngxwait.pump(p.handle, waiter)
+  return setmetatable({ p = p, waiter = waiter, pump = pump, sema = pump and pump:semaphore() },
+    Batch)
 end
 
 -- The token for the next round, fetched before any of its transfers is
@@ -500,14 +518,18 @@ function Batch:prepare(run_id, if_match, token)
 end
 
 function Batch:submit(t)
-  return t:submit()
+  local ok = t:submit()
+  if ok and self.pump then self.pump:watch(t, self.sema) end
+  return ok
 end
 
 -- A read of run_id, submitted at once (reads may leave any time).
 function Batch:read_run(run_id, token)
   local p = self.p
   local opts = token and copy(p.opts, { access_token = token }) or p.opts
-  return p.handle:submit(opts, { method = "GET", path = { "runs", run_id } })
+  local t = p.handle:submit(opts, { method = "GET", path = { "runs", run_id } })
+  if self.pump then self.pump:watch(t, self.sema) end
+  return t
 end
 
 -- A finished read -> the run, or nil, err.
@@ -520,14 +542,28 @@ function Batch:read_result(t)
   return run
 end
 
--- Drive every submitted transfer once, without blocking.
+-- Drive every submitted transfer once, without blocking (inside nginx the
+-- worker's pump does, shared with every other call of the client).
 function Batch:step()
-  self.p.handle:step()
+  local handle = self.p.handle
+  if self.pump and self.pump:ensure(handle) then return end
+  handle:step()
 end
 
--- Wait for network activity, at most seconds (the waiter's way in nginx).
+-- Wait for network activity, at most seconds (the waiter's way in nginx):
+-- with the pump, until one of the batch's transfers finishes.
 function Batch:pause(seconds)
   local handle = self.p.handle
+  if self.pump and self.pump:ensure(handle) then
+    local ok, err = self.sema:wait(seconds)
+    if ok or err == "timeout" then return end
+  end
+  local fd = self.waiter and ngxwait.fd_aware(self.waiter) and handle:fd()
+  if fd then
+    local _, timeout = handle:pump()
+    self.waiter(min(timeout or seconds, seconds), fd)
+    return
+  end
   local wait = min(handle:timeout() or seconds, seconds)
   if self.waiter then
     self.waiter(min(max(wait, MIN_WAIT), MAX_WAIT))
@@ -581,9 +617,26 @@ function Client:retry_failed(spec)
   return bulk.run(self, new_batch(p, 2), spec)
 end
 
+-- For an event loop of one's own: the fd that turns readable when the engine
+-- has work (nil without epoll), and one step -> transfers running, seconds
+-- until libcurl's next timer (nil: none).
+function Client:fd()
+  return open(self, 2).handle:fd()
+end
+
+function Client:pump()
+  return open(self, 2).handle:pump()
+end
+
 -- How many transfers the client's engine holds (0 between calls); for tests.
 function Client:_in_flight()
   return open(self, 2).handle:in_flight()
+end
+
+-- This worker's pump of the client's engine inside nginx, or nil; for tests.
+function Client:_pump()
+  local ngx = rawget(_G, "ngx")
+  return ngx and ngxwait.pump(open(self, 2).handle, ngx.sleep)
 end
 
 function Client:close()

@@ -1,0 +1,174 @@
+-- `make bench-nginx`: lua-flowservice inside nginx at nginx's own speed.
+--
+-- One nginx worker (bench/nginx_subject.conf.in) serves wrk; each request
+-- makes one re-trigger against a backend nginx that answers after 50 ms
+-- (bench/nginx_backend.conf.in). Two handlers in the same worker, measured
+-- in the same run, in alternating order: /flow, the worker's shared
+-- lua-flowservice client (one pump, a semaphore per waiting request), and
+-- /floor, the same exchange written by hand on ngx.socket.tcp with a
+-- keep-alive pool. Per contender and connection count: requests/s, p50 and
+-- p99 latency (wrk --latency), and the worker's CPU per request (utime +
+-- stime from /proc/PID/stat around the measured run).
+--
+--   lua5.4 bench/nginx.lua      from the repository root, after `make trees`
+-- Environment (defaults in brackets):
+--   BENCH_NGINX_CONNS [100,1000]   wrk -c values
+--   BENCH_NGINX_SECONDS [6]        seconds per measured run
+--   BENCH_NGINX_ROUNDS [3]         rounds; the table shows the median
+--   BENCH_NGINX_DELAY [0.05]       the backend's answer delay, seconds
+package.path = "./?.lua;" .. package.path
+
+local nginx = require "spec.support.nginx"
+local util = nginx.util
+
+local assert, ipairs, tonumber, tostring = assert, ipairs, tonumber, tostring
+local io_stderr, os_getenv = io.stderr, os.getenv
+local str_format = string.format
+local table_concat, table_sort = table.concat, table.sort
+
+local CONNS = {}
+for n in (os_getenv("BENCH_NGINX_CONNS") or "100,1000"):gmatch("%d+") do CONNS[#CONNS + 1] = tonumber(n) end
+local SECONDS = tonumber(os_getenv("BENCH_NGINX_SECONDS") or "6")
+local ROUNDS = tonumber(os_getenv("BENCH_NGINX_ROUNDS") or "3")
+local DELAY = tonumber(os_getenv("BENCH_NGINX_DELAY") or "0.05")
+local SNAPSHOT = "build/bench/tree-5.1"
+local CONTENDERS = { "floor", "flow" }
+local LABEL = { floor = "floor: `ngx.socket.tcp` keep-alive POST by hand",
+  flow = "lua-flowservice shared client (pump)" }
+
+local function log(...) io_stderr:write(str_format(...), "\n") end
+
+local function run(cmd)
+  local out = util.capture(cmd .. " 2>&1; echo \" $?\"")
+  local body, rc = out:match("^(.-)%s*(%d+)%s*$")
+  if rc ~= "0" then error(str_format("command failed: %s\n%s", cmd, out), 0) end
+  return body
+end
+
+-- utime + stime of a process, in seconds
+local CLK_TCK = tonumber(run("getconf CLK_TCK")) or 100
+local function cpu_seconds(pid)
+  local stat = assert(util.read_file("/proc/" .. pid .. "/stat"), "no worker " .. pid)
+  local rest = stat:match("%) (.*)$")
+  local fields = {}
+  for f in rest:gmatch("%S+") do fields[#fields + 1] = f end
+  -- after the command: state is field 3, utime 14, stime 15 (1-based, of the whole line)
+  return (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
+end
+
+local UNIT = { us = 1e-3, ms = 1, s = 1e3 }
+local function ms_of(text)
+  local n, unit = text:match("^([%d%.]+)(%a+)$")
+  return tonumber(n) * assert(UNIT[unit], "unit " .. tostring(unit))
+end
+
+local function wrk(url, conns, seconds)
+  local out = run(str_format("wrk -t1 -c%d -d%ds --latency --timeout 10s %s", conns, seconds,
+    util.quote(url)))
+  local r = {
+    rps = tonumber(out:match("Requests/sec:%s+([%d%.]+)")),
+    requests = tonumber(out:match("(%d+) requests in")),
+    p50 = ms_of(out:match("50%%%s+(%S+)")),
+    p99 = ms_of(out:match("99%%%s+(%S+)")),
+    bad = tonumber(out:match("Non%-2xx or 3xx responses: (%d+)") or "0"),
+  }
+  local c, rd, w, t = out:match("Socket errors: connect (%d+), read (%d+), write (%d+), timeout (%d+)")
+  r.socket_errors = c and (tonumber(c) + tonumber(rd) + tonumber(w) + tonumber(t)) or 0
+  assert(r.rps and r.requests and r.p50 and r.p99, "cannot read wrk's output:\n" .. out)
+  return r
+end
+
+local function median(list)
+  local s = {}
+  for i, v in ipairs(list) do s[i] = v end
+  table_sort(s)
+  local n = #s
+  return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
+end
+
+local function main()
+  run("rm -rf " .. SNAPSHOT .. " && mkdir -p build/bench && cp -a build/tree-5.1 " .. SNAPSHOT)
+  local root = run("pwd"):gsub("%s+$", "")
+  local backend = nginx.start { template = "bench/nginx_backend.conf.in", name = "bench_backend",
+    vars = { DELAY = DELAY } }
+  local ok, err, pump = pcall(function()
+    local subject = nginx.start { template = "bench/nginx_subject.conf.in", name = "bench_subject",
+      vars = { TREE = root .. "/" .. SNAPSHOT, ROOT = root, BACKEND_PORT = backend.ports[1] },
+      ready = "/health" }
+    local ok2, err2, pump = pcall(function()
+      local worker = tonumber(run("curl -s --noproxy '*' " .. subject.url .. "/pump"):match('"pid":(%d+)'))
+      assert(worker, "no worker pid")
+      local results = {} -- [conns][contender] = { rounds }
+      for _, conns in ipairs(CONNS) do
+        results[conns] = { floor = {}, flow = {} }
+        for round = 1, ROUNDS do
+          local order = round % 2 == 1 and { "floor", "flow" } or { "flow", "floor" }
+          for _, name in ipairs(order) do
+            local url = subject.url .. "/" .. name
+            wrk(url, conns, 1) -- warm: connections to the backend, JIT
+            local before = cpu_seconds(worker)
+            local r = wrk(url, conns, SECONDS)
+            r.cpu_us = (cpu_seconds(worker) - before) / r.requests * 1e6
+            log("c=%d round %d %-5s %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms  cpu %6.1f us/req  bad %d",
+              conns, round, name, r.rps, r.p50, r.p99, r.cpu_us, r.bad + r.socket_errors)
+            local list = results[conns][name]
+            list[#list + 1] = r
+          end
+        end
+      end
+      local pump = run("curl -s --noproxy '*' " .. subject.url .. "/pump")
+      return results, pump
+    end)
+    subject:stop()
+    if not ok2 then error(err2, 0) end
+    return err2, pump
+  end)
+  backend:stop()
+  if not ok then error(err, 0) end
+  return err, pump
+end
+
+local function report(results)
+  local lines = {
+    str_format("One nginx worker, wrk -t1, %d s per run, backend answering after %g ms; median of %d rounds.",
+      SECONDS, DELAY * 1000, ROUNDS), "",
+    "| connections | handler | requests/s | × floor | p50 ms | p99 ms | worker CPU µs/request | × floor | errors |",
+    "|--:|---|--:|--:|--:|--:|--:|--:|--:|",
+  }
+  local verdicts = {}
+  for _, conns in ipairs(CONNS) do
+    local m = {}
+    for _, name in ipairs(CONTENDERS) do
+      local rounds, f = results[conns][name], {}
+      for _, key in ipairs { "rps", "p50", "p99", "cpu_us" } do
+        local list = {}
+        for i, r in ipairs(rounds) do list[i] = r[key] end
+        f[key] = median(list)
+      end
+      f.errors = 0
+      for _, r in ipairs(rounds) do f.errors = f.errors + r.bad + r.socket_errors end
+      m[name] = f
+    end
+    for _, name in ipairs(CONTENDERS) do
+      local f = m[name]
+      lines[#lines + 1] = str_format("| %d | %s | %.0f | %.2f | %.2f | %.2f | %.1f | %.2f | %d |", conns,
+        LABEL[name], f.rps, f.rps / m.floor.rps, f.p50, f.p99, f.cpu_us, f.cpu_us / m.floor.cpu_us, f.errors)
+    end
+    local fl, fs = m.floor, m.flow
+    verdicts[#verdicts + 1] = str_format("c=%d: requests/s %.2fx floor (>= 1.0: %s), CPU %.2fx floor (<= 1.0: %s),"
+      .. " p50 %+.2f ms over floor (<= 1 ms: %s), errors %d", conns, fs.rps / fl.rps,
+      fs.rps >= fl.rps and "yes" or "NO", fs.cpu_us / fl.cpu_us, fs.cpu_us <= fl.cpu_us and "yes" or "NO",
+      fs.p50 - fl.p50, fs.p50 <= fl.p50 + 1 and "yes" or "NO", fs.errors)
+  end
+  print(table_concat(lines, "\n"))
+  print()
+  for _, v in ipairs(verdicts) do print(v) end
+end
+
+local ok, results, pump = pcall(main)
+if not ok then
+  io_stderr:write("bench-nginx: ", tostring(results), "\n")
+  os.exit(1)
+end
+report(results)
+log("pump: %s", pump)

@@ -1,0 +1,80 @@
+-- The two handlers of `make bench-nginx` (bench/nginx_subject.conf.in): the
+-- same re-trigger, the same reply to the caller, one through the worker's
+-- shared lua-flowservice client, one by hand on ngx.socket.tcp (the floor:
+-- a keep-alive POST, the status line, the headers, a Content-Length body).
+local flowservice = require "flowservice"
+local cjson = require("cjson.safe").new()
+
+local ngx = ngx
+local tonumber = tonumber
+
+local _M = {}
+
+local RUN_ID = "4fb0418e-1804-45d6-8d56-dd51f05c0baf"
+local client, host, port, request
+
+function _M.init(backend_host, backend_port)
+  host, port = backend_host, backend_port
+  client = flowservice.new { access_token = "bench-token", api_key = "bench-key",
+    org_id = "BENCH@AdobeOrg", sandbox = "prod", timeout = 30,
+    base_url = "http://" .. host .. ":" .. port }
+  -- what lua-flowservice sends, less its User-Agent and x-request-id
+  request = "POST /runs/" .. RUN_ID .. "/action?op=retrigger HTTP/1.1\r\n"
+    .. "Host: " .. host .. ":" .. port .. "\r\nAccept: application/json\r\n"
+    .. "Authorization: Bearer bench-token\r\nx-api-key: bench-key\r\n"
+    .. "x-gw-ims-org-id: BENCH@AdobeOrg\r\nx-sandbox-name: prod\r\n"
+    .. "Content-Type: application/json\r\nContent-Length: 0\r\n\r\n"
+end
+
+local function answer(run)
+  ngx.header["Content-Type"] = "application/json"
+  ngx.print(cjson.encode { id = run.id, etag = run.etag })
+end
+
+local function fail(why)
+  ngx.status = 502
+  ngx.say(why)
+end
+
+function _M.flow()
+  local run, err = client:retrigger(RUN_ID)
+  if not run then return fail(tostring(err)) end
+  answer(run)
+end
+
+function _M.floor()
+  local sock = ngx.socket.tcp()
+  sock:settimeout(30000)
+  local ok, err = sock:connect(host, port)
+  if not ok then return fail(err) end
+  ok, err = sock:send(request)
+  if not ok then return fail(err) end
+  local line
+  line, err = sock:receive("*l")
+  if not line then return fail(err) end
+  local status = tonumber(line:match("^HTTP/1%.1 (%d%d%d)"))
+  local len
+  while true do
+    line, err = sock:receive("*l")
+    if not line then return fail(err) end
+    if line == "" then break end
+    local n = line:match("^[Cc]ontent%-[Ll]ength:%s*(%d+)")
+    if n then len = tonumber(n) end
+  end
+  if not len then return fail("no Content-Length") end
+  local body
+  body, err = sock:receive(len)
+  if not body then return fail(err) end
+  sock:setkeepalive(300000, 4096)
+  local run = status == 200 and cjson.decode(body)
+  if not run then return fail("status " .. tostring(status)) end
+  answer(run)
+end
+
+function _M.pump()
+  local pump = client:_pump()
+  ngx.say(cjson.encode { starts = pump.starts, ticks = pump.ticks, late = pump.late,
+    pid = ngx.worker.pid() })
+end
+
+return _M
