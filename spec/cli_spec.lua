@@ -694,6 +694,12 @@ describe("flowservice command", function()
       assert.is_nil(report.window.since)
       code = flowservice_cmd { "retry-failed", "--flow", BULK, "--only-code", "bad code" }
       assert.equal(2, code)
+      code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--no-journal",
+        "--only-code", "CONNECTOR-1001" }
+      assert.equal(0, code)
+      assert.matches("re%-triggered:\n  [%w%-]+ %-> [%w%-]+  [%dT:%.%-]+Z  CONNECTOR%-1001%-500: source unreachable\n", out)
+      assert.matches("skipped:\n  " .. lit(fake.bulk_run_id(40)) .. "  [%dT:%.%-]+Z  CONNECTOR%-2001%-500: [^\n]*"
+        .. "%(no error code matching CONNECTOR%-1001%)", out)
     end)
 
     it_needs_bulk("looks at the last 24 hours unless told otherwise", function()

@@ -467,6 +467,18 @@ local function report_text(r, flow_id)
     line("would re-trigger:")
     for _, p in ipairs(r.planned) do line("  %s  %s", tostring(p.run_id), run_facts(p)) end
   end
+  if count(r.retriggered) > 0 then
+    line("")
+    line("re-triggered:")
+    for _, e in ipairs(r.retriggered) do
+      line("  %s -> %s  %s", tostring(e.run_id), tostring(e.new_id), run_facts(e))
+    end
+  end
+  if count(r.skipped) > 0 then
+    line("")
+    line("skipped:")
+    for _, e in ipairs(r.skipped) do line("  %s  %s  (%s)", tostring(e.run_id), run_facts(e), tostring(e.reason)) end
+  end
   if count(r.failed) > 0 then
     line("")
     line("failed:")
