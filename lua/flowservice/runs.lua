@@ -55,46 +55,50 @@ function _M.time(v, key, argn, fname, level)
   return ms
 end
 
--- Checks query (raising at the caller's argument argn) and returns the
--- `property` filters as {name, value} pairs, plus the checked query.
-function _M.filters(query, argn, fname, level)
-  level = (level or 2) + 1
+-- What every listing's query shares: a table of known fields, a whole
+-- page_size from 1 to MAX_PAGE and a whole max >= 1. level: error() style.
+local function check_query(query, fields, argn, fname, level)
   if type(query) ~= "table" then
-    args.fail(argn, fname, "query must be a table, got " .. type(query), level)
+    args.fail(argn, fname, "query must be a table, got " .. type(query), level + 1)
   end
-  for key, value in pairs(query) do
-    local want = QUERY_FIELDS[key]
-    if not want then
-      args.fail(argn, fname, format("query field '%s' is unknown", tostring(key)), level)
-    elseif want ~= "any" and type(value) ~= want then
-      args.fail(argn, fname, format("query field '%s' must be a %s, got %s", key, want, type(value)), level)
-    end
-  end
+  args.fields(query, fields, "query field", argn, fname, level + 1)
   for _, key in ipairs { "page_size", "max" } do
     if query[key] ~= nil and not args.is_integer(query[key]) then
-      args.fail(argn, fname, format("query field '%s' must be a whole number", key), level)
+      args.fail(argn, fname, format("query field '%s' must be a whole number", key), level + 1)
     end
   end
-  local since, before = _M.time(query.since, "since", argn, fname, level),
-    _M.time(query.before, "before", argn, fname, level)
   if query.page_size and (query.page_size < 1 or query.page_size > _M.MAX_PAGE) then
-    args.fail(argn, fname, "query field 'page_size' must be from 1 to " .. _M.MAX_PAGE, level)
+    args.fail(argn, fname, "query field 'page_size' must be from 1 to " .. _M.MAX_PAGE, level + 1)
   end
   if query.max and query.max < 1 then
-    args.fail(argn, fname, "query field 'max' must be at least 1", level)
+    args.fail(argn, fname, "query field 'max' must be at least 1", level + 1)
   end
+end
+
+-- query.filters, the raw `property` expressions, appended to params.
+local function add_filters(params, query, argn, fname, level)
+  for i, expression in ipairs(query.filters or {}) do
+    if type(expression) ~= "string" or expression == "" then
+      args.fail(argn, fname, format("query 'filters' entry %d must be a non-empty string", i), level + 1)
+    end
+    params[#params + 1] = { "property", expression }
+  end
+end
+
+-- Checks query (raising at the caller's argument argn) and returns the
+-- `property` filters as {name, value} pairs.
+function _M.filters(query, argn, fname, level)
+  level = (level or 2) + 1
+  check_query(query, QUERY_FIELDS, argn, fname, level)
+  local since, before = _M.time(query.since, "since", argn, fname, level),
+    _M.time(query.before, "before", argn, fname, level)
   local params = {}
   local function add(expression) params[#params + 1] = { "property", expression } end
   if query.flow_id then add("flowId==" .. query.flow_id) end
   if query.status then add("metrics.statusSummary.status==" .. statuses(query.status, argn, fname, level)) end
   if since then add("metrics.durationSummary.startedAtUTC>=" .. integer_string(since)) end
   if before then add("metrics.durationSummary.startedAtUTC<" .. integer_string(before)) end
-  for i, expression in ipairs(query.filters or {}) do
-    if type(expression) ~= "string" or expression == "" then
-      args.fail(argn, fname, format("query 'filters' entry %d must be a non-empty string", i), level)
-    end
-    add(expression)
-  end
+  add_filters(params, query, argn, fname, level) -- not a tail call: the level counts this frame
   return params
 end
 
@@ -104,36 +108,13 @@ local FLOW_QUERY_FIELDS = { state = "string", filters = "table", max = "number",
 -- The same for a flows listing: query { state = "enabled"|"disabled", filters, max, page_size, order }.
 function _M.flow_filters(query, argn, fname, level)
   level = (level or 2) + 1
-  if type(query) ~= "table" then
-    args.fail(argn, fname, "query must be a table, got " .. type(query), level)
-  end
-  for key, value in pairs(query) do
-    local want = FLOW_QUERY_FIELDS[key]
-    if not want then
-      args.fail(argn, fname, format("query field '%s' is unknown", tostring(key)), level)
-    elseif type(value) ~= want then
-      args.fail(argn, fname, format("query field '%s' must be a %s, got %s", key, want, type(value)), level)
-    end
-  end
+  check_query(query, FLOW_QUERY_FIELDS, argn, fname, level)
   if query.state and query.state ~= "enabled" and query.state ~= "disabled" then
     args.fail(argn, fname, "query field 'state' must be \"enabled\" or \"disabled\"", level)
   end
-  for _, key in ipairs { "page_size", "max" } do
-    if query[key] ~= nil and not (args.is_integer(query[key]) and query[key] >= 1) then
-      args.fail(argn, fname, format("query field '%s' must be a whole number >= 1", key), level)
-    end
-  end
-  if query.page_size and query.page_size > _M.MAX_PAGE then
-    args.fail(argn, fname, "query field 'page_size' must be from 1 to " .. _M.MAX_PAGE, level)
-  end
   local params = {}
   if query.state then params[1] = { "property", "state==" .. query.state } end
-  for i, expression in ipairs(query.filters or {}) do
-    if type(expression) ~= "string" or expression == "" then
-      args.fail(argn, fname, format("query 'filters' entry %d must be a non-empty string", i), level)
-    end
-    params[#params + 1] = { "property", expression }
-  end
+  add_filters(params, query, argn, fname, level) -- not a tail call: the level counts this frame
   return params
 end
 
