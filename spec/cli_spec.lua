@@ -285,7 +285,8 @@ describe("flowservice command", function()
       it("SIG" .. case[1] .. " during retry-failed: in-flight finished and journaled, partial report, exit "
         .. case[2] .. "; the same command resumes", function()
         local journal = tmp .. "/interrupted-" .. tests .. ".jsonl"
-        server:scenario { match = "^POST /runs/", act_then_delay = 0.5, times = 0 }
+        -- the in-flight pair answers 2 s after acting: the signal lands long before a third is sent
+        server:scenario { match = "^POST /runs/", act_then_delay = 2, times = 0 }
         local argv = { "retry-failed", "--flow", BULK, "--since", "all", "--journal", journal, "--concurrency", "2" }
         local pid, finish = spawn(argv)
         assert.is_true(server:wait_for_posts(2, 20))
@@ -314,7 +315,7 @@ describe("flowservice command", function()
     end
 
     it("SIGINT during retrigger of several runs: exit 130, the rest not attempted", function()
-      server:scenario { match = "^POST /runs/", act_then_delay = 0.5, times = 0 }
+      server:scenario { match = "^POST /runs/", act_then_delay = 2, times = 0 }
       local ids = {}
       for i = 1, 6 do ids[i] = fake.bulk_run_id(i) end
       local pid, finish = spawn { "retrigger", "--concurrency", "1", table.unpack(ids) }
