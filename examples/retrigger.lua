@@ -1,8 +1,8 @@
 -- Re-trigger failed runs given on the command line, against the real Flow
 -- Service (or any base URL), with credentials from the environment:
 --
---   FLOWSERVICE_ACCESS_TOKEN=... FLOWSERVICE_API_KEY=... FLOWSERVICE_ORG_ID=XXXX@AdobeOrg \
---   FLOWSERVICE_SANDBOX=prod lua5.4 examples/retrigger.lua RUN_ID [RUN_ID ...]
+--   AEP_ACCESS_TOKEN=... AEP_API_KEY=... AEP_ORG_ID=XXXX@AdobeOrg \
+--   AEP_SANDBOX_NAME=prod lua5.4 examples/retrigger.lua RUN_ID [RUN_ID ...]
 --
 -- Prints one line per run: the old id and the new id, or the error. Exits 1
 -- if any run failed, so a cron job notices.
@@ -23,11 +23,11 @@ if #arg == 0 then
 end
 
 local opts = {
-  access_token = env("FLOWSERVICE_ACCESS_TOKEN", true),
-  api_key = env("FLOWSERVICE_API_KEY", true),
-  org_id = env("FLOWSERVICE_ORG_ID", true),
-  sandbox = env("FLOWSERVICE_SANDBOX") or "prod",
-  base_url = env("FLOWSERVICE_BASE_URL"),
+  access_token = env("AEP_ACCESS_TOKEN", true),
+  api_key = env("AEP_API_KEY", true),
+  org_id = env("AEP_ORG_ID", true),
+  sandbox = env("AEP_SANDBOX_NAME") or "prod",
+  base_url = env("FLOWSERVICE_URL"),
 }
 
 local failures = 0
