@@ -144,6 +144,28 @@ describe("the whole sandbox", function()
       assert.equal(1, #report.outcomes.still_running)
     end)
 
+    it("a job killed while following leaves the new runs in its journal: the next follows them", function()
+      server:outcomes { after = 1.5 }
+      local journal = dir .. "/killed.jsonl"
+      local pidfile = journal .. ".pid"
+      assert.equal(0, h.sh(("env -u http_proxy -u https_proxy lua5.4 spec/support/bulk_job.lua %s %s %s 8 token 0 wait"
+        .. " >/dev/null 2>&1 & echo $! > %s"):format(server.url, F.bulk, journal, pidfile)))
+      local pid = assert(tonumber(h.read(pidfile):match("%d+")))
+      os.remove(pidfile)
+      local deadline = h.now() + 20
+      while server:stats().retriggers < 40 and h.now() < deadline do h.sleep(0.02) end
+      h.sh("kill -9 " .. pid)
+      assert.equal(40, server:stats().retriggers)
+      h.sleep(0.2)
+      local posts = server:stats().posts
+      local report = assert(client:retry_failed { flow_id = F.bulk, journal = journal, wait_runs = true,
+        wait_backoff = BACKOFF, grace = 0 })
+      assert.equal(posts, server:stats().posts) -- nothing re-triggered again
+      assert.same({}, report.retriggered)
+      assert.equal(40, #report.outcomes.succeeded)
+      os.remove(journal)
+    end)
+
     it("a resumed job follows what a stopped one left running, without re-triggering", function()
       server:outcomes { after = 1 }
       local journal = dir .. "/follow.jsonl"

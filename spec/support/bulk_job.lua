@@ -1,6 +1,7 @@
 -- A bulk job in a process of its own, for tests that kill it (SIGKILL).
---   lua5.4 spec/support/bulk_job.lua BASE_URL FLOW_ID JOURNAL CONCURRENCY [ims] [GRACE]
--- ims: OAuth credentials against the fake's IMS instead of a static token.
+--   lua5.4 spec/support/bulk_job.lua BASE_URL FLOW_ID JOURNAL CONCURRENCY [ims|token] [GRACE] [wait]
+-- ims: OAuth credentials against the fake's IMS instead of a static token;
+-- wait: follow the re-runs (wait_runs), reading them every 0.1 to 0.3 s.
 -- Run from the repository root; prints a summary line when it finishes.
 package.path = "./?.lua;build/tree/share/lua/5.4/?.lua;build/tree/share/lua/5.4/?/init.lua;" .. package.path
 package.cpath = "build/tree/lib/lua/5.4/?.so;" .. package.cpath
@@ -18,7 +19,8 @@ if arg[5] == "ims" then
 end
 local client = flowservice.new(opts)
 local report, err = client:retry_failed { flow_id = flow_id, journal = journal,
-  concurrency = concurrency, grace = tonumber(arg[6]) or 0 }
+  concurrency = concurrency, grace = tonumber(arg[6]) or 0,
+  wait_runs = arg[7] == "wait" or nil, wait_backoff = arg[7] == "wait" and { 0.1, 0.3 } or nil }
 client:close()
 if not report then
   io.write("error ", tostring(err), "\n")
