@@ -18,8 +18,9 @@ local RUNS = tonumber(os.getenv("SANDBOX_RUNS") or "1000")
 local DELAY = tonumber(os.getenv("SANDBOX_DELAY") or "0.05")
 local CONCURRENCY = tonumber(os.getenv("SANDBOX_CONCURRENCY") or "32")
 
-local dir = h.read("/proc/sys/kernel/random/uuid") and ("/tmp/flowservice-bench-" .. os.time())
-assert(h.sh("mkdir -p " .. h.q(dir)) == 0)
+local mktemp = assert(io.popen("mktemp -d /tmp/flowservice-bench.XXXXXX"))
+local dir = assert(mktemp:read("*l"))
+mktemp:close()
 
 local function journals(flow_id) return dir .. "/" .. flow_id .. ".jsonl" end
 

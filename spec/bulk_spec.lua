@@ -5,7 +5,7 @@ local fake = require "spec.support.fake"
 local h = require "spec.support.helpers"
 local cjson = require "cjson"
 
-local sh, literal, tmp_journal = h.sh, h.literal, h.tmp_journal
+local sh, literal, tmp_journal, eligible_failed = h.sh, h.literal, h.tmp_journal, h.bulk_failed_ids
 local BULK = fake.flows.bulk
 local B = fake.bulk_runs
 
@@ -21,13 +21,6 @@ end
 -- Re-triggers per source run, as the fake counted them (whatever linkage says).
 local function children(server)
   return server:stats().by_source
-end
-
--- A run id as a Lua pattern that matches it literally.
-local function eligible_failed()
-  local ids = {}
-  for i = 1, B.failed.count do ids[#ids + 1] = fake.bulk_run_id(i, "failed") end
-  return ids
 end
 
 describe("client:retry_failed", function()

@@ -9,7 +9,7 @@ local cjson = require "cjson"
 
 local BULK = fake.flows.bulk
 local B = fake.bulk_runs
-local sh, literal, tmp_journal = h.sh, h.literal, h.tmp_journal
+local sh, literal, tmp_journal, eligible_failed = h.sh, h.literal, h.tmp_journal, h.bulk_failed_ids
 local FAST = { attempts = 4, base_delay = 0.01, max_delay = 0.1 }
 
 local function entries_of(path)
@@ -22,12 +22,6 @@ local function entries_of(path)
   end
   f:close()
   return list
-end
-
-local function eligible_failed()
-  local ids = {}
-  for i = 1, B.failed.count do ids[#ids + 1] = fake.bulk_run_id(i, "failed") end
-  return ids
 end
 
 -- No run re-triggered twice; every run once, or named in `unknown`.

@@ -56,6 +56,13 @@ function _M.literal(s)
   return (tostring(s):gsub("%p", "%%%0"))
 end
 
+-- The ids of the bulk flow's failed runs (all of them eligible).
+function _M.bulk_failed_ids()
+  local ids = {}
+  for i = 1, fake.bulk_runs.failed.count do ids[#ids + 1] = fake.bulk_run_id(i, "failed") end
+  return ids
+end
+
 -- A fresh journal path under /tmp (not created).
 function _M.tmp_journal()
   local p = assert(io.popen("mktemp -u /tmp/flowservice-journal.XXXXXX"))
