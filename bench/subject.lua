@@ -4,11 +4,16 @@
 --   subject.close()
 --   subject.label     "client"
 -- Loads the module from the tree in BENCH_TREE (bench/run.lua sets it to
--- its snapshot of the `make build` tree), else build/tree; run from the
+-- its snapshot of the `make build` tree), else build/tree; under LuaJIT from
+-- the 5.1 tree beside it (BENCH_TREE_51, else build/tree-5.1). Run from the
 -- repository root.
-local tree = os.getenv("BENCH_TREE") or "build/tree"
-package.path = ("%s/share/lua/5.4/?.lua;%s/share/lua/5.4/?/init.lua;"):format(tree, tree) .. package.path
-package.cpath = ("%s/lib/lua/5.4/?.so;"):format(tree) .. package.cpath
+local jit = rawget(_G, "jit")
+local version = jit and "5.1" or _VERSION:match("%d+%.%d+")
+local tree = jit and (os.getenv("BENCH_TREE_51") or "build/tree-5.1")
+  or os.getenv("BENCH_TREE") or "build/tree"
+package.path = ("%s/share/lua/%s/?.lua;%s/share/lua/%s/?/init.lua;"):format(tree, version, tree, version)
+  .. package.path
+package.cpath = ("%s/lib/lua/%s/?.so;"):format(tree, version) .. package.cpath
 
 local flowservice = require "flowservice"
 
@@ -26,7 +31,7 @@ function _M.open(base_url, ca_file)
   }
   local client = assert(flowservice.new(opts))
   return {
-    label = "client",
+    label = jit and "client-luajit" or "client",
     call = function() return client:retrigger(run_id) end,
     close = function() client:close() end,
   }

@@ -36,6 +36,7 @@
 typedef struct fs_client {
   fs_engine engine;
   fs_url_cache urls;
+  fs_template *tmpl;  /* its run actions' constant part (request.h) */
   int closed;
 } fs_client;
 
@@ -46,7 +47,8 @@ typedef struct fs_call {
   fs_transfer t;
   int kind;
   int taken;          /* its result was handed to Lua */
-  char *request_id;   /* the x-request-id sent */
+  char *request_id;   /* the x-request-id sent: id_buf, or malloc'd when longer */
+  char id_buf[40];
 } fs_call;
 
 
@@ -219,7 +221,8 @@ static int call_results(lua_State *L, fs_call *c) {
 static int call_gc(lua_State *L) {
   fs_call *c = (fs_call *)luaL_checkudata(L, 1, FS_TRANSFER_MT);
   fs_transfer_free(&c->t);
-  free(c->request_id);
+  if (c->request_id != c->id_buf)
+    free(c->request_id);
   c->request_id = NULL;
   return 0;
 }
@@ -237,11 +240,15 @@ static fs_call *call_start(lua_State *L, fs_client *client, int kind,
   luaL_getmetatable(L, FS_TRANSFER_MT);
   lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
   c->kind = kind;
-  c->request_id = (char *)malloc(strlen(r->header[H_REQUEST_ID]) + 1);
-  if (c->request_id == NULL)
-    luaL_error(L, "flowservice: out of memory");
-  strcpy(c->request_id, r->header[H_REQUEST_ID]);
-  rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body, kind == FS_RUN_ACTION);
+  {
+    size_t n = strlen(r->header[H_REQUEST_ID]);
+    c->request_id = n < sizeof c->id_buf ? c->id_buf : (char *)malloc(n + 1);
+    if (c->request_id == NULL)
+      luaL_error(L, "flowservice: out of memory");
+    memcpy(c->request_id, r->header[H_REQUEST_ID], n + 1);
+  }
+  rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body, kind == FS_RUN_ACTION,
+                           r->tmpl != NULL ? fs_template_config(r->tmpl) : 0);
   if (rc != CURLE_OK)
     luaL_error(L, "flowservice: libcurl setup failed: %s", curl_easy_strerror(rc));
   fs_request_apply(L, &c->t, r);
@@ -318,11 +325,16 @@ static int transfer_submit(lua_State *L) {
 ** Clients
 */
 
-static int client_gc(lua_State *L) {
-  fs_client *c = (fs_client *)luaL_checkudata(L, 1, FS_CLIENT_MT);
+static void client_free(fs_client *c) {
   fs_engine_free(&c->engine);
   fs_url_cache_free(&c->urls);
+  fs_template_free(c->tmpl);  /* transfers hold their own share of its lines */
+  c->tmpl = NULL;
   c->closed = 1;
+}
+
+static int client_gc(lua_State *L) {
+  client_free((fs_client *)luaL_checkudata(L, 1, FS_CLIENT_MT));
   return 0;
 }
 
@@ -355,6 +367,8 @@ static fs_call *start_run_action(lua_State *L, fs_client *client, int run_arg,
   memset(&r, 0, sizeof r);
   r.cache = &client->urls;
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
+  r.engine = &client->engine;
+  r.tmpl_slot = &client->tmpl;
   fs_request_options(L, opts_arg, 0, &r);
   fs_request_run_action(L, run_arg, &r);
   c = call_start(L, client, FS_RUN_ACTION, &r);
@@ -370,6 +384,7 @@ static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
   memset(&r, 0, sizeof r);
   r.cache = &client->urls;
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
+  r.engine = &client->engine;
   fs_request_shape(L, shape_arg, &r);
   fs_request_options(L, opts_arg, r.identity ? 0 : FS_NO_IDENTITY, &r);
   c = call_start(L, client, FS_RAW, &r);
@@ -505,9 +520,7 @@ static int core_retrigger(lua_State *L) {
   lua_settop(L, 2);
   client = client_new(L);
   n = finish(L, client, start_run_action(L, client, 1, 2, 1));
-  fs_engine_free(&client->engine);
-  fs_url_cache_free(&client->urls);
-  client->closed = 1;
+  client_free(client);
   return n;
 }
 

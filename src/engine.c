@@ -1,4 +1,5 @@
 #define _POSIX_C_SOURCE 200809L  /* getpid */
+#define _DEFAULT_SOURCE          /* MAP_ANONYMOUS, madvise, getrandom */
 
 #include <errno.h>
 #include <poll.h>
@@ -12,6 +13,24 @@
 #if FS_HAVE_EPOLL
 #include <sys/epoll.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <sys/random.h>
+#endif
+#if defined(__linux__) && defined(MADV_WIPEONFORK) && !defined(FS_NO_WIPEONFORK)
+#define FS_HAVE_WIPEONFORK 1
+#else
+#define FS_HAVE_WIPEONFORK 0
+#endif
+
+/* Random bytes fetched per getrandom(): 128 request ids. */
+#define FS_RANDOM_POOL 2048
+
+struct fs_process {
+  int alive;                        /* 1 in the process that armed it; 0 (wiped) in a child */
+  size_t left;                      /* unused bytes at the end of pool */
+  unsigned char pool[FS_RANDOM_POOL];
+};
 
 /* Ready sockets handled per epoll_wait, and at most this many rounds a step. */
 #define FS_EVENTS 64
@@ -28,6 +47,88 @@ static long long monotonic_us(void) {
   if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
     return 0;
   return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* ---------------------------------------------------------------------
+** The process: fork checks and random bytes
+*/
+
+/* A page the kernel zeroes in a forked child, or NULL (then getpid). */
+static fs_process *process_open(void) {
+#if FS_HAVE_WIPEONFORK
+  void *page = mmap(NULL, sizeof(fs_process), PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (page == MAP_FAILED)
+    return NULL;
+  if (madvise(page, sizeof(fs_process), MADV_WIPEONFORK) != 0) {  /* kernel < 4.14 */
+    (void)munmap(page, sizeof(fs_process));
+    return NULL;
+  }
+  ((fs_process *)page)->alive = 1;
+  ((fs_process *)page)->left = 0;
+  return (fs_process *)page;
+#else
+  return NULL;
+#endif
+}
+
+static void process_close(fs_process *p) {
+#if FS_HAVE_WIPEONFORK
+  if (p != NULL)
+    (void)munmap((void *)p, sizeof(fs_process));
+#else
+  (void)p;
+#endif
+}
+
+static int engine_forked(const fs_engine *e) {
+  if (e->proc != NULL)
+    return !e->proc->alive;
+  return (long)getpid() != e->pid;
+}
+
+void fs_engine_random(fs_engine *e, unsigned char *out, size_t n) {
+  size_t got = 0;
+  fs_process *p = e->proc;
+#if defined(__linux__)
+  if (p != NULL && p->alive && n <= FS_RANDOM_POOL) {
+    if (p->left < n) {
+      ssize_t r = getrandom(p->pool, sizeof p->pool, GRND_NONBLOCK);
+      p->left = r == (ssize_t)sizeof p->pool ? sizeof p->pool : 0;
+    }
+    if (p->left >= n) {  /* each byte handed out once, then gone */
+      p->left -= n;
+      memcpy(out, p->pool + p->left, n);
+      memset(p->pool + p->left, 0, n);
+      return;
+    }
+  }
+  {
+    ssize_t r = getrandom(out, n, GRND_NONBLOCK);
+    got = r > 0 ? (size_t)r : 0;
+  }
+#else
+  (void)p;
+#endif
+  if (got < n) {  /* a tracing id, not a secret: a weak fallback is fine */
+    unsigned long x = (unsigned long)time(NULL) ^ (unsigned long)clock()
+                      ^ (unsigned long)(size_t)&got ^ (unsigned long)monotonic_us();
+    for (; got < n; got++) {
+      x = x * 6364136223846793005UL + 1442695040888963407UL;
+      out[got] = (unsigned char)(x >> 33);
+    }
+  }
+}
+
+unsigned long fs_engine_new_config(fs_engine *e) {
+  return ++e->configs;
+}
+
+void fs_tail_release(fs_tail *tail) {
+  if (tail != NULL && --tail->refs == 0) {
+    curl_slist_free_all(tail->list);
+    free(tail);
+  }
 }
 
 /* ---------------------------------------------------------------------
@@ -140,6 +241,7 @@ int fs_engine_init(fs_engine *e) {
   e->epfd = -1;
   e->max_idle_seconds = FS_MAX_IDLE_SECONDS;
   e->pid = (long)getpid();
+  e->proc = process_open();
   return engine_open(e);
 }
 
@@ -176,7 +278,19 @@ static void engine_unlink(fs_transfer *t) {
   t->engine = NULL;
 }
 
-/* Give t's easy handle back: to the pool while there is room. */
+/* The lines t owns (plain memory), and its hold on the shared ones. */
+static void transfer_free_headers(fs_transfer *t) {
+  if (t->headers_last != NULL)
+    t->headers_last->next = NULL;  /* ours end here; the rest is not ours */
+  curl_slist_free_all(t->headers);
+  t->headers = t->headers_last = t->head = NULL;
+  fs_tail_release(t->tail);
+  t->tail = NULL;
+}
+
+/* Give t's easy handle back: to the pool while there is room, still set
+** up for t's configuration (the next transfer with the same one sets only
+** its own options); nothing in it points at t any more. */
 static void engine_release(fs_transfer *t) {
   fs_engine *e = t->engine;
   if (t->submitted) {
@@ -185,19 +299,19 @@ static void engine_release(fs_transfer *t) {
     e->nsubmitted--;
   }
   if (e->nidle < FS_IDLE_HANDLES) {
-    curl_easy_reset(t->easy);  /* keeps the DNS and TLS session caches */
+    /* a handle outside the multi runs no callback; these only keep it
+    ** from holding addresses that are about to be freed */
+    (void)curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, (struct curl_slist *)NULL);
+    (void)curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, (char *)NULL);
+    (void)curl_easy_setopt(t->easy, CURLOPT_PRIVATE, (void *)NULL);
+    e->idle_config[e->nidle] = t->config;
     e->idle[e->nidle++] = t->easy;
   } else {
     curl_easy_cleanup(t->easy);
   }
   t->easy = NULL;
-  curl_slist_free_all(t->headers);
-  t->headers = NULL;
+  transfer_free_headers(t);
   engine_unlink(t);
-}
-
-static int engine_forked(const fs_engine *e) {
-  return (long)getpid() != e->pid;
 }
 
 /* Whether an unfinished transfer's request may have left. With the
@@ -231,14 +345,17 @@ static void engine_forget(fs_engine *e) {
     transfer_abort(t, 1, "the process forked while the request was in flight");
     t->easy = NULL;
     t->submitted = 0;
-    curl_slist_free_all(t->headers);  /* plain memory: this process's copy */
-    t->headers = NULL;
+    transfer_free_headers(t);  /* plain memory: this process's copy */
     engine_unlink(t);
   }
   e->nidle = 0;
   e->multi = NULL;
   e->nsubmitted = 0;
   e->pid = (long)getpid();
+  if (e->proc != NULL) {  /* the child's page, wiped: arm it for this process */
+    e->proc->left = 0;
+    e->proc->alive = 1;
+  }
   engine_close_set(e);
   free(e->finished);  /* plain memory: this process's copy */
   e->finished = NULL;
@@ -248,6 +365,8 @@ static void engine_forget(fs_engine *e) {
 void fs_engine_free(fs_engine *e) {
   if (engine_forked(e)) {
     engine_forget(e);
+    process_close(e->proc);  /* this process's copy of the page */
+    e->proc = NULL;
     return;
   }
   while (e->attached != NULL) {
@@ -258,8 +377,7 @@ void fs_engine_free(fs_engine *e) {
     t->submitted = 0;
     curl_easy_cleanup(t->easy);
     t->easy = NULL;
-    curl_slist_free_all(t->headers);
-    t->headers = NULL;
+    transfer_free_headers(t);
     engine_unlink(t);
   }
   while (e->nidle > 0)
@@ -269,6 +387,8 @@ void fs_engine_free(fs_engine *e) {
     e->multi = NULL;
   }
   e->nsubmitted = 0;
+  process_close(e->proc);
+  e->proc = NULL;
   engine_close_set(e);
   free(e->finished);
   e->finished = NULL;
@@ -379,12 +499,24 @@ static int transfer_on_prereq(void *ud, char *primary_ip, char *local_ip,
 }
 #endif
 
-CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int once) {
+CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int once,
+                             unsigned long config) {
   CURLcode rc = CURLE_OK;
   t->max_body = max_body;
   t->once = once;
   t->retry_after = -1;
-  t->easy = e->nidle > 0 ? e->idle[--e->nidle] : curl_easy_init();
+  t->config = config;
+  t->configured = 0;
+  if (e->nidle > 0) {
+    e->nidle--;
+    t->easy = e->idle[e->nidle];
+    if (config != 0 && e->idle_config[e->nidle] == config)
+      t->configured = 1;
+    else
+      curl_easy_reset(t->easy);  /* keeps the DNS and TLS session caches */
+  } else {
+    t->easy = curl_easy_init();
+  }
   if (t->easy == NULL)
     return CURLE_OUT_OF_MEMORY;
   engine_link(e, t);
@@ -392,12 +524,17 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
   if (rc == CURLE_OK) rc = curl_easy_setopt(t->easy, opt, val)
   FS_SET(CURLOPT_PRIVATE, (void *)t);
   FS_SET(CURLOPT_ERRORBUFFER, t->errbuf);
+  FS_SET(CURLOPT_WRITEDATA, (void *)t);
+  FS_SET(CURLOPT_HEADERDATA, (void *)t);
+#if FS_HAVE_PREREQ
+  FS_SET(CURLOPT_PREREQDATA, (void *)t);
+#endif
+  if (t->configured)  /* the rest is the configuration's, already set */
+    return rc;
   FS_SET(CURLOPT_NOSIGNAL, 1L);
   FS_SET(CURLOPT_FOLLOWLOCATION, 0L);  /* a redirect would carry the token */
   FS_SET(CURLOPT_WRITEFUNCTION, transfer_on_body);
-  FS_SET(CURLOPT_WRITEDATA, (void *)t);
   FS_SET(CURLOPT_HEADERFUNCTION, transfer_on_header);
-  FS_SET(CURLOPT_HEADERDATA, (void *)t);
   FS_SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)max_body);
 #if FS_CURL_AT_LEAST(7, 85, 0)
   FS_SET(CURLOPT_PROTOCOLS_STR, "http,https");
@@ -407,7 +544,6 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
   FS_SET(CURLOPT_MAXAGE_CONN, e->max_idle_seconds);
 #if FS_HAVE_PREREQ
   FS_SET(CURLOPT_PREREQFUNCTION, transfer_on_prereq);
-  FS_SET(CURLOPT_PREREQDATA, (void *)t);
 #else
   if (once) {  /* libcurl resends only on reused connections */
     FS_SET(CURLOPT_FRESH_CONNECT, 1L);

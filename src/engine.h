@@ -62,6 +62,31 @@ struct pollfd;
 
 typedef struct fs_transfer fs_transfer;
 
+/*
+** What an engine knows of the process it runs in, on a page of its own
+** that the kernel hands a forked child zeroed (MADV_WIPEONFORK, Linux
+** 4.14): `alive` reads 0 in a child, so a fork check is a load, not a
+** getpid() system call, and the random bytes kept for request ids are
+** never the parent's. Without the page (madvise refused, or built with
+** -DFS_NO_WIPEONFORK) the engine compares getpid() and asks getrandom for
+** every id, as before.
+*/
+typedef struct fs_process fs_process;
+
+/*
+** Header lines that every request of one client configuration sends
+** (identity, Content-Type, Accept, User-Agent), built once and shared by
+** its transfers: each transfer links its own lines (x-request-id,
+** If-Match, extra headers) in front. Freed when the last holder lets go.
+*/
+typedef struct fs_tail {
+  int refs;
+  struct curl_slist *list;
+} fs_tail;
+
+/* Drop one reference; frees the list with the last one. NULL is fine. */
+void fs_tail_release(fs_tail *tail);
+
 typedef struct fs_engine {
   CURLM *multi;
   fs_transfer *attached;        /* transfers holding one of our easy handles */
@@ -69,6 +94,10 @@ typedef struct fs_engine {
   int nidle;
   long max_idle_seconds;        /* connections idle longer are not reused */
   long pid;                     /* the process that made the multi handle */
+  fs_process *proc;             /* its wipe-on-fork page, or NULL */
+  unsigned long configs;        /* configuration numbers handed out */
+  unsigned long idle_config[FS_IDLE_HANDLES];  /* what each idle handle is
+                                ** set up for (0: must be reset first) */
   int nsubmitted;               /* transfers in the multi handle */
   /* the sockets libcurl watches, and its timer */
   int epfd;                     /* the epoll set (-1 without) */
@@ -89,7 +118,17 @@ struct fs_transfer {
   fs_engine *engine;          /* while attached: from prepare until finish */
   fs_transfer *prev, *next;   /* in engine->attached */
   CURL *easy;                 /* borrowed from the engine while attached */
-  struct curl_slist *headers;
+  unsigned long config;       /* the constant options its handle carries (0:
+                              ** none beyond this transfer's own) */
+  int configured;             /* the handle came set up for config: only the
+                              ** per-transfer options are left to set */
+  struct curl_slist *head;    /* the header list libcurl reads */
+  struct curl_slist *headers; /* the lines this transfer owns (malloc'd); its
+                              ** last node may link on to id_node or tail */
+  struct curl_slist *headers_last;
+  struct curl_slist id_node;  /* x-request-id, kept in id_line, when it fits */
+  char id_line[72];
+  fs_tail *tail;              /* shared lines after ours, or NULL */
   int once;                   /* creates a run: never sent twice */
   int watched;                /* listed in engine->finished when it ends */
   int submitted;
@@ -129,7 +168,15 @@ void fs_engine_free(fs_engine *e);
 ** never be sent twice (see FS_RESEND_GUARD). Returns CURLE_OK or the first
 ** failing CURLcode.
 */
-CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int once);
+CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int once,
+                             unsigned long config);
+/* A new configuration number: handles set up for one are reused as they
+** are by the next transfer asking for it (fs_transfer_prepare's config;
+** 0 asks for a handle reset to libcurl's defaults). */
+unsigned long fs_engine_new_config(fs_engine *e);
+/* n random bytes for a request id: from a buffer refilled by one
+** getrandom() per 128 ids, dropped in a forked child (see fs_process). */
+void fs_engine_random(fs_engine *e, unsigned char *out, size_t n);
 CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t);
 /* Drive every transfer without blocking: act on the ready sockets and a
 ** due timer; finished ones get done = 1. *running: transfers still in the

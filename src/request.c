@@ -262,14 +262,22 @@ static void check_extra_headers(lua_State *L, int opts, fs_request *r) {
   }
 }
 
-/* A fresh id per attempt lets Adobe support find the exact request. */
-static const char *push_request_id(lua_State *L) {
+/* A fresh id per attempt lets Adobe support find the exact request:
+** random bytes from the client's engine (kernel randomness, fetched in
+** batches), else from getrandom() itself. */
+static const char *push_request_id(lua_State *L, fs_engine *engine) {
   unsigned char b[16];
   char id[36];
   size_t got = 0;
+  if (engine != NULL) {
+    fs_engine_random(engine, b, sizeof b);
+    got = sizeof b;
+  }
 #if defined(__linux__)
-  ssize_t n = getrandom(b, sizeof b, GRND_NONBLOCK);
-  got = n > 0 ? (size_t)n : 0;
+  if (got < sizeof b) {
+    ssize_t n = getrandom(b, sizeof b, GRND_NONBLOCK);
+    got = n > 0 ? (size_t)n : 0;
+  }
 #endif
   if (got < sizeof b) {  /* a tracing id, not a secret: a weak fallback is fine */
     unsigned long x = (unsigned long)time(NULL) ^ (unsigned long)clock()
@@ -380,21 +388,224 @@ static void read_identity(lua_State *L, const opt_values *v, int flags, fs_reque
   r->header[H_SANDBOX] = opt_nonblank(L, v, O_SANDBOX, FS_DEFAULT_SANDBOX, 0);
 }
 
+/* The options one call may change; every other one is the template's. */
+static int per_call_option(int i) {
+  return i == O_IF_MATCH || i == O_REQUEST_ID || i == O_HEADERS || i == O_TIMEOUT;
+}
+
+/* The headers a template sends, in wire order after the call's own. */
+static const int template_headers[] = {
+  H_AUTHORIZATION, H_API_KEY, H_ORG_ID, H_SANDBOX, H_CONTENT_TYPE, H_ACCEPT, H_USER_AGENT
+};
+#define FS_TEMPLATE_HEADERS (sizeof template_headers / sizeof template_headers[0])
+
+struct fs_template {
+  unsigned long config;       /* the engine's number for these options */
+  int flags;
+  /* the raw values it was made from, to recognise them: copies in block */
+  int present[O_COUNT];
+  const char *str[O_COUNT];
+  size_t len[O_COUNT];
+  lua_Number num[O_COUNT];
+  int boolean[O_COUNT];
+  /* what they mean, checked: strings in block */
+  const char *header[H_COUNT];
+  const char *base_url, *op, *ca_file, *ca_path, *proxy;
+  long connect_timeout_ms;
+  int insecure;
+  size_t max_body;
+  char *url_head;             /* "{prefix}/runs/", or NULL: no fast URL */
+  char *url_tail;             /* "/action?op={escaped op}" */
+  size_t url_head_len, url_tail_len;
+  fs_tail *tail;              /* the header lines above, shared */
+  char *block;
+};
+
+void fs_template_free(fs_template *tmpl) {
+  if (tmpl == NULL)
+    return;
+  fs_tail_release(tmpl->tail);
+  free(tmpl->block);
+  free(tmpl->url_head);
+  free(tmpl);
+}
+
+unsigned long fs_template_config(const fs_template *tmpl) {
+  return tmpl->config;
+}
+
+static int template_matches(const fs_template *t, const opt_values *v, int flags) {
+  int i;
+  if (t->flags != flags)
+    return 0;
+  for (i = 0; i < O_COUNT; i++) {
+    if (per_call_option(i))
+      continue;
+    if (v->present[i] != t->present[i])
+      return 0;
+    if (!v->present[i])
+      continue;
+    if (request_options[i].type == LUA_TSTRING) {
+      if (v->len[i] != t->len[i] || memcmp(v->str[i], t->str[i], v->len[i]) != 0)
+        return 0;
+    } else if (request_options[i].type == LUA_TNUMBER) {
+      if (!(v->num[i] == t->num[i]))  /* NaN never matches: checked again */
+        return 0;
+    } else if (v->boolean[i] != t->boolean[i]) {
+      return 0;
+    }
+  }
+  return 1;
+}
+
+/* Copies s (len bytes, or to its NUL) into *at; NULL stays NULL. */
+static const char *block_copy(char **at, const char *s, size_t len) {
+  char *d = *at;
+  if (s == NULL)
+    return NULL;
+  memcpy(d, s, len);
+  d[len] = '\0';
+  *at += len + 1;
+  return d;
+}
+
+static size_t block_size(const char *s) {
+  return s != NULL ? strlen(s) + 1 : 0;
+}
+
+static struct curl_slist *append_line(struct curl_slist *list, const char *name,
+                                      const char *value, int *failed);
+
+/* A template for r's options as checked (before opts.headers): NULL when
+** out of memory (then the call is built without one). */
+static fs_template *template_new(const opt_values *v, int flags, const fs_request *r) {
+  fs_template *t = (fs_template *)calloc(1, sizeof *t);
+  size_t size = 0, k;
+  int i, failed = 0;
+  char *at;
+  if (t == NULL)
+    return NULL;
+  for (i = 0; i < O_COUNT; i++)
+    if (!per_call_option(i) && v->present[i] && request_options[i].type == LUA_TSTRING)
+      size += v->len[i] + 1;
+  for (k = 0; k < FS_TEMPLATE_HEADERS; k++)
+    size += block_size(r->header[template_headers[k]]);
+  size += block_size(r->base_url) + block_size(r->op) + block_size(r->ca_file)
+          + block_size(r->ca_path) + block_size(r->proxy);
+  t->block = at = (char *)malloc(size + 1);
+  t->tail = (fs_tail *)calloc(1, sizeof *t->tail);
+  if (t->block == NULL || t->tail == NULL) {
+    free(t->tail);
+    t->tail = NULL;
+    fs_template_free(t);
+    return NULL;
+  }
+  t->tail->refs = 1;
+  t->flags = flags;
+  for (i = 0; i < O_COUNT; i++) {
+    if (per_call_option(i) || !v->present[i])
+      continue;
+    t->present[i] = 1;
+    t->num[i] = v->num[i];
+    t->boolean[i] = v->boolean[i];
+    t->len[i] = v->len[i];
+    if (request_options[i].type == LUA_TSTRING)
+      t->str[i] = block_copy(&at, v->str[i], v->len[i]);
+  }
+  for (k = 0; k < FS_TEMPLATE_HEADERS; k++) {
+    int h = template_headers[k];
+    const char *value = r->header[h];
+    t->header[h] = block_copy(&at, value, value ? strlen(value) : 0);
+    if (value != NULL)
+      t->tail->list = append_line(t->tail->list, header_names[h], t->header[h], &failed);
+  }
+  t->base_url = block_copy(&at, r->base_url, strlen(r->base_url));
+  t->op = block_copy(&at, r->op, strlen(r->op));
+  t->ca_file = block_copy(&at, r->ca_file, r->ca_file ? strlen(r->ca_file) : 0);
+  t->ca_path = block_copy(&at, r->ca_path, r->ca_path ? strlen(r->ca_path) : 0);
+  t->proxy = block_copy(&at, r->proxy, r->proxy ? strlen(r->proxy) : 0);
+  t->connect_timeout_ms = r->connect_timeout_ms;
+  t->insecure = r->insecure;
+  t->max_body = r->max_body;
+  /* the hot URL: the run id (unreserved bytes only) goes between the two */
+  if (r->cache != NULL && r->cache->prefix != NULL && strcmp(r->cache->base_url, r->base_url) == 0) {
+    char *op = curl_easy_escape(NULL, r->op, 0);
+    size_t plen = strlen(r->cache->prefix);
+    if (op != NULL) {
+      t->url_head_len = plen + sizeof "/runs/" - 1;
+      t->url_tail_len = sizeof "/action?op=" - 1 + strlen(op);
+      t->url_head = (char *)malloc(t->url_head_len + t->url_tail_len + 2);
+      if (t->url_head != NULL) {
+        t->url_tail = t->url_head + t->url_head_len + 1;
+        memcpy(t->url_head, r->cache->prefix, plen);
+        strcpy(t->url_head + plen, "/runs/");
+        strcpy(t->url_tail, "/action?op=");
+        strcpy(t->url_tail + sizeof "/action?op=" - 1, op);
+      }
+      curl_free(op);
+    }
+    if (t->url_head == NULL)
+      failed = 1;
+  }
+  if (failed) {
+    fs_template_free(t);
+    return NULL;
+  }
+  return t;
+}
+
+/* The template's checked values into r. */
+static void use_template(fs_request *r, fs_template *t) {
+  size_t k;
+  for (k = 0; k < FS_TEMPLATE_HEADERS; k++)
+    r->header[template_headers[k]] = t->header[template_headers[k]];
+  r->base_url = t->base_url;
+  r->op = t->op;
+  r->max_body = t->max_body;
+  r->connect_timeout_ms = t->connect_timeout_ms;
+  r->ca_file = t->ca_file;
+  r->ca_path = t->ca_path;
+  r->proxy = t->proxy;
+  r->insecure = t->insecure;
+  r->tmpl = t;
+}
+
+/* What one call may change, checked on every call. */
+static void read_per_call(lua_State *L, int opts, const opt_values *v, fs_request *r) {
+  const char **h = r->header;
+  h[H_REQUEST_ID] = opt_string(L, v, O_REQUEST_ID, NULL, 0);
+  if (h[H_REQUEST_ID] == NULL || is_blank(h[H_REQUEST_ID], v->len[O_REQUEST_ID]))
+    h[H_REQUEST_ID] = push_request_id(L, r->engine);  /* every attempt has an id to trace */
+  h[H_IF_MATCH] = opt_nonblank(L, v, O_IF_MATCH, NULL, 0);  /* else: unconditional */
+  r->timeout_ms = opt_milliseconds(L, v, O_TIMEOUT, FS_DEFAULT_TIMEOUT);
+  r->headers_table = 0;
+  if (v->present[O_HEADERS]) {
+    lua_pushliteral(L, "headers");
+    lua_rawget(L, opts);
+    r->headers_table = lua_gettop(L);  /* stays: fs_request_apply reads it again */
+  }
+  check_extra_headers(L, opts, r);
+}
+
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   const char **h = r->header;
   opt_values v;
   luaL_checktype(L, opts, LUA_TTABLE);
   luaL_checkstack(L, 12, "request options");  /* what we keep, and pairs */
   read_options(L, opts, &v);
+  if (r->tmpl_slot != NULL && *r->tmpl_slot != NULL
+      && template_matches(*r->tmpl_slot, &v, flags)) {  /* checked before */
+    use_template(r, *r->tmpl_slot);
+    read_per_call(L, opts, &v, r);
+    return;
+  }
   if (!(flags & FS_NO_IDENTITY))
     read_identity(L, &v, flags, r);
   if (h[H_CONTENT_TYPE] == NULL)
     h[H_CONTENT_TYPE] = "application/json";
   h[H_ACCEPT] = "application/json";
-  h[H_REQUEST_ID] = opt_string(L, &v, O_REQUEST_ID, NULL, 0);
-  if (h[H_REQUEST_ID] == NULL || is_blank(h[H_REQUEST_ID], v.len[O_REQUEST_ID]))
-    h[H_REQUEST_ID] = push_request_id(L);  /* every attempt has an id to trace */
-  h[H_IF_MATCH] = opt_nonblank(L, &v, O_IF_MATCH, NULL, 0);  /* else: unconditional */
+  (void)opt_string(L, &v, O_REQUEST_ID, NULL, 0);  /* checked in this order */
+  (void)opt_nonblank(L, &v, O_IF_MATCH, NULL, 0);
   h[H_USER_AGENT] = opt_string(L, &v, O_USER_AGENT, NULL, 0);
   if (h[H_USER_AGENT] == NULL)
     h[H_USER_AGENT] = r->default_user_agent ? r->default_user_agent : push_user_agent(L);
@@ -402,20 +613,23 @@ void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   check_base_url(L, opts, r->base_url, r->cache);
   r->op = opt_string(L, &v, O_OP, FS_DEFAULT_OP, 0);
   r->max_body = opt_bytes(L, &v, O_MAX_BODY, FS_DEFAULT_MAX_BODY);
-  r->timeout_ms = opt_milliseconds(L, &v, O_TIMEOUT, FS_DEFAULT_TIMEOUT);
+  (void)opt_milliseconds(L, &v, O_TIMEOUT, FS_DEFAULT_TIMEOUT);
   r->connect_timeout_ms = opt_milliseconds(L, &v, O_CONNECT_TIMEOUT,
                                            FS_DEFAULT_CONNECT_TIMEOUT);
   r->ca_file = opt_string(L, &v, O_CA_FILE, NULL, 0);
   r->ca_path = opt_string(L, &v, O_CA_PATH, NULL, 0);
   r->proxy = opt_string(L, &v, O_PROXY, NULL, 0);
   r->insecure = v.boolean[O_INSECURE];
-  r->headers_table = 0;
-  if (v.present[O_HEADERS]) {
-    lua_pushliteral(L, "headers");
-    lua_rawget(L, opts);
-    r->headers_table = lua_gettop(L);  /* stays: fs_request_apply reads it again */
+  if (r->tmpl_slot != NULL && r->engine != NULL) {  /* run actions: remember them */
+    fs_template *t = template_new(&v, flags, r);
+    if (t != NULL) {
+      t->config = fs_engine_new_config(r->engine);
+      fs_template_free(*r->tmpl_slot);
+      *r->tmpl_slot = t;
+      use_template(r, t);
+    }
   }
-  check_extra_headers(L, opts, r);
+  read_per_call(L, opts, &v, r);
 }
 
 
@@ -718,40 +932,49 @@ static void apply_check(lua_State *L, CURLcode rc) {
 
 /* "Name: value", or "Name;", libcurl's way to send an empty value (a value
 ** of only spaces and tabs is one: "Name:  " would send no header at all).
-** Lines are built on the C stack: this runs nine times a call. */
-static void add_header(lua_State *L, fs_transfer *t, const char *name,
-                       const char *value) {
+** Lines are built on the C stack; *failed is set when out of memory. */
+static struct curl_slist *append_line(struct curl_slist *list, const char *name,
+                                      const char *value, int *failed) {
   char buffer[2048];
   size_t n = strlen(name), v = strlen(value);
-  const char *line = buffer;
-  struct curl_slist *list;
+  char *line = buffer;
+  struct curl_slist *longer;
   if (is_blank(value, v))
     v = 0;
   if (n + v + 3 > sizeof buffer) {
-    line = v > 0 ? lua_pushfstring(L, "%s: %s", name, value)  /* a long token, say */
-                 : lua_pushfstring(L, "%s;", name);
-  } else {
-    memcpy(buffer, name, n);
-    if (v > 0) {
-      memcpy(buffer + n, ": ", 2);
-      memcpy(buffer + n + 2, value, v + 1);
-    } else {
-      memcpy(buffer + n, ";", 2);
+    line = (char *)malloc(n + v + 3);  /* a long token, say */
+    if (line == NULL) {
+      *failed = 1;
+      return list;
     }
   }
-  list = curl_slist_append(t->headers, line);
+  memcpy(line, name, n);
+  if (v > 0) {
+    memcpy(line + n, ": ", 2);
+    memcpy(line + n + 2, value, v + 1);
+  } else {
+    memcpy(line + n, ";", 2);
+  }
+  longer = curl_slist_append(list, line);
   if (line != buffer)
-    lua_pop(L, 1);
-  if (list == NULL)
-    luaL_error(L, "flowservice: out of memory");
-  t->headers = list;
+    free(line);
+  if (longer == NULL) {
+    *failed = 1;
+    return list;
+  }
+  return longer;
 }
 
-static void add_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
-  int i;
-  for (i = r->identity ? 0 : H_PROTECTED + 1; i < H_COUNT; i++)
-    if (r->header[i] != NULL)
-      add_header(L, t, header_names[i], r->header[i]);
+static void add_header(lua_State *L, fs_transfer *t, const char *name,
+                       const char *value) {
+  int failed = 0;
+  t->headers = append_line(t->headers, name, value, &failed);
+  if (failed)
+    luaL_error(L, "flowservice: out of memory");
+}
+
+/* opts.headers' names that are not ours, in the table's order. */
+static void add_extra_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
   if (r->headers_table == 0)
     return;
   lua_pushnil(L);  /* second pass: the names that are not ours */
@@ -763,32 +986,119 @@ static void add_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
   }
 }
 
+/* Every line owned by t. */
+static void add_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
+  int i;
+  for (i = r->identity ? 0 : H_PROTECTED + 1; i < H_COUNT; i++)
+    if (r->header[i] != NULL)
+      add_header(L, t, header_names[i], r->header[i]);
+  add_extra_headers(L, t, r);
+  t->head = t->headers;
+}
+
+/* A template's request: If-Match and extra headers (owned), x-request-id
+** (in t when it fits), then the template's shared lines. */
+static void add_call_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
+  const char *id = r->header[H_REQUEST_ID];
+  size_t n = strlen(id);
+  struct curl_slist *own;
+  if (r->header[H_IF_MATCH] != NULL)
+    add_header(L, t, header_names[H_IF_MATCH], r->header[H_IF_MATCH]);
+  add_extra_headers(L, t, r);
+  if (n + sizeof "x-request-id: " <= sizeof t->id_line && !is_blank(id, n)) {
+    memcpy(t->id_line, "x-request-id: ", sizeof "x-request-id: " - 1);
+    memcpy(t->id_line + sizeof "x-request-id: " - 1, id, n + 1);
+    t->id_node.data = t->id_line;
+    t->id_node.next = NULL;
+    own = &t->id_node;
+  } else {
+    add_header(L, t, header_names[H_REQUEST_ID], id);
+    own = NULL;
+  }
+  for (t->headers_last = t->headers; t->headers_last != NULL && t->headers_last->next != NULL;
+       t->headers_last = t->headers_last->next)
+    ;
+  t->tail = r->tmpl->tail;  /* from here on freed with t */
+  t->tail->refs++;
+  if (own != NULL)
+    own->next = t->tail->list;
+  else
+    own = t->tail->list;
+  if (t->headers_last != NULL)
+    t->headers_last->next = own;  /* cut again before our lines are freed */
+  t->head = t->headers != NULL ? t->headers : own;
+}
+
+/* The call's headers replace one of the template's lines. */
+static int overrides_template(const fs_request *r) {
+  const fs_template *t = r->tmpl;
+  return r->header[H_CONTENT_TYPE] != t->header[H_CONTENT_TYPE]
+         || r->header[H_ACCEPT] != t->header[H_ACCEPT]
+         || r->header[H_USER_AGENT] != t->header[H_USER_AGENT];
+}
+
 #ifdef FS_FUZZING
 void (*fs_fuzz_on_url)(const char *url);
 void (*fs_fuzz_on_headers)(const struct curl_slist *headers);
 #endif
 
-void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r) {
+/* {prefix}/runs/{id}/action?op={op} from the template's two halves. */
+static void set_template_url(lua_State *L, fs_transfer *t, const fs_request *r) {
+  const fs_template *tm = r->tmpl;
+  char buffer[1024], *url = buffer;
+  size_t n = strlen(r->action_path[1]), len = tm->url_head_len + n + tm->url_tail_len;
   CURLcode rc;
-  char *url = url_build(t->easy, r);
-  if (url == NULL)
-    luaL_error(L, "flowservice: could not build the request URL (out of memory?)");
+  if (len + 1 > sizeof buffer) {
+    url = (char *)malloc(len + 1);
+    if (url == NULL)
+      luaL_error(L, "flowservice: could not build the request URL (out of memory?)");
+  }
+  memcpy(url, tm->url_head, tm->url_head_len);
+  memcpy(url + tm->url_head_len, r->action_path[1], n);  /* unreserved bytes only */
+  memcpy(url + tm->url_head_len + n, tm->url_tail, tm->url_tail_len + 1);
   rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);  /* libcurl copies it */
 #ifdef FS_FUZZING
   if (fs_fuzz_on_url != NULL)
     fs_fuzz_on_url(url);
 #endif
-  free(url);
+  if (url != buffer)
+    free(url);
   apply_check(L, rc);
-  add_headers(L, t, r);
+}
+
+void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r) {
+  CURLcode rc;
+  if (r->tmpl != NULL && r->run_action && r->tmpl->url_head != NULL) {
+    set_template_url(L, t, r);
+  } else {
+    char *url = url_build(t->easy, r);
+    if (url == NULL)
+      luaL_error(L, "flowservice: could not build the request URL (out of memory?)");
+    rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);  /* libcurl copies it */
+#ifdef FS_FUZZING
+    if (fs_fuzz_on_url != NULL)
+      fs_fuzz_on_url(url);
+#endif
+    free(url);
+    apply_check(L, rc);
+  }
+  if (r->tmpl != NULL && r->identity && !overrides_template(r))
+    add_call_headers(L, t, r);
+  else
+    add_headers(L, t, r);
 #ifdef FS_FUZZING
   if (fs_fuzz_on_headers != NULL)
-    fs_fuzz_on_headers(t->headers);
+    fs_fuzz_on_headers(t->head);
 #endif
 #define FS_SET(opt, val) \
   if (rc == CURLE_OK) rc = curl_easy_setopt(t->easy, opt, val)
-  FS_SET(CURLOPT_HTTPHEADER, t->headers);
+  rc = CURLE_OK;
+  FS_SET(CURLOPT_HTTPHEADER, t->head);
   FS_SET(CURLOPT_TIMEOUT_MS, r->timeout_ms);
+  if (t->configured) {  /* the handle carries the template's options */
+    apply_check(L, rc);
+    return;
+  }
   FS_SET(CURLOPT_CONNECTTIMEOUT_MS, r->connect_timeout_ms);
   if (r->ca_file != NULL)
     FS_SET(CURLOPT_CAINFO, r->ca_file);

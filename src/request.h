@@ -40,6 +40,21 @@ void fs_url_cache_free(fs_url_cache *cache);
 /* NULL when url is an http(s) URL libcurl accepts, else why not. */
 const char *fs_url_problem(const char *url);
 
+/*
+** The constant part of a client's run actions: the options a call did not
+** change, checked once, their header lines built once (shared by every
+** transfer made from them, see fs_tail) and a configuration number that
+** lets a pooled easy handle keep them set. A call whose options match it
+** byte for byte only adds its own: URL, x-request-id, If-Match, extra
+** headers, timeout. Owned by the client; replaced when the options change
+** (a new token, say).
+*/
+typedef struct fs_template fs_template;
+
+void fs_template_free(fs_template *tmpl);
+/* Its configuration number (fs_transfer_prepare's config). */
+unsigned long fs_template_config(const fs_template *tmpl);
+
 typedef struct fs_param {
   const char *name;
   const char *value;
@@ -68,6 +83,9 @@ typedef struct fs_request {
   int run_action;                 /* built by fs_request_run_action */
   fs_url_cache *cache;            /* the client's, or NULL */
   const char *default_user_agent; /* computed once per module, or NULL */
+  fs_engine *engine;              /* the client's: request ids, configurations */
+  fs_template **tmpl_slot;        /* the client's template, for run actions */
+  fs_template *tmpl;              /* the template this request is built from */
   const char *action_path[3];     /* storage for a run action's shape */
   fs_param action_query[1];
 } fs_request;
