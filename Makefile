@@ -27,7 +27,7 @@ TEST_LOG     := $(BUILD)/test-results.tap
 
 .PHONY: all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
         test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox \
-        bench-nginx clean fuzzers fuzz test-fuzz
+        bench-nginx bench-callgrind clean fuzzers fuzz test-fuzz
 
 all: build
 
@@ -74,13 +74,14 @@ $(BUILD)/lua51/flowservice/core.so: $(SOURCES) $(HEADERS)
 # The core as it builds on a libcurl without CURLOPT_PREREQFUNCTION (< 7.80):
 # re-triggers get fresh connections that are never reused, so libcurl has
 # nothing to resend them on; and as on a system without epoll: the socket
-# set is an array polled with poll(2). The client, bulk, stepped and events
-# specs run against it.
+# set is an array polled with poll(2); and without MADV_WIPEONFORK: fork
+# checks by getpid(), a getrandom() per request id. The client, bulk,
+# stepped, events and exactly-once specs run against it.
 noprereq: $(BUILD)/noprereq/flowservice/core.so
 
 $(BUILD)/noprereq/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
-	gcc $(CFLAGS) -DFS_NO_PREREQ -DFS_NO_EPOLL -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
+	gcc $(CFLAGS) -DFS_NO_PREREQ -DFS_NO_EPOLL -DFS_NO_WIPEONFORK -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
 
 # The core and a Lua 5.4 interpreter built with AddressSanitizer and UBSan;
 # the sanitizers live in the interpreter, so processes the tests start
@@ -190,8 +191,8 @@ clean:
 # over 100,000 calls (bench/run.lua: BENCH_N, ...), then the bulk job's speed
 # (bench/bulk.lua: BULK_RUNS, ...).
 bench: deps
-	@sh .ci/deps lua-socket lua-sec
-	@$(MAKE) --no-print-directory build
+	@sh .ci/deps lua-socket lua-sec lua-curl
+	@$(MAKE) --no-print-directory trees
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua memory
 	$(NO_PROXY_ENV) $(LUA) bench/bulk.lua
@@ -200,6 +201,13 @@ bench: deps
 # runs at 50 ms, and max_active shown holding (bench/sandbox.lua).
 bench-sandbox: build
 	$(NO_PROXY_ENV) $(LUA) bench/sandbox.lua
+
+# Instructions per call under callgrind: the C floor, the client (Lua 5.4
+# and LuaJIT) and lua-curl, each at two call counts (bench/callgrind.lua).
+bench-callgrind: deps
+	@sh .ci/deps lua-curl
+	@$(MAKE) --no-print-directory trees
+	$(NO_PROXY_ENV) $(LUA) bench/callgrind.lua
 
 # Inside nginx: one worker, wrk -c 100 and -c 1000, each request one
 # re-trigger against a backend answering after 50 ms, the shared client

@@ -9,10 +9,12 @@
 --   BENCH_N [20000]       calls per round for the floor and the client (fewer is noisy)
 --   BENCH_SLOW_N [100]    calls per round for LuaSocket and the curl CLI
 --   BENCH_ROUNDS [5]      rounds; the table shows the median round
---   BENCH_ONLY            comma list of contenders: floor,client,luasocket,nodelay,curl
+--   BENCH_ONLY            comma list of contenders: floor,client,client-luajit,lua-curl,
+--                         luasocket,nodelay,curl
 --   BENCH_MEMORY_N        calls for the memory check [100000]
 --   BENCH_MEMORY_PORTS    [h1,h2]
 --   BENCH_TREE            a module tree to use as is, instead of a snapshot of build/tree
+--   BENCH_TREE_51         the same for LuaJIT, instead of a snapshot of build/tree-5.1
 --
 -- Every contender runs in its own process, times its own loop with a
 -- monotonic clock and prints "calls=N seconds=S etag=E label=L". nginx puts
@@ -36,6 +38,7 @@ local PORTS = { "h1", "h2" }
 local PORT_TITLE = { h1 = "HTTP/1.1-only port", h2 = "HTTP/2 port" }
 local FLOOR = "build/bench/floor"
 local SNAPSHOT = "build/bench/tree"
+local SNAPSHOT_51 = "build/bench/tree-5.1"
 
 local function q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
@@ -83,15 +86,28 @@ local function module_tree()
   return SNAPSHOT
 end
 
+-- The same for the LuaJIT contenders (the 5.1 tree of `make trees`).
+local function module_tree_51()
+  local given = os_getenv("BENCH_TREE_51")
+  if given then return given end
+  if not read_file("build/tree-5.1/lib/lua/5.1/flowservice/core.so") then
+    error("no build/tree-5.1/lib/lua/5.1/flowservice/core.so: run `make trees` first"
+          .. " (or set BENCH_TREE_51)", 0)
+  end
+  run(str_format("rm -rf %s && mkdir -p %s && cp -a build/tree-5.1/share build/tree-5.1/lib %s",
+                 SNAPSHOT_51, SNAPSHOT_51, SNAPSHOT_51))
+  return SNAPSHOT_51
+end
+
 local function build_floor()
   run("mkdir -p build/bench && gcc -O2 -std=c99 -Wall -Wextra -Werror -o "
       .. FLOOR .. " bench/floor.c -lcurl")
 end
 
 -- Loopback only: a proxy from the environment would measure the proxy.
-local function child_env(tree)
+local function child_env(tree, tree_51)
   return "env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY"
-         .. " -u ALL_PROXY -u all_proxy BENCH_TREE=" .. q(tree) .. " "
+         .. " -u ALL_PROXY -u all_proxy BENCH_TREE=" .. q(tree) .. " BENCH_TREE_51=" .. q(tree_51) .. " "
 end
 
 local function machine()
@@ -102,11 +118,13 @@ local function machine()
   local os_name = (read_file("/etc/os-release") or ""):match('PRETTY_NAME="([^"]*)"') or "?"
   local curl = capture("curl --version"):match("^[^\n]*") or "?"
   local ok, ssl = pcall(require, "ssl")
-  return str_format("%s, %d cores, %.0f GB RAM; %s, Linux %s; %s; %s; %s; LuaSec %s",
+  local luajit = capture("luajit -v"):match("^(LuaJIT %S+)") or "?"
+  local luacurl = capture("dpkg-query -W -f='${Version}' lua-curl"):match("^[%w.:+~-]+$") or "?"
+  return str_format("%s, %d cores, %.0f GB RAM; %s, Linux %s; %s; %s; %s, %s; LuaSec %s; lua-curl %s",
     cpuinfo:match("model name%s*:%s*([^\n]+)") or "?", cores, mem / 1048576, os_name,
     capture("uname -r"):gsub("%s+$", ""), capture("nginx -v"):gsub("^nginx version: ", ""):gsub("%s+$", ""),
     (curl:match("(libcurl/%S+ %S+)") or curl) .. " " .. (curl:match("nghttp2/%S+") or ""), capture("lua5.4 -v"):match("Lua %S+") or "?",
-    ok and ssl._VERSION or "?")
+    luajit, ok and ssl._VERSION or "?", luacurl)
 end
 
 ---------------------------------------------------------------------------
@@ -121,6 +139,15 @@ local CONTENDERS = {
   { key = "client", fast = true,
     cmd = function(url, ca, n)
       return str_format("lua5.4 bench/client.lua %s %s %d", q(url), q(ca), n)
+    end },
+  { key = "client-luajit", fast = true,
+    cmd = function(url, ca, n)
+      return str_format("luajit bench/client.lua %s %s %d", q(url), q(ca), n)
+    end },
+  { key = "lua-curl", fast = true,
+    name = "Debian's `lua-curl` under LuaJIT: one easy handle reused, a header list per call",
+    cmd = function(url, ca, n, port)
+      return str_format("luajit bench/luacurl.lua %s %s %d %s", q(url), q(ca), n, port)
     end },
   { key = "luasocket",
     name = "LuaSocket + LuaSec `https.request` per call",
@@ -140,7 +167,8 @@ local CONTENDERS = {
 }
 
 local CLIENT_NAME = {
-  client = "lua-flowservice client (`flowservice.new`)",
+  client = "lua-flowservice client (`flowservice.new`), Lua 5.4",
+  ["client-luajit"] = "lua-flowservice client (`flowservice.new`), LuaJIT",
 }
 
 local function selected()
@@ -209,7 +237,7 @@ local function speed(server, env)
         local r = results[c.key][port]
         r[#r + 1] = us
         protos[c.key][port] = proto
-        if c.key == "client" then c.name = CLIENT_NAME[label] or label end
+        if c.key == "client" or c.key == "client-luajit" then c.name = CLIENT_NAME[label] or label end
         line[#line + 1] = str_format("%s %s", c.key, fmt_us(us))
       end
       log("round %d/%d %s: %s (us/call)", round, ROUNDS, port, table_concat(line, ", "))
@@ -246,13 +274,26 @@ local function speed(server, env)
     cells[#cells + 1] = protos[c.key].h1 .. " / " .. protos[c.key].h2
     out[#out + 1] = "| " .. table_concat(cells, " | ") .. " |"
   end
-  if floor and results.client then
-    local r1, r2 = ratio("client", "h1"), ratio("client", "h2")
-    out[#out + 1] = ""
-    out[#out + 1] = str_format("Target, client within 1.2× of the C floor on both ports: %s"
-      .. " (%.3f× and %.3f×; aim 1.05×)", (r1 <= 1.2 and r2 <= 1.2) and "PASS" or "FAIL", r1, r2)
-    if not protos.client.h2:find("^HTTP/2") then
-      out[#out + 1] = "Note: the client did not speak HTTP/2 on the HTTP/2 port (ALPN)."
+  -- Paired by round too: the contender against lua-curl in the same round.
+  local function versus(key, other, port)
+    local rs = {}
+    for i, us in ipairs(results[key][port]) do rs[i] = us / results[other][port][i] end
+    return median(rs)
+  end
+  for _, key in ipairs { "client", "client-luajit" } do
+    if floor and results[key] then
+      local r1, r2 = ratio(key, "h1"), ratio(key, "h2")
+      out[#out + 1] = ""
+      out[#out + 1] = str_format("Target, %s within 1.05× of the C floor on both ports: %s"
+        .. " (%.3f× and %.3f×)", key, (r1 <= 1.05 and r2 <= 1.05) and "PASS" or "FAIL", r1, r2)
+      if results["lua-curl"] then
+        local v1, v2 = versus(key, "lua-curl", "h1"), versus(key, "lua-curl", "h2")
+        out[#out + 1] = str_format("Target, %s ahead of lua-curl on both ports: %s (%.3f× and %.3f× its time)",
+          key, (v1 < 1 and v2 < 1) and "PASS" or "FAIL", v1, v2)
+      end
+      if not protos[key].h2:find("^HTTP/2") then
+        out[#out + 1] = "Note: the client did not speak HTTP/2 on the HTTP/2 port (ALPN)."
+      end
     end
   end
   io_write(table_concat(out, "\n"), "\n")
@@ -290,11 +331,12 @@ end
 local server
 local ok, result = xpcall(function()
   local tree = module_tree()
+  local tree_51 = mode == "speed" and module_tree_51() or ""
   if mode == "speed" then build_floor() end
   server = bench_server.start()
   log("nginx pid %d: %s (HTTP/1.1 only), %s (HTTP/2); module tree %s",
       server.pid, server.h1_url, server.h2_url, tree)
-  local env = child_env(tree)
+  local env = child_env(tree, tree_51)
   if mode == "speed" then return speed(server, env) end
   return memory(server, env)
 end, function(err)

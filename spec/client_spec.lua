@@ -254,6 +254,83 @@ describe("flowservice.new", function()
     end)
   end)
 
+  describe("a client's constant part, built once", function()
+    local core = require "flowservice.core"
+    local UUID = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
+
+    it("applies per-call options to their call only: If-Match, headers, request_id, timeout", function()
+      local client = new()
+      local etag = server:run(runs.failed).etag
+      assert.is_table((client:retrigger(runs.failed, { if_match = etag, request_id = "call-a", timeout = 5,
+        headers = { ["X-Job"] = "nightly", Accept = "application/vnd.adobe+json" } })))
+      assert.is_table((client:retrigger(runs.failed)))
+      assert.is_table((client:retrigger(runs.failed, { headers = { ["X-Other"] = "2" } })))
+      local log = server:requests()
+      assert.equal(3, #log)
+      local a, b, c = log[1].headers, log[2].headers, log[3].headers
+      assert.equal(etag, a["if-match"])
+      assert.equal("call-a", a["x-request-id"])
+      assert.equal("nightly", a["x-job"])
+      assert.equal("application/vnd.adobe+json", a["accept"])
+      for _, hd in ipairs { b, c } do
+        assert.is_nil(hd["if-match"])
+        assert.is_nil(hd["x-job"])
+        assert.equal("application/json", hd["accept"])
+        assert.matches(UUID, hd["x-request-id"])
+      end
+      assert.not_equal(b["x-request-id"], c["x-request-id"])
+      assert.equal("2", c["x-other"])
+      assert.is_nil(b["x-other"])
+      for _, hd in ipairs { a, b, c } do -- the constant lines, once each
+        assert.equal("Bearer " .. h.creds.access_token, hd["authorization"])
+        assert.equal(h.creds.api_key, hd["x-api-key"])
+        assert.equal(h.creds.org, hd["x-gw-ims-org-id"])
+        assert.equal(h.creds.sandbox, hd["x-sandbox-name"])
+        assert.equal("application/json", hd["content-type"])
+        assert.matches("^lua%-flowservice/", hd["user-agent"])
+      end
+      -- a per-call timeout ends its call, and the next call has the client's again
+      server:scenario { delay = 1 }
+      local _, err = client:retrigger(runs.failed, { timeout = 0.2 })
+      assert.equal("timeout", err.kind)
+      server:reset()
+      server:scenario { delay = 0.5 }
+      assert.is_table((client:retrigger(runs.failed)))
+      client:close()
+    end)
+
+    it("sends changed client options on the next call, and the old ones again after", function()
+      local o = h.opts(server.url)
+      local c = core.new(o)
+      local other = h.opts(server.url, { user_agent = "other-agent/1", connect_timeout = 3 })
+      assert.is_table((c:retrigger(runs.failed, o)))
+      assert.is_table((c:retrigger(runs.failed, other)))
+      assert.is_table((c:retrigger(runs.failed, o)))
+      c:close()
+      local log = server:requests()
+      assert.matches("^lua%-flowservice/", log[1].headers["user-agent"])
+      assert.equal("other-agent/1", log[2].headers["user-agent"])
+      assert.equal(log[1].headers["user-agent"], log[3].headers["user-agent"])
+      assert.equal(log[1].connection, log[3].connection) -- the same connection throughout
+    end)
+
+    it("gives every call a fresh request id (version-4 UUIDs, never repeated)", function()
+      local o = h.opts(server.url)
+      local c = core.new(o)
+      local seen = {}
+      for _ = 1, 300 do -- more than one batch of random bytes
+        local t = c:prepare_retrigger(runs.failed, o)
+        local id = t:request_id()
+        assert.matches(UUID, id)
+        assert.is_nil(seen[id])
+        seen[id] = true
+        t:cancel()
+      end
+      c:close()
+      assert.equal(0, server:stats().posts)
+    end)
+  end)
+
   describe("log", function()
     it("gets one redacted line per attempt", function()
       local lines = {}

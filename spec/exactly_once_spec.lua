@@ -201,6 +201,34 @@ describe("exactly once", function()
       assert.equal(1, server:stats().by_source[h.runs.failed])
     end)
 
+    it("a forked child never makes its parent's next request id (journal lines stay apart)", function()
+      local core = require "flowservice.core"
+      local o = h.opts(server.url)
+      local raw = core.new(o)
+      raw:prepare_retrigger(h.runs.failed, o):cancel() -- random bytes kept for the next ids
+      local file = journal .. ".ids"
+      local status = in_child(function()
+        local f = assert(io.open(file, "w"))
+        for _ = 1, 3 do
+          local t = raw:prepare_retrigger(h.runs.failed, o)
+          f:write(t:request_id(), "\n")
+          t:cancel()
+        end
+        f:close()
+        return true
+      end)
+      assert.equal(0, status)
+      local child = {}
+      for line in io.lines(file) do child[line] = true end
+      os.remove(file)
+      for _ = 1, 3 do
+        local t = raw:prepare_retrigger(h.runs.failed, o)
+        assert.is_nil(child[t:request_id()], "the child made the parent's request id " .. t:request_id())
+        t:cancel()
+      end
+      raw:close()
+    end)
+
     it("a child's close and collection leave the parent's TLS connection alone", function()
       local pki = tls.make()
       local s2 = fake.start { tls = { cert = pki.cert, key = pki.key } }
