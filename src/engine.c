@@ -12,6 +12,7 @@
 
 #if FS_HAVE_EPOLL
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #endif
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -136,22 +137,90 @@ void fs_tail_release(fs_tail *tail) {
 */
 
 #if FS_HAVE_EPOLL
-/* sockp: non-NULL once s is in the set (curl_multi_assign) */
+/* e->fds[s]: */
+#define FS_FD_IN 1       /* in the set for reading */
+#define FS_FD_OUT 2      /* ... for writing */
+#define FS_FD_SET 4      /* in the set */
+#define FS_FD_PARKED 8   /* in the set, though libcurl watches it no more */
+#define FS_FD_OURS 16    /* opened by engine_open_socket: its close is seen */
+
+/* s's state, growing the array; NULL when it cannot (then no parking). */
+static unsigned char *fd_state(fs_engine *e, curl_socket_t s) {
+  if (s < 0)
+    return NULL;
+  if (s >= e->nfds) {
+    int n = e->nfds ? e->nfds : 64;
+    unsigned char *grown;
+    while (n <= s)
+      n *= 2;
+    grown = (unsigned char *)realloc(e->fds, (size_t)n);
+    if (grown == NULL)
+      return NULL;
+    memset(grown + e->nfds, 0, (size_t)(n - e->nfds));
+    e->fds = grown;
+    e->nfds = n;
+  }
+  return e->fds + s;
+}
+
+/* The set for s as libcurl asks; sockp: non-NULL while libcurl has s
+** assigned (curl_multi_assign). */
 static int sockets_watch(fs_engine *e, curl_socket_t s, int what, void *sockp) {
   struct epoll_event ev;
+  unsigned char *st = fd_state(e, s);
+  unsigned want = ((what & CURL_POLL_IN) ? FS_FD_IN : 0u) | ((what & CURL_POLL_OUT) ? FS_FD_OUT : 0u);
   if (what == CURL_POLL_REMOVE) {
+    if (st != NULL && (*st & FS_FD_OURS) && (*st & FS_FD_SET)) {
+      *st |= FS_FD_PARKED;  /* its close would tell us: it may stay */
+      return 0;
+    }
     (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, s, NULL);  /* closed already: gone anyway */
+    if (st != NULL)
+      *st &= FS_FD_OURS;
     return 0;
   }
   memset(&ev, 0, sizeof ev);
-  ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0u) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0u);
+  ev.events = ((want & FS_FD_IN) ? EPOLLIN : 0u) | ((want & FS_FD_OUT) ? EPOLLOUT : 0u);
   ev.data.fd = s;
-  if (sockp != NULL && epoll_ctl(e->epfd, EPOLL_CTL_MOD, s, &ev) == 0)
-    return 0;
-  if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, s, &ev) != 0
-      && !(errno == EEXIST && epoll_ctl(e->epfd, EPOLL_CTL_MOD, s, &ev) == 0))
+  if (st != NULL && (*st & FS_FD_SET)) {  /* watched, or parked: change only what differs */
+    if ((*st & (FS_FD_IN | FS_FD_OUT)) != want
+        && epoll_ctl(e->epfd, EPOLL_CTL_MOD, s, &ev) != 0
+        && !(errno == ENOENT && epoll_ctl(e->epfd, EPOLL_CTL_ADD, s, &ev) == 0))
+      return -1;
+  } else if (!(sockp != NULL && epoll_ctl(e->epfd, EPOLL_CTL_MOD, s, &ev) == 0)
+             && epoll_ctl(e->epfd, EPOLL_CTL_ADD, s, &ev) != 0
+             && !(errno == EEXIST && epoll_ctl(e->epfd, EPOLL_CTL_MOD, s, &ev) == 0)) {
     return -1;
+  }
+  if (st != NULL)
+    *st = (unsigned char)((*st & FS_FD_OURS) | FS_FD_SET | want);
+  if (sockp != NULL)
+    return 0;
   return curl_multi_assign(e->multi, s, (void *)e) == CURLM_OK ? 0 : -1;
+}
+
+/* libcurl's connections: sockets whose close the engine sees. */
+static curl_socket_t engine_open_socket(void *ud, curlsocktype purpose,
+                                        struct curl_sockaddr *address) {
+  fs_engine *e = (fs_engine *)ud;
+  curl_socket_t s = socket(address->family, address->socktype, address->protocol);
+  unsigned char *st;
+  (void)purpose;
+  if (s != CURL_SOCKET_BAD && (st = fd_state(e, s)) != NULL)
+    *st = FS_FD_OURS;
+  return s;
+}
+
+/* Out of the set before the close: a forked child may hold the socket
+** open, and then the kernel would keep it in our set under its number. */
+static int engine_close_socket(void *ud, curl_socket_t s) {
+  fs_engine *e = (fs_engine *)ud;
+  if (s >= 0 && s < e->nfds) {
+    if (e->fds[s] & FS_FD_SET)
+      (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, s, NULL);
+    e->fds[s] = 0;
+  }
+  return close(s);
 }
 #else
 static int sockets_watch(fs_engine *e, curl_socket_t s, int what, void *sockp) {
@@ -233,6 +302,9 @@ static void engine_close_set(fs_engine *e) {
   free(e->pfds);
   e->pfds = NULL;
   e->npfds = e->cappfds = 0;
+  free(e->fds);
+  e->fds = NULL;
+  e->nfds = 0;
   e->timer_set = 0;
 }
 
@@ -542,6 +614,12 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
   FS_SET(CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
   FS_SET(CURLOPT_MAXAGE_CONN, e->max_idle_seconds);
+#if FS_HAVE_EPOLL
+  FS_SET(CURLOPT_OPENSOCKETFUNCTION, engine_open_socket);
+  FS_SET(CURLOPT_OPENSOCKETDATA, (void *)e);
+  FS_SET(CURLOPT_CLOSESOCKETFUNCTION, engine_close_socket);
+  FS_SET(CURLOPT_CLOSESOCKETDATA, (void *)e);
+#endif
 #if FS_HAVE_PREREQ
   FS_SET(CURLOPT_PREREQFUNCTION, transfer_on_prereq);
 #else
@@ -640,11 +718,18 @@ static CURLMcode engine_act_on_sockets(fs_engine *e) {
     n = epoll_wait(e->epfd, ev, FS_EVENTS, 0);
     if (n < 0)
       return errno == EINTR ? CURLM_OK : CURLM_INTERNAL_ERROR;
-    for (i = 0; i < n && rc == CURLM_OK; i++)
-      rc = curl_multi_socket_action(e->multi, ev[i].data.fd,
+    for (i = 0; i < n && rc == CURLM_OK; i++) {
+      int fd = ev[i].data.fd;
+      if (fd < e->nfds && (e->fds[fd] & FS_FD_PARKED)) {  /* an idle connection stirred */
+        (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+        e->fds[fd] &= FS_FD_OURS;
+        continue;
+      }
+      rc = curl_multi_socket_action(e->multi, fd,
                                     action_of(ev[i].events & (EPOLLIN | EPOLLHUP),
                                               ev[i].events & EPOLLOUT, ev[i].events & EPOLLERR),
                                     &still);
+    }
   } while (rc == CURLM_OK && n == FS_EVENTS && ++rounds < FS_EVENT_ROUNDS);
 #else
   struct pollfd ready[FS_EVENTS];
