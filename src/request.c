@@ -151,7 +151,8 @@ static int opt_error(lua_State *L, int opts, const char *name, const char *what)
 static int option_index(const char *key, size_t len) {
   int i;
   for (i = 0; i < O_COUNT; i++)
-    if (strlen(request_options[i].name) == len && memcmp(request_options[i].name, key, len) == 0)
+    if (len > 0 && request_options[i].name[0] == key[0]
+        && strlen(request_options[i].name) == len && memcmp(request_options[i].name, key, len) == 0)
       return i;
   return -1;
 }
