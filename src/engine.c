@@ -632,30 +632,14 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
   return rc;
 }
 
-/* libcurl's timers that are due, and then its next one (it tells the timer
-** function only when that changed: after one fired, perhaps early by our
-** clock, ask it). */
-static CURLMcode engine_run_timers(fs_engine *e) {
-  int still;
-  long ms = -1;
-  CURLMcode rc = curl_multi_socket_action(e->multi, CURL_SOCKET_TIMEOUT, 0, &still);
-  if (rc == CURLM_OK)
-    rc = curl_multi_timeout(e->multi, &ms);
-  if (rc == CURLM_OK)
-    (void)engine_on_timer(e->multi, ms, (void *)e);
-  return rc;
-}
-
-/* Added, t is started at once (the timer libcurl sets due now): it leaves
-** without waiting for a step, and that start needs no system call of ours. */
 CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t) {
   CURLMcode rc = curl_multi_add_handle(e->multi, t->easy);  /* sets a timer due now */
-  if (rc != CURLM_OK)
-    return rc;
-  t->submitted = 1;
-  t->done = 0;
-  e->nsubmitted++;
-  return engine_run_timers(e);  /* what finishes here, the next step harvests */
+  if (rc == CURLM_OK) {
+    t->submitted = 1;
+    t->done = 0;
+    e->nsubmitted++;
+  }
+  return rc;
 }
 
 /* List a watched transfer as finished; the list grows by doubling. */
@@ -774,8 +758,17 @@ static CURLMcode engine_act_on_sockets(fs_engine *e) {
 
 CURLMcode fs_engine_step(fs_engine *e, int *running) {
   CURLMcode rc = engine_act_on_sockets(e);
-  if (rc == CURLM_OK && e->timer_set && monotonic_us() >= e->timer_due)
-    rc = engine_run_timers(e);
+  if (rc == CURLM_OK && e->timer_set && monotonic_us() >= e->timer_due) {
+    int still;
+    long ms = -1;
+    rc = curl_multi_socket_action(e->multi, CURL_SOCKET_TIMEOUT, 0, &still);
+    /* libcurl calls the timer function only when its next timer changed:
+    ** after one fired (perhaps early by our clock), ask it */
+    if (rc == CURLM_OK)
+      rc = curl_multi_timeout(e->multi, &ms);
+    if (rc == CURLM_OK)
+      (void)engine_on_timer(e->multi, ms, (void *)e);
+  }
   if (rc == CURLM_OK)
     rc = engine_harvest(e);
   *running = e->nsubmitted;

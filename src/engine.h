@@ -186,9 +186,6 @@ unsigned long fs_engine_new_config(fs_engine *e);
 /* n random bytes for a request id: from a buffer refilled by one
 ** getrandom() per 128 ids, dropped in a forked child (see fs_process). */
 void fs_engine_random(fs_engine *e, unsigned char *out, size_t n);
-/* Add t to the multi handle and start it (libcurl's due timers run: it
-** connects or takes a kept connection and sends what it can); a step
-** harvests it. */
 CURLMcode fs_engine_submit(fs_engine *e, fs_transfer *t);
 /* Drive every transfer without blocking: act on the ready sockets and a
 ** due timer; finished ones get done = 1. *running: transfers still in the
