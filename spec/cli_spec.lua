@@ -12,6 +12,11 @@ local TOKEN, SECRET = fake.credentials.access_token, fake.ims_client.client_secr
 local ENABLED, BULK = fake.flows.enabled, fake.bulk_flow
 
 local q, lit, write = h.q, h.literal, h.write
+-- a file holding a secret: the command refuses one that group or others may read
+local function write_secret(path, text)
+  write(path, text)
+  assert(os.execute("chmod 600 " .. q(path)))
+end
 local function read(path) return assert(h.read(path), "cannot read " .. path) end
 
 -- client:retry_failed lands with flowservice.bulk; until then its tests wait.
@@ -460,7 +465,7 @@ describe("flowservice command", function()
     end)
 
     it("--access-token-file: the token from a file, newline trimmed, over AEP_ACCESS_TOKEN", function()
-      write(tmp .. "/token", TOKEN .. "\n")
+      write_secret(tmp .. "/token", TOKEN .. "\n")
       local code, out, err = flowservice_cmd({ "get-run", h.runs.failed, "--access-token-file", tmp .. "/token" },
         { AEP_ACCESS_TOKEN = "wrong" })
       assert.equal(0, code, err)
@@ -469,7 +474,7 @@ describe("flowservice command", function()
     end)
 
     it("--client-secret-file: OAuth credentials through IMS, api key = client id", function()
-      write(tmp .. "/secret", SECRET .. "\n")
+      write_secret(tmp .. "/secret", SECRET .. "\n")
       local code, out, err = flowservice_cmd({ "retrigger", h.runs.failed, "--verbose",
         "--client-id", fake.ims_client.client_id, "--client-secret-file", tmp .. "/secret",
         "--scopes", fake.ims_client.scopes, "--ims-url", server.ims_url },
@@ -507,7 +512,7 @@ describe("flowservice command", function()
     end)
 
     it("IMS refusing the credentials", function()
-      write(tmp .. "/bad-secret", "not-the-secret\n")
+      write_secret(tmp .. "/bad-secret", "not-the-secret\n")
       local code, out, err = flowservice_cmd({ "get-run", h.runs.failed, "--verbose",
         "--client-secret-file", tmp .. "/bad-secret" }, { AEP_ACCESS_TOKEN = false,
         AEP_CLIENT_ID = fake.ims_client.client_id, AEP_SCOPES = fake.ims_client.scopes,

@@ -38,6 +38,7 @@ local SPEC = {
   resolve = "table", force = "boolean", stop = "function", codes = "table", exclude_codes = "table",
   all_flows = "boolean", wait_runs = "boolean", wait_timeout = "number", max_active = "number",
   wait_backoff = "table",
+  on_wait = "function", -- called with (seconds, pending) before the grace wait of settling
 }
 
 -- Errors that every run would get too: stop at once instead of failing all.
@@ -210,7 +211,10 @@ function Job:settle_by_count(unsettled, accounted, unknown_done)
   end
   -- the dead process's last requests may still be landing
   local wait = (newest + self.grace * 1000 - self:server_now_ms()) / 1000
-  if wait > 0 then self:sleep(wait) end
+  if wait > 0 then
+    if self.spec.on_wait then self.spec.on_wait(wait, #unsettled) end -- say what it waits for
+    self:sleep(wait)
+  end
   if self.report.stopped then return nil, "stopped before counting" end
   for _, entry in pairs(self.state.runs) do
     for _, id in ipairs(entry.new_ids) do accounted[id] = true end

@@ -74,11 +74,11 @@ local function run(argv, ctx)
   function ctx.no_arguments()
     if #ctx.args > 0 then usage.fail("unexpected argument %q", ctx.args[1]) end
   end
-  if options.verbose then
-    function ctx.log(line)
-      if ctx.progress then ctx.progress.clear() end
-      ctx.stderr:write(line, "\n")
-    end
+  -- something the person should know that is not an error (--quiet: nothing)
+  function ctx.note(text)
+    if options.quiet then return end
+    if ctx.progress then ctx.progress.clear() end
+    ctx.stderr:write("flowservice: ", text, "\n")
   end
   return command.run(ctx)
 end
@@ -100,8 +100,10 @@ function _M.main(argv, env)
   if ok then return code end
   if usage.is(code) then
     ctx.stderr:write("flowservice: ", code.message, "\n")
-    ctx.stderr:write(ctx.command and format("run 'flowservice help %s' for its flags and examples\n", ctx.command)
-      or "run 'flowservice --help' for usage\n")
+    if code.syntax then
+      ctx.stderr:write(ctx.command and format("run 'flowservice help %s' for its flags and examples\n",
+        ctx.command) or "run 'flowservice --help' for usage\n")
+    end
     return 2
   end
   -- lua.c turns a SIGINT outside a job into this error

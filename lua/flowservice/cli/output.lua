@@ -2,6 +2,7 @@
 -- as lists), errors as they may leave, and one run as a summary or a line.
 local flowservice = require "flowservice"
 local window = require "flowservice.window"
+local hints = require "flowservice.cli.hints"
 local cjson = require("cjson").new()
 
 local getmetatable, ipairs, next, pairs, select, setmetatable, tostring, type = getmetatable,
@@ -125,10 +126,12 @@ local function run_line(run)
     records(run), type(first) == "string" and first or "-")
 end
 
--- One error that ends a command: on stderr, and as {"error": ...} with --json.
-local function fail(ctx, err)
+-- One error that ends a command: on stderr (with a hint where the cause is
+-- known), and as {"error": ...} with --json. listing: it answered a listing.
+local function fail(ctx, err, listing)
   if ctx.json then print_json(ctx.stdout, { error = error_json(err) }) end
   ctx.stderr:write(tostring(err), "\n")
+  hints.show(ctx, err, listing)
   return is_auth(err) and 3 or 1
 end
 

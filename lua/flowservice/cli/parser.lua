@@ -25,7 +25,8 @@ Every command that talks to the service takes these (flags win over the environm
   --client-secret-file FILE  or AEP_CLIENT_SECRET   > OAuth Server-to-Server credentials
   --scopes SCOPES            or AEP_SCOPES         /
   --ims-url URL              or AEP_IMS_URL
-  --json, --verbose
+  --credentials FILE         a credentials JSON file; or AEP_CREDENTIALS_FILE
+  --timeout SECONDS, --ca-file FILE, --json, --verbose, --quiet
 
 TIME: 30m, 24h, 7d (before now), today, yesterday (UTC midnight), 2026-11-30,
 2026-11-30T07:00:00Z (or +hh:mm / -hh:mm), epoch milliseconds, or all.
@@ -110,7 +111,9 @@ function _M.build(commands, state)
     if not c.takes_arguments then cmd:argument("args"):args("*"):hidden(true) end
     if c.client then
       def.flag("--json", "one JSON document on stdout")
-      def.flag("--verbose", "one line per HTTP attempt on stderr (never a secret)")
+      def.flag("--verbose", "one line per HTTP attempt on stderr, with a UTC time and the host"
+        .. " (never a secret)")
+      def.flag("--quiet", "no progress and no notes on stderr: only errors")
       config.define(definer(cmd, shared, flags))
     end
     own[#own + 1] = help_flag(cmd, state)
@@ -170,7 +173,7 @@ end
 function _M.parse(parser, argv, state)
   local ok, result = parser:pparse(argv)
   if state.help or state.version then return nil end
-  if not ok then usage.fail("%s", translate(type(result) == "string" and result or "bad arguments")) end
+  if not ok then usage.syntax("%s", translate(type(result) == "string" and result or "bad arguments")) end
   return result
 end
 

@@ -1,8 +1,8 @@
 -- Usage errors of the command: raised anywhere before the first request
 -- (a bad flag, a missing setting), caught by cli.main: one line on stderr,
 -- exit 2, nothing sent. And the nearest of some names, for suggestions.
-local error, getmetatable, ipairs, select, setmetatable = error, getmetatable, ipairs, select,
-  setmetatable
+local error, getmetatable, ipairs, pcall, select, setmetatable = error, getmetatable, ipairs, pcall,
+  select, setmetatable
 local format = string.format
 local min = math.min
 
@@ -13,6 +13,14 @@ local Usage = {}
 -- usage.fail(fmt, ...): raise a usage error (never returns)
 function _M.fail(fmt, ...)
   error(setmetatable({ message = select("#", ...) > 0 and format(fmt, ...) or fmt }, Usage), 0)
+end
+
+-- the same, for words the parser refused: the person is shown where the
+-- command's help is
+function _M.syntax(fmt, ...)
+  local ok, e = pcall(_M.fail, fmt, ...)
+  if not ok then e.syntax = true end
+  error(e, 0)
 end
 
 function _M.is(e)

@@ -24,14 +24,14 @@ local function run(ctx)
   local flows, err = client:list_flows { state = o.state }
   if not flows then
     client:close()
-    return output.fail(ctx, err)
+    return output.fail(ctx, err, true)
   end
   if since then
     for _, flow in ipairs(flows) do
       local n, cerr = client:count_runs { flow_id = flow.id, status = "failed", since = since }
       if not n then
         client:close()
-        return output.fail(ctx, cerr)
+        return output.fail(ctx, cerr, true)
       end
       flow.failed_runs = n
     end

@@ -22,7 +22,7 @@ local function run(ctx)
   local client = config.client(ctx)
   local runs, err = client:list_runs { flow_id = flow_id, status = status, since = since, before = before }
   client:close()
-  if not runs then return output.fail(ctx, err) end
+  if not runs then return output.fail(ctx, err, true) end
   if ctx.json then
     output.print_json(ctx.stdout, output.list(runs))
   else

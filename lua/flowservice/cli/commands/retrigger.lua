@@ -20,6 +20,7 @@ local function define(def)
   def.value("--grace", "SECONDS", "how long a run may take to show up before an ambiguous"
     .. " re-trigger counts as not done")
   def.flag("--dry-run", "say what would be re-triggered, send nothing")
+  job.define(def)
 end
 
 local function run_ids_of(ctx)

@@ -35,6 +35,7 @@ local function define(def)
   def.value("--wait-timeout", "SECONDS", "how long --wait follows (default 2 h)")
   def.value("--max-active", "N", "at most N re-runs of one flow executing at once (follows them"
     .. " as --wait does)")
+  job.define(def)
 end
 
 local function run(ctx)
@@ -76,7 +77,7 @@ local function run(ctx)
   end
   -- a flow that does not exist or cannot run: nothing was sent
   if err and (err.not_found or err.kind == "flow") then return 2 end
-  return job.exit_status(ctx, r, err, caught)
+  return job.exit_status(ctx, r, err, caught, true)
 end
 
 return {
