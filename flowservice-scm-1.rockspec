@@ -72,6 +72,8 @@ build = {
     },
   },
   install = { bin = { flowservice = "bin/flowservice" } },
+  -- the man page, flowservice.1: DIR/lib/luarocks/rocks-5.x/flowservice/VERSION/doc/
+  copy_directories = { "doc" },
 }
 test = {
   type = "command",

@@ -45,11 +45,11 @@ end
 
 -- def: what a command's define(def) adds its flags and arguments with;
 -- each element lands in the list (a help group) it is given.
-local function definer(cmd, list, flags)
+local function definer(cmd, list, flags, names)
   local def = {}
   local function add(e, name)
     list[#list + 1] = e
-    for alias in (name or ""):gmatch("%S+") do flags[alias] = true end
+    for alias in (name or ""):gmatch("%S+") do flags[alias], names[#names + 1] = true, alias end
     return e
   end
   -- --name VALUE, at most once
@@ -86,10 +86,13 @@ local function layout(p)
 end
 
 -- The parser for these commands; state gets .help (the parser whose help
--- was asked for) and .version as the flags are seen. Returns the root
--- parser, the command parsers by name and the set of every command's flags.
+-- was asked for) and .version as the flags are seen, and .names the names
+-- a slip may be near: .commands, .flags[command name] ("" for the root).
+-- Returns the root parser, the command parsers by name and the set of
+-- every command's flags.
 function _M.build(commands, state)
   local flags = {}
+  state.names = { commands = {}, flags = { [""] = { "--help", "--version" } } }
   local root = layout(argparse("flowservice")):command_target("command")
     :usage("usage: flowservice COMMAND [FLAGS]"):description(ROOT_DESCRIPTION):epilog(ROOT_EPILOG)
   local by_name, cmds = {}, {}
@@ -97,8 +100,10 @@ function _M.build(commands, state)
     local cmd = layout(root:command(c.name)):summary(c.summary)
       :description(c.description or c.summary):usage("usage: " .. c.usage)
     if c.examples then cmd:epilog("examples:\n  " .. concat(c.examples, "\n  ")) end
-    local args, own, shared = {}, {}, {}
-    local def = definer(cmd, own, flags)
+    local args, own, shared, names = {}, {}, {}, { "--help" }
+    state.names.flags[c.name] = names
+    state.names.commands[#state.names.commands + 1] = c.name
+    local def = definer(cmd, own, flags, names)
     local plain_argument = def.argument
     function def.argument(...)
       local e = plain_argument(...)
@@ -114,7 +119,7 @@ function _M.build(commands, state)
       def.flag("--verbose", "one line per HTTP attempt on stderr, with a UTC time and the host"
         .. " (never a secret)")
       def.flag("--quiet", "no progress and no notes on stderr: only errors")
-      config.define(definer(cmd, shared, flags))
+      config.define(definer(cmd, shared, flags, names))
     end
     own[#own + 1] = help_flag(cmd, state)
     if #args > 0 then cmd:group("arguments", unpack(args)) end
@@ -142,7 +147,8 @@ local TRANSLATIONS = {
   { "^too many arguments$", "unexpected argument" },
 }
 
-local function translate(msg)
+-- names: the names this slip may be near of (commands, or one command's flags)
+local function translate(msg, names)
   local text, tip = msg:match("^(.-)\n(.*)$")
   text = text or msg
   local suggestion
@@ -157,6 +163,8 @@ local function translate(msg)
       suggestion = concat(names, " or ")
     end
   end
+  local unknown = text:match("^unknown option '(.-)'$") or text:match("^unknown command '(.-)'$")
+  if unknown and names then suggestion = usage.nearest(unknown, names) or suggestion end
   for _, t in ipairs(TRANSLATIONS) do
     local a, b = text:match(t[1])
     if a or text:match(t[1]) then
@@ -173,7 +181,12 @@ end
 function _M.parse(parser, argv, state)
   local ok, result = parser:pparse(argv)
   if state.help or state.version then return nil end
-  if not ok then usage.syntax("%s", translate(type(result) == "string" and result or "bad arguments")) end
+  if not ok then
+    local msg = type(result) == "string" and result or "bad arguments"
+    local names = msg:match("^unknown command") and state.names.commands
+      or state.names.flags[state.names.flags[argv[1]] and argv[1] or ""]
+    usage.syntax("%s", translate(msg, names))
+  end
   return result
 end
 
