@@ -13,6 +13,8 @@ BUSTED       ?= /usr/bin/busted
 BUILD        := build
 TREE         := $(BUILD)/tree
 ROCKSPEC     := flowservice-scm-1.rockspec
+VERSION      := 0.2.0
+RELEASE      := rockspecs/flowservice-$(VERSION)-1.rockspec
 CURL_INCDIR  ?= $(patsubst %/curl/curl.h,%,$(firstword $(wildcard /usr/include/*/curl/curl.h /usr/include/curl/curl.h)))
 STRICT       := -std=c99 -Wall -Wextra -Werror
 CFLAGS       ?= -O2 -g
@@ -25,7 +27,7 @@ LUA51_INC    := /usr/include/lua5.1
 NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy
 TEST_LOG     := $(BUILD)/test-results.tap
 
-.PHONY: all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
+.PHONY: rock all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
         test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox \
         bench-nginx clean fuzzers fuzz test-fuzz
 
@@ -60,6 +62,24 @@ $(BUILD)/tree-5.3/lib/lua/5.3/flowservice/core.so: $(ROCK_DEPS)
 
 $(BUILD)/tree-5.1/lib/lua/5.1/flowservice/core.so: $(ROCK_DEPS)
 	$(call rock,5.1,$(BUILD)/tree-5.1)
+
+# A source rock of the release (build/rock/flowservice-VERSION-1.src.rock):
+# the files git tracks (as they are in the work tree) in
+# lua-flowservice-VERSION.tar.gz, packed by luarocks pack with the release
+# rockspec (given the local tarball to pack, then put back as it is).
+SRC_ROCK := $(BUILD)/rock/flowservice-$(VERSION)-1.src.rock
+rock: $(SRC_ROCK)
+
+$(SRC_ROCK): $(ROCK_DEPS) $(RELEASE)
+	@rm -rf $(BUILD)/rock && mkdir -p $(BUILD)/rock/pack
+	git ls-files -co --exclude-standard | tar -czf $(BUILD)/rock/lua-flowservice-$(VERSION).tar.gz \
+	  --transform 's,^,lua-flowservice-$(VERSION)/,' -T -
+	sed 's|^  url = .*|  url = "file://$(CURDIR)/$(BUILD)/rock/lua-flowservice-$(VERSION).tar.gz",|' $(RELEASE) \
+	  >$(BUILD)/rock/pack/flowservice-$(VERSION)-1.rockspec
+	cd $(BUILD)/rock/pack && luarocks --lua-version=5.4 pack flowservice-$(VERSION)-1.rockspec >/dev/null
+	mv $(BUILD)/rock/pack/flowservice-$(VERSION)-1.src.rock $(SRC_ROCK) && rm -rf $(BUILD)/rock/pack
+	cp $(RELEASE) $(BUILD)/rock/ && cd $(BUILD)/rock && zip -q flowservice-$(VERSION)-1.src.rock flowservice-$(VERSION)-1.rockspec
+	@echo "$(SRC_ROCK)"
 
 # The same sources against the Lua 5.1 and LuaJIT headers (OpenResty runs LuaJIT).
 compat: $(BUILD)/luajit/flowservice/core.so $(BUILD)/lua51/flowservice/core.so
