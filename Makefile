@@ -27,7 +27,7 @@ LUA51_INC    := /usr/include/lua5.1
 NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy
 TEST_LOG     := $(BUILD)/test-results.tap
 
-.PHONY: rock all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
+.PHONY: env rock all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
         test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox \
         bench-nginx clean fuzzers fuzz test-fuzz
 
@@ -162,6 +162,11 @@ test-fuzz: fuzzers
 	  n=$$((n + 1)); bash fuzz/run.sh $$t $(FUZZ_SMOKE) $$n | tee -a $(TEST_LOG); \
 	  [ $${PIPESTATUS[0]} -eq 0 ] || status=1; \
 	done; exit $$status
+
+# The lines that put build/tree's command on the PATH and its modules on
+# lua5.4's paths: eval "$(make -s env)"
+env:
+	@luarocks --lua-version=5.4 path --tree=$(CURDIR)/$(TREE)
 
 demo: deps
 	@mkdir -p $(BUILD)

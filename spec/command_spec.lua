@@ -91,6 +91,29 @@ describe("the installed flowservice command", function()
       assert.equal(0, code)
       assert.matches("status +failed", out)
     end)
+
+    it("eval \"$(make -s env)\": the command on the PATH and the module for lua5.4, from anywhere", function()
+      local p = io.popen("env -i PATH=/usr/bin:/bin HOME=" .. q(tmp) .. " bash -c " .. q('eval "$(make -s env)" && cd / && '
+        .. 'command -v flowservice && flowservice --version && lua5.4 -e \'print(require("flowservice")._VERSION)\'') .. " 2>&1")
+      local out = p:read("*a")
+      p:close()
+      assert.equal(os.getenv("PWD") .. "/build/tree/bin/flowservice\n"
+        .. ("flowservice %s (libcurl %s)\n"):format(flowservice._VERSION, flowservice.curl_version)
+        .. flowservice._VERSION .. "\n", out)
+    end)
+
+    it("make demo shows the command as a user runs it", function()
+      local p = io.popen("env -u http_proxy -u https_proxy lua5.4 examples/demo.lua 2>&1")
+      local out = p:read("*a")
+      local ok = p:close()
+      assert.truthy(ok, out)
+      assert.matches('\n%$ export PATH="%$PWD/build/tree/bin:%$PATH"\n', out)
+      assert.matches("\n%$ flowservice retry%-failed %-%-flow " .. lit(BULK) .. " %-%-since all | head %-14\n"
+        .. "flow +" .. lit(BULK) .. "\n", out)
+      assert.matches("retriggered  40\n", out)
+      assert.matches("retriggered  0\nskipped      40\n", out)
+      assert.matches("flowservice: unknown flag %-%-dry%-rn; did you mean %-%-dry%-run%?\n", out)
+    end)
   end)
 
   describe("help", function()
