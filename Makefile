@@ -4,7 +4,7 @@ SHELL := /bin/bash
 #   make demo   re-trigger a failed run against the local fake Flow Service
 #   make test   the whole suite under Lua 5.4, 5.3, 5.1 and LuaJIT, then with
 #               AddressSanitizer and UBSan, then under valgrind (Lua 5.4),
-#               then each fuzz target for 20 s
+#               then each fuzz target for 20 s, then luacheck (.luacheckrc)
 #   make fuzz   each fuzz target for FUZZ_SECONDS (default 300)
 # Both install what is missing (Debian packages) first.
 
@@ -27,7 +27,7 @@ LUA51_INC    := /usr/include/lua5.1
 NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy
 TEST_LOG     := $(BUILD)/test-results.tap
 
-.PHONY: env rock all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
+.PHONY: lint test-lint env rock all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
         test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox \
         bench-nginx clean fuzzers fuzz test-fuzz
 
@@ -156,6 +156,20 @@ fuzz: deps
 	  n=$$((n + 1)); bash fuzz/run.sh $$t $(FUZZ_SECONDS) $$n || status=1; \
 	done; exit $$status
 
+# luacheck (Debian's lua-check) over lua/, bin/ and spec/, by .luacheckrc.
+LINT_FILES := lua bin/flowservice spec .busted .luacheckrc
+lint:
+	luacheck --no-color $(LINT_FILES)
+
+# In make test: one TAP line in the log (the findings above it on failure).
+test-lint:
+	@mkdir -p $(BUILD)
+	@if luacheck --no-color --quiet $(LINT_FILES) >$(BUILD)/luacheck.log 2>&1; then \
+	  echo "ok 1 - luacheck" | tee -a $(TEST_LOG); \
+	else \
+	  cat $(BUILD)/luacheck.log; echo "not ok 1 - luacheck" | tee -a $(TEST_LOG); exit 1; \
+	fi
+
 # The smoke in make test: 20 s a target, one TAP line each in the log.
 test-fuzz: fuzzers
 	@status=0; n=0; for t in $(FUZZ_TARGETS); do \
@@ -178,7 +192,7 @@ test: deps
 	@$(MAKE) --no-print-directory trees compat asan noprereq testlib fuzzers
 	@rm -f $(TEST_LOG)
 	@status=0; \
-	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-asan test-noprereq test-valgrind test-fuzz; do \
+	for step in test-lua test-lua5.3 test-lua5.1 test-luajit test-asan test-noprereq test-valgrind test-fuzz test-lint; do \
 	  $(MAKE) --no-print-directory $$step || status=1; \
 	done; \
 	echo; echo "$$(grep -c '^ok ' $(TEST_LOG)) passed, $$(grep -c '^not ok ' $(TEST_LOG)) failed"; \

@@ -208,8 +208,9 @@ describe("flowservice command", function()
     end
 
     it("skips a run its flow's journal holds as done (exit 0); --force re-triggers it, journaled", function()
-      local code, out = flowservice_cmd { "retrigger", h.runs.failed }
+      local code = flowservice_cmd { "retrigger", h.runs.failed }
       assert.equal(0, code)
+      local out
       code, out = flowservice_cmd { "retrigger", h.runs.failed }
       assert.equal(0, code)
       assert.equal(h.runs.failed .. " skipped: already re-triggered (journal)\n", out)
@@ -630,8 +631,9 @@ describe("flowservice command", function()
       local bad = fake.bulk_run_id(3)
       server:outcomes { after = 0, status = "success", by_source = { [bad] = { status = "failed" } } }
       local ids = { fake.bulk_run_id(1), fake.bulk_run_id(2), bad }
-      local code, out = flowservice_cmd { "retrigger", ids[1], ids[2], ids[3], "--no-journal" }
+      local code = flowservice_cmd { "retrigger", ids[1], ids[2], ids[3], "--no-journal" }
       assert.equal(0, code) -- without --wait nobody looks
+      local out
       server:reset()
       server:outcomes { after = 0, status = "success", by_source = { [bad] = { status = "failed" } } }
       code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--no-journal", "--wait" }

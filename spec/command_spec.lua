@@ -440,8 +440,9 @@ describe("the installed flowservice command", function()
       server:reset()
       server:scenario { match = "^POST /runs/", act_then_delay = 0.4, times = 0 }
       argv[#argv + 1] = "--progress=never"
-      code, _, err = run(argv, { FLOWSERVICE_PROGRESS_INTERVAL = "1" })
+      code, out, err = run(argv, { FLOWSERVICE_PROGRESS_INTERVAL = "1" })
       assert.equal(0, code)
+      assert.equal(8, select(2, out:gsub("\n", "")))
       assert.equal("", err)
     end)
 
@@ -460,7 +461,7 @@ describe("the installed flowservice command", function()
       local code = run { "retrigger", "--journal", journal, h.runs.failed }
       assert.equal(1, code) -- ambiguous: the 503 came after the run was made
       local started = h.now()
-      local err
+      local _, err
       code, _, err = run { "retrigger", "--journal", journal, "--grace", "5", h.runs.failed }
       assert.equal(0, code, err)
       assert.matches("flowservice: waiting %ds %(%-%-grace%) for runs that 1 pending re%-trigger%(s%) of an"

@@ -158,9 +158,9 @@ local function translate(msg, names)
     if one then
       suggestion = one
     elseif many then
-      local names = {}
-      for name in many:gmatch("'(.-)'") do names[#names + 1] = name end
-      suggestion = concat(names, " or ")
+      local near = {}
+      for name in many:gmatch("'(.-)'") do near[#near + 1] = name end
+      suggestion = concat(near, " or ")
     end
   end
   local unknown = text:match("^unknown option '(.-)'$") or text:match("^unknown command '(.-)'$")
