@@ -112,7 +112,7 @@ function _M.main(argv, env)
     return 130
   end
   -- a bug: one line, without our file paths; the traceback when asked for
-  ctx.stderr:write("flowservice: internal error: ", (code.bug:gsub("^[^\n]-%.lua:%d+: ", "")),
+  ctx.stderr:write("flowservice: internal error: ", (code.bug:match("^[^\n]*"):gsub("^.-%.lua:%d+: ", "")),
     "\n(set FLOWSERVICE_DEBUG=1 for the details, and please report it)\n")
   if ctx.getenv("FLOWSERVICE_DEBUG") then ctx.stderr:write(code.traceback, "\n") end
   return 1
