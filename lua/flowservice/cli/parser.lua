@@ -105,15 +105,15 @@ function _M.build(commands, state)
     state.names.commands[#state.names.commands + 1] = c.name
     local def = definer(cmd, own, flags, names)
     local plain_argument = def.argument
-    function def.argument(...)
+    function def.argument(...) -- listed under "arguments", not "flags"
       local e = plain_argument(...)
       own[#own] = nil
       args[#args + 1] = e
-      c.takes_arguments = true
       return e
     end
     c.define(def)
-    if not c.takes_arguments then cmd:argument("args"):args("*"):hidden(true) end
+    -- no arguments of its own: any word left is caught, for its own message
+    if #args == 0 then cmd:argument("args"):args("*"):hidden(true) end
     if c.client then
       def.flag("--json", "one JSON document on stdout")
       def.flag("--verbose", "one line per HTTP attempt on stderr, with a UTC time and the host"
