@@ -180,7 +180,7 @@ describe("#postgresql journal", function()
       assert.equal(1, w.missing)
     end)
 
-    it("an expired claim is settled by exactly one job, by the evidence rules", function()
+    it("#pgjobs an expired claim is settled by exactly one job, by the evidence rules", function()
       local dead = other_job(0.3)
       local run = fake.bulk_run_id(2)
       -- a job that claimed run 2 and died before sending it
@@ -225,7 +225,7 @@ describe("#postgresql journal", function()
         .. " AND state = 'done'"):format(WIDE)))
     end
 
-    it("three jobs in three processes with three state directories: every run exactly once", function()
+    it("#pgjobs three jobs in three processes with three state directories: every run exactly once", function()
       server:scenario { match = "^POST ", delay = 0.02, times = 0 }
       local started = {}
       for k = 1, 3 do started[k] = { start_job(WIDE, 8, 30, 0) } end
@@ -250,7 +250,7 @@ describe("#postgresql journal", function()
       assert_exactly_once()
     end)
 
-    it("#pgload SIGKILLed at random moments and restarted, 12 cycles: zero duplicates, zero unaccounted", function()
+    it("#pgjobs SIGKILLed at random moments and restarted, 12 cycles: zero duplicates, zero unaccounted", function()
       math.randomseed(20261201)
       -- each re-trigger acts, then answers 50 ms later: kills land between the two
       server:scenario { match = "^POST ", act_then_delay = 0.05, times = 0 }
@@ -286,7 +286,7 @@ describe("#postgresql journal", function()
       assert.equal(0, count("SELECT count(*) FROM flowservice_journal WHERE state IN ('pending', 'ambiguous')"))
     end)
 
-    it("#pgload the database restarted mid-job: the job fails clearly, the next one loses nothing", function()
+    it("#pgjobs the database restarted mid-job: the job fails clearly, the next one loses nothing", function()
       server:scenario { match = "^POST ", delay = 0.05, times = 0 }
       local pid, out = start_job(WIDE, 4, 1, 0.5)
       server:wait_for_posts(40, 60)
