@@ -31,7 +31,7 @@ NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u
 TEST_LOG     := $(BUILD)/test-results.tap
 
 .PHONY: all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
-        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox \
+        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox bench-postgresql \
         bench-nginx clean fuzzers fuzz test-fuzz
 
 all: build
@@ -230,6 +230,11 @@ bench: deps
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua memory
 	$(NO_PROXY_ENV) $(LUA) bench/bulk.lua
+
+# The bulk job with the PostgreSQL journal (a PostgreSQL of its own) beside
+# the file journal and the ideal.
+bench-postgresql: build
+	$(NO_PROXY_ENV) BULK_POSTGRESQL=1 BULK_SEQUENTIAL=0 $(LUA) bench/bulk.lua
 
 # The whole sandbox: retry-failed --all-flows over 20 flows and 1,000 failed
 # runs at 50 ms, and max_active shown holding (bench/sandbox.lua).

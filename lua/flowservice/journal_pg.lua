@@ -175,7 +175,18 @@ end
 
 -- A transaction: fn(conn) -> result | nil, err; repeated on deadlock or
 -- serialization failure (nothing of it committed, nothing sent meanwhile).
-function Conn:transaction(fn)
+local function conflict(err)
+  return err and (err.sqlstate == "40P01" or err.sqlstate == "40001")
+end
+
+function Conn:transaction(fn, single)
+  if single then -- one statement: it commits by itself
+    for _ = 1, RETRIES do
+      local result, err = fn(self)
+      if result ~= nil or not conflict(err) then return result, err end
+    end
+    return fail("the statement kept meeting deadlocks")
+  end
   for _ = 1, RETRIES do
     local ok, err = self:query("BEGIN")
     if not ok then return nil, err end
@@ -186,7 +197,7 @@ function Conn:transaction(fn)
       ferr = err
     end
     if not self.broken then self:query("ROLLBACK") end
-    if not (ferr and (ferr.sqlstate == "40P01" or ferr.sqlstate == "40001")) then return nil, ferr end
+    if not conflict(ferr) then return nil, ferr end
   end
   return fail("the transaction kept meeting deadlocks")
 end
@@ -375,13 +386,19 @@ local UPSERT = "INSERT INTO " .. TABLE
   .. " entry = EXCLUDED.entry, job = EXCLUDED.job, host = EXCLUDED.host,"
   .. " lease_until = EXCLUDED.lease_until, updated_at = now()"
 
-local CLAIM_ROWS = "INSERT INTO " .. TABLE .. " (org, sandbox, flow, run, state)"
+-- The claims' rows, locked, in one statement: those that did not exist are
+-- made ('new') and come back from the INSERT; the others are locked FOR
+-- UPDATE (read as they are now). A row another transaction made while this
+-- statement waited is in neither list: the statement is repeated for it
+-- (within the transaction, each statement sees what committed before it).
+local CLAIM_ROWS = "WITH made AS (INSERT INTO " .. TABLE .. " (org, sandbox, flow, run, state)"
   .. " SELECT $1, $2, $3, r, 'new' FROM jsonb_array_elements_text($4::jsonb) AS r ORDER BY r"
-  .. " ON CONFLICT (org, sandbox, flow, run) DO NOTHING"
-
-local LOCK_ROWS = "SELECT run, state, entry::text AS entry, job, host, (lease_until > now()) AS live"
+  .. " ON CONFLICT (org, sandbox, flow, run) DO NOTHING RETURNING run),"
+  .. " locked AS (SELECT run, state, entry::text AS entry, job, host, (lease_until > now()) AS live"
   .. " FROM " .. TABLE .. " WHERE org = $1 AND sandbox = $2 AND flow = $3"
-  .. " AND run IN (SELECT jsonb_array_elements_text($4::jsonb)) ORDER BY run FOR UPDATE"
+  .. " AND run IN (SELECT jsonb_array_elements_text($4::jsonb)) ORDER BY run FOR UPDATE)"
+  .. " SELECT run, 'new' AS state, NULL AS entry, NULL AS job, NULL AS host, NULL AS live FROM made"
+  .. " UNION ALL SELECT run, state, entry, job, host, live FROM locked"
 
 -- Whether this job may send run now, by its locked row: nil, or why not.
 function PgJournal:refusal(row, forced)
@@ -410,12 +427,11 @@ function PgJournal:write(entries)
   local result, err = self.conn:transaction(function(tx)
     refused = {}
     local fresh = {}
-    if #claims > 0 then
-      local list = encode(claims)
-      local ok, cerr = tx:query(CLAIM_ROWS, self.org, self.sandbox, self.flow, list)
-      if not ok then return nil, cerr end
-      local rows, lerr = tx:query(LOCK_ROWS, self.org, self.sandbox, self.flow, list)
-      if not rows then return nil, lerr end
+    local wanted = claims
+    for _ = 1, RETRIES do
+      if #wanted == 0 then break end
+      local rows, cerr = tx:query(CLAIM_ROWS, self.org, self.sandbox, self.flow, encode(wanted))
+      if not rows then return nil, cerr end
       local forced = {}
       for _, e in ipairs(entries) do
         if e.state == "pending" and e.forced then forced[e.run] = true end
@@ -424,7 +440,13 @@ function PgJournal:write(entries)
         local why = self:refusal(row, forced[row.run])
         if why then refused[row.run] = why else fresh[row.run] = row end
       end
+      local missing = {}
+      for _, run_id in ipairs(wanted) do
+        if not fresh[run_id] and not refused[run_id] then missing[#missing + 1] = run_id end
+      end
+      wanted = missing
     end
+    if #wanted > 0 then return fail("could not lock the rows of " .. #wanted .. " claims") end
     -- the fold over copies of the rows touched: a rolled-back round leaves the state as it was
     local runs = {}
     for _, e in ipairs(entries) do
@@ -470,6 +492,7 @@ function PgJournal:write(entries)
       end
     end
     local rows = {}
+    sort(order) -- rows locked in one order by every job: no deadlock among them
     for _, run_id in ipairs(order) do
       if state.runs[run_id] then
         local st = state.runs[run_id].state
@@ -488,7 +511,7 @@ function PgJournal:write(entries)
       if not ok then return nil, uerr end
     end
     return true
-  end)
+  end, #claims == 0)
   if not result then return nil, err end
   -- committed: the copy becomes the state
   local runs, followed = self.state.runs, self.state.followed
