@@ -362,6 +362,83 @@ io.write(tostring(err and err.message))
     end)
   end)
 
+  describe("the command", function()
+    -- flowservice ARGV with the fake's settings -> exit status, stdout, stderr
+    local function cmd(argv, env)
+      local words = { "env -i", "PATH=" .. q(os.getenv("PATH") or "/usr/bin:/bin"), "HOME=" .. q(dir),
+        "XDG_STATE_HOME=" .. q(dir .. "/state"),
+        "LUA_PATH=" .. q("build/tree/share/lua/5.4/?.lua;build/tree/share/lua/5.4/?/init.lua;;"),
+        "LUA_CPATH=" .. q("build/tree/lib/lua/5.4/?.so;;"), "AEP_ACCESS_TOKEN=" .. q(fake.credentials.access_token),
+        "AEP_API_KEY=" .. q(fake.credentials.api_key), "AEP_ORG_ID=" .. q(ORG), "FLOWSERVICE_URL=" .. q(server.url) }
+      for k, v in pairs(env or {}) do words[#words + 1] = k .. "=" .. q(v) end
+      words[#words + 1] = "lua5.4 bin/flowservice"
+      for _, a in ipairs(argv) do words[#words + 1] = q(a) end
+      local base = dir .. "/cmd"
+      h.sh(table.concat(words, " ") .. " </dev/null >" .. q(base .. ".out") .. " 2>" .. q(base .. ".err")
+        .. "; echo $? >" .. q(base .. ".status"))
+      local out, err = read(base .. ".out"), read(base .. ".err")
+      assert.not_matches(db.password, out .. err, 1, true)
+      return tonumber(read(base .. ".status"):match("%d+")), out, err
+    end
+
+    it("retry-failed --journal URI, FLOWSERVICE_JOURNAL, journal show and journal migrate", function()
+      local code, out, err = cmd { "retry-failed", "--flow", BULK, "--since", "all", "--journal", db.uri, "--json" }
+      assert.equal(0, code, err)
+      assert.equal(B.failed.count, #cjson.decode(out).retriggered)
+      code, out = cmd({ "retry-failed", "--flow", BULK, "--since", "all", "--json" }, { FLOWSERVICE_JOURNAL = db.uri })
+      assert.equal(0, code)
+      local doc = cjson.decode(out)
+      assert.equal(0, #doc.retriggered)
+      assert.equal(B.failed.count, #doc.skipped)
+      assert.equal(B.failed.count, server:stats().posts)
+      code, out = cmd({ "journal", "show", "--flow", BULK, "--json" }, { FLOWSERVICE_JOURNAL = db.uri })
+      assert.equal(0, code)
+      local rows = cjson.decode(out).runs
+      assert.equal(B.failed.count, #rows)
+      for _, row in ipairs(rows) do
+        assert.equal("done", row.state)
+        assert.equal(1, #row.new_ids)
+      end
+      code, out = cmd { "journal", "show", "--journal", db.uri }
+      assert.equal(0, code)
+      assert.matches(B.failed.count .. " runs\n$", out)
+      code, out = cmd { "journal", "migrate", "--journal", db.uri }
+      assert.equal(0, code)
+      assert.equal("journal schema: version 1 -> 1\n", out)
+    end)
+
+    it("a bad URI, a password in it, a refused password, a missing permission: exit 2, nothing sent", function()
+      assert(journal.migrate(db.uri))
+      local wrong = dir .. "/wrong-cmd.pgpass"
+      h.write(wrong, ("127.0.0.1:%d:*:flowservice:not-the-password-xyzzy\n"):format(db.port))
+      h.sh("chmod 600 " .. q(wrong))
+      local cases = {
+        { "postgresql://[::1", "cannot read the connection string" },
+        { ("postgresql://flowservice:hunter2@127.0.0.1:%d/flowservice"):format(db.port), "password in the connection URI is refused" },
+        { db:uri_for("flowservice", wrong), 'password authentication failed for user "flowservice"' },
+        { db:uri_for("reader"), "permission denied for table flowservice_journal" },
+      }
+      for _, case in ipairs(cases) do
+        for _, argv in ipairs { { "retry-failed", "--flow", BULK, "--journal", case[1] },
+          { "journal", "show", "--journal", case[1] }, { "journal", "migrate", "--journal", case[1] } } do
+          local code, out, err = cmd(argv)
+          assert.equal(2, code, argv[1] .. " " .. case[1] .. ": " .. err)
+          assert.matches(case[2], err, 1, true)
+          assert.not_matches("hunter2", out .. err, 1, true)
+          assert.not_matches("xyzzy", out .. err, 1, true)
+          assert.not_matches("traceback", err)
+        end
+      end
+      local code, out, err = cmd({ "retry-failed", "--flow", BULK, "--journal",
+        ("postgresql://flowservice@127.0.0.1:%d/flowservice"):format(db.port) },
+        { PGPASSWORD = "wrong-secret-4711", PGPASSFILE = "/nonexistent" })
+      assert.equal(2, code)
+      assert.matches("password authentication failed", err)
+      assert.not_matches("4711", out .. err, 1, true)
+      assert.equal(0, server:stats().posts)
+    end)
+  end)
+
   describe("waiting", function()
     it("with a wait function the job never blocks on the database: it waits through it", function()
       assert(journal.migrate(db.uri))

@@ -144,6 +144,15 @@ function _M.show(target, opts)
   return list
 end
 
+-- Whether a job could use target now (connect, schema created when missing,
+-- the table readable) -> true | nil, err; a file is checked by opening it.
+function _M.check(target, opts)
+  if not _M.is_postgresql(target) then return true end
+  local pgj, err = backend_pg()
+  if not pgj then return nil, err end
+  return pgj.check(target, opts or {})
+end
+
 -- Brings a PostgreSQL journal's schema to this version (creating it when
 -- missing) -> { from = n, to = n }; a file needs none.
 function _M.migrate(target, opts)

@@ -587,6 +587,17 @@ function _M.show(conninfo, opts)
   return list
 end
 
+function _M.check(conninfo, opts)
+  local conn, err = connect(conninfo, opts)
+  if not conn then return nil, err end
+  local ok
+  ok, err = ensure_schema(conn)
+  if ok then ok, err = conn:query("SELECT run FROM " .. TABLE .. " LIMIT 1") end
+  conn:close()
+  if not ok then return nil, err end
+  return true
+end
+
 function _M.migrate(conninfo, opts)
   local conn, err = connect(conninfo, opts)
   if not conn then return nil, err end
