@@ -180,6 +180,26 @@ describe("#postgresql journal", function()
       assert.equal(1, w.missing)
     end)
 
+    it("a run left ambiguous (502 after acting) holds no lease: the next job settles it by evidence", function()
+      local run = fake.bulk_run_id(5)
+      server:scenario { match = "^POST /runs/" .. h.literal(run) .. "/", act_then_delay = 0.01, status = 502,
+        times = 1 }
+      local first = assert(client:retry_failed { flow_id = BULK, journal = db.uri, concurrency = 1 })
+      assert.equal(1, #first.ambiguous)
+      assert.equal(run, first.ambiguous[1].run_id)
+      assert.equal("ambiguous|", db:psql(("SELECT state || '|' || coalesce(lease_until::text, '')"
+        .. " FROM flowservice_journal WHERE run = '%s'"):format(run)):match("^%S+"))
+      local second = new_client()
+      local again = assert(second:retry_failed { flow_id = BULK, journal = db.uri })
+      second:close()
+      assert.same({}, again.ambiguous)
+      assert.equal(1, #again.settled)
+      assert.same({ run_id = run, outcome = "done", evidence = "linkage", new_id = again.settled[1].new_id },
+        again.settled[1])
+      assert.equal(1, server:stats().by_source[run])
+      assert.equal(0, #again.retriggered)
+    end)
+
     it("#pgjobs an expired claim is settled by exactly one job, by the evidence rules", function()
       local dead = other_job(0.3)
       local run = fake.bulk_run_id(2)

@@ -405,6 +405,10 @@ function PgJournal:refusal(row, forced)
   if row.state == "done" and not forced then return "already re-triggered (journal)" end
   if (row.state == "pending" or row.state == "ambiguous") and row.job ~= self.job then
     if row.live == "t" then return claim_why(row) end
+    if row.state == "ambiguous" then
+      return format("left ambiguous by job %s on host %s: the next job settles it", tostring(row.job),
+        tostring(row.host))
+    end
     return claim_why(row) .. ", whose lease ran out: the next job settles it"
   end
   return nil
@@ -496,7 +500,8 @@ function PgJournal:write(entries)
     for _, run_id in ipairs(order) do
       if state.runs[run_id] then
         local st = state.runs[run_id].state
-        local row = row_of(state, run_id, followed_of, st == "pending" or st == "ambiguous")
+        -- only what may be in flight holds a lease; an ambiguous row is free for the next job to settle
+        local row = row_of(state, run_id, followed_of, st == "pending")
         row.flow = self.flow
         rows[#rows + 1] = row
       end
@@ -518,7 +523,6 @@ function PgJournal:write(entries)
   for run_id, entry in pairs(state.runs) do runs[run_id] = entry end
   for new_id, outcome in pairs(state.followed) do followed[new_id] = outcome end
   for k, v in pairs(state.learned) do self.state.learned[k] = v end
-  self.renewed = self.renewed or now()
   if next(refused) then return true, refused end
   return true
 end
@@ -529,7 +533,7 @@ function PgJournal:keep()
   local ok, err = self.conn:query("UPDATE " .. TABLE
     .. " SET lease_until = now() + make_interval(secs => $5::float8)"
     .. " WHERE org = $1 AND sandbox = $2 AND flow = $3 AND job = $4"
-    .. " AND state IN ('pending', 'ambiguous')",
+    .. " AND state IN ('pending', 'ambiguous') AND lease_until IS NOT NULL",
     self.org, self.sandbox, self.flow, self.job, tostring(self.lease))
   if not ok then return nil, err end
   self.renewed = now()
