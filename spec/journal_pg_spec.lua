@@ -434,7 +434,8 @@ io.write(tostring(err and err.message))
       h.sh("chmod 600 " .. q(wrong))
       local cases = {
         { "postgresql://[::1", "cannot read the connection string" },
-        { ("postgresql://flowservice:hunter2@127.0.0.1:%d/flowservice"):format(db.port), "password in the connection URI is refused" },
+        { ("postgresql://flowservice:hunter2@127.0.0.1:%d/flowservice"):format(db.port),
+          "password in the connection URI is refused" },
         { db:uri_for("flowservice", wrong), 'password authentication failed for user "flowservice"' },
         { db:uri_for("reader"), "permission denied for table flowservice_journal" },
       }

@@ -323,7 +323,7 @@ end
 
 local function check_opts(opts)
   local lease = opts.lease or LEASE
-  if type(lease) ~= "number" or not (lease > 0) then lease = LEASE end
+  if type(lease) ~= "number" or lease ~= lease or lease <= 0 then lease = LEASE end
   return lease
 end
 
