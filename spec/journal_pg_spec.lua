@@ -366,6 +366,29 @@ describe("#postgresql journal", function()
       assert.equal("42501", select(2, journal.open(db:uri_for("reader"), {})).sqlstate)
     end)
 
+    it("without the flowservice-postgresql rock, a URI says what to install; a file journal works", function()
+      local cdir = dir .. "/core-only/flowservice"
+      h.sh("mkdir -p " .. q(cdir) .. " && cp build/tree/lib/lua/5.4/flowservice/core.so " .. q(cdir))
+      local script = dir .. "/core-only.lua"
+      h.write(script, ([[
+package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
+package.cpath = %q .. ";" .. package.cpath
+local journal = require "flowservice.journal"
+local j, err = journal.open("postgresql://flowservice@127.0.0.1/flowservice", {})
+io.write(tostring(j), " ", tostring(err and err.message), "\n")
+local f = assert(journal.open(%q))
+assert(f:write { { run = "r", flow = "f", state = "pending" } })
+f:close()
+io.write(journal.read(%q).runs.r.state, "\n")
+]]):format(dir .. "/core-only/?.so", dir .. "/core-only.jsonl", dir .. "/core-only.jsonl"))
+      -- journal_pg.lua is on this path, flowservice.pg is not: as with the main rock alone
+      local p = assert(io.popen("lua5.4 " .. q(script) .. " 2>&1"))
+      local out = p:read("*a")
+      p:close()
+      assert.matches("^nil a PostgreSQL journal needs the flowservice%-postgresql rock", out)
+      assert.matches("\npending\n$", out)
+    end)
+
     it("PGPASSWORD's value is in no message, also when libpq is refused", function()
       local script = dir .. "/pgpassword.lua"
       h.write(script, ([[
