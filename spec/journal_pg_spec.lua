@@ -292,7 +292,7 @@ describe("#postgresql journal", function()
         assert.equal(0, dupes, "duplicates after cycle " .. cycle)
       end
       assert.is_true(left_pending > 0, "the kills left nothing to settle")
-      io.stderr:write(("\n  kill cycles: %d claims left pending by the kills (summed over cycles)\n"):format(left_pending))
+      io.stderr:write(("\n  kill cycles: %d claims left pending by the kills (summed)\n"):format(left_pending))
       -- the claims of the dead run out; the last jobs settle them and finish the rest
       h.sleep(LEASE + 0.2)
       for _ = 1, 3 do
