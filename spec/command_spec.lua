@@ -370,6 +370,14 @@ describe("the installed flowservice command", function()
       assert.equal(1, code)
       assert.matches("HTTP 404", err)
       assert.matches("\nhint: the base URL %(%-%-url or FLOWSERVICE_URL%) must end in /data/foundation/flowservice\n", err)
+      -- a flow the wrong path cannot find: the same hint; a run the service does not know: none
+      code, _, err = run({ "retry-failed", "--flow", BULK }, { FLOWSERVICE_URL = server.url .. "/data" })
+      assert.equal(2, code)
+      assert.matches("\nhint: the base URL %(%-%-url or FLOWSERVICE_URL%) must end in", err)
+      code, _, err = run { "get-run", h.runs.unknown }
+      assert.equal(1, code)
+      assert.matches("FLOW%-1101%-404", err)
+      assert.is_nil(err:find("hint:", 1, true))
     end)
 
     it("no internal file path or line in any message", function()

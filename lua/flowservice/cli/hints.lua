@@ -5,7 +5,8 @@ local tostring, type = tostring, type
 local _M = {}
 
 -- hint(err, listing) -> text or nil; listing: the error answered a listing
--- (a 404 there means the base URL is wrong, not that a run is missing).
+-- (a 404 there means the base URL is wrong, not that a run is missing; so
+-- does a 404 without an Adobe error code anywhere).
 function _M.hint(err, listing)
   if type(err) ~= "table" then return nil end
   local code = err.code ~= nil and tostring(err.code) or nil
@@ -16,7 +17,7 @@ function _M.hint(err, listing)
     return "check --org (AEP_ORG_ID): the organization does not match the credentials"
   elseif code == "403003" then
     return "check the API key (--api-key or AEP_API_KEY; by default the client id)"
-  elseif err.status == 404 and listing then
+  elseif err.status == 404 and (listing or code == nil) then -- no Adobe code: not its path
     return "the base URL (--url or FLOWSERVICE_URL) must end in /data/foundation/flowservice"
   end
   return nil

@@ -1,6 +1,7 @@
 -- flowservice retry-failed: re-trigger every eligible failed run of a flow,
 -- or of every flow of the sandbox, each at most once (the journal).
 local config = require "flowservice.cli.config"
+local hints = require "flowservice.cli.hints"
 local job = require "flowservice.cli.job"
 local journals = require "flowservice.cli.journals"
 local output = require "flowservice.cli.output"
@@ -77,7 +78,10 @@ local function run(ctx)
     if err then ctx.stderr:write(tostring(err), "\n") end
   end
   -- a flow that does not exist or cannot run: nothing was sent
-  if err and (err.not_found or err.kind == "flow") then return 2 end
+  if err and (err.not_found or err.kind == "flow") then
+    hints.show(ctx, err)
+    return 2
+  end
   return job.exit_status(ctx, r, err, caught, true)
 end
 
