@@ -337,6 +337,40 @@ describe("flowservice command", function()
     end)
   end)
 
+  describe("in-process (cli.main), as the specs and embedders call it", function()
+    it("returns the exit status of help, usage errors and completion; never exits the interpreter", function()
+      local cli = require "flowservice.cli"
+      local function main(argv)
+        local out, err = {}, {}
+        local function sink(t)
+          return { write = function(self, ...) for _, v in ipairs { ... } do t[#t + 1] = v end return self end }
+        end
+        local env = environment()
+        local code = cli.main(argv, { getenv = function(name) return env[name] end, stdout = sink(out),
+          stderr = sink(err), isatty = function() return false end })
+        return code, table.concat(out), table.concat(err)
+      end
+      local code, out = main { "--help" }
+      assert.equal(0, code)
+      assert.matches("^usage: flowservice COMMAND", out)
+      code, out = main { "help", "retry-failed" }
+      assert.equal(0, code)
+      assert.matches("%-%-resolve", out)
+      local err
+      code, out, err = main { "retrigger", "--bogus" }
+      assert.equal(2, code)
+      assert.equal("", out)
+      assert.matches("^flowservice: unknown flag %-%-bogus\n", err)
+      code, out = main { "completion", "bash" }
+      assert.equal(0, code)
+      assert.matches("complete %-F _flowservice", out)
+      code, out, err = main {}
+      assert.equal("", out)
+      assert.equal(2, code)
+      assert.matches("^usage:", err)
+    end)
+  end)
+
   describe("a bug inside the command", function()
     it("is one line on stderr, without a traceback or a file path, exit 1", function()
       local cli = require "flowservice.cli"
