@@ -36,7 +36,7 @@ deps:
 
 # The real install path: luarocks builds and installs the rock, one tree per
 # Lua version (build/tree for 5.4; the 5.1 one also serves LuaJIT and nginx).
-ROCK_DEPS := $(SOURCES) $(HEADERS) $(ROCKSPEC) lua/flowservice.lua lua/flowservice/*.lua bin/flowservice
+ROCK_DEPS := $(SOURCES) $(HEADERS) src/verify.c $(ROCKSPEC) lua/flowservice.lua lua/flowservice/*.lua bin/flowservice
 
 # $(call rock,LUA_VERSION,TREE)
 define rock
@@ -61,7 +61,8 @@ $(BUILD)/tree-5.1/lib/lua/5.1/flowservice/core.so: $(ROCK_DEPS)
 	$(call rock,5.1,$(BUILD)/tree-5.1)
 
 # The same sources against the Lua 5.1 and LuaJIT headers (OpenResty runs LuaJIT).
-compat: $(BUILD)/luajit/flowservice/core.so $(BUILD)/lua51/flowservice/core.so
+compat: $(BUILD)/luajit/flowservice/core.so $(BUILD)/lua51/flowservice/core.so \
+        $(BUILD)/luajit/flowservice/verify.so $(BUILD)/lua51/flowservice/verify.so
 
 $(BUILD)/luajit/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
@@ -70,6 +71,15 @@ $(BUILD)/luajit/flowservice/core.so: $(SOURCES) $(HEADERS)
 $(BUILD)/lua51/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
 	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I$(LUA51_INC) -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
+
+# flowservice.verify (src/verify.c, OpenSSL's libcrypto): its own .so.
+$(BUILD)/luajit/flowservice/verify.so: src/verify.c src/compat.h
+	@mkdir -p $(@D)
+	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I$(LUAJIT_INC) -o $@ src/verify.c -lcrypto
+
+$(BUILD)/lua51/flowservice/verify.so: src/verify.c src/compat.h
+	@mkdir -p $(@D)
+	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I$(LUA51_INC) -o $@ src/verify.c -lcrypto
 
 # The core as it builds on a libcurl without CURLOPT_PREREQFUNCTION (< 7.80):
 # re-triggers get fresh connections that are never reused, so libcurl has
@@ -87,11 +97,15 @@ $(BUILD)/noprereq/flowservice/core.so: $(SOURCES) $(HEADERS)
 # (curl, nginx) are not touched.
 SANITIZE := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow
 LUA54_STATIC := $(firstword $(wildcard /usr/lib/*/liblua5.4.a /usr/lib/liblua5.4.a))
-asan: $(BUILD)/asan/flowservice/core.so $(BUILD)/asan/asan-lua
+asan: $(BUILD)/asan/flowservice/core.so $(BUILD)/asan/flowservice/verify.so $(BUILD)/asan/asan-lua
 
 $(BUILD)/asan/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
 	gcc $(SANITIZE) -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
+
+$(BUILD)/asan/flowservice/verify.so: src/verify.c src/compat.h
+	@mkdir -p $(@D)
+	gcc $(SANITIZE) -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -o $@ src/verify.c -lcrypto
 
 $(BUILD)/asan/asan-lua: spec/support/asan_lua.c
 	@mkdir -p $(@D)

@@ -25,6 +25,8 @@ external_dependencies = {
   -- /usr/include/<multiarch>, which LuaRocks does not search but gcc does.
   -- Elsewhere, CURL_DIR (or CURL_INCDIR and CURL_LIBDIR) points at libcurl.
   CURL = { library = "curl" },
+  -- flowservice.verify (the I/O Events webhook's signatures): OpenSSL's libcrypto
+  CRYPTO = { library = "crypto" },
 }
 build = {
   type = "builtin",
@@ -43,6 +45,12 @@ build = {
     ["flowservice.retry"] = "lua/flowservice/retry.lua",
     ["flowservice.runs"] = "lua/flowservice/runs.lua",
     ["flowservice.window"] = "lua/flowservice/window.lua",
+    ["flowservice.verify"] = {
+      sources = { "src/verify.c" },
+      libraries = { "crypto" },
+      incdirs = { "$(CRYPTO_INCDIR)" },
+      libdirs = { "$(CRYPTO_LIBDIR)" },
+    },
     ["flowservice.core"] = {
       sources = { "src/core.c", "src/engine.c", "src/journal.c", "src/request.c",
                   "src/signals.c" },
