@@ -39,6 +39,7 @@ build = {
     ["flowservice.client"] = "lua/flowservice/client.lua",
     ["flowservice.cqueues"] = "lua/flowservice/cqueues.lua",
     ["flowservice.errors"] = "lua/flowservice/errors.lua",
+    ["flowservice.heal"] = "lua/flowservice/heal.lua",
     ["flowservice.journal"] = "lua/flowservice/journal.lua",
     ["flowservice.ngx"] = "lua/flowservice/ngx.lua",
     ["flowservice.policy"] = "lua/flowservice/policy.lua",

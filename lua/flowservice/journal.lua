@@ -13,6 +13,10 @@
 --   {"learned": {"etag_changes": bool, "linkage": bool}}
 --   {"run": id, "flow": ..., "followed": new_id, "outcome": "success" | "failed" | ...}
 --     the re-run new_id, followed (wait_runs, max_active) until it finished
+--   {"heal": id, "flow": ..., "step": n, "due": ms, "time": ms}
+--     flowservice.heal's schedule: re-trigger run id (step n of its chain)
+--     not before due (epoch ms). The first line for a run wins; it says
+--     nothing about the run's state (runs[id] is untouched): state.heal[id]
 -- No secret is ever written: entries carry ids, states and error summaries.
 local core = require "flowservice.core"
 
@@ -27,7 +31,7 @@ local Journal = {}
 Journal.__index = Journal
 
 local function new_state()
-  return { runs = {}, learned = {}, followed = {}, skipped_lines = 0 }
+  return { runs = {}, learned = {}, followed = {}, heal = {}, skipped_lines = 0 }
 end
 
 -- One entry into the state: runs[id] is the run's last entry, with
@@ -40,6 +44,8 @@ local function apply(state, entry)
     for k, v in pairs(entry.learned) do state.learned[k] = v end
   elseif type(entry.followed) == "string" and type(entry.outcome) == "string" then
     state.followed[entry.followed] = entry.outcome -- a re-run followed to its end
+  elseif type(entry.heal) == "string" and type(entry.due) == "number" then
+    state.heal[entry.heal] = state.heal[entry.heal] or entry -- a heal schedule: the first stays
   elseif type(entry.run) == "string" and type(entry.state) == "string" then
     local previous = state.runs[entry.run] or { new_ids = {} }
     entry.new_ids = previous.new_ids
