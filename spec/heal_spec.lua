@@ -199,3 +199,73 @@ describe("flowservice.heal", function()
     assert.matches("bad argument #2 to 'heal.new' %(option 'codes' entry 1", err)
   end)
 end)
+
+describe("flowservice.heal.watch", function()
+  local server, client, dir
+
+  local function journal_of(flow_id) return dir .. "/" .. flow_id .. ".jsonl" end
+  local function failed_run(flow, errors)
+    return server:add_run { flowId = flow or FLOW, status = "failed", errors = errors or CONNECT }.id
+  end
+
+  setup(function() server = fake.start() end)
+  teardown(function() server:stop() end)
+  before_each(function()
+    server:reset()
+    local p = io.popen("mktemp -d /tmp/flowservice-watch.XXXXXX")
+    dir = p:read("*l")
+    p:close()
+    client = flowservice.new(h.opts(server.url))
+  end)
+  after_each(function()
+    client:close()
+    os.execute("rm -rf '" .. dir .. "'")
+  end)
+
+  it("re-triggers each flow's failed runs once across passes, and writes the metrics file", function()
+    local a, b = failed_run(), failed_run()
+    local parse = failed_run(nil, { { code = "CONNECTOR-2001-500", message = "cannot parse" } })
+    local hl = heal.new(client, { journal = journal_of, backoff = { 0 } })
+    local mfile = dir .. "/heal.prom"
+    local summary = heal.watch(hl, { flows = { FLOW }, every = 0, passes = 3, since = "1h", metrics_file = mfile })
+    assert.equal(3, summary.passes)
+    assert.same({}, summary.errors)
+    local by = server:stats().by_source
+    assert.equal(1, by[a])
+    assert.equal(1, by[b])
+    assert.is_nil(by[parse])
+    -- the fixture's own failed runs of the flow are in the window too (created now): each once at most
+    for _, n in pairs(by) do assert.equal(1, n) end
+    local text = assert(io.open(mfile)):read("*a")
+    assert.matches("\nflowservice_heal_runs_retriggered_total " .. summary.decisions.retriggered .. "\n", text)
+    assert.matches('flowservice_heal_runs_skipped_total{reason="excluded_code"} %d+', text)
+    -- the scan mark: the next watch starts from it
+    assert.is_number(journal.read(journal_of(FLOW)).heal_scanned)
+    local posts = server:stats().posts
+    heal.watch(heal.new(client, { journal = journal_of, backoff = { 0 } }), { flows = { FLOW }, passes = 1 })
+    assert.equal(posts, server:stats().posts)
+  end)
+
+  it("acts on a schedule once it comes due, on a later pass", function()
+    local id = failed_run()
+    local hl = heal.new(client, { journal = journal_of, backoff = { 1 } })
+    local passes = 0
+    local summary = heal.watch(hl, { flows = { FLOW }, every = 0.5, since = "1h",
+      stop = function() return server:stats().by_source[id] == 1 or passes >= 12 end,
+      on_pass = function() passes = passes + 1 end })
+    assert.equal(1, server:stats().by_source[id])
+    assert.is_true(summary.passes >= 2)
+    assert.is_true(summary.decisions.retriggered >= 1)
+    assert.is_true(summary.decisions.wait >= 1)
+  end)
+
+  it("covers every enabled flow with all_flows, and raises on misuse", function()
+    local bulk = failed_run(fake.flows.bulk)
+    local hl = heal.new(client, { journal = journal_of, backoff = { 0 }, exclude_codes = {} })
+    heal.watch(hl, { all_flows = true, passes = 1, since = "1h" })
+    assert.equal(1, server:stats().by_source[bulk])
+    assert.has_error(function() heal.watch(hl, { passes = 1 }) end)
+    assert.has_error(function() heal.watch(hl, { flows = { FLOW }, all_flows = true }) end)
+    assert.has_error(function() heal.watch({}, { flows = { FLOW } }) end)
+  end)
+end)

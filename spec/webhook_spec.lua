@@ -230,6 +230,23 @@ describe("#openresty flowservice.webhook", function()
     assert.matches("resuming run " .. run.id:gsub("%-", "%%-"), again:error_log())
   end)
 
+  it("runs a watch loop beside the webhook on one flow: each run still once", function()
+    local runs = {}
+    for i = 1, 5 do runs[i] = failed_run() end
+    local get = function(p) return trim(capture("curl -s --noproxy '*' " .. hook.url .. p)) end
+    assert.equal("started", get("/watch?passes=15"))
+    for _, run in ipairs(runs) do
+      assert.equal(200, (deliver(run)))
+      assert.equal(200, (deliver(run))) -- and again under another event id
+    end
+    local deadline = h.now() + 20
+    while tonumber(get("/watch-passes")) < 15 and h.now() < deadline do h.sleep(0.2) end
+    h.sleep(1)
+    local by = flow_service:stats().by_source
+    for _, run in ipairs(runs) do assert.equal(1, by[run.id], run.id) end
+    for id, n in pairs(by) do assert.equal(1, n, id) end
+  end)
+
   it("counts in Prometheus text format across workers", function()
     local _, text = metric("flowservice_heal_events_received_total")
     assert.matches("# TYPE flowservice_heal_events_received_total counter", text)

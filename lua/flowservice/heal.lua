@@ -17,9 +17,11 @@
 local journal = require "flowservice.journal"
 local policy = require "flowservice.policy"
 local args = require "flowservice.args"
+local metrics = require "flowservice.metrics"
+local window = require "flowservice.window"
 
 local floor, format, concat = math.floor, string.format, table.concat
-local ipairs, pairs, setmetatable, tostring, type = ipairs, pairs, setmetatable, tostring, type
+local getmetatable, ipairs, pairs, setmetatable, tostring, type = getmetatable, ipairs, pairs, setmetatable, tostring, type
 local os_time = os.time
 local ngx = ngx -- nil outside OpenResty
 
@@ -305,6 +307,113 @@ function Healer:scheduled(flows)
   end
   table.sort(out, function(a, b) return a.due < b.due end)
   return out
+end
+
+-- The watch loop ----------------------------------------------------------
+--
+-- heal.watch(healer, opts) -> summary | nil, err: every `every` seconds,
+-- each flow's failed runs since its last scan (the journal's scan mark, less
+-- `overlap`: a run is listed by its start, and may fail long after it), and
+-- the schedules that came due, through the healer. For teams without I/O
+-- Events, and beside the webhook: both go through the same journals.
+
+local WATCH = {
+  flows = "table", all_flows = "boolean", every = "number", since = "any", overlap = "number",
+  passes = "number", stop = "function", sleep = "function", metrics_file = "string",
+  metrics = "table", on_pass = "function",
+}
+
+local function default_sleep(seconds)
+  if ngx then return ngx.sleep(seconds) end
+  os.execute(format("sleep %.3f", seconds))
+end
+
+-- One flow's pass: decisions into summary.
+function Healer:scan_flow(flow_id, since0, overlap_ms, summary, quiet, m)
+  local state, path = state_of(self, flow_id)
+  local since = state.heal_scanned and (state.heal_scanned - overlap_ms) or since0
+  local before = wall_ms()
+  local runs, err = self.client:list_runs { flow_id = flow_id, status = "failed", since = since }
+  if not runs then
+    summary.errors[#summary.errors + 1] = format("flow %s: could not list runs: %s", flow_id, tostring(err))
+    return
+  end
+  local seen = {}
+  local function take(run)
+    local id = type(run) == "table" and run.id or run
+    if seen[id] then return end
+    seen[id] = true
+    local entry = state.runs[id]
+    -- what the journal already settled, or was decided before, is not counted again
+    local q = quiet[id]
+    if (entry and entry.state == "done") or q == true or (q and q > wall_ms()) then return end
+    local d = self:handle(run)
+    m:count_decision(d)
+    summary.decisions[d.action] = (summary.decisions[d.action] or 0) + 1
+    if d.action == "skip" then quiet[id] = true elseif d.action == "wait" then quiet[id] = d.due end
+  end
+  for _, run in ipairs(runs) do take(run) end
+  local now = wall_ms()
+  for _, s in ipairs(self:scheduled { flow_id }) do
+    if s.due <= now then take(s.run_id) end
+  end
+  if path and not self.dry_run then
+    local j = journal.open(path) -- held by another job: scanned again next time
+    if j then
+      j:write { { heal = "scan", flow = flow_id, scanned = before } }
+      j:close()
+    end
+  end
+end
+
+function _M.watch(healer, opts)
+  if getmetatable(healer) ~= Healer then args.fail(1, "heal.watch", "a healer (heal.new) expected", 2) end
+  if type(opts) ~= "table" then args.fail(2, "heal.watch", "options table expected", 2) end
+  args.fields(opts, WATCH, "option", 2, "heal.watch", 2)
+  if (opts.flows ~= nil) == (opts.all_flows == true) then
+    args.fail(2, "heal.watch", "takes exactly one of 'flows' and 'all_flows'", 2)
+  end
+  local every = opts.every or 300
+  if not (every >= 0 and every < math.huge) then args.fail(2, "heal.watch", "option 'every' must be seconds >= 0", 2) end
+  local since0 = opts.since or "24h"
+  if type(since0) == "string" then
+    local ms, why = window.parse(since0)
+    if not ms then args.fail(2, "heal.watch", "option 'since' " .. why, 2) end
+    since0 = ms
+  end
+  local overlap_ms = floor((opts.overlap or 7200) * 1000)
+  local m = opts.metrics or metrics.new()
+  local sleep = opts.sleep or default_sleep
+  local summary = { passes = 0, decisions = {}, errors = {} }
+  local quiet = {}
+  while true do
+    local flows = opts.flows
+    if opts.all_flows then
+      local list, err = healer.client:list_flows { state = "enabled" }
+      flows = {}
+      if not list then
+        summary.errors[#summary.errors + 1] = "could not list flows: " .. tostring(err)
+      else
+        for _, f in ipairs(list) do
+          if type(f) == "table" and type(f.id) == "string" and (not healer.allowed or healer.allowed[f.id]) then
+            flows[#flows + 1] = f.id
+          end
+        end
+      end
+    end
+    for _, flow_id in ipairs(flows) do healer:scan_flow(flow_id, since0, overlap_ms, summary, quiet, m) end
+    summary.passes = summary.passes + 1
+    if opts.metrics_file then
+      local ok, err = m:write_file(opts.metrics_file)
+      if not ok then summary.errors[#summary.errors + 1] = "metrics file: " .. tostring(err) end
+    end
+    if opts.on_pass then opts.on_pass(summary) end
+    if (opts.passes and summary.passes >= opts.passes) or (opts.stop and opts.stop()) then break end
+    sleep(every)
+    if opts.stop and opts.stop() then break end
+  end
+  summary.metrics = m
+  return summary
 end
 
 return _M

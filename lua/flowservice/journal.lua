@@ -17,6 +17,9 @@
 --     flowservice.heal's schedule: re-trigger run id (step n of its chain)
 --     not before due (epoch ms). The first line for a run wins; it says
 --     nothing about the run's state (runs[id] is untouched): state.heal[id]
+--   {"heal": "scan", "flow": ..., "scanned": ms}
+--     the same kind, the watch loop's mark: the flow's failed runs were
+--     listed up to scanned (epoch ms); the latest wins: state.heal_scanned
 -- No secret is ever written: entries carry ids, states and error summaries.
 local core = require "flowservice.core"
 
@@ -44,6 +47,8 @@ local function apply(state, entry)
     for k, v in pairs(entry.learned) do state.learned[k] = v end
   elseif type(entry.followed) == "string" and type(entry.outcome) == "string" then
     state.followed[entry.followed] = entry.outcome -- a re-run followed to its end
+  elseif type(entry.heal) == "string" and type(entry.scanned) == "number" then
+    if entry.scanned > (state.heal_scanned or 0) then state.heal_scanned = entry.scanned end
   elseif type(entry.heal) == "string" and type(entry.due) == "number" then
     state.heal[entry.heal] = state.heal[entry.heal] or entry -- a heal schedule: the first stays
   elseif type(entry.run) == "string" and type(entry.state) == "string" then

@@ -188,15 +188,25 @@ function Hook:reject(why, event_id)
 end
 
 -- The work after the answer: decide, act, and come back when due.
-local function work(premature, self, run_id)
-  if premature then return end
+local BUSY_TRIES = 150 -- 5 minutes at the default busy_retry of 2 s
+
+local function work(premature, self, run_id, busy)
+  if premature then return end -- nginx is stopping: the journal keeps the schedule
   local d = self.healer:handle(run_id)
+  local ok, err = true, nil
   if d.action == "wait" and d.due then
-    local delay = max(0, d.due / 1000 - ngx.now())
-    local ok, err = ngx.timer.at(delay, work, self, run_id)
-    if not ok then self:log(ngx.ERR, "webhook: cannot schedule run " .. run_id .. ": " .. tostring(err)) end
+    ok, err = ngx.timer.at(max(0, d.due / 1000 - ngx.now()), work, self, run_id)
   elseif d.action == "busy" then
-    ngx.timer.at(self.busy_retry, work, self, run_id)
+    -- another job holds the flow's journal: ask again soon, for a while
+    busy = (busy or 0) + 1
+    if busy <= BUSY_TRIES then
+      ok, err = ngx.timer.at(self.busy_retry, work, self, run_id, busy)
+    else
+      ok, err = false, "its journal stayed in use by another job"
+    end
+  end
+  if not ok then
+    self:log(ngx.ERR, "webhook: run " .. run_id .. " left for the watch loop or a restart: " .. tostring(err))
   end
 end
 _M._work = work
