@@ -125,7 +125,7 @@ $(BUILD)/testlib/%/spec_fork.so: spec/support/fork.c
 # Lua 5.4 state per process, built with clang's fuzzer, ASan and UBSan.
 # fuzz/reply.c includes core.c and engine.c (it reaches their static reply
 # readers), so that target links only the other sources.
-FUZZ_TARGETS  := request reply journal parsers
+FUZZ_TARGETS  := request reply journal parsers webhook
 FUZZ_SECONDS  ?= 300
 FUZZ_SMOKE    := 20
 FUZZ_CFLAGS   := -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
@@ -138,6 +138,11 @@ fuzzers: $(FUZZ_TARGETS:%=$(BUILD)/fuzz/%)
 $(BUILD)/fuzz/reply: fuzz/reply.c $(FUZZ_COMMON) $(SOURCES)
 	@mkdir -p $(@D)
 	clang $(FUZZ_CFLAGS) -o $@ fuzz/reply.c fuzz/harness.c $(filter-out src/core.c src/engine.c,$(SOURCES)) $(FUZZ_LIBS)
+
+# fuzz/webhook.c adds flowservice.verify (src/verify.c, libcrypto).
+$(BUILD)/fuzz/webhook: fuzz/webhook.c $(FUZZ_COMMON) $(SOURCES) src/verify.c
+	@mkdir -p $(@D)
+	clang $(FUZZ_CFLAGS) -o $@ fuzz/webhook.c fuzz/harness.c $(SOURCES) src/verify.c $(FUZZ_LIBS) -lcrypto
 
 $(BUILD)/fuzz/%: fuzz/%.c $(FUZZ_COMMON) $(SOURCES)
 	@mkdir -p $(@D)

@@ -66,6 +66,18 @@ describe("flowservice.verify.rsa_sha256", function()
     assert.equal("the RSA key is shorter than 2048 bits", why)
   end)
 
+  -- fuzz/webhook: OpenSSL compares a PEM's BEGIN line as a C string, so a
+  -- NUL after "PUBLIC KEY" passed; a key with a NUL byte is refused first.
+  it("refuses a key with a NUL byte (its BEGIN line cut short)", function()
+    local sig = keys:sign(body)
+    local cut = keys.public:gsub("BEGIN PUBLIC KEY%-%-%-%-%-", "BEGIN PUBLIC KEY\0\0\0-----", 1)
+    local ok, why = verify.rsa_sha256(cut, body, sig)
+    assert.is_false(ok)
+    assert.equal("the key is not a PEM public key", why)
+    assert.is_false((verify.rsa_sha256(keys.public .. "\0", body, sig)))
+    assert.is_true((verify.rsa_sha256("leading text\n" .. keys.public, body, sig)))
+  end)
+
   it("refuses a message past max_message without reading it", function()
     local big = ("x"):rep(verify.max_message + 1)
     local ok, why = verify.rsa_sha256(keys.public, big, keys:sign(body))

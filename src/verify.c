@@ -79,6 +79,10 @@ static int verify_check(const char *pem, size_t pem_len, const char *msg, size_t
   EVP_MD_CTX *ctx;
   int sig_len, rc;
   if (pem_len > VERIFY_MAX_KEY) { *why = "the key is too large"; return 0; }
+  /* PEM is text; OpenSSL's reader compares the BEGIN line as a C string, so
+  ** "-----BEGIN PUBLIC KEY\0junk-----" passed as a PUBLIC KEY block (found
+  ** by fuzz/webhook) */
+  if (memchr(pem, '\0', pem_len) != NULL) { *why = "the key is not a PEM public key"; return 0; }
   if (b64_len > VERIFY_MAX_SIGNATURE) { *why = "the signature is too large"; return 0; }
   if (msg_len > VERIFY_MAX_MESSAGE) { *why = "the message is too large"; return 0; }
   if (b64_len == 0) { *why = "the signature is empty"; return 0; }

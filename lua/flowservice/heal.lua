@@ -195,6 +195,8 @@ function Healer:decide(run)
   end
   local step = depth + 1
   local planned = state.heal[run.id]
+  -- no wait, nothing to keep across a restart: no schedule line
+  if not planned and self:delay(step) <= 0 then planned = { due = wall_ms(), step = step } end
   if not planned and path and not self.dry_run then
     -- under the journal's lock: another worker may be writing the same
     local j, err = journal.open(path)

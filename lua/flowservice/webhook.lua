@@ -41,6 +41,7 @@ local OPTIONS = {
 }
 
 local MAX_KEY_TTL = 86400
+local KEY_FAIL_TTL = 30 -- seconds a key path that could not be fetched stays refused
 local MAX_PATH = 256
 
 local Hook = {}
@@ -112,10 +113,20 @@ function Hook:key(path, segments)
   local cache_key = "key:" .. path
   local pem = self.dict:get(cache_key)
   if pem then return pem end
+  -- a path that just failed fails again at once: forged events cannot make
+  -- every delivery a fetch
+  local failed = self.dict:get("keyfail:" .. path)
+  if failed then return nil, failed end
   local body, err = self.keys:fetch_text(segments)
-  if not body then return nil, "cannot fetch public key " .. path .. ": " .. tostring(err) end
-  if not body:find("-----BEGIN PUBLIC KEY-----", 1, true) then
-    return nil, "public key " .. path .. " is not a PEM public key"
+  local why
+  if not body then
+    why = "cannot fetch public key " .. path .. ": " .. tostring(err)
+  elseif not body:find("-----BEGIN PUBLIC KEY-----", 1, true) then
+    why = "public key " .. path .. " is not a PEM public key"
+  end
+  if why then
+    self.dict:set("keyfail:" .. path, why, KEY_FAIL_TTL)
+    return nil, why
   end
   self.dict:set(cache_key, body, self.key_ttl)
   return body
@@ -151,6 +162,7 @@ function Hook:verify(body, headers)
   return concat(why, "; ")
 end
 
+-- The event's type, or nil (pure: fuzz/webhook.lua drives it).
 local function event_code(doc)
   local event = type(doc.event) == "table" and doc.event or {}
   local header = type(event.header) == "table" and event.header or {}
@@ -171,6 +183,7 @@ local function run_id_of(doc)
   if type(id) == "string" and id:match("^[%w%-_%.~]+$") and #id <= 128 then return id end
   return nil
 end
+_M.event_code, _M.run_id_of = event_code, run_id_of
 
 local function answer(status, text, content_type)
   ngx.status = status
