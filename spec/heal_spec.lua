@@ -259,6 +259,24 @@ describe("flowservice.heal.watch", function()
     assert.is_true(summary.decisions.wait >= 1)
   end)
 
+  it("settles a run a dead process left pending (never sent: re-triggered once)", function()
+    local id = failed_run()
+    local j = assert(journal.open(journal_of(FLOW)))
+    assert(j:write { { run = id, flow = FLOW, state = "pending", request_id = "dead-1",
+      time = os.time() * 1000, server_time = os.time() * 1000 - 5000 } })
+    j:close()
+    local hl = heal.new(client, { journal = journal_of, backoff = { 0 }, grace = 0 })
+    local listed = hl:scheduled { FLOW }
+    assert.equal(1, #listed)
+    assert.is_true(listed[1].unsettled)
+    local summary = heal.watch(hl, { flows = { FLOW }, passes = 2, every = 0, since = "1h" })
+    assert.same({}, summary.errors)
+    assert.equal(1, server:stats().by_source[id])
+    local entry = journal.read(journal_of(FLOW)).runs[id]
+    assert.equal("done", entry.state)
+    assert.equal(0, #hl:scheduled { FLOW })
+  end)
+
   it("covers every enabled flow with all_flows, and raises on misuse", function()
     local bulk = failed_run(fake.flows.bulk)
     local hl = heal.new(client, { journal = journal_of, backoff = { 0 }, exclude_codes = {} })

@@ -247,6 +247,29 @@ describe("#openresty flowservice.webhook", function()
     for id, n in pairs(by) do assert.equal(1, n, id) end
   end)
 
+  it("a worker killed mid-re-trigger: the respawned one settles the run from the journal, never twice", function()
+    local journal = require "flowservice.journal"
+    flow_service:scenario { match = "^POST ", act_then_delay = 30, times = 1 }
+    local run = failed_run()
+    local code, _, _, pid = deliver(run)
+    assert.equal(200, code)
+    assert.is_true(flow_service:wait_for_posts(1, 10)) -- acted; its answer stalls
+    local path = dir .. "/" .. FLOW .. ".jsonl"
+    assert.equal("pending", journal.read(path).runs[run.id].state)
+    os.execute("kill -9 " .. pid) -- the worker whose timer sent it
+    local deadline, entry = h.now() + 20, nil
+    repeat
+      h.sleep(0.2)
+      entry = journal.read(path).runs[run.id]
+    until entry.state ~= "pending" or h.now() > deadline
+    assert.equal("done", entry.state, hook:error_log():sub(-3000))
+    -- by whatever this journal learned before: the children the service lists, or counting
+    assert.is_truthy(entry.evidence == "linkage" or entry.evidence == "count", entry.evidence)
+    h.sleep(1)
+    assert.equal(1, flow_service:stats().by_source[run.id])
+    assert.equal(1, flow_service:stats().posts)
+  end)
+
   it("counts in Prometheus text format across workers", function()
     local _, text = metric("flowservice_heal_events_received_total")
     assert.matches("# TYPE flowservice_heal_events_received_total counter", text)

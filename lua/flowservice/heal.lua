@@ -251,7 +251,9 @@ function Healer:act(run_id, flow_id)
   elseif r.planned and r.planned[1] then
     d.action = "planned"
   elseif r.skipped[1] then
-    d.action, d.why, d.reason = "skip", "already_retriggered", r.skipped[1].reason
+    local reason = tostring(r.skipped[1].reason)
+    d.action, d.reason = "skip", reason
+    d.why = reason:find("already re-triggered", 1, true) and "already_retriggered" or "ineligible"
   elseif r.failed[1] then
     d.action, d.reason = "failed", tostring(r.failed[1].error)
   else
@@ -284,9 +286,22 @@ function Healer:handle(run)
   return self:note(d)
 end
 
+-- healer:settle(run_id, flow_id) -> decision: a run the journal holds as
+-- pending (a process died mid-send) goes to retry_failed, which settles it
+-- by evidence first (and re-triggers only what it finds never sent).
+function Healer:settle(run_id, flow_id)
+  local d = self.dry_run and { run_id = run_id, flow_id = flow_id, action = "planned" }
+    or self:act(run_id, flow_id)
+  d.settling = true
+  return self:note(d)
+end
+
 -- What is scheduled and not yet done, for a restart: { {run_id, flow_id,
 -- due, step} }, from the journals of flows (default: the allow-list, else
--- every flow the service lists). nil, err when the flows cannot be listed.
+-- every flow the service lists); also the runs a process that died mid-send
+-- left pending (due now, unsettled = true: acting on them is retry_failed
+-- settling them by evidence, never a blind repeat). nil, err when the flows
+-- cannot be listed.
 function Healer:scheduled(flows)
   flows = flows or self.flows
   if not flows then
@@ -302,8 +317,13 @@ function Healer:scheduled(flows)
     local state = state_of(self, flow_id)
     for run_id, planned in pairs(state.heal) do
       local entry = state.runs[run_id]
-      if not (entry and entry.state == "done") then
+      if not (entry and (entry.state == "done" or entry.state == "pending")) then
         out[#out + 1] = { run_id = run_id, flow_id = flow_id, due = planned.due, step = planned.step }
+      end
+    end
+    for run_id, entry in pairs(state.runs) do
+      if entry.state == "pending" and (entry.flow == nil or entry.flow == flow_id) then
+        out[#out + 1] = { run_id = run_id, flow_id = flow_id, due = 0, unsettled = true }
       end
     end
   end
@@ -352,12 +372,23 @@ function Healer:scan_flow(flow_id, since0, overlap_ms, summary, quiet, m)
     local d = self:handle(run)
     m:count_decision(d)
     summary.decisions[d.action] = (summary.decisions[d.action] or 0) + 1
-    if d.action == "skip" then quiet[id] = true elseif d.action == "wait" then quiet[id] = d.due end
+    if d.action == "skip" or d.action == "ambiguous" then
+      quiet[id] = true -- said once; an operator decides an ambiguous one (resolve)
+    elseif d.action == "wait" then
+      quiet[id] = d.due
+    end
   end
   for _, run in ipairs(runs) do take(run) end
   local now = wall_ms()
   for _, s in ipairs(self:scheduled { flow_id }) do
-    if s.due <= now then take(s.run_id) end
+    if s.unsettled and not seen[s.run_id] then
+      seen[s.run_id] = true
+      local d = self:settle(s.run_id, flow_id)
+      m:count_decision(d)
+      summary.decisions[d.action] = (summary.decisions[d.action] or 0) + 1
+    elseif s.due <= now then
+      take(s.run_id)
+    end
   end
   if path and not self.dry_run then
     local j = journal.open(path) -- held by another job: scanned again next time

@@ -203,9 +203,14 @@ end
 -- The work after the answer: decide, act, and come back when due.
 local BUSY_TRIES = 150 -- 5 minutes at the default busy_retry of 2 s
 
-local function work(premature, self, run_id, busy)
+local function work(premature, self, run_id, busy, flow_id)
   if premature then return end -- nginx is stopping: the journal keeps the schedule
-  local d = self.healer:handle(run_id)
+  local d
+  if flow_id then
+    d = self.healer:settle(run_id, flow_id) -- left pending by a dead worker
+  else
+    d = self.healer:handle(run_id)
+  end
   local ok, err = true, nil
   if d.action == "wait" and d.due then
     ok, err = ngx.timer.at(max(0, d.due / 1000 - ngx.now()), work, self, run_id)
@@ -213,7 +218,7 @@ local function work(premature, self, run_id, busy)
     -- another job holds the flow's journal: ask again soon, for a while
     busy = (busy or 0) + 1
     if busy <= BUSY_TRIES then
-      ok, err = ngx.timer.at(self.busy_retry, work, self, run_id, busy)
+      ok, err = ngx.timer.at(self.busy_retry, work, self, run_id, busy, flow_id)
     else
       ok, err = false, "its journal stayed in use by another job"
     end
@@ -232,6 +237,7 @@ function Hook:handle()
     local challenge = ngx.var.arg_challenge
     if not challenge then return answer(400, "no challenge\n") end
     challenge = ngx.unescape_uri(challenge)
+    if #challenge > 256 then return answer(400, "challenge too long\n") end
     local accept = ngx.var.http_accept or ""
     if accept:find("application/json", 1, true) or ngx.var.arg_format == "json" then
       return answer(200, cjson.encode { challenge = challenge }, "application/json")
@@ -294,11 +300,15 @@ function Hook:metrics()
 end
 
 -- After a restart: every schedule the journals hold and that is not done
--- gets its timer again (at its due time, or now when it is past). Call it
--- from init_worker_by_lua; it acts in worker 0 only (the journal keeps the
--- others honest anyway).
+-- gets its timer again (at its due time, or now when it is past), and a run
+-- a dead worker left pending is settled. Call it from init_worker_by_lua;
+-- it acts in worker 0 at start, and in any worker the master respawned
+-- after a crash (its slot was started before: the dict remembers). Two
+-- workers acting on one schedule is safe: the journal decides.
 function Hook:resume(flows)
-  if ngx.worker.id() ~= 0 then return true end
+  local id = ngx.worker.id()
+  local respawned = not self.dict:add("worker-started:" .. tostring(id), true)
+  if id ~= 0 and not respawned then return true end
   return ngx.timer.at(0, function(premature)
     if premature then return end
     local list, err = self.healer:scheduled(flows)
@@ -308,9 +318,9 @@ function Hook:resume(flows)
     end
     for _, s in ipairs(list) do
       local delay = max(0, min(s.due / 1000 - ngx.now(), 86400 * 7))
-      self:log(ngx.NOTICE, format("webhook: resuming run %s (step %s) in %.0f s", s.run_id,
-        tostring(s.step), floor(delay)))
-      ngx.timer.at(delay, work, self, s.run_id)
+      self:log(ngx.NOTICE, s.unsettled and format("webhook: settling run %s, left pending", s.run_id)
+        or format("webhook: resuming run %s (step %s) in %.0f s", s.run_id, tostring(s.step), floor(delay)))
+      ngx.timer.at(delay, work, self, s.run_id, nil, s.unsettled and s.flow_id or nil)
     end
   end)
 end
