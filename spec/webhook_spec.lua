@@ -96,6 +96,7 @@ describe("#openresty flowservice.webhook", function()
   it("takes the same event three times and in both workers as one re-trigger", function()
     local run = failed_run()
     local id = events.event_id()
+    local dup_before = metric("flowservice_heal_events_duplicate_total")
     local pids, sent = {}, 0
     repeat
       local code, body, _, pid = deliver(run, { event_id = id })
@@ -109,6 +110,7 @@ describe("#openresty flowservice.webhook", function()
     local workers = 0
     for _ in pairs(pids) do workers = workers + 1 end
     assert.equal(2, workers, "both workers answered")
+    assert.equal(dup_before + sent - 1, (metric("flowservice_heal_events_duplicate_total")))
     -- and the same run under another event id (a watch loop, a redelivery)
     assert.equal(200, (deliver(run)))
     assert.is_true(flow_service:wait_for_posts(1, 10))
