@@ -36,7 +36,8 @@ deps:
 
 # The real install path: luarocks builds and installs the rock, one tree per
 # Lua version (build/tree for 5.4; the 5.1 one also serves LuaJIT and nginx).
-ROCK_DEPS := $(SOURCES) $(HEADERS) src/verify.c $(ROCKSPEC) lua/flowservice.lua lua/flowservice/*.lua bin/flowservice
+ROCK_DEPS := $(SOURCES) $(HEADERS) src/verify.c $(ROCKSPEC) lua/flowservice.lua lua/flowservice/*.lua bin/flowservice \
+             lua/flowservice/cli/*.lua lua/flowservice/cli/commands/*.lua
 
 # $(call rock,LUA_VERSION,TREE)
 define rock

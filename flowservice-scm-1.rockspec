@@ -19,6 +19,7 @@ CURLOPT_PREREQFUNCTION, older ones give every re-trigger a fresh, never-reused c
 dependencies = {
   "lua >= 5.1, < 5.5",
   "lua-cjson >= 2.1.0",
+  "argparse >= 0.7.1",
 }
 external_dependencies = {
   -- Only the library is looked up: Debian keeps curl.h under
@@ -36,6 +37,23 @@ build = {
     ["flowservice.auth"] = "lua/flowservice/auth.lua",
     ["flowservice.bulk"] = "lua/flowservice/bulk.lua",
     ["flowservice.cli"] = "lua/flowservice/cli.lua",
+    ["flowservice.cli.usage"] = "lua/flowservice/cli/usage.lua",
+    ["flowservice.cli.values"] = "lua/flowservice/cli/values.lua",
+    ["flowservice.cli.config"] = "lua/flowservice/cli/config.lua",
+    ["flowservice.cli.output"] = "lua/flowservice/cli/output.lua",
+    ["flowservice.cli.report"] = "lua/flowservice/cli/report.lua",
+    ["flowservice.cli.progress"] = "lua/flowservice/cli/progress.lua",
+    ["flowservice.cli.journals"] = "lua/flowservice/cli/journals.lua",
+    ["flowservice.cli.job"] = "lua/flowservice/cli/job.lua",
+    ["flowservice.cli.parser"] = "lua/flowservice/cli/parser.lua",
+    ["flowservice.cli.commands"] = "lua/flowservice/cli/commands.lua",
+    ["flowservice.cli.commands.retry_failed"] = "lua/flowservice/cli/commands/retry_failed.lua",
+    ["flowservice.cli.commands.retrigger"] = "lua/flowservice/cli/commands/retrigger.lua",
+    ["flowservice.cli.commands.get_run"] = "lua/flowservice/cli/commands/get_run.lua",
+    ["flowservice.cli.commands.list_runs"] = "lua/flowservice/cli/commands/list_runs.lua",
+    ["flowservice.cli.commands.list_flows"] = "lua/flowservice/cli/commands/list_flows.lua",
+    ["flowservice.cli.commands.help"] = "lua/flowservice/cli/commands/help.lua",
+    ["flowservice.cli.commands.completion"] = "lua/flowservice/cli/commands/completion.lua",
     ["flowservice.client"] = "lua/flowservice/client.lua",
     ["flowservice.cqueues"] = "lua/flowservice/cqueues.lua",
     ["flowservice.errors"] = "lua/flowservice/errors.lua",

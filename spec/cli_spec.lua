@@ -93,18 +93,20 @@ describe("flowservice command", function()
   end)
 
   describe("--help and --version", function()
-    it("prints the usage and exits 0", function()
+    it("prints the usage, the commands and the shared flags, and exits 0", function()
       local code, out, err = flowservice_cmd { "--help" }
       assert.equal(0, code)
       assert.matches("^usage: flowservice COMMAND", out)
-      for _, word in ipairs { "retry-failed", "retrigger", "get-run", "list-runs", "--resolve",
-        "--access-token-file", "--client-secret-file", "AEP_ORG_ID" } do
+      for _, word in ipairs { "retry-failed", "retrigger", "get-run", "list-runs", "list-flows", "help",
+        "completion", "--access-token-file", "--client-secret-file", "AEP_ORG_ID" } do
         assert.truthy(out:find(word, 1, true), word)
       end
+      assert.is_nil(out:find("--resolve", 1, true)) -- a command's own flags are in its help
       assert.equal("", err)
       code, out = flowservice_cmd { "retrigger", "--help" }
       assert.equal(0, code)
-      assert.matches("^usage:", out)
+      assert.matches("^usage: flowservice retrigger", out)
+      assert.is_nil(out:find("--resolve", 1, true))
     end)
 
     it("prints the version and libcurl's", function()
