@@ -49,6 +49,7 @@ build = {
     ["flowservice.cli.commands"] = "lua/flowservice/cli/commands.lua",
     ["flowservice.cli.commands.retry_failed"] = "lua/flowservice/cli/commands/retry_failed.lua",
     ["flowservice.cli.commands.retrigger"] = "lua/flowservice/cli/commands/retrigger.lua",
+    ["flowservice.cli.commands.watch"] = "lua/flowservice/cli/commands/watch.lua",
     ["flowservice.cli.commands.get_run"] = "lua/flowservice/cli/commands/get_run.lua",
     ["flowservice.cli.commands.list_runs"] = "lua/flowservice/cli/commands/list_runs.lua",
     ["flowservice.cli.commands.list_flows"] = "lua/flowservice/cli/commands/list_flows.lua",
