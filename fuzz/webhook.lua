@@ -20,9 +20,22 @@ local format, concat = string.format, table.concat
 local pcall, tostring, type = pcall, tostring, type
 local fail = fuzz.fail
 
-local KEY = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA2XC3rwDMh1/fipUrsRsL\nNfc9DU1tX7Kw19/2M98EWRb4dCqmuNL63G5zIU6XI808XptqFE/X++AHFXg+Ir47\nRNt4AKsxioAJfTXwh0HlzyX/eYDXaHDxwh7R0KVFpP0OMhpp85cHH4KGr6IaLE77\nmpu+axEQXieMpr8BtCsjx9MeGEl2a3bC5YfDPQsbHRG2CZxP9wYh1Cz9u3mGSja+\nsXIy5jtAMGEhlBPyvCJAvNDzhdX43EaRWlELhQYseKfvaDndEEg8jI8gHlE6Lhug\n7hL9kMpMfyXxpEVBSrhUdsghlqQ7lhNly7/0aQ3KZynTxC6UueLFGO6xJThG2I+P\ndQIDAQAB\n-----END PUBLIC KEY-----"
-local SIG = "uwlWKnjtj1uD/iyepVSKVQqTYSYkqTFmJ62p0m4AOserZXNTICYQa+80s9Nk6b2+1af/rFMbVNM9HOOH8KCB8qNluGS4tRL58i7AneAc2oTIhQo5F5fZHiawvQI/b9In0A3tZkVgcxDVeuluR4HvHmU97mWuHCMKQjK/7vry8AK7MQMyLDYuA919G4NMQaYIOFo8bim4XaEM1rvRszCAa0KTGQ6dr4Tz86+Dle3d/LWW+cLVeIyaLwpbSK1Oxlnfs8RuScgAVetKXVELnOCaHchhfcdmvlTs9l8YVqzlfKnENX1K3w2PxMqk7EXr+3KM5QNBQUQTgnKz3bIH/NUtNg=="
-local BODY = '{"event_id":"fuzz-1","event":{"header":{"_adobeio":{"eventCode":"sources_flow_run_failed"}},"body":{"id":"4fb0418e-1804-45d6-8d56-dd51f05c0baf","flowId":"fb5d688d-7698-4db6-a45e-8d510fa38dba"}},"recipient_client_id":"fuzz-client"}'
+local KEY = "-----BEGIN PUBLIC KEY-----\n"
+  .. "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA2XC3rwDMh1/fipUrsRsL\n"
+  .. "Nfc9DU1tX7Kw19/2M98EWRb4dCqmuNL63G5zIU6XI808XptqFE/X++AHFXg+Ir47\n"
+  .. "RNt4AKsxioAJfTXwh0HlzyX/eYDXaHDxwh7R0KVFpP0OMhpp85cHH4KGr6IaLE77\n"
+  .. "mpu+axEQXieMpr8BtCsjx9MeGEl2a3bC5YfDPQsbHRG2CZxP9wYh1Cz9u3mGSja+\n"
+  .. "sXIy5jtAMGEhlBPyvCJAvNDzhdX43EaRWlELhQYseKfvaDndEEg8jI8gHlE6Lhug\n"
+  .. "7hL9kMpMfyXxpEVBSrhUdsghlqQ7lhNly7/0aQ3KZynTxC6UueLFGO6xJThG2I+P\n"
+  .. "dQIDAQAB\n"
+  .. "-----END PUBLIC KEY-----"
+local SIG = "uwlWKnjtj1uD/iyepVSKVQqTYSYkqTFmJ62p0m4AOserZXNTICYQa+80s9Nk6b2+1af/rFMbVNM9HOOH8KCB8qNluGS4tRL5"
+  .. "8i7AneAc2oTIhQo5F5fZHiawvQI/b9In0A3tZkVgcxDVeuluR4HvHmU97mWuHCMKQjK/7vry8AK7MQMyLDYuA919G4NMQaYI"
+  .. "OFo8bim4XaEM1rvRszCAa0KTGQ6dr4Tz86+Dle3d/LWW+cLVeIyaLwpbSK1Oxlnfs8RuScgAVetKXVELnOCaHchhfcdmvlTs"
+  .. "9l8YVqzlfKnENX1K3w2PxMqk7EXr+3KM5QNBQUQTgnKz3bIH/NUtNg=="
+local BODY = '{"event_id":"fuzz-1","event":{"header":{"_adobeio":{"eventCode":"sources_flow_run_failed"}},"bod'
+  .. 'y":{"id":"4fb0418e-1804-45d6-8d56-dd51f05c0baf","flowId":"fb5d688d-7698-4db6-a45e-8d510fa38dba"}'
+  .. '},"recipient_client_id":"fuzz-client"}'
 
 local REASONS = {
   ["the key is too large"] = true, ["the signature is too large"] = true,
@@ -98,7 +111,9 @@ if not check("seed", KEY, BODY, SIG) then fail("the fixed signature does not ver
 return function(input)
   local mode, rest = (input:byte(1) or 0) % 4, input:sub(2)
   if mode == 0 then
-    if check("body", KEY, rest, SIG) ~= (rest == BODY) then fail(format("body %q verified wrongly", rest)) end
+    if check("body", KEY, rest, SIG) ~= (rest == BODY) then
+      fail(format("body %q verified wrongly", rest))
+    end
   elseif mode == 1 then
     local good = check("signature", KEY, BODY, rest)
     if rest == SIG and not good then fail("the real signature failed") end

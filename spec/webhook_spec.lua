@@ -259,7 +259,7 @@ describe("#openresty flowservice.webhook", function()
     local path = dir .. "/" .. FLOW .. ".jsonl"
     assert.equal("pending", journal.read(path).runs[run.id].state)
     os.execute("kill -9 " .. pid) -- the worker whose timer sent it
-    local deadline, entry = h.now() + 20, nil
+    local deadline, entry = h.now() + 20
     repeat
       h.sleep(0.2)
       entry = journal.read(path).runs[run.id]

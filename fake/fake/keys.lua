@@ -4,12 +4,11 @@
 -- they stay across /_fake/reset (the suite's key pair lives as long as the
 -- server). GET /_fake/keys: {"fetches": {path: n}, "paths": [...]}, since
 -- the keys were last set.
-local ngx = ngx
 local util = require("fake.util")
 local reply_m = require("fake.reply")
 
 local next, pairs, pcall, type = next, pairs, pcall, type
-local cjson, read_body = util.cjson, util.read_body
+local cjson = util.cjson
 local json_reply = reply_m.json_reply
 
 local _M = {}

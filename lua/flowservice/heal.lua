@@ -21,7 +21,8 @@ local metrics = require "flowservice.metrics"
 local window = require "flowservice.window"
 
 local floor, format, concat = math.floor, string.format, table.concat
-local getmetatable, ipairs, pairs, setmetatable, tostring, type = getmetatable, ipairs, pairs, setmetatable, tostring, type
+local getmetatable, ipairs, pairs, setmetatable, tostring, type =
+  getmetatable, ipairs, pairs, setmetatable, tostring, type
 local os_time = os.time
 local ngx = ngx -- nil outside OpenResty
 
@@ -407,7 +408,9 @@ function _M.watch(healer, opts)
     args.fail(2, "heal.watch", "takes exactly one of 'flows' and 'all_flows'", 2)
   end
   local every = opts.every or 300
-  if not (every >= 0 and every < math.huge) then args.fail(2, "heal.watch", "option 'every' must be seconds >= 0", 2) end
+  if not (every >= 0 and every < math.huge) then
+    args.fail(2, "heal.watch", "option 'every' must be seconds >= 0", 2)
+  end
   local since0 = opts.since or "24h"
   if type(since0) == "string" then
     local ms, why = window.parse(since0)

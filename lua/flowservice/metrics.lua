@@ -8,7 +8,7 @@
 --   m:count_decision(decision)   -- a flowservice.heal decision
 --   m:render() -> text           m:write_file(path) -> true | nil, err
 local concat, format, sort = table.concat, string.format, table.sort
-local ipairs, pairs, setmetatable, tostring, type = ipairs, pairs, setmetatable, tostring, type
+local error, ipairs, pairs, setmetatable, tostring = error, ipairs, pairs, setmetatable, tostring
 local io_open, os_rename = io.open, os.rename
 
 local _M = { _VERSION = "0.1.0" }

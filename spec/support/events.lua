@@ -23,7 +23,8 @@ function _M.payload(run, opts)
   opts = opts or {}
   local event = { body = { id = run.id, flowId = run.flowId, sandboxName = "prod" } }
   if opts.meta then
-    event = { id = run.id, flowId = run.flowId, _eventNotificationMeta = { type = opts.code or "sources_flow_run_failure" } }
+    event = { id = run.id, flowId = run.flowId,
+      _eventNotificationMeta = { type = opts.code or "sources_flow_run_failure" } }
   else
     event.header = { _adobeio = { eventCode = opts.code or "sources_flow_run_failed",
       providerMetadata = "platform_notifications" } }

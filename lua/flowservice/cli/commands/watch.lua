@@ -5,7 +5,6 @@ local core = require "flowservice.core"
 local heal = require "flowservice.heal"
 local config = require "flowservice.cli.config"
 local journals = require "flowservice.cli.journals"
-local output = require "flowservice.cli.output"
 local usage = require "flowservice.cli.usage"
 local values = require "flowservice.cli.values"
 
