@@ -90,7 +90,9 @@ local function check_path(path)
     fail(format("key_segments(%q) took it", path))
   end
   for _, s in ipairs(segs) do
-    if s == "." or s == ".." or not s:match("^[%w%-_%.]+$") then fail(format("key_segments(%q): segment %q", path, s)) end
+    if s == "." or s == ".." or not s:match("^[%w%-_%.]+$") then
+      fail(format("key_segments(%q): segment %q", path, s))
+    end
   end
 end
 
