@@ -183,6 +183,13 @@ describe("#openresty flowservice.webhook", function()
         code = i % 2 == 0 and "sources_flow_run_failed" or "sources_flow_run_success" })
       list[i] = { body = body, headers = events.headers(keys, body, id) }
     end
+    local function fetches()
+      local f = flow_service:key_fetches()
+      return (f[events.KEY1] or 0) + (f[events.KEY2] or 0)
+    end
+    assert.equal(200, (deliver(parse))) -- both keys in the shared dict now
+    local fetched = fetches()
+    assert.is_true(fetched >= 1 and fetched <= 8, "fetched " .. fetched)
     local results = events.post_parallel(tmp, url(), list, 50)
     assert.equal(200, #results)
     local slowest = 0
@@ -191,6 +198,7 @@ describe("#openresty flowservice.webhook", function()
       slowest = math.max(slowest, r[2])
     end
     assert.is_true(slowest < 1, "slowest answer " .. slowest .. " s")
+    assert.equal(fetched, fetches()) -- 200 events, both workers: the keys came from the dict
     h.sleep(1)
     assert.equal(0, flow_service:stats().posts)
   end)
