@@ -18,6 +18,11 @@ STRICT       := -std=c99 -Wall -Wextra -Werror
 CFLAGS       ?= -O2 -g
 SOURCES      := src/core.c src/engine.c src/journal.c src/request.c src/signals.c
 HEADERS      := src/compat.h src/engine.h src/journal.h src/request.h src/signals.h
+# The PostgreSQL journal's rock (flowservice.pg over libpq), built into the
+# same trees and profiles when libpq-dev is installed; the main rock needs none.
+PG_ROCKSPEC  := flowservice-postgresql-scm-1.rockspec
+PQ_INCDIR    ?= $(shell pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
+HAVE_PQ      := $(wildcard $(PQ_INCDIR)/libpq-fe.h)
 LUAJIT_INC   := /usr/include/luajit-2.1
 LUA51_INC    := /usr/include/lua5.1
 
@@ -26,7 +31,7 @@ NO_PROXY_ENV := env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u
 TEST_LOG     := $(BUILD)/test-results.tap
 
 .PHONY: all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
-        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox \
+        test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox bench-postgresql \
         bench-nginx clean fuzzers fuzz test-fuzz
 
 all: build
@@ -49,8 +54,34 @@ define rock
 	@rm -f src/*.o; rm -rf flowservice
 endef
 
-build: $(TREE)/lib/lua/5.4/flowservice/core.so
-trees: build $(BUILD)/tree-5.3/lib/lua/5.3/flowservice/core.so $(BUILD)/tree-5.1/lib/lua/5.1/flowservice/core.so
+# $(call pg_rock,LUA_VERSION,TREE): the PostgreSQL rock, after the main one
+define pg_rock
+	@mkdir -p $(BUILD)
+	@rm -f src/*.o
+	luarocks --lua-version=$(1) make --tree=$(2) --deps-mode=none \
+	  PQ_INCDIR=$(PQ_INCDIR) CFLAGS="$(CFLAGS) -fPIC $(STRICT)" $(PG_ROCKSPEC) >$(BUILD)/luarocks-pg-$(1).log 2>&1 \
+	  || { cat $(BUILD)/luarocks-pg-$(1).log; exit 1; }
+	@rm -f src/*.o; rm -rf flowservice
+endef
+
+PG_54 := $(if $(HAVE_PQ),$(TREE)/lib/lua/5.4/flowservice/pg.so)
+PG_53 := $(if $(HAVE_PQ),$(BUILD)/tree-5.3/lib/lua/5.3/flowservice/pg.so)
+PG_51 := $(if $(HAVE_PQ),$(BUILD)/tree-5.1/lib/lua/5.1/flowservice/pg.so)
+PG_ASAN := $(if $(HAVE_PQ),$(BUILD)/asan/flowservice/pg.so)
+PG_ROCK_DEPS := src/pg.c src/compat.h $(PG_ROCKSPEC) lua/flowservice/journal_pg.lua
+
+build: $(TREE)/lib/lua/5.4/flowservice/core.so $(PG_54)
+trees: build $(BUILD)/tree-5.3/lib/lua/5.3/flowservice/core.so $(BUILD)/tree-5.1/lib/lua/5.1/flowservice/core.so \
+  $(PG_53) $(PG_51)
+
+$(TREE)/lib/lua/5.4/flowservice/pg.so: $(PG_ROCK_DEPS) $(TREE)/lib/lua/5.4/flowservice/core.so
+	$(call pg_rock,5.4,$(TREE))
+
+$(BUILD)/tree-5.3/lib/lua/5.3/flowservice/pg.so: $(PG_ROCK_DEPS) $(BUILD)/tree-5.3/lib/lua/5.3/flowservice/core.so
+	$(call pg_rock,5.3,$(BUILD)/tree-5.3)
+
+$(BUILD)/tree-5.1/lib/lua/5.1/flowservice/pg.so: $(PG_ROCK_DEPS) $(BUILD)/tree-5.1/lib/lua/5.1/flowservice/core.so
+	$(call pg_rock,5.1,$(BUILD)/tree-5.1)
 
 $(TREE)/lib/lua/5.4/flowservice/core.so: $(ROCK_DEPS)
 	$(call rock,5.4,$(TREE))
@@ -98,7 +129,11 @@ $(BUILD)/noprereq/flowservice/core.so: $(SOURCES) $(HEADERS)
 # (curl, nginx) are not touched.
 SANITIZE := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow
 LUA54_STATIC := $(firstword $(wildcard /usr/lib/*/liblua5.4.a /usr/lib/liblua5.4.a))
-asan: $(BUILD)/asan/flowservice/core.so $(BUILD)/asan/flowservice/verify.so $(BUILD)/asan/asan-lua
+asan: $(BUILD)/asan/flowservice/core.so $(BUILD)/asan/flowservice/verify.so $(BUILD)/asan/asan-lua $(PG_ASAN)
+
+$(BUILD)/asan/flowservice/pg.so: src/pg.c src/compat.h
+	@mkdir -p $(@D)
+	gcc $(SANITIZE) -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(PQ_INCDIR) -o $@ src/pg.c -lpq
 
 $(BUILD)/asan/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
@@ -215,6 +250,11 @@ bench: deps
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua
 	$(NO_PROXY_ENV) $(LUA) bench/run.lua memory
 	$(NO_PROXY_ENV) $(LUA) bench/bulk.lua
+
+# The bulk job with the PostgreSQL journal (a PostgreSQL of its own) beside
+# the file journal and the ideal.
+bench-postgresql: build
+	$(NO_PROXY_ENV) BULK_POSTGRESQL=1 BULK_SEQUENTIAL=0 $(LUA) bench/bulk.lua
 
 # The whole sandbox: retry-failed --all-flows over 20 flows and 1,000 failed
 # runs at 50 ms, and max_active shown holding (bench/sandbox.lua).

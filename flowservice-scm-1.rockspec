@@ -53,6 +53,7 @@ build = {
     ["flowservice.cli.commands.get_run"] = "lua/flowservice/cli/commands/get_run.lua",
     ["flowservice.cli.commands.list_runs"] = "lua/flowservice/cli/commands/list_runs.lua",
     ["flowservice.cli.commands.list_flows"] = "lua/flowservice/cli/commands/list_flows.lua",
+    ["flowservice.cli.commands.journal"] = "lua/flowservice/cli/commands/journal.lua",
     ["flowservice.cli.commands.help"] = "lua/flowservice/cli/commands/help.lua",
     ["flowservice.cli.commands.completion"] = "lua/flowservice/cli/commands/completion.lua",
     ["flowservice.client"] = "lua/flowservice/client.lua",

@@ -125,6 +125,7 @@ describe("flowservice watch", function()
       { "watch", "--flow", FLOW, "--backoff", "5m,x" },
       { "watch", "--flow", FLOW, "--max-chain", "-1" },
       { "watch", "--flow", "not a flow id" },
+      { "watch", "--flow", FLOW, "--journal", "postgresql://127.0.0.1:9/x" },
     } do
       local code, _, err = run(argv)
       assert.equal(2, code, table.concat(argv, " "))

@@ -621,6 +621,13 @@ function Batch:client_id()
   return self.p.opts.api_key
 end
 
+-- What a journal backend needs of the client: whose runs (org, sandbox),
+-- and how to wait without blocking (the same wait function as the engine's).
+function Batch:journal_options()
+  local p = self.p
+  return { org = p.opts.org_id, sandbox = p.opts.sandbox or core.defaults.sandbox, wait = self.waiter }
+end
+
 function Batch:retry_policy()
   return self.p.retry
 end

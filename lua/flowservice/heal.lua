@@ -61,6 +61,7 @@ function _M.new(client, opts)
   if type(opts) ~= "table" then fail("options table expected, got " .. type(opts)) end
   args.fields(opts, OPTIONS, "option", 2, "heal.new", 2)
   local j = opts.journal
+  if type(j) == "string" and journal.is_postgresql(j) then fail(_M.NO_PG) end
   if type(j) == "string" and j ~= "" then
     local path = j
     j = function() return path end
@@ -106,9 +107,14 @@ function Healer:delay(step)
   return b[step] or b[#b]
 end
 
+_M.NO_PG = "flowservice.heal keeps its schedule in file journals: the PostgreSQL journal does not"
+  .. " hold heal lines yet"
+
+-- The flow's journal state and path; nil, nil, why for a target heal cannot use.
 local function state_of(self, flow_id)
   local path = self.journal_of and self.journal_of(flow_id)
   if not path then return journal.read("/dev/null"), nil end
+  if journal.is_postgresql(path) then return nil, nil, _M.NO_PG end
   return journal.read(path), path
 end
 
@@ -185,7 +191,8 @@ function Healer:decide(run)
   end
   local refused = self:refusal(run)
   if refused then return refused end
-  local state, path = state_of(self, run.flowId)
+  local state, path, why = state_of(self, run.flowId)
+  if not state then return { run_id = run.id, flow_id = run.flowId, action = "error", reason = why } end
   local entry = state.runs[run.id]
   if entry and entry.state == "done" then
     return skip(run, "already_retriggered", "already re-triggered (journal)")
@@ -315,7 +322,7 @@ function Healer:scheduled(flows)
   end
   local out = {}
   for _, flow_id in ipairs(flows) do
-    local state = state_of(self, flow_id)
+    local state = state_of(self, flow_id) or journal.fold("")
     for run_id, planned in pairs(state.heal) do
       local entry = state.runs[run_id]
       if not (entry and (entry.state == "done" or entry.state == "pending")) then
@@ -353,7 +360,11 @@ end
 
 -- One flow's pass: decisions into summary.
 function Healer:scan_flow(flow_id, since0, overlap_ms, summary, quiet, m)
-  local state, path = state_of(self, flow_id)
+  local state, path, why = state_of(self, flow_id)
+  if not state then
+    summary.errors[#summary.errors + 1] = format("flow %s: %s", flow_id, why)
+    return
+  end
   local since = state.heal_scanned and (state.heal_scanned - overlap_ms) or since0
   local before = wall_ms()
   local runs, err = self.client:list_runs { flow_id = flow_id, status = "failed", since = since }

@@ -66,6 +66,9 @@
 --                              journal files (relative paths are made absolute) holds its
 --                              {"run", "state": "pending", "request_id": x-request-id} line;
 --                              results in stats().witness; nil or {} turns it off, as reset does
+--   server:witness(paths, dbs) the same, also against PostgreSQL journals' claims: dbs =
+--                              { {psql = path of psql, conninfo = ...} }: the run's row is
+--                              pending with that request id, committed (asked by psql)
 --   server:keys(map)           serve these I/O Events public keys ({ [path] = pem }) at their
 --                              paths, as static.adobeioevents.com does (kept across reset);
 --                              server:key_fetches() -> { [path] = GETs since set }
@@ -354,7 +357,7 @@ function Server:chaos(t)
   return integers(control_json(self, "POST", "/_fake/chaos", body))
 end
 
-function Server:witness(paths)
+function Server:witness(paths, databases)
   if paths == nil then paths = {} end
   assert(type(paths) == "table", "witness takes a list of journal paths")
   local journals = {}
@@ -365,6 +368,9 @@ function Server:witness(paths)
   -- an empty list must go out as [], which cjson may not do by itself
   local body = #journals == 0 and '{"journals":[]}'
                or cjson.encode({ journals = journals })
+  if databases and #databases > 0 then
+    body = body:sub(1, -2) .. ',"databases":' .. cjson.encode(databases) .. "}"
+  end
   return control_json(self, "POST", "/_fake/witness", body)
 end
 

@@ -9,6 +9,7 @@ return {
   "flowservice.cli.commands.get_run",
   "flowservice.cli.commands.list_runs",
   "flowservice.cli.commands.list_flows",
+  "flowservice.cli.commands.journal",
   "flowservice.cli.commands.help",
   "flowservice.cli.commands.completion",
 }

@@ -1,6 +1,9 @@
 -- Where the command keeps its journals: one file per org/sandbox/flow under
--- $XDG_STATE_HOME/flowservice by default, --journal FILE, or --no-journal.
+-- $XDG_STATE_HOME/flowservice by default, --journal FILE|URI (or
+-- FLOWSERVICE_JOURNAL; a PostgreSQL URI: one journal many jobs share), or
+-- --no-journal.
 local core = require "flowservice.core"
+local journal = require "flowservice.journal"
 local usage = require "flowservice.cli.usage"
 
 local tostring, type = tostring, type
@@ -48,8 +51,15 @@ local function default_journal(getenv, org, sandbox, flow_id, create)
 end
 
 -- Open (creating it 0600) and close the journal now, so that a path that
--- cannot be written is a usage error before anything is sent.
-local function check_journal(path)
+-- cannot be written is a usage error before anything is sent; a PostgreSQL
+-- journal is connected to (a wrong URI, a refused password, a missing
+-- permission: usage errors too, exit 2).
+local function check_journal(path, copts)
+  if journal.is_postgresql(path) then
+    local ok, err = journal.check(path, { org = copts.org_id, sandbox = copts.sandbox })
+    if not ok then usage_error("cannot use the journal: %s", tostring(err and err.message or err)) end
+    return path
+  end
   if core.journal_open then
     local j, err = core.journal_open(path)
     if not j then usage_error("cannot use the journal: %s", tostring(err and err.message or err)) end
@@ -67,12 +77,21 @@ end
 function _M.choice(o, getenv, copts, dry_run)
   if o.journal and o.no_journal then usage_error("give --journal FILE or --no-journal, not both") end
   if o.no_journal then return false end
-  if o.journal then return dry_run and o.journal or check_journal(o.journal) end
+  local given = _M.given(o, getenv)
+  if given then return dry_run and given or check_journal(given, copts) end
   return function(flow_id)
     local path = default_journal(getenv, copts.org_id, copts.sandbox, flow_id, not dry_run)
-    return dry_run and path or check_journal(path)
+    return dry_run and path or check_journal(path, copts)
   end
 end
+
+-- --journal, or else FLOWSERVICE_JOURNAL, or nil.
+function _M.given(o, getenv)
+  local env = getenv("FLOWSERVICE_JOURNAL")
+  return o.journal or (env ~= "" and env) or nil
+end
+
+_M.default_path = default_journal
 
 _M.succeeded = succeeded
 

@@ -14,7 +14,8 @@ local format = string.format
 local function define(def)
   def.argument("RUN_ID", "a run to re-trigger; - reads run ids from stdin, one a line", "*")
   def.flag("--force", "re-trigger runs already re-triggered (journaled too)")
-  def.value("--journal", "FILE", "where progress is kept (default: its flow's journal)")
+  def.value("--journal", "FILE|URI", "where progress is kept (or FLOWSERVICE_JOURNAL; default: its"
+    .. " flow's journal); a postgresql:// URI: shared by many jobs")
   def.flag("--no-journal", "keep no journal")
   def.value("--concurrency", "N", "re-triggers in flight at once (default 8)")
   def.value("--grace", "SECONDS", "how long a run may take to show up before an ambiguous"

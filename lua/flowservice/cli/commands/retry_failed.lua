@@ -23,8 +23,9 @@ local function define(def)
     .. " the run, nested ones too)")
   def.value("--exclude-code", "CODE[,CODE]", "skip runs with such an error code")
   def.value("--concurrency", "N", "re-triggers in flight at once (default 8)")
-  def.value("--journal", "FILE", "where progress is kept (default: one file per org/sandbox/flow"
-    .. " under $XDG_STATE_HOME/flowservice)")
+  def.value("--journal", "FILE|URI", "where progress is kept (or FLOWSERVICE_JOURNAL; default: one"
+    .. " file per org/sandbox/flow under $XDG_STATE_HOME/flowservice); a postgresql:// URI: one"
+    .. " journal that many jobs on many hosts share")
   def.flag("--no-journal", "keep no journal")
   def.value("--grace", "SECONDS", "how long a run may take to show up before an ambiguous"
     .. " re-trigger counts as not done")

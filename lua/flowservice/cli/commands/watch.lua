@@ -74,6 +74,11 @@ local function run(ctx)
   end
   local passes = o.passes and values.positive_integer("passes", o.passes)
   local client, copts = config.client(ctx)
+  local given = journals.given(o, ctx.getenv)
+  if given and require("flowservice.journal").is_postgresql(given) then
+    usage_error("watch keeps its schedule in file journals: the PostgreSQL journal (--journal URI,"
+      .. " FLOWSERVICE_JOURNAL) does not hold heal lines yet")
+  end
   local journal = journals.choice(o, ctx.getenv, copts, o.dry_run)
   local json = ctx.json and require("cjson.safe").new() or nil
   local healer = heal.new(client, {
