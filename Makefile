@@ -43,7 +43,7 @@ deps:
 
 # The real install path: luarocks builds and installs the rock, one tree per
 # Lua version (build/tree for 5.4; the 5.1 one also serves LuaJIT and nginx).
-ROCK_DEPS := $(SOURCES) $(HEADERS) $(ROCKSPEC) lua/flowservice.lua lua/flowservice/*.lua bin/flowservice \
+ROCK_DEPS := $(SOURCES) $(HEADERS) src/verify.c $(ROCKSPEC) lua/flowservice.lua lua/flowservice/*.lua bin/flowservice \
              lua/flowservice/cli/*.lua lua/flowservice/cli/commands/*.lua doc/flowservice.1
 
 # $(call rock,LUA_VERSION,TREE)
@@ -113,7 +113,8 @@ $(SRC_ROCK): $(ROCK_DEPS) $(RELEASE)
 	@echo "$(SRC_ROCK)"
 
 # The same sources against the Lua 5.1 and LuaJIT headers (OpenResty runs LuaJIT).
-compat: $(BUILD)/luajit/flowservice/core.so $(BUILD)/lua51/flowservice/core.so
+compat: $(BUILD)/luajit/flowservice/core.so $(BUILD)/lua51/flowservice/core.so \
+        $(BUILD)/luajit/flowservice/verify.so $(BUILD)/lua51/flowservice/verify.so
 
 $(BUILD)/luajit/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
@@ -122,6 +123,15 @@ $(BUILD)/luajit/flowservice/core.so: $(SOURCES) $(HEADERS)
 $(BUILD)/lua51/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
 	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I$(LUA51_INC) -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
+
+# flowservice.verify (src/verify.c, OpenSSL's libcrypto): its own .so.
+$(BUILD)/luajit/flowservice/verify.so: src/verify.c src/compat.h
+	@mkdir -p $(@D)
+	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I$(LUAJIT_INC) -o $@ src/verify.c -lcrypto
+
+$(BUILD)/lua51/flowservice/verify.so: src/verify.c src/compat.h
+	@mkdir -p $(@D)
+	gcc $(CFLAGS) -fPIC $(STRICT) -shared -I$(LUA51_INC) -o $@ src/verify.c -lcrypto
 
 # The core as it builds on a libcurl without CURLOPT_PREREQFUNCTION (< 7.80):
 # re-triggers get fresh connections that are never reused, so libcurl has
@@ -139,7 +149,7 @@ $(BUILD)/noprereq/flowservice/core.so: $(SOURCES) $(HEADERS)
 # (curl, nginx) are not touched.
 SANITIZE := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow
 LUA54_STATIC := $(firstword $(wildcard /usr/lib/*/liblua5.4.a /usr/lib/liblua5.4.a))
-asan: $(BUILD)/asan/flowservice/core.so $(BUILD)/asan/asan-lua $(PG_ASAN)
+asan: $(BUILD)/asan/flowservice/core.so $(BUILD)/asan/flowservice/verify.so $(BUILD)/asan/asan-lua $(PG_ASAN)
 
 $(BUILD)/asan/flowservice/pg.so: src/pg.c src/compat.h
 	@mkdir -p $(@D)
@@ -148,6 +158,10 @@ $(BUILD)/asan/flowservice/pg.so: src/pg.c src/compat.h
 $(BUILD)/asan/flowservice/core.so: $(SOURCES) $(HEADERS)
 	@mkdir -p $(@D)
 	gcc $(SANITIZE) -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -I$(CURL_INCDIR) -o $@ $(SOURCES) -lcurl
+
+$(BUILD)/asan/flowservice/verify.so: src/verify.c src/compat.h
+	@mkdir -p $(@D)
+	gcc $(SANITIZE) -fPIC $(STRICT) -shared -I/usr/include/lua5.4 -o $@ src/verify.c -lcrypto
 
 $(BUILD)/asan/asan-lua: spec/support/asan_lua.c
 	@mkdir -p $(@D)
@@ -167,7 +181,7 @@ $(BUILD)/testlib/%/spec_fork.so: spec/support/fork.c
 # Lua 5.4 state per process, built with clang's fuzzer, ASan and UBSan.
 # fuzz/reply.c includes core.c and engine.c (it reaches their static reply
 # readers), so that target links only the other sources.
-FUZZ_TARGETS  := request reply journal parsers
+FUZZ_TARGETS  := request reply journal parsers webhook
 FUZZ_SECONDS  ?= 300
 FUZZ_SMOKE    := 20
 FUZZ_CFLAGS   := -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
@@ -180,6 +194,11 @@ fuzzers: $(FUZZ_TARGETS:%=$(BUILD)/fuzz/%)
 $(BUILD)/fuzz/reply: fuzz/reply.c $(FUZZ_COMMON) $(SOURCES)
 	@mkdir -p $(@D)
 	clang $(FUZZ_CFLAGS) -o $@ fuzz/reply.c fuzz/harness.c $(filter-out src/core.c src/engine.c,$(SOURCES)) $(FUZZ_LIBS)
+
+# fuzz/webhook.c adds flowservice.verify (src/verify.c, libcrypto).
+$(BUILD)/fuzz/webhook: fuzz/webhook.c $(FUZZ_COMMON) $(SOURCES) src/verify.c
+	@mkdir -p $(@D)
+	clang $(FUZZ_CFLAGS) -o $@ fuzz/webhook.c fuzz/harness.c $(SOURCES) src/verify.c $(FUZZ_LIBS) -lcrypto
 
 $(BUILD)/fuzz/%: fuzz/%.c $(FUZZ_COMMON) $(SOURCES)
 	@mkdir -p $(@D)

@@ -28,6 +28,8 @@ external_dependencies = {
   -- /usr/include/<multiarch>, which LuaRocks does not search but gcc does.
   -- Elsewhere, CURL_DIR (or CURL_INCDIR and CURL_LIBDIR) points at libcurl.
   CURL = { library = "curl" },
+  -- flowservice.verify (the I/O Events webhook's signatures): OpenSSL's libcrypto
+  CRYPTO = { library = "crypto" },
 }
 build = {
   type = "builtin",
@@ -50,6 +52,7 @@ build = {
     ["flowservice.cli.commands"] = "lua/flowservice/cli/commands.lua",
     ["flowservice.cli.commands.retry_failed"] = "lua/flowservice/cli/commands/retry_failed.lua",
     ["flowservice.cli.commands.retrigger"] = "lua/flowservice/cli/commands/retrigger.lua",
+    ["flowservice.cli.commands.watch"] = "lua/flowservice/cli/commands/watch.lua",
     ["flowservice.cli.commands.get_run"] = "lua/flowservice/cli/commands/get_run.lua",
     ["flowservice.cli.commands.list_runs"] = "lua/flowservice/cli/commands/list_runs.lua",
     ["flowservice.cli.commands.list_flows"] = "lua/flowservice/cli/commands/list_flows.lua",
@@ -60,12 +63,21 @@ build = {
     ["flowservice.credentials"] = "lua/flowservice/credentials.lua",
     ["flowservice.cqueues"] = "lua/flowservice/cqueues.lua",
     ["flowservice.errors"] = "lua/flowservice/errors.lua",
+    ["flowservice.heal"] = "lua/flowservice/heal.lua",
     ["flowservice.journal"] = "lua/flowservice/journal.lua",
+    ["flowservice.metrics"] = "lua/flowservice/metrics.lua",
     ["flowservice.ngx"] = "lua/flowservice/ngx.lua",
     ["flowservice.policy"] = "lua/flowservice/policy.lua",
     ["flowservice.retry"] = "lua/flowservice/retry.lua",
     ["flowservice.runs"] = "lua/flowservice/runs.lua",
+    ["flowservice.webhook"] = "lua/flowservice/webhook.lua",
     ["flowservice.window"] = "lua/flowservice/window.lua",
+    ["flowservice.verify"] = {
+      sources = { "src/verify.c" },
+      libraries = { "crypto" },
+      incdirs = { "$(CRYPTO_INCDIR)" },
+      libdirs = { "$(CRYPTO_LIBDIR)" },
+    },
     ["flowservice.core"] = {
       sources = { "src/core.c", "src/engine.c", "src/journal.c", "src/request.c",
                   "src/signals.c" },

@@ -13,6 +13,13 @@
 --   {"learned": {"etag_changes": bool, "linkage": bool}}
 --   {"run": id, "flow": ..., "followed": new_id, "outcome": "success" | "failed" | ...}
 --     the re-run new_id, followed (wait_runs, max_active) until it finished
+--   {"heal": id, "flow": ..., "step": n, "due": ms, "time": ms}
+--     flowservice.heal's schedule: re-trigger run id (step n of its chain)
+--     not before due (epoch ms). The first line for a run wins; it says
+--     nothing about the run's state (runs[id] is untouched): state.heal[id]
+--   {"heal": "scan", "flow": ..., "scanned": ms}
+--     the same kind, the watch loop's mark: the flow's failed runs were
+--     listed up to scanned (epoch ms); the latest wins: state.heal_scanned
 -- No secret is ever written: entries carry ids, states and error summaries.
 --
 -- The backend interface the job talks to (it does not know which it has):
@@ -43,7 +50,7 @@ local Journal = {}
 Journal.__index = Journal
 
 local function new_state()
-  return { runs = {}, learned = {}, followed = {}, skipped_lines = 0 }
+  return { runs = {}, learned = {}, followed = {}, heal = {}, skipped_lines = 0 }
 end
 
 -- One entry into the state: runs[id] is the run's last entry, with
@@ -56,6 +63,10 @@ local function apply(state, entry)
     for k, v in pairs(entry.learned) do state.learned[k] = v end
   elseif type(entry.followed) == "string" and type(entry.outcome) == "string" then
     state.followed[entry.followed] = entry.outcome -- a re-run followed to its end
+  elseif type(entry.heal) == "string" and type(entry.scanned) == "number" then
+    if entry.scanned > (state.heal_scanned or 0) then state.heal_scanned = entry.scanned end
+  elseif type(entry.heal) == "string" and type(entry.due) == "number" then
+    state.heal[entry.heal] = state.heal[entry.heal] or entry -- a heal schedule: the first stays
   elseif type(entry.run) == "string" and type(entry.state) == "string" then
     local previous = state.runs[entry.run] or { new_ids = {} }
     entry.new_ids = previous.new_ids

@@ -5,6 +5,7 @@
 return {
   "flowservice.cli.commands.retry_failed",
   "flowservice.cli.commands.retrigger",
+  "flowservice.cli.commands.watch",
   "flowservice.cli.commands.get_run",
   "flowservice.cli.commands.list_runs",
   "flowservice.cli.commands.list_flows",
