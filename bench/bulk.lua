@@ -3,7 +3,9 @@
 -- the ideal (500 x 50 ms / 32) and against concurrency 1.
 --   lua5.4 bench/bulk.lua            (from the repository root, after make build)
 -- Environment: BULK_RUNS [500], BULK_DELAY [0.05], BULK_CONCURRENCY [32],
--- BULK_SEQUENTIAL [1]: 0 skips the (slow) concurrency-1 baseline.
+-- BULK_SEQUENTIAL [1]: 0 skips the (slow) concurrency-1 baseline;
+-- BULK_POSTGRESQL [0]: 1 also measures the PostgreSQL journal, against a
+-- PostgreSQL this starts (spec/support/pg.lua; `make bench-postgresql`).
 package.path = "./?.lua;build/tree/share/lua/5.4/?.lua;build/tree/share/lua/5.4/?/init.lua;" .. package.path
 package.cpath = "build/tree/lib/lua/5.4/?.so;" .. package.cpath
 
@@ -34,19 +36,28 @@ local function fixture()
   return path
 end
 
-local function measure(server, concurrency)
+local function measure(server, concurrency, db)
   server:reset()
   server:scenario { match = "^POST ", delay = DELAY, times = 0 }
   local journal = os.tmpname()
   os.remove(journal)
+  if db then
+    db:psql("DROP TABLE IF EXISTS flowservice_journal")
+    assert(require("flowservice.journal").migrate(db.uri)) -- the schema's creation is not timed
+    journal = db.uri
+  end
   local client = flowservice.new(h.opts(server.url, { timeout = 30 }))
   local t0 = h.now()
   local report = assert(client:retry_failed { flow_id = FLOW, concurrency = concurrency, journal = journal })
   local elapsed = h.now() - t0
   client:close()
   local lines = 0
-  for _ in io.lines(journal) do lines = lines + 1 end
-  os.remove(journal)
+  if db then
+    lines = tonumber(db:psql("SELECT count(*) FROM flowservice_journal WHERE flow <> ''"):match("%d+"))
+  else
+    for _ in io.lines(journal) do lines = lines + 1 end
+    os.remove(journal)
+  end
   assert(#report.retriggered == RUNS, "not every run was re-triggered")
   return elapsed, server:stats().max_in_flight, lines
 end
@@ -60,6 +71,21 @@ local ok, err = pcall(function()
   print("|--:|--:|--:|--:|--:|--:|--:|")
   print(("| %d | %d | %.2f | %.2f | %.2f | %d | %d |"):format(CONCURRENCY, RUNS, elapsed, ideal,
     elapsed / ideal, peak, lines))
+  if os.getenv("BULK_POSTGRESQL") == "1" then
+    local db = require("spec.support.pg").start()
+    local pok, perr = pcall(function()
+      local pg_elapsed, pg_peak, rows = measure(server, CONCURRENCY, db)
+      print(("\nPostgreSQL journal (one transaction a round; %d rows):"):format(rows))
+      print("| journal | concurrency | runs | seconds | ideal | × ideal | peak in flight |")
+      print("|---|--:|--:|--:|--:|--:|--:|")
+      print(("| file | %d | %d | %.2f | %.2f | %.2f | %d |"):format(CONCURRENCY, RUNS, elapsed, ideal,
+        elapsed / ideal, peak))
+      print(("| PostgreSQL | %d | %d | %.2f | %.2f | %.2f | %d |"):format(CONCURRENCY, RUNS, pg_elapsed, ideal,
+        pg_elapsed / ideal, pg_peak))
+    end)
+    db:destroy()
+    if not pok then error(perr, 0) end
+  end
   if SEQUENTIAL then
     local seq = measure(server, 1)
     print(("| 1 | %d | %.2f | %.2f | %.2f | 1 | %d |"):format(RUNS, seq, RUNS * DELAY, seq / (RUNS * DELAY), lines))

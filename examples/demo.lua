@@ -37,23 +37,35 @@ local ok, failure = pcall(function()
   print("a successful run with records cannot be re-triggered:")
   print("  " .. tostring(not_eligible))
 
-  -- the bulk job, through the command: a seeded flow of 40 failed runs
-  local journal = os.tmpname()
-  os.remove(journal)
-  local command = table.concat({
-    "env LUA_PATH='build/tree/share/lua/5.4/?.lua;build/tree/share/lua/5.4/?/init.lua;;'",
-    "LUA_CPATH='build/tree/lib/lua/5.4/?.so;;'",
-    "AEP_ACCESS_TOKEN=" .. fake.credentials.access_token,
-    "AEP_API_KEY=" .. fake.credentials.api_key,
-    "AEP_ORG_ID=" .. fake.credentials.org,
-    "lua5.4 bin/flowservice retry-failed --flow " .. fake.flows.bulk,
-    "--since all --url " .. server.url .. " --journal " .. journal .. " --concurrency 8",
-  }, " ")
-  print("\n$ flowservice retry-failed --flow " .. fake.flows.bulk .. " --since all --concurrency 8 ...")
-  assert(os.execute(command))
-  print("\nthe same command again: the journal makes it a no-op")
-  os.execute(command .. " | head -3")
-  os.remove(journal)
+  -- the command, as a user runs it: installed in build/tree, on the PATH,
+  -- configured through the environment (here: the fake's credentials)
+  local state = os.tmpname()
+  os.remove(state)
+  local env = {
+    { "PATH", "$PWD/build/tree/bin:$PATH" }, { "XDG_STATE_HOME", state },
+    { "AEP_ORG_ID", fake.credentials.org }, { "AEP_API_KEY", fake.credentials.api_key },
+    { "AEP_ACCESS_TOKEN", fake.credentials.access_token }, { "FLOWSERVICE_URL", server.url },
+  }
+  local exports = {}
+  for i, kv in ipairs(env) do exports[i] = kv[1] .. '="' .. kv[2] .. '"' end
+  local prelude = "export " .. table.concat(exports, " ") .. "; "
+  local function shell(line, comment)
+    print("\n$ " .. line .. (comment and "    # " .. comment or ""))
+    io.stdout:flush()
+    os.execute(prelude .. line .. " 2>&1")
+  end
+  print("\nthe flowservice command, installed in build/tree:")
+  print("$ export PATH=\"$PWD/build/tree/bin:$PATH\"")
+  print("$ export AEP_ORG_ID=" .. fake.credentials.org .. " AEP_API_KEY=... AEP_ACCESS_TOKEN=... FLOWSERVICE_URL=" .. server.url)
+  shell("flowservice list-flows --since 2025-01-01", "with each flow's failed runs since then")
+  shell("flowservice retry-failed --flow " .. fake.flows.bulk .. " --since all --dry-run | head -14",
+    "what would be re-triggered")
+  shell("flowservice retry-failed --flow " .. fake.flows.bulk .. " --since all | head -14")
+  shell("flowservice retry-failed --flow " .. fake.flows.bulk .. " --since all | head -9",
+    "again: the journal makes it a no-op")
+  shell("flowservice retry-failed --flow " .. fake.flows.bulk .. " --dry-rn", "a slip")
+  shell("flowservice help retrigger | head -5")
+  os.execute("rm -rf '" .. state .. "'")
 end)
 
 server:stop()

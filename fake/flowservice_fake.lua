@@ -26,6 +26,8 @@
 --        POST /_fake/ims {"expires_in": n}, POST /_fake/expire_tokens,
 --        POST /_fake/chaos, POST /_fake/witness (below)
 --        POST /_fake/outcomes, POST /_fake/sandbox (fake/fake/control.lua)
+--        POST|GET /_fake/keys: public keys served at their paths, as
+--        static.adobeioevents.com does for I/O Events (fake/fake/keys.lua)
 --   scenario fields for GET /runs: repeat_token (the next link repeats the
 --        request's token), link_style "token" (default) or "full" (the next
 --        link carries the whole query)
@@ -97,6 +99,7 @@
 --   api.lua        the gateway, re-trigger, GET /runs[/{id}], GET /flows[/{id}]
 --   scenarios.lua  scenarios, chaos, the journal witness
 --   control.lua    the /_fake/ control API
+--   keys.lua       the I/O Events public keys, served at their paths
 -- This file: init (from init_by_lua), the request log, and the dispatch
 -- that lets scenarios, chaos and the witness in before the API.
 --
@@ -112,6 +115,7 @@ local ims = require("fake.ims")
 local api = require("fake.api")
 local scenarios = require("fake.scenarios")
 local control = require("fake.control")
+local keys = require("fake.keys")
 
 local debug_traceback = debug.traceback
 local error, pairs, pcall, tonumber, tostring, type, xpcall =
@@ -204,6 +208,9 @@ local function dispatch()
   if str_sub(raw_path, 1, 7) == "/_fake/" then
     return control.handle(method, raw_path)
   end
+  -- the I/O Events public keys (static.adobeioevents.com's part): no gateway
+  local key = keys.serve(method, raw_path)
+  if key then return reply_m.deliver(key, nil, nil) end
 
   -- As a re-trigger POST arrives, before any scenario stalls or drops it
   -- and before anything acts on it.

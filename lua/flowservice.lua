@@ -5,12 +5,15 @@ local core = require "flowservice.core"
 local client = require "flowservice.client"
 local errors = require "flowservice.errors"
 local args = require "flowservice.args"
+local credentials = require "flowservice.credentials"
 
 local _M = {
   _VERSION = core._VERSION,
   defaults = core.defaults, -- what the C core uses when an option is absent (a copy)
   curl_version = core.curl_version,
   is_error = errors.is_error,
+  -- flowservice.credentials_from_file(path) -> options for new(), or nil, err
+  credentials_from_file = credentials.from_file,
 }
 
 -- flowservice.new(opts) -> client (no I/O until the first call)

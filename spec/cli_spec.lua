@@ -12,6 +12,11 @@ local TOKEN, SECRET = fake.credentials.access_token, fake.ims_client.client_secr
 local ENABLED, BULK = fake.flows.enabled, fake.bulk_flow
 
 local q, lit, write = h.q, h.literal, h.write
+-- a file holding a secret: the command refuses one that group or others may read
+local function write_secret(path, text)
+  write(path, text)
+  assert(os.execute("chmod 600 " .. q(path)))
+end
 local function read(path) return assert(h.read(path), "cannot read " .. path) end
 
 -- client:retry_failed lands with flowservice.bulk; until then its tests wait.
@@ -93,18 +98,20 @@ describe("flowservice command", function()
   end)
 
   describe("--help and --version", function()
-    it("prints the usage and exits 0", function()
+    it("prints the usage, the commands and the shared flags, and exits 0", function()
       local code, out, err = flowservice_cmd { "--help" }
       assert.equal(0, code)
       assert.matches("^usage: flowservice COMMAND", out)
-      for _, word in ipairs { "retry-failed", "retrigger", "get-run", "list-runs", "--resolve",
-        "--access-token-file", "--client-secret-file", "AEP_ORG_ID" } do
+      for _, word in ipairs { "retry-failed", "retrigger", "get-run", "list-runs", "list-flows", "help",
+        "completion", "--access-token-file", "--client-secret-file", "AEP_ORG_ID" } do
         assert.truthy(out:find(word, 1, true), word)
       end
+      assert.is_nil(out:find("--resolve", 1, true)) -- a command's own flags are in its help
       assert.equal("", err)
       code, out = flowservice_cmd { "retrigger", "--help" }
       assert.equal(0, code)
-      assert.matches("^usage:", out)
+      assert.matches("^usage: flowservice retrigger", out)
+      assert.is_nil(out:find("--resolve", 1, true))
     end)
 
     it("prints the version and libcurl's", function()
@@ -201,8 +208,9 @@ describe("flowservice command", function()
     end
 
     it("skips a run its flow's journal holds as done (exit 0); --force re-triggers it, journaled", function()
-      local code, out = flowservice_cmd { "retrigger", h.runs.failed }
+      local code = flowservice_cmd { "retrigger", h.runs.failed }
       assert.equal(0, code)
+      local out
       code, out = flowservice_cmd { "retrigger", h.runs.failed }
       assert.equal(0, code)
       assert.equal(h.runs.failed .. " skipped: already re-triggered (journal)\n", out)
@@ -326,6 +334,40 @@ describe("flowservice command", function()
       assert.matches("^" .. lit(ids[1]) .. " %-> ", out)
       assert.matches(lit(ids[6]) .. " not attempted %(interrupted by SIGINT%)", out)
       assert.equal(1, server:stats().posts)
+    end)
+  end)
+
+  describe("in-process (cli.main), as the specs and embedders call it", function()
+    it("returns the exit status of help, usage errors and completion; never exits the interpreter", function()
+      local cli = require "flowservice.cli"
+      local function main(argv)
+        local out, err = {}, {}
+        local function sink(t)
+          return { write = function(self, ...) for _, v in ipairs { ... } do t[#t + 1] = v end return self end }
+        end
+        local env = environment()
+        local code = cli.main(argv, { getenv = function(name) return env[name] end, stdout = sink(out),
+          stderr = sink(err), isatty = function() return false end })
+        return code, table.concat(out), table.concat(err)
+      end
+      local code, out = main { "--help" }
+      assert.equal(0, code)
+      assert.matches("^usage: flowservice COMMAND", out)
+      code, out = main { "help", "retry-failed" }
+      assert.equal(0, code)
+      assert.matches("%-%-resolve", out)
+      local err
+      code, out, err = main { "retrigger", "--bogus" }
+      assert.equal(2, code)
+      assert.equal("", out)
+      assert.matches("^flowservice: unknown flag %-%-bogus\n", err)
+      code, out = main { "completion", "bash" }
+      assert.equal(0, code)
+      assert.matches("complete %-F _flowservice", out)
+      code, out, err = main {}
+      assert.equal("", out)
+      assert.equal(2, code)
+      assert.matches("^usage:", err)
     end)
   end)
 
@@ -458,7 +500,7 @@ describe("flowservice command", function()
     end)
 
     it("--access-token-file: the token from a file, newline trimmed, over AEP_ACCESS_TOKEN", function()
-      write(tmp .. "/token", TOKEN .. "\n")
+      write_secret(tmp .. "/token", TOKEN .. "\n")
       local code, out, err = flowservice_cmd({ "get-run", h.runs.failed, "--access-token-file", tmp .. "/token" },
         { AEP_ACCESS_TOKEN = "wrong" })
       assert.equal(0, code, err)
@@ -467,7 +509,7 @@ describe("flowservice command", function()
     end)
 
     it("--client-secret-file: OAuth credentials through IMS, api key = client id", function()
-      write(tmp .. "/secret", SECRET .. "\n")
+      write_secret(tmp .. "/secret", SECRET .. "\n")
       local code, out, err = flowservice_cmd({ "retrigger", h.runs.failed, "--verbose",
         "--client-id", fake.ims_client.client_id, "--client-secret-file", tmp .. "/secret",
         "--scopes", fake.ims_client.scopes, "--ims-url", server.ims_url },
@@ -505,7 +547,7 @@ describe("flowservice command", function()
     end)
 
     it("IMS refusing the credentials", function()
-      write(tmp .. "/bad-secret", "not-the-secret\n")
+      write_secret(tmp .. "/bad-secret", "not-the-secret\n")
       local code, out, err = flowservice_cmd({ "get-run", h.runs.failed, "--verbose",
         "--client-secret-file", tmp .. "/bad-secret" }, { AEP_ACCESS_TOKEN = false,
         AEP_CLIENT_ID = fake.ims_client.client_id, AEP_SCOPES = fake.ims_client.scopes,
@@ -623,8 +665,9 @@ describe("flowservice command", function()
       local bad = fake.bulk_run_id(3)
       server:outcomes { after = 0, status = "success", by_source = { [bad] = { status = "failed" } } }
       local ids = { fake.bulk_run_id(1), fake.bulk_run_id(2), bad }
-      local code, out = flowservice_cmd { "retrigger", ids[1], ids[2], ids[3], "--no-journal" }
+      local code = flowservice_cmd { "retrigger", ids[1], ids[2], ids[3], "--no-journal" }
       assert.equal(0, code) -- without --wait nobody looks
+      local out
       server:reset()
       server:outcomes { after = 0, status = "success", by_source = { [bad] = { status = "failed" } } }
       code, out = flowservice_cmd { "retry-failed", "--flow", BULK, "--since", "all", "--no-journal", "--wait" }

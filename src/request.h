@@ -12,7 +12,7 @@
 #include "lua.h"
 #include "engine.h"
 
-#define FS_VERSION "0.1.0"
+#define FS_VERSION "0.2.0"
 
 /* The headers every call sends, in wire order. The first four carry
 ** identity and may only come from their options. */

@@ -10,6 +10,7 @@ local reply_m = require("fake.reply")
 local store = require("fake.store")
 local ims = require("fake.ims")
 local scenarios = require("fake.scenarios")
+local keys = require("fake.keys")
 
 local ipairs, next, pairs, pcall, tostring, type = ipairs, next, pairs, pcall, tostring, type
 local str_format, str_sub = string.format, string.sub
@@ -274,6 +275,10 @@ local function control(method, path)
     reply = scenarios.set_witness(read_body())
   elseif method == "POST" and path == "/_fake/outcomes" then
     reply = set_outcomes(read_body())
+  elseif method == "POST" and path == "/_fake/keys" then
+    reply = keys.set(read_body())
+  elseif method == "GET" and path == "/_fake/keys" then
+    reply = keys.stats()
   elseif method == "POST" and path == "/_fake/sandbox" then
     reply = set_sandbox(read_body())
   elseif method == "GET" and path:match("^/_fake/runs/[^/]+$") then

@@ -302,6 +302,28 @@ local function note_witness_error(stats, message)
   if #stats.errors < WITNESS_MAX_LISTED then stats.errors[#stats.errors + 1] = message end
 end
 
+-- A PostgreSQL journal's claim (flowservice_journal): the run's row is
+-- pending with this request id among its pendings, committed. Asked by
+-- psql, from the worker (blocking it a few ms a POST: a test's tool). The
+-- ids go in as psql variables (:'run'), quoted by psql, never into the SQL.
+local DB_CLAIM_SQL = "SELECT count(*) FROM flowservice_journal WHERE run = :'run' AND state = 'pending'"
+  .. " AND entry->'pendings' @> jsonb_build_array(jsonb_build_object('request_id', :'rid'));"
+
+local function shell_word(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+local function db_has_claim(db, run_id, request_id)
+  local cmd = str_format("printf '%%s\\n' %s | %s -X -q -A -t -d %s -v run=%s -v rid=%s -f - 2>&1",
+    shell_word(DB_CLAIM_SQL), shell_word(db.psql), shell_word(db.conninfo), shell_word(run_id),
+    shell_word(request_id))
+  local p = io.popen(cmd)
+  if not p then return false, "cannot start psql" end
+  local out = p:read("*a") or ""
+  p:close()
+  local n = tonumber(out:match("^%s*(%d+)%s*$"))
+  if not n then return false, "psql: " .. out:sub(1, 200) end
+  return n > 0
+end
+
 -- Called as a re-trigger POST arrives, before anything acts on it.
 local function witness_check(raw_path, headers)
   local w = state.witness
@@ -328,6 +350,12 @@ local function witness_check(raw_path, headers)
         break
       end
     end
+    for _, db in ipairs(w.databases) do
+      if found then break end
+      local has, err = db_has_claim(db, run_id, request_id)
+      if err then note_witness_error(stats, err) end
+      found = has
+    end
   end
   if not found then
     stats.missing = stats.missing + 1
@@ -340,9 +368,10 @@ local function witness_check(raw_path, headers)
   end
 end
 
--- POST /_fake/witness {"journals": [absolute path, ...]}: check every
--- re-trigger POST against these journals until reset; {} or no journals
--- turns it off. The worker must be able to read them (it runs as the user
+-- POST /_fake/witness {"journals": [absolute path, ...], "databases":
+-- [{"psql": path, "conninfo": ...}]}: check every re-trigger POST against
+-- these journals (files, or PostgreSQL journals' claims) until reset; {} or
+-- none turns it off. The worker must be able to read them (it runs as the user
 -- that started the fake: see fake/nginx.conf.in).
 local function set_witness(text)
   local ok, t = pcall(cjson.decode, text or "")
@@ -351,7 +380,14 @@ local function set_witness(text)
   end
   local function bad(msg) return json_reply(400, { errorMessage = msg }) end
   for k in pairs(t) do
-    if k ~= "journals" then return bad("unknown witness field " .. tostring(k)) end
+    if k ~= "journals" and k ~= "databases" then return bad("unknown witness field " .. tostring(k)) end
+  end
+  local databases = t.databases or {}
+  if type(databases) ~= "table" then return bad("databases must be an array") end
+  for _, db in ipairs(databases) do
+    if type(db) ~= "table" or type(db.psql) ~= "string" or type(db.conninfo) ~= "string" then
+      return bad("each database is {psql, conninfo}")
+    end
   end
   local journals = t.journals or {}
   if type(journals) ~= "table" then return bad("journals must be an array of paths") end
@@ -364,13 +400,13 @@ local function set_witness(text)
     end
   end
   state.witness_stats = state.witness_zero_stats()
-  if #journals == 0 then
+  if #journals == 0 and #databases == 0 then
     state.witness = nil
     return { status = 200, headers = {}, json = true, body = '{"journals":[]}' }
   end
   local caches = {}
   for _, path in ipairs(journals) do caches[path] = caches[path] or new_journal_cache() end
-  state.witness = { journals = journals, caches = caches }
+  state.witness = { journals = journals, caches = caches, databases = databases }
   return { status = 200, headers = {}, json = true,
            body = '{"journals":' .. encode_array(journals) .. '}' }
 end

@@ -37,7 +37,8 @@ local SPEC = {
   journal = "any", grace = "number", on_progress = "function", max = "number",
   resolve = "table", force = "boolean", stop = "function", codes = "table", exclude_codes = "table",
   all_flows = "boolean", wait_runs = "boolean", wait_timeout = "number", max_active = "number",
-  wait_backoff = "table",
+  wait_backoff = "table", lease = "number",
+  on_wait = "function", -- called with (seconds, pending) before the grace wait of settling
 }
 
 -- Errors that every run would get too: stop at once instead of failing all.
@@ -101,12 +102,16 @@ local function check_spec(spec)
   if spec.concurrency ~= nil and not (args.is_integer(spec.concurrency) and spec.concurrency >= 1) then
     fail("spec field 'concurrency' must be a whole number >= 1")
   end
+  if spec.lease ~= nil and not (spec.lease > 0 and spec.lease < huge) then
+    fail("spec field 'lease' must be a positive number of seconds")
+  end
   if spec.grace ~= nil and not (spec.grace >= 0 and spec.grace < huge) then
     fail("spec field 'grace' must be a number of seconds >= 0")
   end
   local j = spec.journal
   if j ~= nil and j ~= false and type(j) ~= "function" and (type(j) ~= "string" or j == "") then
-    fail("spec field 'journal' must be a path, a function(flow_id) -> path, or false")
+    fail("spec field 'journal' must be a path or PostgreSQL connection string, a function(flow_id) -> one,"
+      .. " or false")
   end
   for run_id, decision in pairs(spec.resolve or {}) do
     if type(run_id) ~= "string" or (decision ~= "done" and decision ~= "retry") then
@@ -146,13 +151,29 @@ function Job:sleep(seconds)
     local left = wake - now()
     if left <= 0 then return end
     self.batch:sleep(min(left, 0.5))
+    self:keep()
   end
 end
 
+-- Durable before returning (one fsync, or one transaction). refused: the
+-- pending entries another job holds (run id -> why), not written.
 function Job:write(entries)
   if self.journal and #entries > 0 then
     local ok, err = self.journal:write(entries)
     if not ok then return nil, errors.new(err) end
+    return true, err
+  end
+  return true
+end
+
+-- The journal's claims renewed while the job lives; a failure ends the job.
+function Job:keep()
+  if not self.journal or self.keep_failed then return true end
+  local ok, err = self.journal:keep()
+  if not ok then
+    self.keep_failed = errors.new(err)
+    self.fatal = self.fatal or self.keep_failed
+    return nil, self.keep_failed
   end
   return true
 end
@@ -210,8 +231,16 @@ function Job:settle_by_count(unsettled, accounted, unknown_done)
   end
   -- the dead process's last requests may still be landing
   local wait = (newest + self.grace * 1000 - self:server_now_ms()) / 1000
-  if wait > 0 then self:sleep(wait) end
+  if wait > 0 then
+    if self.spec.on_wait then self.spec.on_wait(wait, #unsettled) end -- say what it waits for
+    self:sleep(wait)
+  end
   if self.report.stopped then return nil, "stopped before counting" end
+  if self.journal then -- what other jobs sharing the journal wrote meanwhile counts too
+    local ok, err = self.journal:reload()
+    if not ok then return nil, tostring(errors.new(err)) end
+    self.state = self.journal.state
+  end
   for _, entry in pairs(self.state.runs) do
     for _, id in ipairs(entry.new_ids) do accounted[id] = true end
     if entry.state == "done" and not entry.new_id and (entry.server_time or huge) >= oldest - CLOCK_MARGIN_MS then
@@ -227,7 +256,12 @@ function Job:settle_by_count(unsettled, accounted, unknown_done)
     if not accounted[run.id] then count = count + 1 end
   end
   if count == 0 then return "retry" end
-  if count == #unsettled + unknown_done then return "done" end
+  local elsewhere = self.journal and self.journal:in_flight_elsewhere() or 0
+  if count == #unsettled + unknown_done and elsewhere == 0 then return "done" end
+  if elsewhere > 0 then
+    return "ambiguous", format("%d unaccounted runs by this client since the first pending time, %d pending,"
+      .. " %d re-triggers of other jobs in flight", count, #unsettled, elsewhere)
+  end
   return "ambiguous", format("%d unaccounted runs by this client since the first pending time, %d pending",
     count, #unsettled)
 end
@@ -306,7 +340,8 @@ end
 
 function Job:pending_line(item, t)
   return { run = item.run.id, flow = self.flow_id, state = "pending", request_id = t:request_id(),
-    etag = item.etag, time = wall_ms(), server_time = self:server_now_ms() - CLOCK_MARGIN_MS }
+    etag = item.etag, time = wall_ms(), server_time = self:server_now_ms() - CLOCK_MARGIN_MS,
+    forced = item.forced }
 end
 
 -- Prepared transfers of a round, with their pending lines appended to lines.
@@ -360,6 +395,7 @@ function Job:send_one(item)
   if token == nil then return nil, err end
   local t = self.batch:prepare(item.run.id, item.etag, token)
   local ok, werr = self:write { self:pending_line(item, t) }
+  if ok and werr then ok, werr = nil, errors.new { kind = "journal", message = werr[item.run.id] } end
   if not ok then t:cancel() return nil, werr end
   local started = now()
   self.batch:submit(t)
@@ -580,7 +616,16 @@ function Job:run_queue()
       return nil, err
     end
     carry = {}
+    if prepared and err then -- claimed by another job meanwhile: not ours to send
+      local mine = {}
+      for _, p in ipairs(prepared) do
+        local why = err[p.item.run.id]
+        if why then p.t:cancel() self:skip(p.item.run.id, why) else mine[#mine + 1] = p end
+      end
+      prepared = mine
+    end
     if prepared then self:launch(prepared) end
+    self:keep()
     self.batch:step()
     if self:harvest(carry) then
       self:progress()
@@ -669,12 +714,16 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
     return ended(report, job.started, err)
   end
 
+  local jopts = batch:journal_options()
+  jopts.flow, jopts.lease = flow_id, spec.lease
   if path and not spec.dry_run then
-    local j, err = journal.open(path)
+    local j, err = journal.open(path, jopts)
     if not j then return nil, errors.new(err) end
     job.journal, job.state = j, j.state
   else
-    job.state = path and journal.read(path) or journal.read("/dev/null")
+    local state, err = journal.read(path or "/dev/null", jopts)
+    if not state then return nil, errors.new(err) end
+    job.state = state
   end
   if spec.dry_run then report.planned = {} end
 
@@ -730,6 +779,7 @@ local function flow_job(client, batch, spec, flow_id, candidates_of, only)
       why = "already re-triggered (childFlowRunIds)"
     end
     if forced and why then why = nil end
+    if state == "claimed" then why = entry.why end -- another live job holds it, even when forced
     if not why and spec.exclude_codes then
       local code = matching_code(run, spec.exclude_codes)
       if code then why = "excluded error code " .. code end

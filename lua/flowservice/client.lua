@@ -378,6 +378,22 @@ function Client:get_run(run_id)
   return run
 end
 
+-- client:fetch_text(path_segments) -> the body of a 2xx GET {base_url}/a/b
+-- (segments escaped), sent without the identity headers (no token, key,
+-- org or sandbox leaves): for public documents such as the I/O Events
+-- public keys. Retried as reads are; nil, err otherwise.
+function Client:fetch_text(segments)
+  local p = open(self, 2)
+  if type(segments) ~= "table" or #segments == 0 then
+    args.fail(1, "fetch_text", "a non-empty list of path segments expected", 2)
+  end
+  local shape = { method = "GET", path = segments, identity = false }
+  local res, err = call(p, "GET", p.log and "/" .. table.concat(segments, "/"), false, p.opts,
+    p.deadline, send_request, shape, waiter_of(p, nil, 2))
+  if not res then return nil, err end
+  return res.body
+end
+
 -- A listing of runs or flows (what: "runs" | "flows"), page by page:
 -- next_item() -> item, or nil at the end, or nil, err when a page fails
 -- (no pcall around a wait that may yield).
@@ -603,6 +619,13 @@ end
 
 function Batch:client_id()
   return self.p.opts.api_key
+end
+
+-- What a journal backend needs of the client: whose runs (org, sandbox),
+-- and how to wait without blocking (the same wait function as the engine's).
+function Batch:journal_options()
+  local p = self.p
+  return { org = p.opts.org_id, sandbox = p.opts.sandbox or core.defaults.sandbox, wait = self.waiter }
 end
 
 function Batch:retry_policy()

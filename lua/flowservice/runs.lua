@@ -6,7 +6,7 @@ local core = require "flowservice.core"
 local window = require "flowservice.window"
 
 local concat, format = table.concat, string.format
-local ipairs, pairs, tostring, type = ipairs, pairs, tostring, type
+local ipairs, type = ipairs, type
 
 local _M = {}
 

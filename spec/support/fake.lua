@@ -66,6 +66,12 @@
 --                              journal files (relative paths are made absolute) holds its
 --                              {"run", "state": "pending", "request_id": x-request-id} line;
 --                              results in stats().witness; nil or {} turns it off, as reset does
+--   server:witness(paths, dbs) the same, also against PostgreSQL journals' claims: dbs =
+--                              { {psql = path of psql, conninfo = ...} }: the run's row is
+--                              pending with that request id, committed (asked by psql)
+--   server:keys(map)           serve these I/O Events public keys ({ [path] = pem }) at their
+--                              paths, as static.adobeioevents.com does (kept across reset);
+--                              server:key_fetches() -> { [path] = GETs since set }
 --   server:add_run(t)          inject a run (flowId required; id, status "success",
 --                              createdClient "scheduler", createdAt now, outputRecordCount 0,
 --                              errors, parentFlowRunId optional); returns the created run
@@ -351,7 +357,7 @@ function Server:chaos(t)
   return integers(control_json(self, "POST", "/_fake/chaos", body))
 end
 
-function Server:witness(paths)
+function Server:witness(paths, databases)
   if paths == nil then paths = {} end
   assert(type(paths) == "table", "witness takes a list of journal paths")
   local journals = {}
@@ -362,6 +368,9 @@ function Server:witness(paths)
   -- an empty list must go out as [], which cjson may not do by itself
   local body = #journals == 0 and '{"journals":[]}'
                or cjson.encode({ journals = journals })
+  if databases and #databases > 0 then
+    body = body:sub(1, -2) .. ',"databases":' .. cjson.encode(databases) .. "}"
+  end
   return control_json(self, "POST", "/_fake/witness", body)
 end
 
@@ -377,6 +386,18 @@ function Server:sandbox(t)
   assert(type(t) == "table", "sandbox settings must be a table")
   local body = next(t) == nil and "{}" or cjson.encode(t)
   return integers(control_json(self, "POST", "/_fake/sandbox", body))
+end
+
+-- The I/O Events public keys the fake serves at their paths (GET, over
+-- TLS too, no gateway), as static.adobeioevents.com does: { [path] = pem }.
+-- They stay across reset. Server:key_fetches() -> { [path] = n } since set.
+function Server:keys(map)
+  assert(type(map) == "table" and next(map) ~= nil, "keys must map paths to PEM text")
+  return control_json(self, "POST", "/_fake/keys", cjson.encode { keys = map })
+end
+
+function Server:key_fetches()
+  return control_json(self, "GET", "/_fake/keys").fetches
 end
 
 function Server:add_run(t)
