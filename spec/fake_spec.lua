@@ -34,13 +34,7 @@ local function sh(cmd)
   return ok == true or ok == 0
 end
 
-local function alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local state = f:read("*a"):match("%) (%a)")
-  f:close()
-  return state ~= "Z"
-end
+local alive = require("spec.support.helpers").alive
 
 local function dir_exists(path)
   return sh("test -d '" .. path .. "'")

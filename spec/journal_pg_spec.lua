@@ -31,18 +31,7 @@ end
 
 local function read(path) return h.read(path) or "" end
 
-local function alive(pid)
-  local stat = io.open("/proc/" .. pid .. "/stat")
-  local state = stat and stat:read("*l"):match("%) (%a)")
-  if stat then stat:close() end
-  return state ~= nil and state ~= "Z"
-end
-
-local function wait_gone(pid, seconds)
-  local deadline = h.now() + seconds
-  while alive(pid) and h.now() < deadline do h.sleep(0.02) end
-  return not alive(pid)
-end
+local wait_gone = h.wait_gone
 
 describe("#postgresql journal", function()
   local server, db, dir, fixture_path, client

@@ -9,6 +9,10 @@
 #include "lua.h"
 #include "lauxlib.h"
 
+/* The release every C module of the project reports as _VERSION
+** (spec/rock_spec.lua holds it to the release rockspec's version). */
+#define FS_VERSION "0.2.0"
+
 #if LUA_VERSION_NUM < 502
 
 static inline void fs_compat_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {

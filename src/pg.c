@@ -35,7 +35,6 @@
 #include "compat.h"
 
 #define FS_PG_MT "flowservice.pg.conn"
-#define FS_PG_VERSION "scm-1"
 #define FS_PG_MAX_PARAMS 64
 
 typedef struct fs_pg {
@@ -314,7 +313,7 @@ int luaopen_flowservice_pg(lua_State *L) {
   lua_pop(L, 1);
   lua_createtable(L, 0, 4);
   fs_setfuncs(L, functions, 0);
-  lua_pushliteral(L, FS_PG_VERSION);
+  lua_pushliteral(L, FS_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lua_pushinteger(L, PQlibVersion());
   lua_setfield(L, -2, "libpq_version");

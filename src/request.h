@@ -12,8 +12,6 @@
 #include "lua.h"
 #include "engine.h"
 
-#define FS_VERSION "0.2.0"
-
 /* The headers every call sends, in wire order. The first four carry
 ** identity and may only come from their options. */
 enum {

@@ -129,7 +129,7 @@ int luaopen_flowservice_verify(lua_State *L) {
   };
   lua_createtable(L, 0, 4);
   fs_setfuncs(L, module, 0);
-  lua_pushliteral(L, "0.1.0");
+  lua_pushliteral(L, FS_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lua_pushstring(L, OpenSSL_version(OPENSSL_VERSION));
   lua_setfield(L, -2, "openssl_version");

@@ -26,7 +26,7 @@ local getmetatable, ipairs, pairs, setmetatable, tostring, type =
 local os_time = os.time
 local ngx = ngx -- nil outside OpenResty
 
-local _M = { _VERSION = "0.1.0" }
+local _M = {}
 
 -- Codes a re-run does not fix: the source's data does not parse
 -- (CONNECTOR-2001), data prep mapping (MAPPER-), ingestion's validation

@@ -11,7 +11,7 @@ local concat, format, sort = table.concat, string.format, table.sort
 local error, ipairs, pairs, setmetatable, tostring = error, ipairs, pairs, setmetatable, tostring
 local io_open, os_rename = io.open, os.rename
 
-local _M = { _VERSION = "0.1.0" }
+local _M = {}
 
 local PREFIX = "flowservice_heal_"
 local KEY = "metric:" -- the dict is shared with the webhook's other keys

@@ -29,7 +29,7 @@ local format, concat = string.format, table.concat
 local ipairs, pairs, setmetatable, tostring, type = ipairs, pairs, setmetatable, tostring, type
 local min, max, floor = math.min, math.max, math.floor
 
-local _M = { _VERSION = "0.1.0" }
+local _M = {}
 
 _M.KEY_HOST = "https://static.adobeioevents.com"
 _M.FAILURE_EVENTS = { sources_flow_run_failed = true, sources_flow_run_failure = true }

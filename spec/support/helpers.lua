@@ -41,6 +41,7 @@ _M.sleep = has_system and system.sleep or nginx.util.sleep
 
 -- Shell and file helpers the specs share (spec/support/nginx.lua's).
 _M.q = nginx.util.quote           -- a shell word, single-quoted
+_M.alive = nginx.util.alive       -- a process that has not exited (zombies count as gone)
 _M.read = nginx.util.read_file    -- whole file, or nil
 _M.write = nginx.util.write_file
 
@@ -73,6 +74,13 @@ end
 
 -- A loopback port where nothing listens: bound by nobody, below the
 -- ephemeral range, and refused at once.
+-- Waits up to seconds for pid to exit; true once it has.
+function _M.wait_gone(pid, seconds)
+  local deadline = _M.now() + seconds
+  while _M.alive(pid) and _M.now() < deadline do _M.sleep(0.02) end
+  return not _M.alive(pid)
+end
+
 _M.closed_port = 9
 
 return _M

@@ -243,7 +243,7 @@ _M.Server = Server
 
 -- The shell and file helpers above, for the other test supports.
 _M.util = { quote = q, capture = capture, read_file = read_file, write_file = write_file,
-  sleep = sleep, monotonic = monotonic }
+  sleep = sleep, monotonic = monotonic, alive = alive }
 
 local PREFIX_PATTERN = "^/.+/flowservice%-[%w_]+%.%w+$"
 

@@ -97,12 +97,7 @@ function Server:start()
   return true
 end
 
-local function alive(pid)
-  local f = io_open("/proc/" .. pid .. "/stat")
-  local state = f and f:read("*l"):match("%) (%a)")
-  if f then f:close() end
-  return state ~= nil and state ~= "Z"
-end
+local alive = h.alive
 
 function Server:stop()
   local pid = self.pid
