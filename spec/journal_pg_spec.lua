@@ -97,7 +97,7 @@ describe("#postgresql journal", function()
     it("is created on first use, with a schema-version row, and a second job skips what the first did", function()
       local report = assert(client:retry_failed { flow_id = BULK, journal = db.uri })
       assert.equal(B.failed.count, #report.retriggered)
-      assert.equal("1", db:psql("SELECT entry->>'version' FROM flowservice_journal WHERE run = 'schema-version'")
+      assert.equal("2", db:psql("SELECT entry->>'version' FROM flowservice_journal WHERE run = 'schema-version'")
         :match("%d+"))
       assert.equal(B.failed.count, count("SELECT count(*) FROM flowservice_journal WHERE state = 'done'"))
       local again = assert(client:retry_failed { flow_id = BULK, journal = db.uri })
@@ -110,15 +110,15 @@ describe("#postgresql journal", function()
     end)
 
     it("journal.migrate creates or upgrades it; a newer or older schema is refused at open", function()
-      assert.same({ from = 0, to = 1 }, assert(journal.migrate(db.uri)))
-      assert.same({ from = 1, to = 1 }, assert(journal.migrate(db.uri)))
+      assert.same({ from = 0, to = 2 }, assert(journal.migrate(db.uri)))
+      assert.same({ from = 2, to = 2 }, assert(journal.migrate(db.uri)))
       db:psql("UPDATE flowservice_journal SET entry = '{\"version\": 99}' WHERE run = 'schema-version'")
       local _, err = client:retry_failed { flow_id = BULK, journal = db.uri }
       assert.matches("schema is version 99, newer", tostring(err))
       db:psql("UPDATE flowservice_journal SET entry = '{\"version\": 0}' WHERE run = 'schema-version'")
       _, err = client:retry_failed { flow_id = BULK, journal = db.uri }
       assert.matches("flowservice journal migrate", tostring(err))
-      assert.same({ from = 0, to = 1 }, assert(journal.migrate(db.uri)))
+      assert.same({ from = 0, to = 2 }, assert(journal.migrate(db.uri)))
       assert.equal(0, server:stats().posts)
     end)
 
@@ -274,7 +274,7 @@ describe("#postgresql journal", function()
       math.randomseed(20261201)
       -- each re-trigger acts, then answers 50 ms later: kills land between the two
       server:scenario { match = "^POST ", act_then_delay = 0.05, times = 0 }
-      local LEASE, GRACE = 1, 0.5
+      local LEASE, GRACE = 2, 0.5 -- the jobs get timeouts of 0.6 s + 0.3 s (pg_job.lua)
       local left_pending = 0
       for cycle = 1, 12 do
         local a = { start_job(WIDE, 8, LEASE, GRACE) }
@@ -313,7 +313,7 @@ describe("#postgresql journal", function()
 
     it("#pgjobs the database restarted mid-job: the job fails clearly, the next one loses nothing", function()
       server:scenario { match = "^POST ", delay = 0.05, times = 0 }
-      local pid, out = start_job(WIDE, 4, 1, 0.5)
+      local pid, out = start_job(WIDE, 4, 2, 0.5)
       server:wait_for_posts(40, 60)
       db:stop()
       assert.is_true(wait_gone(pid, 60), "the job did not end")
@@ -322,8 +322,8 @@ describe("#postgresql journal", function()
       assert.matches("PostgreSQL", r.error)
       assert.not_matches(db.password, r.error, 1, true)
       assert(db:start())
-      h.sleep(1.2)
-      local pid2, out2 = start_job(WIDE, 8, 1, 0.5)
+      h.sleep(2.2)
+      local pid2, out2 = start_job(WIDE, 8, 2, 0.5)
       assert.is_true(wait_gone(pid2, 120))
       local r2 = result_of(out2)
       assert.is_nil(r2.error)
@@ -453,7 +453,7 @@ io.write(tostring(err and err.message))
       assert.matches(B.failed.count .. " runs\n$", out)
       code, out = cmd { "journal", "migrate", "--journal", db.uri }
       assert.equal(0, code)
-      assert.equal("journal schema: version 1 -> 1\n", out)
+      assert.equal("journal schema: version 2 -> 2\n", out)
     end)
 
     it("a bad URI, a password in it, a refused password, a missing permission: exit 2, nothing sent", function()
