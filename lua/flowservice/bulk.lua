@@ -186,6 +186,14 @@ function Job:taken_over(err)
   local ids = {}
   for run_id in pairs(lost) do ids[#ids + 1] = run_id end
   sort(ids)
+  -- what this job thought of them (an answer that came after the stall) is not its to report
+  for _, kind in ipairs { "ambiguous", "failed" } do
+    local kept = {}
+    for _, entry in ipairs(self.report[kind]) do
+      if not lost[entry.run_id] then kept[#kept + 1] = entry end
+    end
+    self.report[kind] = kept
+  end
   for _, run_id in ipairs(ids) do self:skip(run_id, lost[run_id]) end
   self.report.taken_over = (self.report.taken_over or 0) + #ids
 end

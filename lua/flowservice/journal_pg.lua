@@ -624,7 +624,7 @@ function PgJournal:write(entries)
     end
     if #rows > 0 then
       local written, uerr = tx:query(UPSERT, self.org, self.sandbox, self.job, self.host, tostring(self.lease),
-        encode(rows), encode(fence))
+        encode(rows), #fence > 0 and encode(fence) or "[]") -- cjson makes {} of an empty table
       if not written then return nil, uerr end
       local done = {}
       for _, row in ipairs(written) do done[row.run] = true end
