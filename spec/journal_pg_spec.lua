@@ -254,7 +254,7 @@ describe("#postgresql journal", function()
       local a = result_of(a_out)
       io.stderr:write("\n  the stalled job, continued: " .. tostring(a.error) .. "\n")
       assert.matches("stalled %d+ s, past its 3 s lease: %d+ of its claims .* were taken over by another job;"
-        .. " it sends nothing more for flow " .. WIDE, a.error)
+        .. " it sends nothing more for flow " .. h.literal(WIDE), a.error)
       local taken = 0
       for _, why in pairs(a.skipped) do
         if why:find("^taken over by job %x+ on host %S+ %(now done%) after this job's lease ran out") then
