@@ -43,6 +43,15 @@ describe("#postgresql flowservice.heal on the PostgreSQL journal", function()
   end
   local function failed_run() return server:add_run { flowId = FLOW, status = "failed", errors = CONNECT }.id end
   local function count(sql) return tonumber((db:psql(sql):match("%d+"))) end
+  -- every commit takes 0.1 s more (as on a loaded database): a claim is invisible to other
+  -- jobs' reads for that long, and only the claim itself (row lock, refusal) parts two jobs
+  local function slow_commits(on)
+    for _, sql in ipairs(on and { "ALTER SYSTEM SET commit_delay = 100000", "ALTER SYSTEM SET commit_siblings = 0" }
+      or { "ALTER SYSTEM RESET commit_delay", "ALTER SYSTEM RESET commit_siblings" }) do
+      assert.equal("", db:psql(sql, "postgres"))
+    end
+    assert.matches("^t", db:psql("SELECT pg_reload_conf()", "postgres"))
+  end
 
   setup(function()
     server = fake.start()
@@ -119,6 +128,16 @@ describe("#postgresql flowservice.heal on the PostgreSQL journal", function()
     j:close()
     assert.equal(mark, journal.read(db.uri, { org = ORG, sandbox = SANDBOX, flow = FLOW }).heal_scanned)
     assert.same({ [id] = 1 }, server:stats().by_source)
+    -- two jobs writing a schedule for one run: the first stays, and the second job is told it
+    local run = failed_run()
+    local first = assert(journal.open(db.uri, { org = ORG, sandbox = SANDBOX, flow = FLOW }))
+    local second = assert(journal.open(db.uri, { org = ORG, sandbox = SANDBOX, flow = FLOW }))
+    assert(first:write { { heal = run, flow = FLOW, step = 1, due = 1000, time = 1 } })
+    assert(second:write { { heal = run, flow = FLOW, step = 1, due = 2000, time = 2 } })
+    assert.equal(1000, second.state.heal[run].due)
+    first:close()
+    second:close()
+    assert.equal(1000, journal.read(db.uri, { org = ORG, sandbox = SANDBOX, flow = FLOW }).heal[run].due)
   end)
 
   it("an older schema is refused with the way out, and `journal migrate` upgrades it, rows kept", function()
@@ -171,9 +190,12 @@ describe("#postgresql flowservice.heal on the PostgreSQL journal", function()
       local N = 24
       local ids = {}
       for i = 1, N do ids[i] = failed_run() end
-      -- each re-trigger takes a while: the two hosts are at it together
+      -- each re-trigger takes a while, and so does each commit: the two hosts meet on the same
+      -- runs, and only the claim parts them
       server:scenario { match = "^POST ", act_then_delay = 0.05, times = 0 }
       assert(journal.migrate(db.uri))
+      slow_commits(true)
+      finally(function() slow_commits(false) end)
       local a, b = host_dir(), host_dir()
       local watch_pid = background(watch_cmd(a, { "watch", "--flow", FLOW, "--journal", db.uri, "--backoff", "0",
         "--every", "0", "--passes", "3", "--since", "1h", "--json" }, a .. "/out"), a .. "/pid")
@@ -236,6 +258,11 @@ describe("#openresty #postgresql flowservice.webhook on the PostgreSQL journal",
 
   it("the same event delivered to two nginx instances: one re-trigger", function()
     flow_service:scenario { match = "^POST ", act_then_delay = 0.05, times = 0 }
+    -- each instance reads the run before it looks at the journal (both meet there), and each
+    -- commit takes 0.1 s more: only the claim parts them
+    flow_service:scenario { match = "^GET /runs/", delay = 0.2, times = 0 }
+    for _, sql in ipairs { "ALTER SYSTEM SET commit_delay = 100000", "ALTER SYSTEM SET commit_siblings = 0",
+      "SELECT pg_reload_conf()" } do db:psql(sql, "postgres") end
     local runs = {}
     for i = 1, 5 do
       local run = flow_service:add_run { flowId = FLOW, status = "failed", errors = CONNECT }
