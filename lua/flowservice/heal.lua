@@ -108,9 +108,11 @@ function Healer:delay(step)
 end
 
 -- What the journal backend needs to hold flow_id's runs of this client.
+-- The healer itself writes heal lines only: it takes over no claim a dead
+-- job left (retry_failed, which settles them, does).
 function Healer:journal_options(flow_id)
   local o = self.client:journal_options()
-  o.flow = flow_id
+  o.flow, o.take_over = flow_id, false
   return o
 end
 

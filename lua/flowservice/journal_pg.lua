@@ -381,13 +381,14 @@ function _M.open(conninfo, opts)
     flow = tostring(opts.flow or ""), lease = check_opts(opts), job = random_id(),
     host = pg.hostname() or "?", path = describe(conninfo), renewed = now(), held = {}, lost = {},
   }, PgJournal)
-  -- take over what dead jobs left: one statement, the row lock gives each row to one job
-  local taken
-  taken, err = conn:query("UPDATE " .. TABLE .. " SET job = $4, host = $5,"
+  -- take over what dead jobs left: one statement, the row lock gives each row to one job (not
+  -- for a writer of heal lines only, which would settle nothing: take_over = false)
+  local taken = {}
+  if opts.take_over ~= false then taken, err = conn:query("UPDATE " .. TABLE .. " SET job = $4, host = $5,"
     .. " lease_until = now() + make_interval(secs => $6::float8), updated_at = now()"
     .. " WHERE org = $1 AND sandbox = $2 AND flow = $3 AND state IN ('pending', 'ambiguous')"
     .. " AND (lease_until IS NULL OR lease_until <= now()) RETURNING run",
-    self.org, self.sandbox, self.flow, self.job, self.host, tostring(self.lease))
+    self.org, self.sandbox, self.flow, self.job, self.host, tostring(self.lease)) end
   if not taken then conn:close() return nil, err end
   for _, row in ipairs(taken) do self.held[row.run] = true end
   ok, err = self:reload()
