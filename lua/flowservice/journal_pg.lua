@@ -738,7 +738,8 @@ function _M.show(conninfo, opts)
   rows, err = conn:query("SELECT org, sandbox, flow, run, state, entry::text AS entry, job, host,"
     .. " to_char(lease_until AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS lease_until,"
     .. " to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS updated_at"
-    .. " FROM " .. TABLE .. " WHERE flow <> '' AND state <> 'new' AND ($1::text IS NULL OR flow = $1)"
+    .. " FROM " .. TABLE .. " WHERE flow <> '' AND state NOT IN ('new', 'scan')" -- runs, not heal rows
+    .. " AND ($1::text IS NULL OR flow = $1)"
     .. " ORDER BY org, sandbox, flow, run", opts.flow or false)
   conn:close()
   if not rows then return nil, err end
