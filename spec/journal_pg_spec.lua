@@ -86,7 +86,7 @@ describe("#postgresql journal", function()
     it("is created on first use, with a schema-version row, and a second job skips what the first did", function()
       local report = assert(client:retry_failed { flow_id = BULK, journal = db.uri })
       assert.equal(B.failed.count, #report.retriggered)
-      assert.equal("1", db:psql("SELECT entry->>'version' FROM flowservice_journal WHERE run = 'schema-version'")
+      assert.equal("2", db:psql("SELECT entry->>'version' FROM flowservice_journal WHERE run = 'schema-version'")
         :match("%d+"))
       assert.equal(B.failed.count, count("SELECT count(*) FROM flowservice_journal WHERE state = 'done'"))
       local again = assert(client:retry_failed { flow_id = BULK, journal = db.uri })
@@ -99,15 +99,15 @@ describe("#postgresql journal", function()
     end)
 
     it("journal.migrate creates or upgrades it; a newer or older schema is refused at open", function()
-      assert.same({ from = 0, to = 1 }, assert(journal.migrate(db.uri)))
-      assert.same({ from = 1, to = 1 }, assert(journal.migrate(db.uri)))
+      assert.same({ from = 0, to = 2 }, assert(journal.migrate(db.uri)))
+      assert.same({ from = 2, to = 2 }, assert(journal.migrate(db.uri)))
       db:psql("UPDATE flowservice_journal SET entry = '{\"version\": 99}' WHERE run = 'schema-version'")
       local _, err = client:retry_failed { flow_id = BULK, journal = db.uri }
       assert.matches("schema is version 99, newer", tostring(err))
       db:psql("UPDATE flowservice_journal SET entry = '{\"version\": 0}' WHERE run = 'schema-version'")
       _, err = client:retry_failed { flow_id = BULK, journal = db.uri }
       assert.matches("flowservice journal migrate", tostring(err))
-      assert.same({ from = 0, to = 1 }, assert(journal.migrate(db.uri)))
+      assert.same({ from = 0, to = 2 }, assert(journal.migrate(db.uri)))
       assert.equal(0, server:stats().posts)
     end)
 
@@ -219,6 +219,64 @@ describe("#postgresql journal", function()
     end)
   end)
 
+  describe("a job stalled past its lease", function()
+    it("#pgjobs SIGSTOPped while its claims ran out and another job took over: continued, it sends nothing"
+      .. " for them, keeps the other job's rows, and says so", function()
+      -- each re-trigger acts at once and answers 0.3 s later: the stop lands with claims in flight
+      server:scenario { match = "^POST ", act_then_delay = 0.3, times = 0 }
+      local LEASE = 3 -- pg_job.lua gives the job timeouts of 0.9 s + 0.45 s
+      local a_pid, a_out = start_job(WIDE, 4, LEASE, 0.5)
+      assert.is_true(server:wait_for_posts(6, 60), "job A sent nothing")
+      h.sh("kill -STOP " .. a_pid)
+      local held = count(("SELECT count(*) FROM flowservice_journal WHERE flow = '%s' AND state = 'pending'"):format(WIDE))
+      assert.is_true(held > 0, "the stop left no claim pending")
+      h.sleep(LEASE + 1) -- A's leases run out (renewed at most as it stopped)
+      local b_pid, b_out = start_job(WIDE, 8, 30, 0.5)
+      assert.is_true(wait_gone(b_pid, 120), "job B did not finish")
+      local b = result_of(b_out)
+      assert.is_nil(b.error)
+      assert.is_true(#b.settled >= held, "B settled what A held")
+      local posts, by_source = server:stats().posts, server:stats().by_source
+      for i = 1, WIDE_RUNS do assert.equal(1, by_source[wide_run_id(i)], "run " .. i .. " after B") end
+      h.sh("kill -CONT " .. a_pid)
+      assert.is_true(wait_gone(a_pid, 60), "job A did not end after SIGCONT")
+      local a = result_of(a_out)
+      io.stderr:write("\n  the stalled job, continued: " .. tostring(a.error) .. "\n")
+      assert.matches("stalled %d+ s, past its 3 s lease: %d+ of its claims .* were taken over by another job;"
+        .. " it sends nothing more for flow " .. h.literal(WIDE), a.error)
+      local taken = 0
+      for _, why in pairs(a.skipped) do
+        if why:find("^taken over by job %x+ on host %S+ %(now done%) after this job's lease ran out") then
+          taken = taken + 1
+        end
+      end
+      assert.is_true(taken > 0, "A named the runs taken over")
+      h.sleep(1) -- anything A had left would have landed
+      assert.equal(posts, server:stats().posts, "the stalled job sent after SIGCONT")
+      for i = 1, WIDE_RUNS do assert.equal(1, server:stats().by_source[wide_run_id(i)], "run " .. i) end
+      -- B's settlement stands: A overwrote no row it no longer held
+      assert.equal(WIDE_RUNS, count(("SELECT count(*) FROM flowservice_journal WHERE flow = '%s'"
+        .. " AND state = 'done'"):format(WIDE)))
+    end)
+
+    it("retry_failed refuses a lease shorter than twice timeout + connect_timeout, unless a test says so", function()
+      local short = new_client { timeout = 5, connect_timeout = 2 }
+      local ok, err = pcall(short.retry_failed, short, { flow_id = BULK, journal = db.uri, lease = 10 })
+      assert.is_false(ok)
+      assert.matches("bad argument #1 to 'retry_failed' %(spec field 'lease' %(10 s%) must be at least twice"
+        .. " the client's timeout %+ connect_timeout %(2 x 7 s%)", err)
+      assert.equal(0, server:stats().posts)
+      assert(short:retry_failed { flow_id = BULK, journal = db.uri, lease = 14, dry_run = true })
+      assert(short:retry_failed { flow_id = BULK, journal = db.uri, lease = 1, short_lease_for_tests = true,
+        dry_run = true })
+      short:close()
+      -- without a lease the default outlives the client's requests: 2 x (60 + 10) s with the defaults
+      local j = assert(journal.open(db.uri, { org = ORG, sandbox = SANDBOX, flow = BULK, request_time = 70 }))
+      assert.equal(140, j.lease)
+      j:close()
+    end)
+  end)
+
   describe("many jobs", function()
     local function assert_exactly_once(extra)
       local by_source = server:stats().by_source
@@ -263,7 +321,7 @@ describe("#postgresql journal", function()
       math.randomseed(20261201)
       -- each re-trigger acts, then answers 50 ms later: kills land between the two
       server:scenario { match = "^POST ", act_then_delay = 0.05, times = 0 }
-      local LEASE, GRACE = 1, 0.5
+      local LEASE, GRACE = 2, 0.5 -- the jobs get timeouts of 0.6 s + 0.3 s (pg_job.lua)
       local left_pending = 0
       for cycle = 1, 12 do
         local a = { start_job(WIDE, 8, LEASE, GRACE) }
@@ -302,7 +360,7 @@ describe("#postgresql journal", function()
 
     it("#pgjobs the database restarted mid-job: the job fails clearly, the next one loses nothing", function()
       server:scenario { match = "^POST ", delay = 0.05, times = 0 }
-      local pid, out = start_job(WIDE, 4, 1, 0.5)
+      local pid, out = start_job(WIDE, 4, 2, 0.5)
       server:wait_for_posts(40, 60)
       db:stop()
       assert.is_true(wait_gone(pid, 60), "the job did not end")
@@ -311,8 +369,8 @@ describe("#postgresql journal", function()
       assert.matches("PostgreSQL", r.error)
       assert.not_matches(db.password, r.error, 1, true)
       assert(db:start())
-      h.sleep(1.2)
-      local pid2, out2 = start_job(WIDE, 8, 1, 0.5)
+      h.sleep(2.2)
+      local pid2, out2 = start_job(WIDE, 8, 2, 0.5)
       assert.is_true(wait_gone(pid2, 120))
       local r2 = result_of(out2)
       assert.is_nil(r2.error)
@@ -442,7 +500,7 @@ io.write(tostring(err and err.message))
       assert.matches(B.failed.count .. " runs\n$", out)
       code, out = cmd { "journal", "migrate", "--journal", db.uri }
       assert.equal(0, code)
-      assert.equal("journal schema: version 1 -> 1\n", out)
+      assert.equal("journal schema: version 2 -> 2\n", out)
     end)
 
     it("a bad URI, a password in it, a refused password, a missing permission: exit 2, nothing sent", function()

@@ -22,7 +22,8 @@ describe("#openresty flowservice.webhook", function()
   local function start_hook(vars)
     local v = { ROOT = trim(capture("pwd")), FAKE_URL = flow_service.url, JOURNAL_DIR = dir,
       CLIENT_ID = CLIENT, KEY_HOST = flow_service.tls_url, CA_FILE = pki.ca_file, FLOW = FLOW,
-      BACKOFF = "{ 0 }", MAX_CHAIN = 2 }
+      BACKOFF = "{ 0 }", MAX_CHAIN = 2, USER = "",
+      JOURNAL = 'function(flow_id) return dir .. "/" .. flow_id .. ".jsonl" end' }
     for k, x in pairs(vars or {}) do v[k] = x end
     return nginx.start { template = "spec/support/webhook.conf.in", vars = v, ready = "/health", timeout = 10 }
   end

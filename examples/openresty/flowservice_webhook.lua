@@ -15,7 +15,9 @@ local hook
 
 -- opts: webhook.new's; without, from the environment the command reads
 -- (AEP_CLIENT_ID, AEP_CLIENT_SECRET, AEP_SCOPES, AEP_ORG_ID, AEP_SANDBOX_NAME)
--- and FLOWSERVICE_JOURNAL_DIR (one journal per flow, as the command keeps).
+-- and FLOWSERVICE_JOURNAL (one journal for every flow: a PostgreSQL URI that
+-- several nginx hosts share, needing the flowservice-postgresql rock, or a
+-- path) or else FLOWSERVICE_JOURNAL_DIR (one file per flow, as the command keeps).
 function _M.init(opts)
   if not opts then
     local dir = getenv("FLOWSERVICE_JOURNAL_DIR") or "/var/lib/flowservice"
@@ -28,7 +30,8 @@ function _M.init(opts)
       },
       client_id = client_id, -- events carry it as recipient_client_id
       dict = "flowservice_webhook",
-      heal = { journal = function(flow_id) return dir .. "/" .. flow_id .. ".jsonl" end },
+      heal = { journal = (getenv("FLOWSERVICE_JOURNAL") ~= "" and getenv("FLOWSERVICE_JOURNAL"))
+        or function(flow_id) return dir .. "/" .. flow_id .. ".jsonl" end },
     }
   end
   hook = webhook.new(opts)

@@ -27,7 +27,7 @@ local now, parse_date = core.now, core.parse_date
 local floor, huge, max, min = math.floor, math.huge, math.max, math.min
 local format, concat = string.format, table.concat
 local ipairs, pairs, setmetatable, tostring, type = ipairs, pairs, setmetatable, tostring, type
-local os_time, remove = os.time, table.remove
+local os_time, remove, sort = os.time, table.remove, table.sort
 
 local _M = {}
 
@@ -37,7 +37,7 @@ local SPEC = {
   journal = "any", grace = "number", on_progress = "function", max = "number",
   resolve = "table", force = "boolean", stop = "function", codes = "table", exclude_codes = "table",
   all_flows = "boolean", wait_runs = "boolean", wait_timeout = "number", max_active = "number",
-  wait_backoff = "table", lease = "number",
+  wait_backoff = "table", lease = "number", short_lease_for_tests = "boolean",
   on_wait = "function", -- called with (seconds, pending) before the grace wait of settling
 }
 
@@ -160,10 +160,42 @@ end
 function Job:write(entries)
   if self.journal and #entries > 0 then
     local ok, err = self.journal:write(entries)
-    if not ok then return nil, errors.new(err) end
+    if not ok then
+      self:taken_over(err)
+      return nil, errors.new(err)
+    end
     return true, err
   end
   return true
+end
+
+-- Claims another job took over while this one stalled past its lease
+-- (err.lost, PostgreSQL): their transfers that are still here are dropped
+-- (one not yet sent never leaves; that job settles what was), they are
+-- reported skipped, and the job sends nothing more.
+function Job:taken_over(err)
+  local lost = type(err) == "table" and err.lost
+  if not lost then return end
+  for t, item in pairs(self.flight) do
+    if lost[item.run.id] then
+      t:cancel()
+      self.flight[t] = nil
+      self.in_flight = self.in_flight - 1
+    end
+  end
+  local ids = {}
+  for run_id in pairs(lost) do ids[#ids + 1] = run_id end
+  sort(ids)
+  -- what this job thought of them (an answer that came after the stall) is not its to report
+  for _, kind in ipairs { "ambiguous", "failed" } do
+    local kept = {}
+    for _, entry in ipairs(self.report[kind]) do
+      if not lost[entry.run_id] then kept[#kept + 1] = entry end
+    end
+    self.report[kind] = kept
+  end
+  for _, run_id in ipairs(ids) do self:skip(run_id, lost[run_id]) end
+  self.report.taken_over = (self.report.taken_over or 0) + #ids
 end
 
 -- The journal's claims renewed while the job lives; a failure ends the job.
@@ -171,6 +203,7 @@ function Job:keep()
   if not self.journal or self.keep_failed then return true end
   local ok, err = self.journal:keep()
   if not ok then
+    self:taken_over(err)
     self.keep_failed = errors.new(err)
     self.fatal = self.fatal or self.keep_failed
     return nil, self.keep_failed
@@ -981,8 +1014,20 @@ local function bound(spec, key)
 end
 
 -- client:retry_failed(spec) -> report or nil, err (err.report: the partial report)
+-- A claim's lease must outlive a request that starts under it, with room to
+-- renew: at least twice the client's timeout + connect_timeout (a test that
+-- wants leases to run out says so).
+local function check_lease(spec, batch)
+  local request_time = batch:journal_options().request_time
+  if spec.lease and spec.lease < 2 * request_time and not spec.short_lease_for_tests then
+    fail(format("spec field 'lease' (%g s) must be at least twice the client's timeout + connect_timeout"
+      .. " (2 x %g s): a claim must outlive a request sent under it", spec.lease, request_time))
+  end
+end
+
 function _M.run(client, batch, spec)
   check_spec(spec)
+  check_lease(spec, batch)
   if spec.run_ids then return runs_job(client, batch, spec) end
   local since, before = bound(spec, "since"), bound(spec, "before")
   -- the candidates of one flow, or (flow_id nil) of every flow

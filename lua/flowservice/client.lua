@@ -622,10 +622,17 @@ function Batch:client_id()
 end
 
 -- What a journal backend needs of the client: whose runs (org, sandbox),
--- and how to wait without blocking (the same wait function as the engine's).
+-- how to wait without blocking (the same wait function as the engine's),
+-- and how long one request may take (timeout + connect_timeout, seconds:
+-- a claim's lease must outlive a request that starts under it).
+local function journal_options(p, waiter)
+  return { org = p.opts.org_id, sandbox = p.opts.sandbox or core.defaults.sandbox, wait = waiter,
+    request_time = (p.opts.timeout or core.defaults.timeout)
+      + (p.opts.connect_timeout or core.defaults.connect_timeout) }
+end
+
 function Batch:journal_options()
-  local p = self.p
-  return { org = p.opts.org_id, sandbox = p.opts.sandbox or core.defaults.sandbox, wait = self.waiter }
+  return journal_options(self.p, self.waiter)
 end
 
 function Batch:retry_policy()
@@ -638,6 +645,14 @@ Batch.exiting = ngxwait.exiting
 function Client:retry_failed(spec)
   local p = open(self, 2)
   return bulk.run(self, new_batch(p, 2), spec)
+end
+
+-- client:journal_options() -> { org, sandbox, wait, request_time }: what
+-- flowservice.journal.open/read take to hold this client's runs (for
+-- flowservice.heal, which reads and writes its schedule there).
+function Client:journal_options()
+  local p = open(self, 2)
+  return journal_options(p, waiter_of(p, nil, 2))
 end
 
 -- For an event loop of one's own: the fd that turns readable when the engine

@@ -10,7 +10,8 @@
 -- budget counts a run's ancestors (its parentFlowRunId, or the journal's
 -- new_ids); the backoff between chain steps is written to the flow's
 -- journal as a heal line before anything waits on it, so a restart keeps
--- the schedule. Acting is client:retry_failed{ run_ids = { id } } with the
+-- the schedule (a file's line, or the PostgreSQL journal's heal column: the
+-- journal interface, whichever backend the target names). Acting is client:retry_failed{ run_ids = { id } } with the
 -- same journal: claim before send, If-Match, settling by evidence. That is
 -- what keeps duplicated events, two workers, two hosts and a watch loop
 -- from re-triggering one run twice; nothing here sends on its own.
@@ -61,7 +62,6 @@ function _M.new(client, opts)
   if type(opts) ~= "table" then fail("options table expected, got " .. type(opts)) end
   args.fields(opts, OPTIONS, "option", 2, "heal.new", 2)
   local j = opts.journal
-  if type(j) == "string" and journal.is_postgresql(j) then fail(_M.NO_PG) end
   if type(j) == "string" and j ~= "" then
     local path = j
     j = function() return path end
@@ -107,15 +107,22 @@ function Healer:delay(step)
   return b[step] or b[#b]
 end
 
-_M.NO_PG = "flowservice.heal keeps its schedule in file journals: the PostgreSQL journal does not"
-  .. " hold heal lines yet"
+-- What the journal backend needs to hold flow_id's runs of this client.
+-- The healer itself writes heal lines only: it takes over no claim a dead
+-- job left (retry_failed, which settles them, does).
+function Healer:journal_options(flow_id)
+  local o = self.client:journal_options()
+  o.flow, o.take_over = flow_id, false
+  return o
+end
 
--- The flow's journal state and path; nil, nil, why for a target heal cannot use.
+-- The flow's journal state and target; nil, nil, why when it cannot be read.
 local function state_of(self, flow_id)
   local path = self.journal_of and self.journal_of(flow_id)
   if not path then return journal.read("/dev/null"), nil end
-  if journal.is_postgresql(path) then return nil, nil, _M.NO_PG end
-  return journal.read(path), path
+  local state, err = journal.read(path, self:journal_options(flow_id))
+  if not state then return nil, nil, type(err) == "table" and err.message or tostring(err) end
+  return state, path
 end
 
 -- How many re-triggers stand between run and the failure that began its
@@ -206,8 +213,9 @@ function Healer:decide(run)
   -- no wait, nothing to keep across a restart: no schedule line
   if not planned and self:delay(step) <= 0 then planned = { due = wall_ms(), step = step } end
   if not planned and path and not self.dry_run then
-    -- under the journal's lock: another worker may be writing the same
-    local j, err = journal.open(path)
+    -- a file under its lock; PostgreSQL keeps the first schedule written:
+    -- another worker or host may be writing the same
+    local j, err = journal.open(path, self:journal_options(run.flowId))
     if not j then
       local busy = type(err) == "table" and tostring(err.message):find("in use", 1, true)
       return { run_id = run.id, flow_id = run.flowId, action = busy and "busy" or "error",
@@ -223,6 +231,7 @@ function Healer:decide(run)
         j:close()
         return { run_id = run.id, flow_id = run.flowId, action = "error", reason = tostring(werr.message or werr) }
       end
+      planned = j.state.heal[run.id] or planned -- the schedule that was first
     end
     j:close()
   elseif not planned then
@@ -322,7 +331,7 @@ function Healer:scheduled(flows)
   end
   local out = {}
   for _, flow_id in ipairs(flows) do
-    local state = state_of(self, flow_id) or journal.fold("")
+    local state = state_of(self, flow_id) or journal.fold("") -- unreadable now: nothing to resume
     for run_id, planned in pairs(state.heal) do
       local entry = state.runs[run_id]
       if not (entry and (entry.state == "done" or entry.state == "pending")) then
@@ -403,7 +412,7 @@ function Healer:scan_flow(flow_id, since0, overlap_ms, summary, quiet, m)
     end
   end
   if path and not self.dry_run then
-    local j = journal.open(path) -- held by another job: scanned again next time
+    local j = journal.open(path, self:journal_options(flow_id)) -- held by another job: scanned again next time
     if j then
       j:write { { heal = "scan", flow = flow_id, scanned = before } }
       j:close()

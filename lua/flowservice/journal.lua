@@ -29,14 +29,18 @@
 --                                one round, durable on return (one fsync, or one
 --                                transaction); refused: run id -> why, for pending
 --                                entries another job holds (never with the file)
---   j:keep() -> true | nil, err  renew this job's claims when due (file: nothing to do)
+--   j:keep() -> true | nil, err  renew this job's claims when due (file: nothing to do);
+--                                err.lost (run id -> why): claims another job took over
+--                                while this one stalled past its lease (write says so too)
 --   j:reload() -> true | nil, err  read what other jobs wrote since (file: nothing)
 --   j:in_flight_elsewhere() -> n   other live jobs' pending claims (file: 0)
 --   j:close()
 -- A target is a path (this file's backend, exclusive) or a PostgreSQL
 -- connection string (flowservice.journal_pg, from the flowservice-postgresql
 -- rock: many jobs at once, each run claimed in a transaction).
--- opts: { flow, org, sandbox, wait, lease }, used by PostgreSQL only.
+-- opts: { flow, org, sandbox, wait, lease, request_time, take_over }, used by
+-- PostgreSQL only (client:journal_options() gives org, sandbox, wait and
+-- request_time; take_over = false: a writer of heal lines, settling nothing).
 local core = require "flowservice.core"
 
 local cjson = require("cjson.safe").new()

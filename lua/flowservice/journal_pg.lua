@@ -7,7 +7,11 @@
 -- state, pendings, new_ids, ...) and its claim (job, host, lease_until). A
 -- row (org '', sandbox '', flow '', run 'schema-version') holds the schema
 -- version; a row (org, sandbox, flow '', run 'learned') what was learned of
--- the server.
+-- the server. Since schema version 2 the column heal holds flowservice.heal's
+-- lines: a run's schedule (its first heal line: the first written wins,
+-- on a row of state 'new' when the run has no other entry yet), and on the
+-- row (org, sandbox, flow, run '') of state 'scan' the watch loop's scan
+-- mark (the latest wins).
 --
 -- A round is one transaction (group commit). Its pending entries are
 -- claims: each run's row is locked (SELECT ... FOR UPDATE), and a run that
@@ -17,7 +21,11 @@
 -- lives; at open, the job takes over every pending or ambiguous row of its
 -- flow whose lease ran out (one UPDATE: the row lock lets exactly one job
 -- have each) and settles them by the same evidence rules as the file's
--- pending lines.
+-- pending lines. A job that stalled past its lease (SIGSTOP, a frozen VM)
+-- may find some of its claims taken over: keep() compares the rows it
+-- renewed with the claims it holds, and every round's write checks the
+-- same in its own statement (a row another job now holds is never
+-- overwritten); the job is told (err.lost) and sends nothing more.
 --
 -- Every query is parameterised; data travels as JSON parameters. Waiting
 -- goes through opts.wait when given (the client's wait function: nothing
@@ -38,7 +46,7 @@ local ipairs, next, pairs, select, setmetatable, tonumber, tostring, type = ipai
 local sort = table.sort
 local os_time, random = os.time, math.random
 
-local _M = { SCHEMA_VERSION = 1 }
+local _M = { SCHEMA_VERSION = 2 }
 
 local TABLE = "flowservice_journal"
 local LEASE = 60       -- seconds a claim lives unless renewed
@@ -213,6 +221,10 @@ local MIGRATIONS = {
       .. " updated_at timestamptz NOT NULL DEFAULT now(),"
       .. " PRIMARY KEY (org, sandbox, flow, run))",
   },
+  -- flowservice.heal's schedules and scan marks
+  [2] = {
+    "ALTER TABLE " .. TABLE .. " ADD COLUMN IF NOT EXISTS heal jsonb",
+  },
 }
 
 local VERSION_SQL = "SELECT entry->>'version' AS version FROM " .. TABLE
@@ -269,6 +281,11 @@ local function ensure_schema(conn)
     if not from then return nil, merr end
     return true
   end
+  return _M.version_refusal(v)
+end
+
+-- Why a schema of version v cannot be used as it is (v ~= SCHEMA_VERSION).
+function _M.version_refusal(v)
   if v > _M.SCHEMA_VERSION then
     return fail(format("the journal's schema is version %d, newer than this flowservice knows (%d)",
       v, _M.SCHEMA_VERSION))
@@ -283,15 +300,31 @@ local function claim_why(row)
   return format("claimed by job %s on host %s", tostring(row.job), tostring(row.host))
 end
 
--- rows (run, state, entry, job, host, live) -> state; rows other live jobs
--- hold pending or ambiguous read as "claimed" (the job skips them).
+-- A row's heal column into state: a schedule (state.heal[run]) or, on the
+-- row of run '', the scan mark (state.heal_scanned).
+local function load_heal(state, run, text)
+  local h = type(text) == "string" and decode(text)
+  if type(h) ~= "table" then return end
+  if run == "" then
+    if type(h.scanned) == "number" and h.scanned > (state.heal_scanned or 0) then
+      state.heal_scanned = h.scanned
+    end
+  elseif type(h.due) == "number" then
+    h.heal = run
+    state.heal[run] = h
+  end
+end
+
+-- rows (run, state, entry, job, host, live, heal) -> state; rows other live
+-- jobs hold pending or ambiguous read as "claimed" (the job skips them).
 local function load_rows(state, rows, me)
   local elsewhere = 0
   for _, row in ipairs(rows) do
     local entry = decode(row.entry or "") or {}
+    load_heal(state, row.run, row.heal)
     if row.run == "learned" and row.flow == "" then
       for k, v in pairs(entry) do state.learned[k] = v end
-    elseif row.state ~= "new" then
+    elseif row.state ~= "new" and row.run ~= "" then
       entry.run, entry.state = row.run, row.state
       entry.new_ids = entry.new_ids or {}
       if type(entry.pendings) ~= "table" then entry.pendings = nil end
@@ -310,7 +343,7 @@ local function load_rows(state, rows, me)
 end
 
 local SELECT_FLOW = "SELECT flow, run, state, entry::text AS entry, job, host,"
-  .. " (lease_until > now()) AS live FROM " .. TABLE
+  .. " (lease_until > now()) AS live, heal::text AS heal FROM " .. TABLE
   .. " WHERE org = $1 AND sandbox = $2 AND (flow = $3 OR (flow = '' AND run = 'learned'))"
 
 local function random_id()
@@ -321,9 +354,15 @@ local function random_id()
   return (bytes:gsub(".", function(ch) return format("%02x", ch:byte()) end))
 end
 
+-- The lease: as given (flowservice.bulk checks it against the client's
+-- request time), else 60 s, or twice the time one request may take when
+-- that is longer.
 local function check_opts(opts)
-  local lease = opts.lease or LEASE
-  if type(lease) ~= "number" or lease ~= lease or lease <= 0 then lease = LEASE end
+  local lease = opts.lease
+  if type(lease) ~= "number" or lease ~= lease or lease <= 0 then
+    local request_time = tonumber(opts.request_time) or 0
+    lease = LEASE < 2 * request_time and 2 * request_time or LEASE
+  end
   return lease
 end
 
@@ -335,18 +374,23 @@ function _M.open(conninfo, opts)
   local ok
   ok, err = ensure_schema(conn)
   if not ok then conn:close() return nil, err end
+  -- held: the runs whose claim (a leased row) this job holds; lost: those
+  -- another job took over while this one stalled past its lease
   local self = setmetatable({
     conn = conn, org = tostring(opts.org or ""), sandbox = tostring(opts.sandbox or ""),
     flow = tostring(opts.flow or ""), lease = check_opts(opts), job = random_id(),
-    host = pg.hostname() or "?", path = describe(conninfo), renewed = now(),
+    host = pg.hostname() or "?", path = describe(conninfo), renewed = now(), held = {}, lost = {},
   }, PgJournal)
-  -- take over what dead jobs left: one statement, the row lock gives each row to one job
-  ok, err = conn:query("UPDATE " .. TABLE .. " SET job = $4, host = $5,"
+  -- take over what dead jobs left: one statement, the row lock gives each row to one job (not
+  -- for a writer of heal lines only, which would settle nothing: take_over = false)
+  local taken = {}
+  if opts.take_over ~= false then taken, err = conn:query("UPDATE " .. TABLE .. " SET job = $4, host = $5,"
     .. " lease_until = now() + make_interval(secs => $6::float8), updated_at = now()"
     .. " WHERE org = $1 AND sandbox = $2 AND flow = $3 AND state IN ('pending', 'ambiguous')"
-    .. " AND (lease_until IS NULL OR lease_until <= now())",
-    self.org, self.sandbox, self.flow, self.job, self.host, tostring(self.lease))
-  if not ok then conn:close() return nil, err end
+    .. " AND (lease_until IS NULL OR lease_until <= now()) RETURNING run",
+    self.org, self.sandbox, self.flow, self.job, self.host, tostring(self.lease)) end
+  if not taken then conn:close() return nil, err end
+  for _, row in ipairs(taken) do self.held[row.run] = true end
   ok, err = self:reload()
   if not ok then conn:close() return nil, err end
   return self
@@ -357,7 +401,7 @@ function PgJournal:reload()
   local rows, err = self.conn:query(SELECT_FLOW, self.org, self.sandbox, self.flow)
   if not rows then return nil, err end
   local state = self.state or journal.new_state()
-  state.runs, state.followed = {}, state.followed or {}
+  state.runs, state.followed, state.heal, state.heal_scanned = {}, state.followed or {}, {}, nil
   self.elsewhere = load_rows(state, rows, self.job)
   self.state = state
   return true
@@ -385,6 +429,23 @@ local UPSERT = "INSERT INTO " .. TABLE
   .. " ON CONFLICT (org, sandbox, flow, run) DO UPDATE SET state = EXCLUDED.state,"
   .. " entry = EXCLUDED.entry, job = EXCLUDED.job, host = EXCLUDED.host,"
   .. " lease_until = EXCLUDED.lease_until, updated_at = now()"
+  -- the fence: a row this job believes it holds ($7) is written only while it does
+  .. " WHERE t.job IS NOT DISTINCT FROM EXCLUDED.job"
+  .. " OR t.run NOT IN (SELECT jsonb_array_elements_text($7::jsonb))"
+  .. " RETURNING run"
+
+-- Heal lines ($4: [{run, state, heal}]): a schedule on the run's row (made
+-- 'new' when the run has none), the first one kept; the scan mark on the
+-- row of run '' (state 'scan'), the latest kept. Each row comes back with
+-- the heal it holds now (another job's may have been first).
+local HEAL_UPSERT = "INSERT INTO " .. TABLE .. " AS t (org, sandbox, flow, run, state, heal)"
+  .. " SELECT $1, $2, $3, r->>'run', r->>'state', r->'heal' FROM jsonb_array_elements($4::jsonb) AS r"
+  .. " ORDER BY r->>'run'"
+  .. " ON CONFLICT (org, sandbox, flow, run) DO UPDATE SET heal = CASE"
+  .. " WHEN t.run <> '' THEN coalesce(t.heal, EXCLUDED.heal)"
+  .. " WHEN coalesce((t.heal->>'scanned')::float8, 0) >= (EXCLUDED.heal->>'scanned')::float8 THEN t.heal"
+  .. " ELSE EXCLUDED.heal END, updated_at = now()"
+  .. " RETURNING run, heal::text AS heal"
 
 -- The claims' rows, locked, in one statement: those that did not exist are
 -- made ('new') and come back from the INSERT; the others are locked FOR
@@ -414,22 +475,72 @@ function PgJournal:refusal(row, forced)
   return nil
 end
 
+-- The error a job gets once it finds claims of its taken over: err.lost
+-- maps each such run to who holds it now.
+local function lost_error(self, lost, since)
+  local ids = {}
+  for run_id in pairs(lost) do ids[#ids + 1] = run_id end
+  sort(ids)
+  local who = {}
+  local rows = self.conn:query("SELECT run, state, job, host FROM " .. TABLE
+    .. " WHERE org = $1 AND sandbox = $2 AND flow = $3 AND run IN (SELECT jsonb_array_elements_text($4::jsonb))",
+    self.org, self.sandbox, self.flow, encode(ids)) or {}
+  for _, row in ipairs(rows) do who[row.run] = row end
+  local why = {}
+  for _, run_id in ipairs(ids) do
+    local row = who[run_id] or {}
+    why[run_id] = format("taken over by job %s on host %s (now %s) after this job's lease ran out",
+      tostring(row.job), tostring(row.host), tostring(row.state))
+    self.lost[run_id] = why[run_id]
+  end
+  local shown = {}
+  for i = 1, min(#ids, 5) do shown[i] = ids[i] end
+  local _, err = fail(format("this job (%s) was stalled %.0f s, past its %g s lease: %d of its claims"
+    .. " (%s%s) were taken over by another job; it sends nothing more for flow %s", self.job, since,
+    self.lease, #ids, table.concat(shown, ", "), #ids > #shown and ", ..." or "", self.flow))
+  err.lost = why
+  return nil, err
+end
+
 -- One round in one transaction: the pending entries' claims first (each
 -- run's row locked; refused ones dropped), then every row the round
--- touched. -> true, refused (run id -> why) | nil, err
+-- touched, and the heal lines. -> true, refused (run id -> why) | nil, err.
+-- A job that finds its claims taken over (err.lost) writes no claim again.
 function PgJournal:write(entries)
   if #entries == 0 then return true end
-  local claims, seen = {}, {}
+  local ok, kerr = self:keep() -- a job that stalled learns it before writing anything
+  if not ok then return nil, kerr end
+  local claims, seen, heal_rows, others = {}, {}, {}, {}
   for _, e in ipairs(entries) do
-    if e.state == "pending" and type(e.run) == "string" and not seen[e.run] then
-      seen[e.run] = true
-      claims[#claims + 1] = e.run
+    if type(e.heal) == "string" then
+      if type(e.scanned) == "number" then
+        heal_rows[#heal_rows + 1] = { run = "", state = "scan", heal = { scanned = e.scanned, flow = e.flow } }
+      elseif type(e.due) == "number" and e.heal ~= "" then
+        heal_rows[#heal_rows + 1] = { run = e.heal, state = "new",
+          heal = { flow = e.flow, step = e.step, due = e.due, time = e.time } }
+      end
+    elseif not (type(e.run) == "string" and self.lost[e.run]) then -- another job's now
+      others[#others + 1] = e
+      if e.state == "pending" and type(e.run) == "string" and not seen[e.run] then
+        seen[e.run] = true
+        claims[#claims + 1] = e.run
+      end
     end
   end
+  if #claims > 0 and next(self.lost) then
+    return fail("this job's claims were taken over by another job: it sends nothing more for flow "
+      .. self.flow)
+  end
+  entries = others
   sort(claims)
-  local state, refused
+  -- one statement commits by itself; more, or a fence to hold, take a transaction
+  local single = #claims == 0 and (#heal_rows == 0 or #entries == 0)
+  for _, e in ipairs(entries) do
+    if type(e.run) == "string" and self.held[e.run] then single = false end
+  end
+  local state, refused, healed, fenced_lost
   local result, err = self.conn:transaction(function(tx)
-    refused = {}
+    refused, healed, fenced_lost = {}, nil, nil
     local fresh = {}
     local wanted = claims
     for _ = 1, RETRIES do
@@ -470,7 +581,7 @@ function PgJournal:write(entries)
     for _, entry in pairs(runs) do
       if type(entry.new_ids) ~= "table" then entry.new_ids = {} end
     end
-    state = { runs = runs, learned = {}, followed = {}, skipped_lines = 0 }
+    state = { runs = runs, learned = {}, followed = {}, heal = {}, skipped_lines = 0 }
     for k, v in pairs(self.state.learned) do state.learned[k] = v end
     local touched, order, learned = {}, {}, false
     for _, e in ipairs(entries) do
@@ -495,7 +606,7 @@ function PgJournal:write(entries)
         followed_of[e.run] = map
       end
     end
-    local rows = {}
+    local rows, fence = {}, {}
     sort(order) -- rows locked in one order by every job: no deadlock among them
     for _, run_id in ipairs(order) do
       if state.runs[run_id] then
@@ -504,6 +615,8 @@ function PgJournal:write(entries)
         local row = row_of(state, run_id, followed_of, st == "pending")
         row.flow = self.flow
         rows[#rows + 1] = row
+        -- held from before (not claimed in this round): still ours, or not written
+        if self.held[run_id] and not fresh[run_id] then fence[#fence + 1] = run_id end
       end
     end
     if learned then
@@ -511,32 +624,76 @@ function PgJournal:write(entries)
         leased = false }
     end
     if #rows > 0 then
-      local ok, uerr = tx:query(UPSERT, self.org, self.sandbox, self.job, self.host, tostring(self.lease),
-        encode(rows))
-      if not ok then return nil, uerr end
+      local written, uerr = tx:query(UPSERT, self.org, self.sandbox, self.job, self.host, tostring(self.lease),
+        encode(rows), #fence > 0 and encode(fence) or "[]") -- cjson makes {} of an empty table
+      if not written then return nil, uerr end
+      local done = {}
+      for _, row in ipairs(written) do done[row.run] = true end
+      for _, run_id in ipairs(fence) do
+        if not done[run_id] then
+          fenced_lost = fenced_lost or {}
+          fenced_lost[run_id] = true
+        end
+      end
+      if fenced_lost then return nil, "fenced" end -- rolled back: nothing of this round stays
+      for _, row in ipairs(rows) do
+        if row.run ~= "learned" or row.flow ~= "" then state.runs[row.run].leased = row.leased end
+      end
+    end
+    if #heal_rows > 0 then
+      local stored, herr = tx:query(HEAL_UPSERT, self.org, self.sandbox, self.flow, encode(heal_rows))
+      if not stored then return nil, herr end
+      healed = stored
     end
     return true
-  end, #claims == 0)
-  if not result then return nil, err end
+  end, single)
+  if not result then
+    if fenced_lost then
+      for run_id in pairs(fenced_lost) do self.held[run_id] = nil end
+      return lost_error(self, fenced_lost, now() - self.renewed)
+    end
+    return nil, err
+  end
   -- committed: the copy becomes the state
   local runs, followed = self.state.runs, self.state.followed
-  for run_id, entry in pairs(state.runs) do runs[run_id] = entry end
+  for run_id, entry in pairs(state.runs) do
+    self.held[run_id] = entry.leased or nil
+    entry.leased = nil
+    runs[run_id] = entry
+  end
   for new_id, outcome in pairs(state.followed) do followed[new_id] = outcome end
   for k, v in pairs(state.learned) do self.state.learned[k] = v end
+  self.state.heal = self.state.heal or {}
+  for _, row in ipairs(healed or {}) do load_heal(self.state, row.run, row.heal) end
   if next(refused) then return true, refused end
   return true
 end
 
--- Renew this job's claims once a third of the lease has passed.
+-- Renew this job's claims once a third of the lease has passed, and see
+-- that every claim it holds was renewed: one that was not has been taken
+-- over by another job (this one stalled past its lease) -> nil, err with
+-- err.lost (run id -> who holds it now); the rest stay renewed.
 function PgJournal:keep()
-  if now() - self.renewed < self.lease / 3 then return true end
-  local ok, err = self.conn:query("UPDATE " .. TABLE
+  local started = now()
+  local since = started - self.renewed
+  if since < self.lease / 3 then return true end
+  local rows, err = self.conn:query("UPDATE " .. TABLE
     .. " SET lease_until = now() + make_interval(secs => $5::float8)"
     .. " WHERE org = $1 AND sandbox = $2 AND flow = $3 AND job = $4"
-    .. " AND state IN ('pending', 'ambiguous') AND lease_until IS NOT NULL",
+    .. " AND state IN ('pending', 'ambiguous') AND lease_until IS NOT NULL RETURNING run",
     self.org, self.sandbox, self.flow, self.job, tostring(self.lease))
-  if not ok then return nil, err end
-  self.renewed = now()
+  if not rows then return nil, err end
+  self.renewed = started -- the database's lease began after this: the job's view is the shorter
+  local renewed, lost = {}, nil
+  for _, row in ipairs(rows) do renewed[row.run] = true end
+  for run_id in pairs(self.held) do
+    if not renewed[run_id] then
+      lost = lost or {}
+      lost[run_id] = true
+      self.held[run_id] = nil
+    end
+  end
+  if lost then return lost_error(self, lost, since) end
   return true
 end
 
@@ -555,6 +712,10 @@ function _M.read(conninfo, opts)
   local v
   v, err = schema_version(conn)
   local state = journal.new_state()
+  if v and v > 0 and v ~= _M.SCHEMA_VERSION then
+    conn:close()
+    return _M.version_refusal(v)
+  end
   if v and v > 0 then
     local rows
     rows, err = conn:query(SELECT_FLOW, tostring(opts.org or ""), tostring(opts.sandbox or ""),
@@ -577,7 +738,8 @@ function _M.show(conninfo, opts)
   rows, err = conn:query("SELECT org, sandbox, flow, run, state, entry::text AS entry, job, host,"
     .. " to_char(lease_until AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS lease_until,"
     .. " to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS updated_at"
-    .. " FROM " .. TABLE .. " WHERE flow <> '' AND state <> 'new' AND ($1::text IS NULL OR flow = $1)"
+    .. " FROM " .. TABLE .. " WHERE flow <> '' AND state NOT IN ('new', 'scan')" -- runs, not heal rows
+    .. " AND ($1::text IS NULL OR flow = $1)"
     .. " ORDER BY org, sandbox, flow, run", opts.flow or false)
   conn:close()
   if not rows then return nil, err end

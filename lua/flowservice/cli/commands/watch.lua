@@ -35,8 +35,9 @@ local function define(def)
   def.flag("--zero-record-success", "also successful runs that ingested no record")
   def.value("--max-chain", "N", "re-triggers per original failure (default 3)")
   def.value("--backoff", "D[,D...]", "wait before each step of a chain (default 5m,30m,2h)")
-  def.value("--journal", "FILE", "one journal for every flow (default: one file per"
-    .. " org/sandbox/flow under $XDG_STATE_HOME/flowservice, shared with retry-failed)")
+  def.value("--journal", "FILE|URI", "one journal for every flow, a file or a PostgreSQL URI many"
+    .. " hosts share (default: one file per org/sandbox/flow under $XDG_STATE_HOME/flowservice,"
+    .. " shared with retry-failed)")
   def.value("--metrics-file", "FILE", "the counters in Prometheus text format, rewritten after"
     .. " each pass (node_exporter's textfile collector)")
   def.value("--passes", "N", "stop after N passes (default: until SIGINT/SIGTERM)")
@@ -74,11 +75,6 @@ local function run(ctx)
   end
   local passes = o.passes and values.positive_integer("passes", o.passes)
   local client, copts = config.client(ctx)
-  local given = journals.given(o, ctx.getenv)
-  if given and require("flowservice.journal").is_postgresql(given) then
-    usage_error("watch keeps its schedule in file journals: the PostgreSQL journal (--journal URI,"
-      .. " FLOWSERVICE_JOURNAL) does not hold heal lines yet")
-  end
   local journal = journals.choice(o, ctx.getenv, copts, o.dry_run)
   local json = ctx.json and require("cjson.safe").new() or nil
   local healer = heal.new(client, {
