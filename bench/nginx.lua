@@ -2,11 +2,13 @@
 --
 -- One nginx worker (bench/nginx_subject.conf.in) serves wrk; each request
 -- makes one re-trigger against a backend nginx that answers after 50 ms
--- (bench/nginx_backend.conf.in). Two handlers in the same worker, measured
--- in the same run, in alternating order: /flow, the worker's shared
--- lua-flowservice client (one pump, a semaphore per waiting request), and
+-- (bench/nginx_backend.conf.in). Three handlers in the same worker, measured
+-- in the same run, in an order that rotates every round: /flow, the worker's
+-- shared lua-flowservice client (one pump, a semaphore per waiting request),
 -- /floor, the same exchange written by hand on ngx.socket.tcp with a
--- keep-alive pool. Per contender and connection count: requests/s, p50 and
+-- keep-alive pool, and /sketch, issue 13's sketch (a bare `core` client, one
+-- timer stepping it every 1 ms while anything is in flight, a semaphore per
+-- request posted after a scan of the waiters). Per contender and connection count: requests/s, p50 and
 -- p99 latency (wrk --latency), and the worker's CPU per request (utime +
 -- stime from /proc/PID/stat around the measured run).
 --
@@ -32,8 +34,9 @@ local SECONDS = tonumber(os_getenv("BENCH_NGINX_SECONDS") or "6")
 local ROUNDS = tonumber(os_getenv("BENCH_NGINX_ROUNDS") or "3")
 local DELAY = tonumber(os_getenv("BENCH_NGINX_DELAY") or "0.05")
 local SNAPSHOT = "build/bench/tree-5.1"
-local CONTENDERS = { "floor", "flow" }
+local CONTENDERS = { "floor", "sketch", "flow" }
 local LABEL = { floor = "floor: `ngx.socket.tcp` keep-alive POST by hand",
+  sketch = "issue 13's sketch: bare `core` client, 1 ms timer, scan",
   flow = "lua-flowservice shared client (pump)" }
 
 local function log(...) io_stderr:write(str_format(...), "\n") end
@@ -56,10 +59,10 @@ local function cpu_seconds(pid)
   return (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
 end
 
-local UNIT = { us = 1e-3, ms = 1, s = 1e3 }
+local UNIT = { us = 1e-3, ms = 1, s = 1e3, m = 6e4 }
 local function ms_of(text)
   local n, unit = text:match("^([%d%.]+)(%a+)$")
-  return tonumber(n) * assert(UNIT[unit], "unit " .. tostring(unit))
+  return tonumber(n) * assert(UNIT[unit], "unit of " .. tostring(text))
 end
 
 local function wrk(url, conns, seconds)
@@ -68,8 +71,8 @@ local function wrk(url, conns, seconds)
   local r = {
     rps = tonumber(out:match("Requests/sec:%s+([%d%.]+)")),
     requests = tonumber(out:match("(%d+) requests in")),
-    p50 = ms_of(out:match("50%%%s+(%S+)")),
-    p99 = ms_of(out:match("99%%%s+(%S+)")),
+    p50 = ms_of(out:match("\n%s*50%%%s+(%S+)")),
+    p99 = ms_of(out:match("\n%s*99%%%s+(%S+)")),
     bad = tonumber(out:match("Non%-2xx or 3xx responses: (%d+)") or "0"),
   }
   local c, rd, w, t = out:match("Socket errors: connect (%d+), read (%d+), write (%d+), timeout (%d+)")
@@ -100,16 +103,17 @@ local function main()
       assert(worker, "no worker pid")
       local results = {} -- [conns][contender] = { rounds }
       for _, conns in ipairs(CONNS) do
-        results[conns] = { floor = {}, flow = {} }
+        results[conns] = { floor = {}, sketch = {}, flow = {} }
         for round = 1, ROUNDS do
-          local order = round % 2 == 1 and { "floor", "flow" } or { "flow", "floor" }
+          local order = {} -- rotates: each contender goes first, second and third in turn
+          for i = 1, #CONTENDERS do order[i] = CONTENDERS[(i + round - 2) % #CONTENDERS + 1] end
           for _, name in ipairs(order) do
             local url = subject.url .. "/" .. name
             wrk(url, conns, 1) -- warm: connections to the backend, JIT
             local before = cpu_seconds(worker)
             local r = wrk(url, conns, SECONDS)
             r.cpu_us = (cpu_seconds(worker) - before) / r.requests * 1e6
-            log("c=%d round %d %-5s %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms  cpu %6.1f us/req  bad %d",
+            log("c=%d round %d %-6s %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms  cpu %6.1f us/req  bad %d",
               conns, round, name, r.rps, r.p50, r.p99, r.cpu_us, r.bad + r.socket_errors)
             local list = results[conns][name]
             list[#list + 1] = r
@@ -154,11 +158,12 @@ local function report(results)
       lines[#lines + 1] = str_format("| %d | %s | %.0f | %.2f | %.2f | %.2f | %.1f | %.2f | %d |", conns,
         LABEL[name], f.rps, f.rps / m.floor.rps, f.p50, f.p99, f.cpu_us, f.cpu_us / m.floor.cpu_us, f.errors)
     end
-    local fl, fs = m.floor, m.flow
+    local fl, fs, sk = m.floor, m.flow, m.sketch
     verdicts[#verdicts + 1] = str_format("c=%d: requests/s %.2fx floor (>= 1.0: %s), CPU %.2fx floor (<= 1.0: %s),"
-      .. " p50 %+.2f ms over floor (<= 1 ms: %s), errors %d", conns, fs.rps / fl.rps,
+      .. " p50 %+.2f ms over floor (<= 1 ms: %s), errors %d; against the sketch: requests/s %.2fx, CPU %.2fx",
+      conns, fs.rps / fl.rps,
       fs.rps >= fl.rps and "yes" or "NO", fs.cpu_us / fl.cpu_us, fs.cpu_us <= fl.cpu_us and "yes" or "NO",
-      fs.p50 - fl.p50, fs.p50 <= fl.p50 + 1 and "yes" or "NO", fs.errors)
+      fs.p50 - fl.p50, fs.p50 <= fl.p50 + 1 and "yes" or "NO", fs.errors, fs.rps / sk.rps, fs.cpu_us / sk.cpu_us)
   end
   print(table_concat(lines, "\n"))
   print()

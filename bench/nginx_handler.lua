@@ -1,21 +1,32 @@
 -- The two handlers of `make bench-nginx` (bench/nginx_subject.conf.in): the
 -- same re-trigger, the same reply to the caller, one through the worker's
 -- shared lua-flowservice client, one by hand on ngx.socket.tcp (the floor:
--- a keep-alive POST, the status line, the headers, a Content-Length body).
+-- a keep-alive POST, the status line, the headers, a Content-Length body),
+-- and the issue's sketch: one light thread per worker stepping a bare `core`
+-- client every 1 ms while anything is in flight, each request waiting on its
+-- own ngx.semaphore, posted (after a scan of the waiters) once its transfer
+-- is done.
 local flowservice = require "flowservice"
+local core = require "flowservice.core"
+local semaphore = require "ngx.semaphore"
 local cjson = require("cjson.safe").new()
 
 local ngx = ngx
-local tonumber = tonumber
+local next, pairs, tonumber = next, pairs, tonumber
 
 local _M = {}
 
 local RUN_ID = "4fb0418e-1804-45d6-8d56-dd51f05c0baf"
 local client, host, port, request
+local sketch_opts, sketch_client -- the sketch's core client: one per worker (after the fork)
+local sketch_waiting, sketch_running = {}, false -- transfer -> semaphore
 
 function _M.init(backend_host, backend_port)
   host, port = backend_host, backend_port
   client = flowservice.new { access_token = "bench-token", api_key = "bench-key",
+    org_id = "BENCH@AdobeOrg", sandbox = "prod", timeout = 30,
+    base_url = "http://" .. host .. ":" .. port }
+  sketch_opts = { access_token = "bench-token", api_key = "bench-key",
     org_id = "BENCH@AdobeOrg", sandbox = "prod", timeout = 30,
     base_url = "http://" .. host .. ":" .. port }
   -- what lua-flowservice sends, less its User-Agent and x-request-id
@@ -39,6 +50,46 @@ end
 function _M.flow()
   local run, err = client:retrigger(RUN_ID)
   if not run then return fail(tostring(err)) end
+  answer(run)
+end
+
+local function sketch_loop(premature)
+  local waiting = sketch_waiting
+  while true do
+    local running = sketch_client:step()
+    for t, s in pairs(waiting) do
+      if t:done() then
+        waiting[t] = nil
+        s:post(1)
+      end
+    end
+    if running == 0 and next(waiting) == nil then break end
+    ngx.sleep(0.001)
+  end
+  sketch_running = false
+end
+
+function _M.sketch()
+  if not sketch_client then sketch_client = core.new(sketch_opts) end
+  local t = sketch_client:submit_retrigger(RUN_ID, sketch_opts)
+  local s = semaphore.new()
+  sketch_waiting[t] = s
+  if not sketch_running then
+    sketch_running = true
+    local ok, err = ngx.timer.at(0, sketch_loop)
+    if not ok then
+      sketch_running = false
+      sketch_waiting[t] = nil
+      return fail(err)
+    end
+  end
+  local ok, err = s:wait(30)
+  if not ok then
+    sketch_waiting[t] = nil
+    return fail(err)
+  end
+  local run = t:result()
+  if not run then return fail("no run") end
   answer(run)
 end
 
