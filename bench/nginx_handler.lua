@@ -53,7 +53,8 @@ function _M.flow()
   answer(run)
 end
 
-local function sketch_loop(premature)
+-- a premature run (the worker exiting) still drives: requests are waiting
+local function sketch_loop()
   local waiting = sketch_waiting
   while true do
     local running = sketch_client:step()
