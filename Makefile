@@ -310,7 +310,8 @@ bench-callgrind: deps
 
 # Inside nginx: one worker, wrk -c 100 and -c 1000, each request one
 # re-trigger against a backend answering after 50 ms, the shared client
-# against a hand-written ngx.socket.tcp keep-alive POST (bench/nginx.lua:
+# against a hand-written ngx.socket.tcp keep-alive POST and issue 13's sketch
+# of the pump (bench/nginx.lua:
 # BENCH_NGINX_CONNS, BENCH_NGINX_SECONDS, BENCH_NGINX_ROUNDS, ...).
 bench-nginx: deps
 	@sh .ci/deps wrk
