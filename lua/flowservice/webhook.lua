@@ -185,6 +185,12 @@ local function run_id_of(doc)
 end
 _M.event_code, _M.run_id_of = event_code, run_id_of
 
+-- An event id fit for a shared-dict key and a log line, or nil.
+local function event_id_of(v)
+  if type(v) == "string" and #v <= 128 and v:match("^[%w%-_%.:]+$") then return v end
+  return nil
+end
+
 local function answer(status, text, content_type)
   ngx.status = status
   ngx.header["Content-Type"] = content_type or "text/plain"
@@ -248,10 +254,7 @@ function Hook:handle()
   end
   self.metrics_store:inc("events_received")
   local headers = ngx.req.get_headers(64)
-  local event_id = headers["x-adobe-event-id"]
-  if type(event_id) ~= "string" or not event_id:match("^[%w%-_%.:]+$") or #event_id > 128 then
-    event_id = nil
-  end
+  local event_id = event_id_of(headers["x-adobe-event-id"])
   ngx.req.read_body()
   local body = ngx.req.get_body_data()
   if not body then
@@ -266,7 +269,7 @@ function Hook:handle()
   local recipient = doc.recipient_client_id or doc.recipientclientid
   if recipient ~= self.client_id then return self:reject("recipient is not this client id", event_id) end
   self.metrics_store:inc("events_verified")
-  event_id = event_id or (type(doc.event_id) == "string" and #doc.event_id <= 128 and doc.event_id) or nil
+  event_id = event_id or event_id_of(doc.event_id)
   if event_id then
     local fresh, err = self.dict:add("event:" .. event_id, true, self.event_ttl)
     if not fresh and err == "exists" then
