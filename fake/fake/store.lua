@@ -259,18 +259,32 @@ local function note_executing(flow_id, delta)
   if n > (state.max_executing[flow_id] or 0) then state.max_executing[flow_id] = n end
 end
 
+-- Who hears of each run that finishes (emitter.lua: the failure event to a
+-- registered webhook); called after the run has its final state.
+local finish_listener = nil
+function _M.set_finish_listener(fn) finish_listener = fn end
+
 -- Finish every tracked run whose time has come.
 function _M.settle()
   if next(state.unfinished) == nil then return end
   ngx.update_time()
   local now = ngx.now()
+  local finished = {}
   for id, u in pairs(state.unfinished) do
     if now >= u.finish_at then
       finish(u)
       state.unfinished[id] = nil
       note_executing(u.flowId, -1)
+      finished[#finished + 1] = u.run
     end
   end
+  if finish_listener then
+    for _, run in ipairs(finished) do finish_listener(run) end
+  end
+end
+
+local function settle_timer(premature)
+  if not premature then _M.settle() end
 end
 
 -- A run just made by re-triggering source: executing until it finishes.
@@ -282,6 +296,8 @@ function _M.track_retriggered(new_run, source)
     state.unfinished[new_run.id] = {
       run = new_run, flowId = new_run.flowId, outcome = o, finish_at = ngx.now() + o.after,
     }
+    -- a webhook waits for the failure event: finish on time, not on the next read
+    if state.webhook then ngx.timer.at(o.after, settle_timer) end
   end
   note_executing(new_run.flowId, 1)
 end
