@@ -116,27 +116,41 @@ local function read_all(path)
   return s
 end
 
--- Both signatures of each text, by one shell running openssl dgst per text
--- and key (the worker blocks meanwhile; the deliveries start after).
+-- Both signatures of each text: openssl dgst per text and key, by one shell
+-- per chunk of texts; the worker blocks while a chunk signs and serves
+-- other requests between chunks (the deliveries start after the last).
+local CHUNK = 20
+
+local function sign_chunk(dir, first, last)
+  local script = str_format("cd '%s' && i=%d; while [ $i -le %d ]; do "
+    .. "openssl dgst -sha256 -sign '%s' -out $i.s1 $i.body && "
+    .. "openssl dgst -sha256 -sign '%s' -out $i.s2 $i.body || exit 1; i=$((i+1)); done",
+    dir, first, last, signing[1].private_key, signing[2].private_key)
+  local status = os_execute(script .. " >/dev/null 2>&1")
+  return status == 0 or status == true
+end
+
 local function sign_all(texts)
   batch = batch + 1
   local dir = str_format("%semit-%d-%d", ngx.config.prefix(), ngx.worker.pid(), batch)
-  if os_execute("mkdir -p '" .. dir .. "'") ~= 0 and os_execute("test -d '" .. dir .. "'") ~= 0 then
-    return nil, "cannot make " .. dir
-  end
+  os_execute("mkdir -p '" .. dir .. "'")
   for i, text in ipairs(texts) do
     local f = io_open(str_format("%s/%d.body", dir, i), "wb")
-    if not f then return nil, "cannot write in " .. dir end
+    if not f then
+      os_execute("rm -rf '" .. dir .. "'")
+      return nil, "cannot write in " .. dir
+    end
     f:write(text)
     f:close()
   end
-  local script = str_format("cd '%s' && i=1; while [ $i -le %d ]; do "
-    .. "openssl dgst -sha256 -sign '%s' -out $i.s1 $i.body && "
-    .. "openssl dgst -sha256 -sign '%s' -out $i.s2 $i.body || exit 1; i=$((i+1)); done",
-    dir, #texts, signing[1].private_key, signing[2].private_key)
-  local status = os_execute(script .. " >/dev/null 2>&1")
   local sigs, err = {}, nil
-  if status ~= 0 and status ~= true then err = "openssl dgst failed" end
+  for first = 1, #texts, CHUNK do
+    if first > 1 then ngx.sleep(0) end
+    if not sign_chunk(dir, first, math.min(first + CHUNK - 1, #texts)) then
+      err = "openssl dgst failed"
+      break
+    end
+  end
   for i = 1, #texts do
     if err then break end
     local s1, s2 = read_all(str_format("%s/%d.s1", dir, i)), read_all(str_format("%s/%d.s2", dir, i))
@@ -384,7 +398,8 @@ end
 local function on_finish(run)
   local hook = state.webhook
   if not hook or run.metrics.statusSummary.status ~= "failed" or not signing then return end
-  local ok, serr = start(build({ { run = run, recipient = hook.recipient } }, { hook.url }), hook)
+  local plan = build({ { run = run, recipient = hook.recipient } }, { hook.url })
+  local ok, serr = start(plan, hook)
   if not ok then ngx.log(ngx.ERR, "fake: ", serr) end
 end
 store.set_finish_listener(on_finish)

@@ -283,8 +283,13 @@ function _M.settle()
   end
 end
 
-local function settle_timer(premature)
-  if not premature then _M.settle() end
+-- Finish run id on time. A timer may fire a little before the clock
+-- ngx.update_time() reads reaches finish_at: then it waits again.
+local function settle_timer(premature, id)
+  if premature then return end
+  _M.settle()
+  local u = state.unfinished[id]
+  if u then ngx.timer.at(math.max(u.finish_at - ngx.now(), 0.001), settle_timer, id) end
 end
 
 -- A run just made by re-triggering source: executing until it finishes.
@@ -297,7 +302,7 @@ function _M.track_retriggered(new_run, source)
       run = new_run, flowId = new_run.flowId, outcome = o, finish_at = ngx.now() + o.after,
     }
     -- a webhook waits for the failure event: finish on time, not on the next read
-    if state.webhook then ngx.timer.at(o.after, settle_timer) end
+    if state.webhook then ngx.timer.at(o.after, settle_timer, new_run.id) end
   end
   note_executing(new_run.flowId, 1)
 end
