@@ -20,9 +20,9 @@
 --        then signed in a timer and delivered by `concurrency` timers, in
 --        order.
 --   GET  /_fake/deliveries  every delivery since reset: {id, event_id, run,
---        url, done, outcome ("delivered" 2xx, "refused" another 4xx, "gave
---        up" after the last retry, "not sent": signing failed, see error),
---        status (the last attempt's, 0: no
+--        url, done, outcome ("delivered": 2xx; "refused": any other answer
+--        that is not retried; "gave up": after the last retry; "not sent":
+--        signing failed, see error), status (the last attempt's, 0: no
 --        answer), latency (s, the last attempt's), attempts [{status,
 --        latency, body (first 200 bytes), headers {lowercase: value},
 --        error}]}
