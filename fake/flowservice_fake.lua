@@ -28,6 +28,9 @@
 --        POST /_fake/outcomes, POST /_fake/sandbox (fake/fake/control.lua)
 --        POST|GET /_fake/keys: public keys served at their paths, as
 --        static.adobeioevents.com does for I/O Events (fake/fake/keys.lua)
+--        POST /_fake/signing, POST /_fake/emit, GET /_fake/deliveries,
+--        POST /_fake/webhook: Adobe I/O Events' deliveries of Flow Run
+--        Failed events, signed, retried, recorded (fake/fake/emitter.lua)
 --   scenario fields for GET /runs: repeat_token (the next link repeats the
 --        request's token), link_style "token" (default) or "full" (the next
 --        link carries the whole query)
@@ -100,6 +103,7 @@
 --   scenarios.lua  scenarios, chaos, the journal witness
 --   control.lua    the /_fake/ control API
 --   keys.lua       the I/O Events public keys, served at their paths
+--   emitter.lua    I/O Events deliveries: events built, signed, POSTed, retried
 -- This file: init (from init_by_lua), the request log, and the dispatch
 -- that lets scenarios, chaos and the witness in before the API.
 --

@@ -1937,6 +1937,152 @@ describe("fake Flow Service", function()
     end)
   end)
 
+  describe("I/O Events emitter", function()
+    local signing = require "spec.support.signing"
+    local keys
+    local KEY1, KEY2 = "/prod/keys/pub-key-e1.pem", "/prod/keys/pub-key-e2.pem"
+    setup(function()
+      keys = signing.make()
+      server:keys { [KEY1] = keys.public, [KEY2] = keys.other_public }
+      server:signing { key1 = { path = KEY1, private_key = keys.private_path },
+                       key2 = { path = KEY2, private_key = keys.other_private_path } }
+    end)
+    teardown(function() signing.remove(keys) end)
+
+    local function hook_posts()
+      local list = {}
+      for _, r in ipairs(server:requests()) do
+        if r.method == "POST" and r.path == "/hook" then list[#list + 1] = r end
+      end
+      return list
+    end
+    -- openssl's verdict on a base64 signature of body by the PEM public key
+    local function verified(body, b64, pem)
+      local dir = keys.dir
+      local f = assert(io.open(dir .. "/v.body", "wb")) f:write(body) f:close()
+      f = assert(io.open(dir .. "/v.b64", "wb")) f:write(b64) f:close()
+      f = assert(io.open(dir .. "/v.pem", "wb")) f:write(pem) f:close()
+      return sh(("openssl base64 -d -A -in %s/v.b64 -out %s/v.sig && openssl dgst -sha256 -verify %s/v.pem"
+        .. " -signature %s/v.sig %s/v.body >/dev/null 2>&1"):format(dir, dir, dir, dir, dir))
+    end
+
+    it("POSTs a Flow Run Failed event built from the run, signed over the raw body", function()
+      server:scenario { match = "^POST /hook", status = 200, body = "ok", times = 0 }
+      local ids = server:emit { url = server.url .. "/hook", recipient = "client-1",
+                                events = { { run = RUN, event_id = "ev-1" } } }
+      assert.same({ 1 }, ids)
+      local ok, d = server:wait_deliveries(ids, 10)
+      assert.is_true(ok)
+      assert.equal("delivered", d[1].outcome)
+      assert.equal(200, d[1].status)
+      assert.equal(1, #d[1].attempts)
+      assert.is_true(d[1].latency >= 0 and d[1].latency < 5)
+      assert.equal("ok", d[1].attempts[1].body)
+      local posts = hook_posts()
+      assert.equal(1, #posts)
+      local r = posts[1]
+      assert.equal("ev-1", r.headers["x-adobe-event-id"])
+      assert.equal(KEY1, r.headers["x-adobe-public-key1-path"])
+      assert.equal(KEY2, r.headers["x-adobe-public-key2-path"])
+      assert.equal("application/json", r.headers["content-type"])
+      local event = cjson.decode(r.body)
+      assert.equal("ev-1", event.event_id)
+      assert.equal("client-1", event.recipient_client_id)
+      assert.equal("sources_flow_run_failed", event.event.header._adobeio.eventCode)
+      assert.equal("platform_notifications", event.event.header._adobeio.providerMetadata)
+      assert.equal(RUN, event.event.body.id)
+      assert.equal(FLOW, event.event.body.flowId)
+      assert.equal("failed", event.event.body.metrics.statusSummary.status)
+      assert.is_true(verified(r.body, r.headers["x-adobe-digital-signature-1"], keys.public))
+      assert.is_true(verified(r.body, r.headers["x-adobe-digital-signature-2"], keys.other_public))
+      assert.is_false(verified(r.body, r.headers["x-adobe-digital-signature-1"], keys.other_public))
+    end)
+
+    it("tampers when asked: another body signed, headers replaced or left out, the meta shape", function()
+      server:scenario { match = "^POST /hook", status = 200, times = 0 }
+      local ok = server:wait_deliveries(server:emit { url = server.url .. "/hook", concurrency = 1, events = {
+        { run = RUN, bad_signature = true },
+        { run = RUN, headers = { ["x-adobe-public-key1-path"] = "/x.pem", ["x-adobe-digital-signature-2"] = false } },
+        { run = RUN, meta = true },
+      } }, 10)
+      assert.is_true(ok)
+      local posts = hook_posts()
+      assert.equal(3, #posts)
+      assert.is_false(verified(posts[1].body, posts[1].headers["x-adobe-digital-signature-1"], keys.public))
+      assert.equal("/x.pem", posts[2].headers["x-adobe-public-key1-path"])
+      assert.is_nil(posts[2].headers["x-adobe-digital-signature-2"])
+      assert.is_true(verified(posts[2].body, posts[2].headers["x-adobe-digital-signature-1"], keys.public))
+      local flat = cjson.decode(posts[3].body).event
+      assert.equal(RUN, flat.id)
+      assert.equal("sources_flow_run_failure", flat._eventNotificationMeta.type)
+    end)
+
+    it("redelivers after a 503, a 429 or no answer in time, and stops at a 4xx or the last retry", function()
+      server:scenario { match = "^POST /hook", status = 503, times = 1 }
+      server:scenario { match = "^POST /hook", status = 429, times = 1 }
+      server:scenario { match = "^POST /hook", delay = 1.5, status = 200, times = 1 }
+      server:scenario { match = "^POST /hook", status = 200, times = 1 }
+      local ok, d = server:wait_deliveries(server:emit { url = server.url .. "/hook", timeout = 0.5,
+        retry_intervals = { 0.1, 0.1, 0.1, 0.1 }, events = { { run = RUN } } }, 15)
+      assert.is_true(ok)
+      local statuses = {}
+      for i, a in ipairs(d[1].attempts) do statuses[i] = a.status end
+      assert.same({ 503, 429, 0, 200 }, statuses)
+      assert.matches("timeout", d[1].attempts[3].error)
+      assert.equal("delivered", d[1].outcome)
+      -- a 401 is an answer: not retried
+      server:scenario { match = "^POST /hook", status = 401, times = 1 }
+      ok, d = server:wait_deliveries(server:emit { url = server.url .. "/hook",
+        retry_intervals = { 0.1 }, events = { { run = RUN } } }, 10)
+      assert.is_true(ok)
+      assert.equal("refused", d[1].outcome)
+      assert.equal(1, #d[1].attempts)
+      -- 503 each time: the last retry, then given up
+      server:scenario { match = "^POST /hook", status = 503, times = 0 }
+      ok, d = server:wait_deliveries(server:emit { url = server.url .. "/hook",
+        retry_intervals = { 0.1, 0.1 }, events = { { run = RUN } } }, 10)
+      assert.is_true(ok)
+      assert.equal("gave up", d[1].outcome)
+      assert.equal(3, #d[1].attempts)
+    end)
+
+    it("emits the failure event of a re-triggered run that fails, to the registered webhook", function()
+      server:scenario { match = "^POST /hook", status = 200, times = 0 }
+      server:outcomes { after = 0.3, status = "failed" }
+      server:webhook { url = server.url .. "/hook", recipient = "client-2" }
+      local r = server:http { method = "POST", path = action(RUN), auth = true,
+                              headers = { ["If-Match"] = server:run(RUN).etag } }
+      assert.equal(200, r.status, r.body)
+      local new_id = cjson.decode(r.body).id
+      local deadline = os.time() + 10
+      while #server:deliveries() == 0 and os.time() < deadline do sh("sleep 0.05") end
+      local ok, d = server:wait_deliveries({ 1 }, 10)
+      assert.is_true(ok)
+      assert.equal(new_id, d[1].run)
+      assert.equal("delivered", d[1].outcome)
+      local event = cjson.decode(hook_posts()[1].body)
+      assert.equal(new_id, event.event.body.id)
+      assert.equal(RUN, event.event.body.parentFlowRunId)
+      assert.equal("failed", event.event.body.metrics.statusSummary.status)
+      assert.equal("client-2", event.recipient_client_id)
+      -- a success emits nothing; reset forgets the webhook
+      server:outcomes { after = 0, status = "success" }
+      server:reset()
+      assert.same({}, server:deliveries())
+    end)
+
+    it("refuses what it cannot send", function()
+      local function code(body) return (server:http { method = "POST", path = "/_fake/emit", body = body }).status end
+      assert.equal(400, code('{"url": "https://x.example/hook", "events": [{"run": "' .. RUN .. '"}]}'))
+      assert.equal(400, code('{"url": "' .. server.url .. '/hook", "events": []}'))
+      assert.equal(404, code('{"url": "' .. server.url .. '/hook", "events": [{"run": "nope"}]}'))
+      assert.equal(400, code('{"url": "' .. server.url .. '/hook", "events": [{"run": "' .. RUN .. '", "x": 1}]}'))
+      assert.equal(400, code('{"url": "' .. server.url .. '/hook", "timeout": 0, "events": [{"run": "' .. RUN .. '"}]}'))
+      assert.equal(400, (server:http { method = "POST", path = "/_fake/signing",
+        body = '{"key1": {"path": "/k.pem", "private_key": "/nonexistent"}, "key2": {}}' }).status)
+    end)
+  end)
+
   describe("request log", function()
     it("records requests as received, but not control requests", function()
       server:clear_requests()

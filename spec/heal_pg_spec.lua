@@ -238,6 +238,8 @@ describe("#openresty #postgresql flowservice.webhook on the PostgreSQL journal",
     keys = signing.make()
     flow_service = fake.start { tls = { cert = pki.cert, key = pki.key } }
     flow_service:keys { [events.KEY1] = keys.public, [events.KEY2] = keys.other_public }
+    flow_service:signing { key1 = { path = events.KEY1, private_key = keys.private_path },
+                           key2 = { path = events.KEY2, private_key = keys.other_private_path } }
     db = pgserver.start()
     assert(journal.migrate(db.uri))
     tmp = capture("mktemp -d /tmp/flowservice-webhookpg.XXXXXX"):gsub("%s+$", "")
@@ -267,17 +269,20 @@ describe("#openresty #postgresql flowservice.webhook on the PostgreSQL journal",
     flow_service:scenario { match = "^GET /runs/", delay = 0.2, times = 0 }
     for _, sql in ipairs { "ALTER SYSTEM SET commit_delay = 100000", "ALTER SYSTEM SET commit_siblings = 0",
       "SELECT pg_reload_conf()" } do db:psql(sql, "postgres") end
-    local runs = {}
+    local runs, list = {}, {}
     for i = 1, 5 do
-      local run = flow_service:add_run { flowId = FLOW, status = "failed", errors = CONNECT }
-      runs[i] = run
-      local id = events.event_id()
-      local body = events.payload(run, { event_id = id, recipient = CLIENT })
-      for _, hook in ipairs(hooks) do -- each instance sees the event for the first time
-        local code, answer = events.post(tmp, hook.url .. "/adobe-events", body, events.headers(keys, body, id))
-        assert.equal(200, code, answer)
-        assert.equal("accepted\n", answer)
-      end
+      runs[i] = flow_service:add_run { flowId = FLOW, status = "failed", errors = CONNECT }
+      list[i] = { run = runs[i].id, event_id = events.event_id() }
+    end
+    -- the fake delivers each event to both instances, one after the other: each sees it first
+    local ids = flow_service:emit { urls = { hooks[1].url .. "/adobe-events", hooks[2].url .. "/adobe-events" },
+      events = list, recipient = CLIENT, concurrency = 1, retry_intervals = {} }
+    local ok, deliveries = flow_service:wait_deliveries(ids, 30)
+    assert.is_true(ok)
+    assert.equal(10, #deliveries)
+    for _, d in ipairs(deliveries) do
+      assert.equal(200, d.status, d.attempts[1] and d.attempts[1].body)
+      assert.equal("accepted\n", d.attempts[1].body)
     end
     assert.is_true(flow_service:wait_for_posts(5, 30), "not every run was re-triggered: "
       .. hooks[1]:error_log():sub(-3000))

@@ -1,11 +1,14 @@
 -- flowservice.webhook in a real nginx (two workers): Adobe I/O Events
--- deliveries signed by the suite's key pair, keys served by the fake over
--- TLS with the suite's CA, re-triggers through flowservice.heal.
+-- deliveries made by the fake (server:emit: the event built from the run it
+-- holds, signed with the suite's openssl-made key pair, POSTed with Adobe's
+-- retries; server:webhook: a re-triggered run that fails has its event sent
+-- on its own), keys served by the fake over TLS with the suite's CA,
+-- re-triggers through flowservice.heal.
 local fake = require "spec.support.fake"
 local nginx = require "spec.support.nginx"
 local tls = require "spec.support.tls"
 local signing = require "spec.support.signing"
-local events = require "spec.support.events"
+local events = require "spec.support.events" -- event ids and the key paths
 local h = require "spec.support.helpers"
 local cjson = require "cjson"
 
@@ -27,16 +30,28 @@ describe("#openresty flowservice.webhook", function()
     for k, x in pairs(vars or {}) do v[k] = x end
     return nginx.start { template = "spec/support/webhook.conf.in", vars = v, ready = "/health", timeout = 10 }
   end
-  local function url(s) return (s or hook).url .. "/adobe-events" end
+  local function url(s, location) return (s or hook).url .. (location or "/adobe-events") end
   local function failed_run(errors)
     return flow_service:add_run { flowId = FLOW, status = "failed", errors = errors or CONNECT }
   end
+  -- The fake delivers events (a list of { run = id, event_id, code, meta, recipient,
+  -- headers, bad_signature }) and the test waits for every delivery's record.
+  local function emit(list, o)
+    o = o or {}
+    local ids = flow_service:emit { url = o.url or url(o.server), events = list, recipient = CLIENT,
+      concurrency = o.concurrency, timeout = o.timeout, retry_intervals = o.retry_intervals or { 0.2 } }
+    local ok, records = flow_service:wait_deliveries(ids, o.wait or 30)
+    assert.is_true(ok, "deliveries not done")
+    return records
+  end
+  -- One event for run: status, answer body, seconds, worker pid (X-Worker-Pid), record.
   local function deliver(run, opts, overrides, server)
     opts = opts or {}
-    local id = opts.event_id or events.event_id()
-    local body = events.payload(run, { event_id = id, recipient = opts.recipient or CLIENT,
-      code = opts.code, meta = opts.meta })
-    return events.post(tmp, url(server), body, events.headers(keys, body, id, overrides))
+    local d = emit({ { run = run.id, event_id = opts.event_id or events.event_id(),
+      recipient = opts.recipient, code = opts.code, meta = opts.meta, headers = overrides,
+      bad_signature = opts.bad_signature } }, { server = server })[1]
+    local last = d.attempts[#d.attempts] or {}
+    return d.status, last.body, d.latency, tonumber((last.headers or {})["x-worker-pid"]), d
   end
   local function metric(name, server)
     local text = capture("curl -s --noproxy '*' " .. (server or hook).url .. "/metrics")
@@ -56,6 +71,8 @@ describe("#openresty flowservice.webhook", function()
     keys = signing.make()
     flow_service = fake.start { tls = { cert = pki.cert, key = pki.key } }
     flow_service:keys { [events.KEY1] = keys.public, [events.KEY2] = keys.other_public }
+    flow_service:signing { key1 = { path = events.KEY1, private_key = keys.private_path },
+                           key2 = { path = events.KEY2, private_key = keys.other_private_path } }
     tmp = trim(capture("mktemp -d /tmp/flowservice-webhook.XXXXXX"))
     dir = tmp .. "/journals"
     os.execute("mkdir -p " .. dir .. " && chmod 777 " .. tmp .. " " .. dir)
@@ -124,8 +141,7 @@ describe("#openresty flowservice.webhook", function()
     local run = failed_run()
     local before = metric("flowservice_heal_events_rejected_total")
     local bad = {
-      { overrides = { ["x-adobe-digital-signature-1"] = keys:sign("other body"),
-                      ["x-adobe-digital-signature-2"] = keys:sign("other body") } },
+      { opts = { bad_signature = true } }, -- both signatures over another body
       { overrides = { ["x-adobe-digital-signature-1"] = false, ["x-adobe-digital-signature-2"] = false } },
       { overrides = { ["x-adobe-public-key1-path"] = "/prod/keys/../../etc/passwd.pem" } },
       { overrides = { ["x-adobe-public-key1-path"] = "/prod/keys/key.txt" } },
@@ -179,10 +195,8 @@ describe("#openresty flowservice.webhook", function()
     local parse = failed_run { { code = "CONNECTOR-2001-500", message = "cannot parse the file" } }
     local list = {}
     for i = 1, 200 do
-      local id = events.event_id()
-      local body = events.payload(parse, { event_id = id, recipient = CLIENT,
-        code = i % 2 == 0 and "sources_flow_run_failed" or "sources_flow_run_success" })
-      list[i] = { body = body, headers = events.headers(keys, body, id) }
+      list[i] = { run = parse.id, event_id = events.event_id(),
+        code = i % 2 == 0 and "sources_flow_run_failed" or "sources_flow_run_success" }
     end
     local function fetches()
       local f = flow_service:key_fetches()
@@ -191,12 +205,13 @@ describe("#openresty flowservice.webhook", function()
     assert.equal(200, (deliver(parse))) -- both keys in the shared dict now
     local fetched = fetches()
     assert.is_true(fetched >= 1 and fetched <= 8, "fetched " .. fetched)
-    local results = events.post_parallel(tmp, url(), list, 50)
+    local results = emit(list, { concurrency = 50, wait = 120 })
     assert.equal(200, #results)
     local slowest = 0
-    for _, r in ipairs(results) do
-      assert.equal(200, r[1])
-      slowest = math.max(slowest, r[2])
+    for _, d in ipairs(results) do
+      assert.equal(200, d.status)
+      assert.equal(1, #d.attempts) -- none retried
+      slowest = math.max(slowest, d.latency)
     end
     assert.is_true(slowest < 1, "slowest answer " .. slowest .. " s")
     assert.equal(fetched, fetches()) -- 200 events, both workers: the keys came from the dict
@@ -220,6 +235,69 @@ describe("#openresty flowservice.webhook", function()
     assert.equal(spent + 1, (metric("flowservice_heal_budget_spent_total")))
     assert.equal(2, flow_service:stats().posts)
     assert.matches("retry budget spent", hook:error_log())
+  end)
+
+  it("follows a chain the fake's own failure events drive, to max_chain", function()
+    local function diag()
+      local lines = {}
+      for l in hook:error_log():gmatch("[^\n]+") do if not l:find("keepalive") then lines[#lines+1] = l end end
+      return table.concat(lines, "\n"):sub(-5000) .. "\nFAKE: " .. flow_service:error_log():sub(-2000)
+        .. "\n" .. cjson.encode(flow_service:stats()) .. "\n" .. cjson.encode(flow_service:deliveries())
+    end
+    -- each re-triggered run fails 0.2 s after it starts, and the fake sends its event itself
+    flow_service:outcomes { after = 0.2, status = "failed", errors = CONNECT }
+    flow_service:webhook { url = url(), recipient = CLIENT, retry_intervals = { 0.2 } }
+    local run = failed_run()
+    local spent = metric("flowservice_heal_budget_spent_total")
+    assert.equal(200, (deliver(run))) -- the first failure's event; the rest follow on their own
+    local deadline = h.now() + 30
+    while metric("flowservice_heal_budget_spent_total") == spent and h.now() < deadline do h.sleep(0.1) end
+    assert.equal(spent + 1, (metric("flowservice_heal_budget_spent_total")), diag())
+    h.sleep(1) -- nothing more comes
+    assert.equal(2, flow_service:stats().posts, diag())
+    local first = flow_service:run(run.id).childFlowRunIds[1]
+    local second = flow_service:run(first).childFlowRunIds[1]
+    assert.is_nil(flow_service:run(second).childFlowRunIds)
+    local all = flow_service:deliveries()
+    assert.equal(3, #all)
+    assert.same({ run.id, first, second }, { all[1].run, all[2].run, all[3].run })
+    for _, d in ipairs(all) do
+      assert.equal("delivered", d.outcome)
+      assert.equal("accepted\n", d.attempts[#d.attempts].body)
+    end
+    assert.equal("failed", flow_service:run(second).metrics.statusSummary.status)
+    assert.matches("retry budget spent", hook:error_log())
+  end)
+
+  it("a delivery answered 503 is delivered again: still one re-trigger", function()
+    local run = failed_run()
+    local d = emit({ { run = run.id, event_id = events.event_id() } },
+      { url = url(nil, "/adobe-events-503-once"), retry_intervals = { 0.3, 0.3 } })[1]
+    assert.equal(2, #d.attempts)
+    assert.equal(503, d.attempts[1].status)
+    assert.equal(200, d.attempts[2].status)
+    assert.equal("accepted\n", d.attempts[2].body)
+    assert.equal("delivered", d.outcome)
+    assert.is_true(flow_service:wait_for_posts(1, 10))
+    h.sleep(1.5)
+    assert.equal(1, flow_service:stats().by_source[run.id])
+    assert.equal(1, flow_service:stats().posts)
+  end)
+
+  it("a delivery held past Adobe's timeout is delivered again: still one re-trigger", function()
+    local run = failed_run()
+    -- the first delivery is read, held 3 s, then handled; the fake gives up on it after 1 s
+    local d = emit({ { run = run.id, event_id = events.event_id() } },
+      { url = url(nil, "/adobe-events-slow-once") .. "?hold=3", timeout = 1, retry_intervals = { 0.2, 0.2 } })[1]
+    assert.equal(0, d.attempts[1].status, "no answer in time")
+    assert.matches("timeout", d.attempts[1].error)
+    assert.equal(200, d.status)
+    assert.equal("delivered", d.outcome)
+    assert.is_true(flow_service:wait_for_posts(1, 10))
+    h.sleep(3) -- the held one is handled by now too: a duplicate
+    assert.equal(1, flow_service:stats().by_source[run.id])
+    assert.equal(1, flow_service:stats().posts)
+    assert.is_true(metric("flowservice_heal_events_duplicate_total") >= 1)
   end)
 
   it("keeps the backoff across an nginx restart", function()

@@ -11,6 +11,7 @@ local store = require("fake.store")
 local ims = require("fake.ims")
 local scenarios = require("fake.scenarios")
 local keys = require("fake.keys")
+local emitter = require("fake.emitter")
 
 local ipairs, next, pairs, pcall, tostring, type = ipairs, next, pairs, pcall, tostring, type
 local str_format, str_sub = string.format, string.sub
@@ -279,6 +280,14 @@ local function control(method, path)
     reply = keys.set(read_body())
   elseif method == "GET" and path == "/_fake/keys" then
     reply = keys.stats()
+  elseif method == "POST" and path == "/_fake/signing" then
+    reply = emitter.set_signing(read_body())
+  elseif method == "POST" and path == "/_fake/emit" then
+    reply = emitter.emit(read_body())
+  elseif method == "GET" and path == "/_fake/deliveries" then
+    reply = emitter.deliveries()
+  elseif method == "POST" and path == "/_fake/webhook" then
+    reply = emitter.set_webhook(read_body())
   elseif method == "POST" and path == "/_fake/sandbox" then
     reply = set_sandbox(read_body())
   elseif method == "GET" and path:match("^/_fake/runs/[^/]+$") then

@@ -34,6 +34,9 @@ local state = {
   executing = {},      -- flow id -> re-triggered runs not finished yet
   max_executing = {},  -- flow id -> the most of them at once, since reset
   sandbox = nil,       -- what POST /_fake/sandbox added (its answer); nil: nothing
+  deliveries = {},     -- I/O Events deliveries since reset (emitter.lua), oldest first
+  webhook = nil,       -- where failure events go on their own (POST /_fake/webhook); nil: nowhere
+  emit_generation = 0, -- bumped by reset: deliveries of before stop retrying
   -- In-flight accounting. in_flight is never reset: handlers still running
   -- across a reset decrement it when they finish.
   in_flight = 0,
@@ -82,6 +85,9 @@ function state.clear()
   state.executing = {}
   state.max_executing = {}
   state.sandbox = nil
+  state.deliveries = {}
+  state.webhook = nil
+  state.emit_generation = state.emit_generation + 1
 end
 
 state.behaviour = state.default_behaviour()

@@ -259,18 +259,37 @@ local function note_executing(flow_id, delta)
   if n > (state.max_executing[flow_id] or 0) then state.max_executing[flow_id] = n end
 end
 
+-- Who hears of each run that finishes (emitter.lua: the failure event to a
+-- registered webhook); called after the run has its final state.
+local finish_listener = nil
+function _M.set_finish_listener(fn) finish_listener = fn end
+
 -- Finish every tracked run whose time has come.
 function _M.settle()
   if next(state.unfinished) == nil then return end
   ngx.update_time()
   local now = ngx.now()
+  local finished = {}
   for id, u in pairs(state.unfinished) do
     if now >= u.finish_at then
       finish(u)
       state.unfinished[id] = nil
       note_executing(u.flowId, -1)
+      finished[#finished + 1] = u.run
     end
   end
+  if finish_listener then
+    for _, run in ipairs(finished) do finish_listener(run) end
+  end
+end
+
+-- Finish run id on time. A timer may fire a little before the clock
+-- ngx.update_time() reads reaches finish_at: then it waits again.
+local function settle_timer(premature, id)
+  if premature then return end
+  _M.settle()
+  local u = state.unfinished[id]
+  if u then ngx.timer.at(math.max(u.finish_at - ngx.now(), 0.001), settle_timer, id) end
 end
 
 -- A run just made by re-triggering source: executing until it finishes.
@@ -282,6 +301,8 @@ function _M.track_retriggered(new_run, source)
     state.unfinished[new_run.id] = {
       run = new_run, flowId = new_run.flowId, outcome = o, finish_at = ngx.now() + o.after,
     }
+    -- a webhook waits for the failure event: finish on time, not on the next read
+    if state.webhook then ngx.timer.at(o.after, settle_timer, new_run.id) end
   end
   note_executing(new_run.flowId, 1)
 end

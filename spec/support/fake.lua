@@ -72,6 +72,25 @@
 --   server:keys(map)           serve these I/O Events public keys ({ [path] = pem }) at their
 --                              paths, as static.adobeioevents.com does (kept across reset);
 --                              server:key_fetches() -> { [path] = GETs since set }
+--   server:signing{ key1 = { path = "/prod/keys/k1.pem", private_key = "/abs/k1.key" },
+--                   key2 = {...} }   the private keys (made by the suite with the openssl
+--                              CLI) the fake signs events with, and the key paths the
+--                              headers name; kept across reset
+--   server:emit{ url = u | urls = { u, ... }, events = { { run = id, event_id, recipient,
+--                code, meta, headers = { name = value | false }, bad_signature }, ... },
+--                recipient, concurrency (50), timeout (10), retry_intervals ({1,2,4,8,16}) }
+--                              the fake builds each "Flow Run Failed" event from the run it
+--                              holds, signs it (openssl dgst) and POSTs it as Adobe I/O
+--                              Events does (retries on 5xx, 429, no answer in timeout s);
+--                              returns the delivery ids, one per event and url, in order
+--   server:deliveries()        every delivery since reset: { id, event_id, run, url, done,
+--                              outcome ("delivered", "refused", "gave up"), status (0: no
+--                              answer), latency (s), attempts = { {status, latency, body,
+--                              headers, error} } }
+--   server:wait_deliveries(ids, timeout_s)   true once all are done (and their records)
+--   server:webhook{ url, recipient, timeout, retry_intervals }   until reset ({} or nil: off):
+--                              a run made by re-trigger that finishes failed (outcomes) has
+--                              its failure event emitted there by the fake on its own
 --   server:add_run(t)          inject a run (flowId required; id, status "success",
 --                              createdClient "scheduler", createdAt now, outputRecordCount 0,
 --                              errors, parentFlowRunId optional); returns the created run
@@ -398,6 +417,49 @@ end
 
 function Server:key_fetches()
   return control_json(self, "GET", "/_fake/keys").fetches
+end
+
+-- Adobe I/O Events' part (fake/fake/emitter.lua). signing{ key1 = { path =
+-- public key path, private_key = file }, key2 = {...} }: the keys the fake signs
+-- with (kept across reset). emit(t) -> delivery ids; deliveries() -> records;
+-- wait_deliveries(ids, timeout_s) -> true/false, the records of ids;
+-- webhook(t): failure events of re-triggered runs that finish failed go there.
+function Server:signing(t)
+  assert(type(t) == "table" and t.key1 and t.key2, "signing takes key1 and key2")
+  return control_json(self, "POST", "/_fake/signing", cjson.encode(t))
+end
+
+function Server:emit(t)
+  assert(type(t) == "table" and type(t.events) == "table", "emit takes events")
+  return integers(control_json(self, "POST", "/_fake/emit", cjson.encode(t))).deliveries
+end
+
+function Server:deliveries()
+  return integers(control_json(self, "GET", "/_fake/deliveries"))
+end
+
+-- Poll every 20 ms until every delivery of ids is done.
+function Server:wait_deliveries(ids, timeout_seconds)
+  local deadline = monotonic() + (timeout_seconds or 10)
+  while true do
+    local all, by_id, done = self:deliveries(), {}, true
+    for _, d in ipairs(all) do by_id[d.id] = d end
+    local list = {}
+    for i, id in ipairs(ids) do
+      list[i] = by_id[id]
+      if not (list[i] and list[i].done) then done = false end
+    end
+    if done then return true, list end
+    if monotonic() >= deadline then return false, list end
+    sleep(0.02)
+  end
+end
+
+function Server:webhook(t)
+  if t == nil then t = {} end
+  assert(type(t) == "table", "webhook takes a table")
+  local body = next(t) == nil and "{}" or cjson.encode(t)
+  return control_json(self, "POST", "/_fake/webhook", body)
 end
 
 function Server:add_run(t)
