@@ -3,11 +3,10 @@
 -- configuration from flags and the environment, output, exit statuses.
 local fake = require "spec.support.fake"
 local h = require "spec.support.helpers"
+local command = require "spec.support.command"
 local cjson = require "cjson"
 local flowservice = require "flowservice"
 
-local LUA_PATH = "build/tree/share/lua/5.4/?.lua;build/tree/share/lua/5.4/?/init.lua;;"
-local LUA_CPATH = "build/tree/lib/lua/5.4/?.so;;"
 local TOKEN, SECRET = fake.credentials.access_token, fake.ims_client.client_secret
 local ENABLED, BULK = fake.flows.enabled, fake.bulk_flow
 
@@ -33,38 +32,16 @@ describe("flowservice command", function()
 
   -- The environment the fake accepts; extra: name -> value, or false to drop it.
   local function environment(extra)
-    local env = {
-      PATH = os.getenv("PATH") or "/usr/bin:/bin", HOME = tmp .. "/home", XDG_STATE_HOME = state_home,
-      LUA_PATH = LUA_PATH, LUA_CPATH = LUA_CPATH,
-      AEP_ACCESS_TOKEN = TOKEN, AEP_API_KEY = fake.credentials.api_key,
-      AEP_ORG_ID = fake.credentials.org, FLOWSERVICE_URL = server.url,
-    }
+    local env = command.environment(server.url, tmp .. "/home", state_home,
+      { LUA_PATH = command.LUA_PATH, LUA_CPATH = command.LUA_CPATH })
     for k, v in pairs(extra or {}) do env[k] = v or nil end
     return env
   end
-
-  local function no_secret(...)
-    for _, text in ipairs { ... } do
-      assert.is_nil(text:find(TOKEN, 1, true), "the access token leaked")
-      assert.is_nil(text:find(SECRET, 1, true), "the client secret leaked")
-    end
-  end
+  local no_secret = command.no_secret
 
   -- flowservice(argv, env_changes, stdin) -> exit status, stdout, stderr
   local function flowservice_cmd(argv, extra, stdin)
-    local words = { "env -i" }
-    for k, v in pairs(environment(extra)) do words[#words + 1] = k .. "=" .. q(v) end
-    words[#words + 1] = "lua5.4 bin/flowservice"
-    for _, a in ipairs(argv) do words[#words + 1] = q(a) end
-    write(tmp .. "/stdin", stdin or "")
-    -- the exit status through the shell: Lua 5.1's os.execute cannot report it
-    local cmd = table.concat(words, " ") .. " <" .. q(tmp .. "/stdin") .. " >" .. q(tmp .. "/stdout")
-      .. " 2>" .. q(tmp .. "/stderr") .. "; echo $? >" .. q(tmp .. "/status")
-    os.execute(cmd)
-    local code = tonumber(read(tmp .. "/status"):match("%d+"))
-    local out, err = read(tmp .. "/stdout"), read(tmp .. "/stderr")
-    no_secret(out, err) -- whatever the command, whatever the outcome
-    return code, out, err
+    return command.run(tmp, command.SOURCE, environment(extra), argv, stdin)
   end
 
   local function json(text)
@@ -256,12 +233,8 @@ describe("flowservice command", function()
     -- flowservice in the background: returns its pid and a function that
     -- waits for it and returns exit status, stdout, stderr
     local function spawn(argv, extra)
-      local words = { "env -i" }
-      for k, v in pairs(environment(extra)) do words[#words + 1] = k .. "=" .. q(v) end
-      words[#words + 1] = "lua5.4 bin/flowservice"
-      for _, a in ipairs(argv) do words[#words + 1] = q(a) end
       local base = tmp .. "/bg-" .. tests
-      os.execute("( " .. table.concat(words, " ") .. " </dev/null >" .. q(base .. ".out") .. " 2>"
+      os.execute("( " .. command.line(command.SOURCE, environment(extra), argv) .. " </dev/null >" .. q(base .. ".out") .. " 2>"
         .. q(base .. ".err") .. " & echo $! >" .. q(base .. ".pid") .. "; wait $!; echo $? >"
         .. q(base .. ".status") .. " ) >/dev/null 2>&1 &")
       local pid

@@ -2,11 +2,9 @@
 -- processes against the fake Flow Service).
 local fake = require "spec.support.fake"
 local h = require "spec.support.helpers"
+local command = require "spec.support.command"
 local journal = require "flowservice.journal"
 
-local LUA_PATH = "build/tree/share/lua/5.4/?.lua;build/tree/share/lua/5.4/?/init.lua;;"
-local LUA_CPATH = "build/tree/lib/lua/5.4/?.so;;"
-local TOKEN = fake.credentials.access_token
 local FLOW = fake.flows.enabled
 local CONNECT = { { code = "CONNECTOR-1001-500", message = "Unable to connect to the source" } }
 local q = h.q
@@ -14,20 +12,12 @@ local q = h.q
 describe("flowservice watch", function()
   local server, tmp, state_home, n = nil, nil, nil, 0
 
-  local function command(argv)
-    local words = { "env -i", "PATH=" .. q(os.getenv("PATH") or "/usr/bin:/bin"), "HOME=" .. q(tmp),
-      "XDG_STATE_HOME=" .. q(state_home), "LUA_PATH=" .. q(LUA_PATH), "LUA_CPATH=" .. q(LUA_CPATH),
-      "AEP_ACCESS_TOKEN=" .. q(TOKEN), "AEP_API_KEY=" .. q(fake.credentials.api_key),
-      "AEP_ORG_ID=" .. q(fake.credentials.org), "FLOWSERVICE_URL=" .. q(server.url), "lua5.4 bin/flowservice" }
-    for _, a in ipairs(argv) do words[#words + 1] = q(a) end
-    return table.concat(words, " ")
+  local function environment()
+    return command.environment(server.url, tmp, state_home,
+      { LUA_PATH = command.LUA_PATH, LUA_CPATH = command.LUA_CPATH })
   end
   local function run(argv)
-    os.execute(command(argv) .. " >" .. q(tmp .. "/out") .. " 2>" .. q(tmp .. "/err") .. " </dev/null; echo $? >"
-      .. q(tmp .. "/status"))
-    local out, err = h.read(tmp .. "/out"), h.read(tmp .. "/err")
-    assert.is_nil((out .. err):find(TOKEN, 1, true), "the token leaked")
-    return tonumber(h.read(tmp .. "/status"):match("%d+")), out, err
+    return command.run(tmp, command.SOURCE, environment(), argv)
   end
   local function failed_run(errors)
     return server:add_run { flowId = FLOW, status = "failed", errors = errors or CONNECT }.id
@@ -96,7 +86,8 @@ describe("flowservice watch", function()
     os.remove(tmp .. "/status")
     os.remove(tmp .. "/out")
     local started = h.now()
-    os.execute("(" .. command { "watch", "--flow", FLOW, "--every", "1h", "--since", "1h", "--backoff", "0" }
+    os.execute("(" .. command.line(command.SOURCE, environment(),
+      { "watch", "--flow", FLOW, "--every", "1h", "--since", "1h", "--backoff", "0" })
       .. " >" .. q(tmp .. "/out") .. " 2>" .. q(tmp .. "/err") .. " </dev/null & echo $! >" .. q(tmp .. "/pid")
       .. "; wait $!; echo $? >" .. q(tmp .. "/status") .. ") &")
     local deadline = h.now() + 20

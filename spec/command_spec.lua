@@ -6,6 +6,7 @@
 local fake = require "spec.support.fake"
 local tls = require "spec.support.tls"
 local h = require "spec.support.helpers"
+local command = require "spec.support.command"
 local cjson = require "cjson"
 local flowservice = require "flowservice"
 
@@ -19,37 +20,12 @@ describe("the installed flowservice command", function()
   local server, tmp, tests = nil, nil, 0
 
   local function environment(extra)
-    local env = {
-      PATH = os.getenv("PATH") or "/usr/bin:/bin", HOME = tmp .. "/home",
-      XDG_STATE_HOME = tmp .. "/state-" .. tests,
-      AEP_ACCESS_TOKEN = TOKEN, AEP_API_KEY = fake.credentials.api_key,
-      AEP_ORG_ID = fake.credentials.org, FLOWSERVICE_URL = server.url,
-    }
-    for k, v in pairs(extra or {}) do env[k] = v or nil end
-    return env
-  end
-
-  local function no_secret(...)
-    for _, text in ipairs { ... } do
-      assert.is_nil(text:find(TOKEN, 1, true), "the access token leaked")
-      assert.is_nil(text:find(SECRET, 1, true), "the client secret leaked")
-    end
+    return command.environment(server.url, tmp .. "/home", tmp .. "/state-" .. tests, extra)
   end
 
   -- run(argv, env changes, stdin) -> exit status, stdout, stderr
   local function run(argv, extra, stdin)
-    local words = { "env -i" }
-    for k, v in pairs(environment(extra)) do words[#words + 1] = k .. "=" .. q(v) end
-    words[#words + 1] = COMMAND
-    for _, a in ipairs(argv) do words[#words + 1] = q(a) end
-    write(tmp .. "/stdin", stdin or "")
-    os.execute(table.concat(words, " ") .. " <" .. q(tmp .. "/stdin") .. " >" .. q(tmp .. "/stdout")
-      .. " 2>" .. q(tmp .. "/stderr") .. "; echo $? >" .. q(tmp .. "/status"))
-    local out, err = read(tmp .. "/stdout"), read(tmp .. "/stderr")
-    no_secret(out, err)
-    assert.is_nil((out .. err):find("%.lua:%d"), "an internal file path in: " .. out .. err)
-    assert.is_nil((out .. err):find("traceback", 1, true))
-    return tonumber(read(tmp .. "/status"):match("%d+")), out, err
+    return command.run(tmp, COMMAND, environment(extra), argv, stdin)
   end
 
   local function secret_file(name, text, mode)
