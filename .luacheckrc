@@ -10,10 +10,6 @@ files["lua/flowservice/ngx.lua"] = { read_globals = { "ngx" } }
 files["lua/flowservice/heal.lua"] = { read_globals = { "ngx" } }
 files["lua/flowservice/webhook.lua"] = { globals = { "ngx" } } -- a content handler sets ngx.status
 
--- Left as they are while other work changes these files: a local kept for
--- symmetry, a helper's local shadowing the module of the same name.
-files["lua/flowservice/bulk.lua"] = { ignore = { "211/parse_date", "431/policy" } }
-
 files["spec/**/*.lua"] = { std = "+busted" }
 files[".busted"] = { std = "+busted" }
 -- the fake's spec reads some replies only for their side effects
