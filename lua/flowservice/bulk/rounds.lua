@@ -26,7 +26,6 @@ local function pending_line(job, item, t)
     forced = item.forced }
 end
 
--- Prepared transfers of a round, with their pending lines appended to lines.
 -- How many more re-triggers may start now: the concurrency limit, and with
 -- max_active the runs of this flow still executing.
 local function free_slots(job)
@@ -37,6 +36,7 @@ local function free_slots(job)
   return room
 end
 
+-- Prepared transfers of a round, with their pending lines appended to lines.
 local function prepare_round(job, lines)
   local prepared = {}
   if not (free_slots(job) > 0 and #job.queue > 0 and now() >= job.not_before) then
