@@ -102,6 +102,20 @@ describe("client:retry_failed", function()
         "spec field 'resolve' maps run ids")
       assert.same({}, server:requests())
     end)
+
+    it("names the caller's line in a bad spec's error, as luaL_argerror does", function()
+      local lease_journal = journal .. ".lease"
+      for _, spec in ipairs {
+        { flow = BULK }, { flow_id = BULK, concurrency = 0 }, { flow_id = BULK, since = "yesterday-ish" },
+        { flow_id = BULK, journal = lease_journal, lease = 0.5 },
+        { flow_id = BULK, journal = journal, resolve = { [h.runs.unknown] = "done" } },
+      } do
+        local ok, err = pcall(function() client:retry_failed(spec) end)
+        assert.is_false(ok)
+        assert.matches("^[^:]*bulk_spec%.lua:%d+: bad argument #1 to 'retry_failed' %(", err)
+      end
+      assert.same({}, server:requests())
+    end)
   end)
 
   describe("why runs failed", function()

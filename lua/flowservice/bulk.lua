@@ -38,7 +38,11 @@ local _M = {}
 function _M.run(client, batch, spec)
   bulk_spec.check(spec)
   bulk_spec.check_lease(spec, batch)
-  if spec.run_ids then return flows.runs_job(client, batch, spec) end
+  -- no tail calls below: the argument errors raised there count these frames
+  if spec.run_ids then
+    local report, err = flows.runs_job(client, batch, spec)
+    return report, err
+  end
   local since, before = bound(spec, "since"), bound(spec, "before")
   -- the candidates of one flow, or (flow_id nil) of every flow
   local function list_candidates(flow_id)
@@ -56,8 +60,11 @@ function _M.run(client, batch, spec)
     end
     return candidates
   end
-  if spec.all_flows then return flows.all_flows_job(client, batch, spec, since, before, list_candidates) end
-  return flow.job(client, batch, spec, spec.flow_id, function(report)
+  if spec.all_flows then
+    local report, err = flows.all_flows_job(client, batch, spec, since, before, list_candidates)
+    return report, err
+  end
+  local job_report, job_err = flow.job(client, batch, spec, spec.flow_id, function(report)
     report.window = { since = since, before = before }
     -- the flow first: one that does not exist, or cannot run, is said so
     local found, err = client:get_flow(spec.flow_id)
@@ -76,6 +83,7 @@ function _M.run(client, batch, spec)
     end
     return list_candidates(spec.flow_id)
   end)
+  return job_report, job_err
 end
 
 return _M

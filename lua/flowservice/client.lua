@@ -644,7 +644,9 @@ Batch.exiting = ngxwait.exiting
 -- client:retry_failed(spec) -> report or nil, err (see flowservice.bulk)
 function Client:retry_failed(spec)
   local p = open(self, 2)
-  return bulk.run(self, new_batch(p, 2), spec)
+  -- not a tail call: bulk's argument errors count this frame to reach the caller
+  local report, err = bulk.run(self, new_batch(p, 2), spec)
+  return report, err
 end
 
 -- client:journal_options() -> { org, sandbox, wait, request_time }: what

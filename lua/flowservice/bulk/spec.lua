@@ -19,14 +19,16 @@ local SPEC = {
   on_wait = "function", -- called with (seconds, pending) before the grace wait of settling
 }
 
--- An argument error at the caller of client:retry_failed; depth: how many
--- more of our frames stand between (bulk.run and client:retry_failed are tail calls).
-local function fail(msg, depth) args.fail(1, "retry_failed", msg, 3 + (depth or 0)) end
+-- An argument error at the caller of client:retry_failed, raised from a
+-- function bulk.run calls (client:retry_failed -> bulk.run -> it -> fail);
+-- depth: how many more of our frames stand between. No tail calls on that
+-- path: Lua 5.1 and 5.4 count them differently.
+local function fail(msg, depth) args.fail(1, "retry_failed", msg, 5 + (depth or 0)) end
 _M.fail = fail
 
 function _M.check(spec)
   if type(spec) ~= "table" then fail("spec must be a table, got " .. type(spec)) end
-  args.fields(spec, SPEC, "spec field", 1, "retry_failed", 3)
+  args.fields(spec, SPEC, "spec field", 1, "retry_failed", 4)
   local given = (spec.flow_id ~= nil and 1 or 0) + (spec.run_ids ~= nil and 1 or 0)
     + (spec.all_flows and 1 or 0)
   if given ~= 1 then fail("spec takes exactly one of 'flow_id', 'run_ids' and 'all_flows'") end
