@@ -32,8 +32,8 @@ end
 
 -- POST /_fake/behaviour { switch = bool, ... }: set switches until reset.
 local function set_behaviour(text)
-  local ok, t = pcall(cjson.decode, text or "")
-  if not ok or type(t) ~= "table" then
+  local t = util.decode_object(text)
+  if not t then
     return json_reply(400, { errorMessage = "behaviour must be a JSON object" })
   end
   for k, v in pairs(t) do
@@ -76,8 +76,8 @@ end
 --   in its childFlowRunIds); any other field is kept as given (metrics too,
 --   with the shorthands set inside it). The etag is always generated.
 local function inject_run(text)
-  local ok, t = pcall(cjson.decode, text or "")
-  if not ok or type(t) ~= "table" then
+  local t = util.decode_object(text)
+  if not t then
     return json_reply(400, { errorMessage = "run must be a JSON object" })
   end
   local function bad(msg) return json_reply(400, { errorMessage = msg }) end

@@ -108,14 +108,6 @@ local function payload(run, o)
   return encode { event_id = o.event_id, event = event, recipient_client_id = o.recipient }
 end
 
-local function read_all(path)
-  local f = io_open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
 -- Both signatures of each text: openssl dgst per text and key, by one shell
 -- per chunk of texts; the worker blocks while a chunk signs and serves
 -- other requests between chunks (the deliveries start after the last).
@@ -153,7 +145,7 @@ local function sign_all(texts)
   end
   for i = 1, #texts do
     if err then break end
-    local s1, s2 = read_all(str_format("%s/%d.s1", dir, i)), read_all(str_format("%s/%d.s2", dir, i))
+    local s1, s2 = util.read_file(str_format("%s/%d.s1", dir, i)), util.read_file(str_format("%s/%d.s2", dir, i))
     if not s1 or s1 == "" or not s2 or s2 == "" then err = "openssl dgst wrote no signature" break end
     sigs[i] = { ngx.encode_base64(s1), ngx.encode_base64(s2) }
   end

@@ -83,8 +83,8 @@ end
 -- POST /_fake/ims { "expires_in": N }: the expires_in (and server-side
 -- lifetime, seconds) of tokens issued from now on.
 local function ims_settings(text)
-  local ok, t = pcall(cjson.decode, text or "")
-  if not ok or type(t) ~= "table" then
+  local t = util.decode_object(text)
+  if not t then
     return json_reply(400, { errorMessage = "ims settings must be a JSON object" })
   end
   for k, v in pairs(t) do

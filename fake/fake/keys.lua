@@ -23,8 +23,8 @@ function _M.serve(method, path)
 end
 
 function _M.set(text)
-  local ok, t = pcall(cjson.decode, text or "")
-  if not ok or type(t) ~= "table" or type(t.keys) ~= "table" then
+  local t = util.decode_object(text)
+  if not t or type(t.keys) ~= "table" then
     return json_reply(400, { errorMessage = 'expected {"keys": {path: pem}}' })
   end
   keys, fetches = {}, {}

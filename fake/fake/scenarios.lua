@@ -50,8 +50,8 @@ local SCENARIO_FIELDS = {
 }
 
 local function add_scenario(text)
-  local ok, sc = pcall(cjson.decode, text or "")
-  if not ok or type(sc) ~= "table" then
+  local sc = util.decode_object(text)
+  if not sc then
     return json_reply(400, { errorMessage = "scenario must be a JSON object" })
   end
   for k, v in pairs(sc) do
@@ -200,8 +200,8 @@ local function chaos_settings(c)
 end
 
 local function set_chaos(text)
-  local ok, t = pcall(cjson.decode, text or "")
-  if not ok or type(t) ~= "table" then
+  local t = util.decode_object(text)
+  if not t then
     return json_reply(400, { errorMessage = "chaos must be a JSON object" })
   end
   local function bad(msg) return json_reply(400, { errorMessage = msg }) end
@@ -374,8 +374,8 @@ end
 -- none turns it off. The worker must be able to read them (it runs as the user
 -- that started the fake: see fake/nginx.conf.in).
 local function set_witness(text)
-  local ok, t = pcall(cjson.decode, text or "")
-  if not ok or type(t) ~= "table" then
+  local t = util.decode_object(text)
+  if not t then
     return json_reply(400, { errorMessage = "witness must be a JSON object" })
   end
   local function bad(msg) return json_reply(400, { errorMessage = msg }) end
