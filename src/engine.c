@@ -483,10 +483,7 @@ int fs_engine_attached(const fs_engine *e) {
   return n;
 }
 
-/* Keep at most max_body bytes; past that, abort the transfer (write error). */
-static size_t transfer_on_body(char *data, size_t size, size_t n, void *ud) {
-  fs_transfer *t = (fs_transfer *)ud;
-  size_t len = size * n;
+size_t fs_transfer_add_body(fs_transfer *t, const char *data, size_t len) {
   if (len > t->max_body - t->body_len) {
     t->too_large = 1;
     return 0;
@@ -510,21 +507,23 @@ static size_t transfer_on_body(char *data, size_t size, size_t n, void *ud) {
   return len;
 }
 
-/* Retry-After (seconds or an HTTP date) and Date, from the last response's
-** header lines; one code path for every libcurl version. */
-static size_t transfer_on_header(char *data, size_t size, size_t n, void *ud) {
-  fs_transfer *t = (fs_transfer *)ud;
-  size_t len = size * n, name, vlen;
+/* Keep at most max_body bytes; past that, abort the transfer (write error). */
+static size_t transfer_on_body(char *data, size_t size, size_t n, void *ud) {
+  return fs_transfer_add_body((fs_transfer *)ud, data, size * n);
+}
+
+void fs_transfer_add_header(fs_transfer *t, const char *data, size_t len) {
+  size_t name, vlen;
   char value[128];
   const char *v;
   if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {  /* a new response begins */
     t->retry_after = -1;
     t->date[0] = '\0';
-    return len;
+    return;
   }
   v = (const char *)memchr(data, ':', len);
   if (v == NULL)
-    return len;
+    return;
   name = (size_t)(v - data);
   v++;
   vlen = len - (size_t)(v - data);
@@ -534,7 +533,7 @@ static size_t transfer_on_header(char *data, size_t size, size_t n, void *ud) {
                       || v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
     vlen--;
   if (vlen == 0 || vlen >= sizeof value)
-    return len;
+    return;
   memcpy(value, v, vlen);
   value[vlen] = '\0';
   if (name == 11 && curl_strnequal(data, "Retry-After", 11)) {
@@ -552,7 +551,13 @@ static size_t transfer_on_header(char *data, size_t size, size_t n, void *ud) {
   } else if (name == 4 && curl_strnequal(data, "Date", 4) && vlen < sizeof t->date) {
     memcpy(t->date, value, vlen + 1);
   }
-  return len;
+}
+
+/* Retry-After (seconds or an HTTP date) and Date, from the last response's
+** header lines; one code path for every libcurl version. */
+static size_t transfer_on_header(char *data, size_t size, size_t n, void *ud) {
+  fs_transfer_add_header((fs_transfer *)ud, data, size * n);
+  return size * n;
 }
 
 #if FS_HAVE_PREREQ

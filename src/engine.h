@@ -214,6 +214,14 @@ int fs_engine_take_finished(fs_engine *e, const void ***list, int *lost);
 /* Transfers holding one of e's easy handles (submitted or being built). */
 int fs_engine_attached(const fs_engine *e);
 
+/* A reply's body bytes, kept up to t->max_body: returns len, or 0 when
+** they would pass it (t->too_large) or memory ran out (t->out_of_memory). */
+size_t fs_transfer_add_body(fs_transfer *t, const char *data, size_t len);
+/* One header line of a reply (with or without its CRLF), as libcurl's
+** header callback sees it: a status line ("HTTP/...") starts a response
+** afresh; Retry-After and Date are kept. */
+void fs_transfer_add_header(fs_transfer *t, const char *line, size_t len);
+
 /* Idempotent: detaches t from its engine (cancelling it if in flight)
 ** and frees what it holds; in a forked child, forgets the parent's handles
 ** instead. */
