@@ -11,6 +11,7 @@ files["lua/flowservice/heal.lua"] = { read_globals = { "ngx" } }
 files["lua/flowservice/webhook.lua"] = { globals = { "ngx" } } -- a content handler sets ngx.status
 
 files["spec/**/*.lua"] = { std = "+busted" }
+files["spec/support/wire_handler.lua"] = { read_globals = { "ngx" } } -- runs inside nginx
 files[".busted"] = { std = "+busted" }
 -- the fake's spec reads some replies only for their side effects
 files["spec/fake_spec.lua"] = { ignore = { "311" } }

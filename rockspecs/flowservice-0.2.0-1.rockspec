@@ -82,6 +82,7 @@ build = {
     ["flowservice.runs"] = "lua/flowservice/runs.lua",
     ["flowservice.webhook"] = "lua/flowservice/webhook.lua",
     ["flowservice.window"] = "lua/flowservice/window.lua",
+    ["flowservice.wire"] = "lua/flowservice/wire.lua",
     ["flowservice.verify"] = {
       sources = { "src/verify.c" },
       libraries = { "crypto" },

@@ -27,6 +27,7 @@
 #include "journal.h"
 #include "request.h"
 #include "signals.h"
+#include "wire.h"
 
 #define FS_CLIENT_MT "flowservice.client"
 #define FS_TRANSFER_MT "flowservice.transfer"
@@ -49,6 +50,8 @@ typedef struct fs_call {
   int taken;          /* its result was handed to Lua */
   char *request_id;   /* the x-request-id sent: id_buf, or malloc'd when longer */
   char id_buf[40];
+  fs_wire *wire;      /* the nginx transport's reply reader, or NULL (libcurl's) */
+  fs_wire_request wire_request;  /* and its request, until handed to Lua */
 } fs_call;
 
 
@@ -221,6 +224,12 @@ static int call_results(lua_State *L, fs_call *c) {
 static int call_gc(lua_State *L) {
   fs_call *c = (fs_call *)luaL_checkudata(L, 1, FS_TRANSFER_MT);
   fs_transfer_free(&c->t);
+  if (c->wire != NULL) {
+    fs_wire_free(c->wire);
+    free(c->wire);
+    c->wire = NULL;
+  }
+  fs_wire_request_free(&c->wire_request);
   if (c->request_id != c->id_buf)
     free(c->request_id);
   c->request_id = NULL;
@@ -231,22 +240,26 @@ static fs_call *call_check(lua_State *L, int idx) {
   return (fs_call *)luaL_checkudata(L, idx, FS_TRANSFER_MT);
 }
 
-/* Prepare, build and (not yet) submit a transfer; pushes its userdata. */
-static fs_call *call_start(lua_State *L, fs_client *client, int kind,
-                           const fs_request *r) {
+/* A transfer's userdata for r, pushed; nothing acquired for it yet. */
+static fs_call *call_new(lua_State *L, int kind, const fs_request *r) {
   fs_call *c = (fs_call *)lua_newuserdata(L, sizeof *c);
-  CURLcode rc;
+  size_t n = strlen(r->header[H_REQUEST_ID]);
   memset(c, 0, sizeof *c);
   luaL_getmetatable(L, FS_TRANSFER_MT);
   lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
   c->kind = kind;
-  {
-    size_t n = strlen(r->header[H_REQUEST_ID]);
-    c->request_id = n < sizeof c->id_buf ? c->id_buf : (char *)malloc(n + 1);
-    if (c->request_id == NULL)
-      luaL_error(L, "flowservice: out of memory");
-    memcpy(c->request_id, r->header[H_REQUEST_ID], n + 1);
-  }
+  c->request_id = n < sizeof c->id_buf ? c->id_buf : (char *)malloc(n + 1);
+  if (c->request_id == NULL)
+    luaL_error(L, "flowservice: out of memory");
+  memcpy(c->request_id, r->header[H_REQUEST_ID], n + 1);
+  return c;
+}
+
+/* Prepare, build and (not yet) submit a transfer; pushes its userdata. */
+static fs_call *call_start(lua_State *L, fs_client *client, int kind,
+                           const fs_request *r) {
+  fs_call *c = call_new(L, kind, r);
+  CURLcode rc;
   rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body, kind == FS_RUN_ACTION,
                            r->tmpl != NULL ? fs_template_config(r->tmpl) : 0);
   if (rc != CURLE_OK)
@@ -416,6 +429,74 @@ static int client_submit_retrigger(lua_State *L) {
 static int client_prepare_retrigger(lua_State *L) {
   start_run_action(L, client_check(L, 1), 2, 3, 0);
   return 1;
+}
+
+/*
+** The nginx transport (flowservice.wire): the run action client:retrigger
+** would send, as bytes for a cosocket, and a transfer that reads the reply
+** from the bytes fed to it (transfer:feed) or ends by transfer:fail; its
+** result is a libcurl transfer's.
+**   client:wire_retrigger(run_id, opts) -> transfer, request, host, port,
+**     tls, verify, timeout_ms, connect_timeout_ms
+*/
+static int client_wire_retrigger(lua_State *L) {
+  fs_client *client = client_check(L, 1);
+  fs_request r;
+  fs_call *c;
+  fs_wire_request *w;
+  memset(&r, 0, sizeof r);
+  r.cache = &client->urls;
+  r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
+  r.engine = &client->engine;
+  r.tmpl_slot = &client->tmpl;
+  fs_request_options(L, 3, 0, &r);
+  fs_request_run_action(L, 2, &r);
+  c = call_new(L, FS_RUN_ACTION, &r);
+  c->t.max_body = r.max_body;
+  c->t.once = 1;
+  c->t.retry_after = -1;
+  c->wire = (fs_wire *)malloc(sizeof *c->wire);
+  if (c->wire == NULL)
+    return luaL_error(L, "flowservice: out of memory");
+  fs_wire_init(c->wire);
+  w = &c->wire_request;
+  fs_request_wire(L, &c->t, &r, w);
+  lua_pushlstring(L, w->bytes, w->len);
+  lua_pushstring(L, w->host);
+  lua_pushinteger(L, (lua_Integer)w->port);
+  lua_pushboolean(L, w->tls);
+  lua_pushboolean(L, w->verify);
+  lua_pushinteger(L, (lua_Integer)w->timeout_ms);
+  lua_pushinteger(L, (lua_Integer)w->connect_timeout_ms);
+  fs_wire_request_free(w);  /* Lua has them now */
+  return 8;
+}
+
+static fs_call *wire_check(lua_State *L, int idx) {
+  fs_call *c = call_check(L, idx);
+  if (c->wire == NULL)
+    luaL_error(L, "flowservice: not a wire transfer");
+  return c;
+}
+
+/* transfer:fail(what, message, sent): the cosocket failed before a whole
+** reply came; what names the step ("connect", "tls", "send", "receive")
+** or "timeout"; sent: any byte of the request may have left. */
+static int transfer_fail(lua_State *L) {
+  static const char *const steps[] = { "connect", "tls", "send", "receive", "timeout", NULL };
+  static const CURLcode codes[] = { CURLE_COULDNT_CONNECT, CURLE_SSL_CONNECT_ERROR,
+                                    CURLE_SEND_ERROR, CURLE_RECV_ERROR,
+                                    CURLE_OPERATION_TIMEDOUT };
+  fs_call *c = wire_check(L, 1);
+  int step = luaL_checkoption(L, 2, NULL, steps);
+  const char *message = luaL_checkstring(L, 3);
+  if (c->t.done)
+    return luaL_error(L, "flowservice: transfer already ended");
+  c->t.done = 1;
+  c->t.result = codes[step];
+  c->t.sent = lua_toboolean(L, 4);
+  snprintf(c->t.errbuf, sizeof c->t.errbuf, "%s", message);
+  return 0;
 }
 
 static int client_submit(lua_State *L) {
@@ -630,6 +711,7 @@ int luaopen_flowservice_core(lua_State *L) {
     {"retrigger", client_retrigger}, {"request", client_request},
     {"submit_retrigger", client_submit_retrigger}, {"submit", client_submit},
     {"prepare_retrigger", client_prepare_retrigger},
+    {"wire_retrigger", client_wire_retrigger},
     {"step", client_step}, {"wait", client_wait}, {"timeout", client_timeout},
     {"in_flight", client_in_flight}, {"fd", client_fd}, {"pump", client_pump},
     {"close", client_close}, {NULL, NULL}
@@ -637,7 +719,7 @@ int luaopen_flowservice_core(lua_State *L) {
   static const luaL_Reg transfer[] = {
     {"done", transfer_done}, {"result", transfer_result}, {"submit", transfer_submit},
     {"request_id", transfer_request_id}, {"cancel", transfer_cancel},
-    {"watch", transfer_watch}, {NULL, NULL}
+    {"watch", transfer_watch}, {"fail", transfer_fail}, {NULL, NULL}
   };
   if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)  /* ref-counted */
     return luaL_error(L, "flowservice: curl_global_init failed");

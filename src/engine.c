@@ -804,6 +804,8 @@ void fs_transfer_free(fs_transfer *t) {
     engine_forget(t->engine);  /* detaches t, and every other transfer */
   if (t->engine != NULL)
     engine_release(t);  /* cancelled in flight, or never submitted */
+  else
+    transfer_free_headers(t);  /* never attached (the nginx transport's) */
   free(t->body);
   t->body = NULL;
   t->body_len = t->body_cap = 0;

@@ -1120,3 +1120,171 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r) {
 #undef FS_SET
   apply_check(L, rc);
 }
+
+
+/* ---------------------------------------------------------------------
+** The same run action as bytes, for the nginx transport
+*/
+
+/* The URL fs_request_apply would hand libcurl, for free(); NULL when out
+** of memory. */
+static char *url_of(const fs_request *r) {
+  const fs_template *tm = r->tmpl;
+  if (tm != NULL && r->run_action && tm->url_head != NULL) {
+    size_t n = strlen(r->action_path[1]);
+    char *url = (char *)malloc(tm->url_head_len + n + tm->url_tail_len + 1);
+    if (url != NULL) {
+      memcpy(url, tm->url_head, tm->url_head_len);
+      memcpy(url + tm->url_head_len, r->action_path[1], n);  /* unreserved bytes only */
+      memcpy(url + tm->url_head_len + n, tm->url_tail, tm->url_tail_len + 1);
+    }
+    return url;
+  }
+  return url_build(NULL, r);
+}
+
+/* What the request line and Host header say, from libcurl's reading of the
+** URL (scheme, host as written, port, path, query). */
+typedef struct wire_target {
+  char *scheme, *host, *port, *path, *query;
+  int explicit_port;
+} wire_target;
+
+static void wire_target_free(wire_target *w) {
+  curl_free(w->scheme);
+  curl_free(w->host);
+  curl_free(w->port);
+  curl_free(w->path);
+  curl_free(w->query);
+}
+
+static int wire_target_read(wire_target *w, const char *url) {
+  CURLU *u = curl_url();
+  char *port = NULL;
+  int ok = u != NULL && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK
+           && curl_url_get(u, CURLUPART_SCHEME, &w->scheme, 0) == CURLUE_OK
+           && curl_url_get(u, CURLUPART_HOST, &w->host, 0) == CURLUE_OK
+           && curl_url_get(u, CURLUPART_PORT, &w->port, CURLU_DEFAULT_PORT) == CURLUE_OK
+           && curl_url_get(u, CURLUPART_PATH, &w->path, 0) == CURLUE_OK;
+  if (ok) {
+    CURLUcode rc = curl_url_get(u, CURLUPART_QUERY, &w->query, 0);
+    ok = rc == CURLUE_OK || rc == CURLUE_NO_QUERY;
+  }
+  if (ok && curl_url_get(u, CURLUPART_PORT, &port, 0) == CURLUE_OK)
+    w->explicit_port = 1;  /* libcurl leaves a default port out of Host */
+  curl_free(port);
+  curl_url_cleanup(u);
+  return ok;
+}
+
+/* A header list line ("Name: value", or libcurl's "Name;" for an empty
+** value) as it goes on the wire, without its CRLF: its length, and when
+** out != NULL the bytes. */
+static size_t wire_line(const char *line, char *out) {
+  size_t n = strlen(line);
+  if (n > 0 && line[n - 1] == ';') {
+    if (out != NULL) {
+      memcpy(out, line, n - 1);
+      out[n - 1] = ':';
+    }
+    return n;
+  }
+  if (out != NULL)
+    memcpy(out, line, n);
+  return n;
+}
+
+static size_t wire_request(const wire_target *w, const struct curl_slist *head,
+                           const fs_request *r, char *out) {
+  char length[32];
+  size_t n = 0, k;
+  const struct curl_slist *h;
+  int host_brackets;
+#define PUT(s, len) do { if (out != NULL) memcpy(out + n, (s), (len)); n += (len); } while (0)
+#define PUTS(s) PUT((s), strlen(s))
+  PUTS(r->get ? "GET " : "POST ");
+  PUTS(w->path);
+  if (w->query != NULL) {
+    PUTS("?");
+    PUTS(w->query);
+  }
+  PUTS(" HTTP/1.1\r\nHost: ");
+  host_brackets = strchr(w->host, ':') != NULL;  /* IPv6: libcurl's reading has none */
+  if (host_brackets)
+    PUTS("[");
+  PUTS(w->host);
+  if (host_brackets)
+    PUTS("]");
+  if (w->explicit_port && !((strcmp(w->scheme, "https") == 0 && strcmp(w->port, "443") == 0)
+                            || (strcmp(w->scheme, "http") == 0 && strcmp(w->port, "80") == 0))) {
+    PUTS(":");
+    PUTS(w->port);
+  }
+  PUTS("\r\n");
+  for (h = head; h != NULL; h = h->next) {
+    k = wire_line(h->data, out != NULL ? out + n : NULL);
+    n += k;
+    PUTS("\r\n");
+  }
+  if (!r->get) {
+    snprintf(length, sizeof length, "Content-Length: %lu\r\n", (unsigned long)r->body_len);
+    PUTS(length);
+  }
+  PUTS("\r\n");
+  if (!r->get)
+    PUT(r->body, r->body_len);
+#undef PUTS
+#undef PUT
+  return n;
+}
+
+void fs_wire_request_free(fs_wire_request *out) {
+  free(out->bytes);
+  free(out->host);
+  out->bytes = out->host = NULL;
+}
+
+static char *copy_of(const char *s) {
+  char *c = (char *)malloc(strlen(s) + 1);
+  if (c != NULL)
+    strcpy(c, s);
+  return c;
+}
+
+void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_request *out) {
+  wire_target w;
+  char *url;
+  int ok;
+  if (r->proxy != NULL)
+    luaL_error(L, "flowservice: the nginx transport cannot go through a proxy");
+  if (r->tmpl != NULL && r->identity && !overrides_template(r))
+    add_call_headers(L, t, r);  /* the lines libcurl would get, the same way */
+  else
+    add_headers(L, t, r);
+#ifdef FS_FUZZING
+  if (fs_fuzz_on_headers != NULL)
+    fs_fuzz_on_headers(t->head);
+#endif
+  /* from here to the end nothing raises until what was made is in out */
+  memset(&w, 0, sizeof w);
+  url = url_of(r);
+  ok = url != NULL && wire_target_read(&w, url);
+  free(url);
+  if (ok) {
+    out->len = wire_request(&w, t->head, r, NULL);
+    out->bytes = (char *)malloc(out->len);
+    out->host = copy_of(w.host);
+    ok = out->bytes != NULL && out->host != NULL;
+  }
+  if (ok) {
+    (void)wire_request(&w, t->head, r, out->bytes);
+    out->port = strtol(w.port, NULL, 10);
+    out->tls = strcmp(w.scheme, "https") == 0;
+    out->verify = !r->insecure;
+    out->timeout_ms = r->timeout_ms;
+    out->connect_timeout_ms = r->connect_timeout_ms;
+  }
+  wire_target_free(&w);
+  if (!ok)
+    luaL_error(L, "flowservice: could not build the request (out of memory?)");
+}

@@ -113,6 +113,27 @@ void fs_request_push_defaults(lua_State *L);
 /* Configure t (already prepared) for r; raises on failure. */
 void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r);
 
+/*
+** The nginx transport's request: the run action r describes as HTTP/1.1
+** bytes (request line, Host, the header lines libcurl would be given, in
+** its order, Content-Length, body) and where they go. Its strings are
+** malloc'd: the owner frees them with fs_wire_request_free.
+*/
+typedef struct fs_wire_request {
+  char *bytes;
+  size_t len;
+  char *host;               /* to connect to and to name in TLS: no brackets */
+  long port;
+  int tls;                  /* https */
+  int verify;               /* check the certificate (not insecure) */
+  long timeout_ms, connect_timeout_ms;
+} fs_wire_request;
+
+/* Build t's header lines (as fs_request_apply would) and out from r;
+** raises on a proxy (the transport has none) and when out of memory. */
+void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_request *out);
+void fs_wire_request_free(fs_wire_request *out);
+
 #ifdef FS_FUZZING
 /* Test-only (fuzz/request.c): each URL and header list as built, before
 ** libcurl sees them. Absent from every other build. */

@@ -11,6 +11,7 @@ local errors = require "flowservice.errors"
 local retry = require "flowservice.retry"
 local runs = require "flowservice.runs"
 local ngxwait = require "flowservice.ngx"
+local wire = require "flowservice.wire"
 
 local decode = require("cjson.safe").new().decode
 local now = core.now
@@ -27,7 +28,11 @@ local private = setmetatable({}, { __mode = "k" })
 
 -- Options handled here; everything else is the C core's to check.
 local LUA_OPTIONS = { credentials = "table", retry = "table", deadline = "number", log = "function",
-  wait = "function" }
+  wait = "function", transport = "string" }
+-- transport = "nginx": re-triggers over nginx's cosockets (flowservice.wire),
+-- which have no proxy and verify TLS with nginx's lua_ssl_trusted_certificate.
+local TRANSPORTS = { curl = true, nginx = true }
+local NOT_WITH_NGINX = { "proxy", "ca_file", "ca_path" }
 local RETRY_FIELDS = { attempts = "number", base_delay = "number", max_delay = "number" }
 -- What one call may change.
 local CALL_OPTIONS = { if_match = "string", request_id = "string", headers = "table",
@@ -78,7 +83,19 @@ function _M.new(opts, argn, fname, level)
     if LUA_OPTIONS[k] then own[k] = v else core_opts[k] = v end
   end
   args.fields(own, LUA_OPTIONS, "option", argn, fname, level)
+  if own.transport ~= nil and not TRANSPORTS[own.transport] then
+    args.fail(argn, fname, "option 'transport' must be \"curl\" or \"nginx\"", level)
+  end
+  if own.transport == "nginx" then
+    for _, key in ipairs(NOT_WITH_NGINX) do
+      if core_opts[key] ~= nil then
+        args.fail(argn, fname, format("option '%s' cannot be used with transport \"nginx\""
+          .. " (cosockets have no proxy and trust nginx's lua_ssl_trusted_certificate)", key), level)
+      end
+    end
+  end
   local p = {
+    wire = own.transport == "nginx",
     retry = check_retry(own.retry or {}, argn, fname, level),
     deadline = check_deadline(own.deadline, argn, fname, level),
     log = own.log,
@@ -270,11 +287,16 @@ local function server_clock(p)
 end
 
 -- One attempt of each kind, for call(): target is the run id or the shape.
--- With a waiter, the same request is submitted and driven from here; without,
+-- A client with transport = "nginx", where cosockets work: over them
+-- (flowservice.wire). With a waiter, the same request is submitted and driven
+-- from here; without,
 -- the C engine blocks until it is done.
 local function send_retrigger(p, run_id, opts, waiter)
   local run, status, request_id, date
-  if waiter then
+  local ngx = p.wire and wire.usable()
+  if ngx then
+    run, status, request_id, date = wire.retrigger(ngx, p.handle, run_id, opts)
+  elseif waiter then
     local t = p.handle:submit_retrigger(run_id, opts)
     drive(p, t, waiter)
     run, status, request_id, date = t:result()

@@ -31,7 +31,7 @@ function _M.make()
   local other_pem = new_ca(dir, "other-ca")
   local cert, key = dir .. "/server.pem", dir .. "/server.key"
   write(dir .. "/server.ext", table.concat({
-    "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    "subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:127.0.0.1", -- the last for nginx's host check (names only)
     "basicConstraints=CA:FALSE",
     "keyUsage=digitalSignature",
     "extendedKeyUsage=serverAuth",

@@ -1,0 +1,243 @@
+-- The nginx transport (transport = "nginx"): re-triggers over nginx's own
+-- cosockets in a real nginx (Debian's Lua module, LuaJIT), against the
+-- fake Flow Service over plain HTTP and TLS with the suite's CA. The same
+-- request as libcurl's, sent once whatever fails, the same results.
+local fake = require "spec.support.fake"
+local nginx = require "spec.support.nginx"
+local tls = require "spec.support.tls"
+local h = require "spec.support.helpers"
+local cjson = require "cjson"
+local flowservice = require "flowservice"
+
+local function capture(cmd)
+  local p = assert(io.popen(cmd))
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+
+describe("transport option", function()
+  local base = { access_token = "t", api_key = "k", org_id = "O@AdobeOrg" }
+  local function with(extra)
+    local o = {}
+    for k, v in pairs(base) do o[k] = v end
+    for k, v in pairs(extra) do o[k] = v end
+    return o
+  end
+
+  it("takes \"curl\" or \"nginx\" and nothing else", function()
+    assert.has_no.errors(function() flowservice.new(with { transport = "curl" }):close() end)
+    assert.has_no.errors(function() flowservice.new(with { transport = "nginx" }):close() end)
+    assert.has_error(function() flowservice.new(with { transport = "socket" }) end,
+      "bad argument #1 to 'new' (option 'transport' must be \"curl\" or \"nginx\")")
+    assert.has_error(function() flowservice.new(with { transport = 1 }) end)
+  end)
+
+  it("refuses what cosockets cannot do: a proxy, a CA file or path of its own", function()
+    for _, key in ipairs { "proxy", "ca_file", "ca_path" } do
+      local ok, err = pcall(flowservice.new, with { transport = "nginx", [key] = "/x" })
+      assert.is_false(ok)
+      assert.matches("option '" .. key .. "' cannot be used with transport \"nginx\"", err, 1, true)
+    end
+  end)
+
+  it("outside nginx, goes through libcurl as before", function()
+    local server = fake.start()
+    finally(function() server:stop() end)
+    local c = flowservice.new(with { transport = "nginx", base_url = server.url,
+      access_token = fake.credentials.access_token, api_key = fake.credentials.api_key,
+      org_id = fake.credentials.org })
+    local run, err = c:retrigger(h.runs.failed)
+    assert.is_table(run, tostring(err))
+    assert.is_string(run.id)
+    c:close()
+  end)
+end)
+
+describe("#openresty the nginx transport", function()
+  local flow_service, server, pki
+
+  local function call(path, args)
+    local out = capture("curl -s --noproxy '*' --max-time 20 '" .. server.url .. path .. "?" .. args .. "'")
+    local ok, doc = pcall(cjson.decode, out)
+    assert(ok and type(doc) == "table", "not JSON: " .. out .. "\n" .. server:error_log():sub(-2000))
+    return doc
+  end
+
+  local function posts()
+    local n = {}
+    for _, r in ipairs(flow_service:requests()) do
+      if r.method == "POST" then n[#n + 1] = r end
+    end
+    return n
+  end
+
+  setup(function()
+    pki = tls.make()
+    flow_service = fake.start { tls = { cert = pki.cert, key = pki.key } }
+    server = nginx.start {
+      template = "spec/support/openresty_wire.conf.in",
+      vars = { ROOT = capture("pwd"):gsub("%s+$", ""), FAKE_URL = flow_service.url,
+        FAKE_TLS_URL = flow_service.tls_url, CA_FILE = pki.ca_file, OTHER_CA_FILE = pki.other_ca_file },
+      ready = "/health",
+      timeout = 10,
+    }
+  end)
+
+  teardown(function()
+    if server then server:stop() end
+    if flow_service then flow_service:stop() end
+    tls.remove(pki)
+  end)
+
+  before_each(function()
+    flow_service:reset()
+    flow_service:clear_requests()
+  end)
+
+  it("sends the request libcurl sends, less nothing, and gives the same result", function()
+    local wire = call("/call", "via=wire&run=" .. h.runs.failed)
+    assert.is_string(wire.id, cjson.encode(wire))
+    assert.matches('^".*"$', wire.etag)
+    assert.equal(0, wire.in_flight) -- the engine was never involved
+    local curl = call("/call", "via=curl&run=" .. h.runs.failed)
+    assert.is_string(curl.id, cjson.encode(curl))
+    local seen = posts()
+    assert.equal(2, #seen)
+    local function lines(raw)
+      local list = {}
+      for line in raw:gmatch("[^\r\n]+") do
+        if not line:lower():match("^x%-request%-id:") then list[#list + 1] = line end
+      end
+      table.sort(list)
+      return table.concat(list, "\n")
+    end
+    assert.equal(lines(seen[2].raw_header), lines(seen[1].raw_header))
+    assert.matches("^[0-9a-f-]+$", seen[1].headers["x-request-id"])
+    assert.is_truthy(flow_service:run(wire.id), "the fake made the run it answered with")
+  end)
+
+  it("keeps its connection: five calls, one connection", function()
+    for _ = 1, 5 do
+      local r = call("/call", "via=wire&run=" .. h.runs.failed)
+      assert.is_string(r.id, cjson.encode(r))
+    end
+    local seen = posts()
+    assert.equal(5, #seen)
+    for i, r in ipairs(seen) do
+      assert.equal(seen[1].connection, r.connection)
+      assert.equal(i, r.connection_requests - seen[1].connection_requests + 1)
+    end
+  end)
+
+  it("never sends twice: the server acts, then drops the connection before any reply", function()
+    flow_service:scenario { match = "^POST ", act_then_delay = 0, drop = "after" }
+    local r = call("/call", "via=wire&attempts=3&run=" .. h.runs.failed)
+    assert.is_table(r.err, cjson.encode(r))
+    assert.equal("network", r.err.kind)
+    assert.is_true(r.err.sent)
+    assert.is_true(r.err.ambiguous)
+    assert.equal(1, r.err.attempts)
+    assert.equal(1, #posts())
+    assert.equal(1, flow_service:stats().retriggers) -- it was acted on, once
+  end)
+
+  it("never sends twice on a timeout either, and ends within its timeout", function()
+    flow_service:scenario { match = "^POST ", act_then_delay = 3 }
+    local r = call("/call", "via=wire&attempts=3&timeout=0.5&run=" .. h.runs.failed)
+    assert.is_table(r.err, cjson.encode(r))
+    assert.equal("timeout", r.err.kind)
+    assert.is_true(r.err.sent)
+    assert.is_true(r.err.ambiguous)
+    assert.is_true(r.ms >= 450 and r.ms < 2500, "took " .. r.ms .. " ms")
+    assert.equal(1, #posts())
+  end)
+
+  it("a reply cut short is a network error, sent, not retried", function()
+    flow_service:scenario { match = "^POST ", truncate = true }
+    local r = call("/call", "via=wire&attempts=3&run=" .. h.runs.failed)
+    assert.is_table(r.err, cjson.encode(r))
+    assert.equal("network", r.err.kind)
+    assert.is_true(r.err.sent)
+    assert.matches("closed before the reply was complete", r.err.message, 1, true)
+    assert.equal(1, #posts())
+  end)
+
+  it("retries what was never acted on: a 429 with Retry-After, then success", function()
+    flow_service:scenario { match = "^POST ", status = 429, retry_after = 0 }
+    local r = call("/call", "via=wire&attempts=3&run=" .. h.runs.failed)
+    assert.is_string(r.id, cjson.encode(r))
+    assert.equal(2, #posts())
+  end)
+
+  it("gives Adobe's error as libcurl's path does", function()
+    flow_service:scenario { match = "^POST ", status = 400, times = 2,
+      body = cjson.encode { code = "FLOW-1387-400", message = "not eligible" } }
+    local wire = call("/call", "via=wire&run=" .. h.runs.failed)
+    local curl = call("/call", "via=curl&run=" .. h.runs.failed)
+    assert.is_table(wire.err, cjson.encode(wire))
+    assert.equal("http", wire.err.kind)
+    assert.equal(400, wire.err.status)
+    wire.err.attempts, curl.err.attempts = nil, nil
+    wire.err.text = wire.err.text:gsub("request[-_ ]id[^,;)]*", "")
+    curl.err.text = curl.err.text:gsub("request[-_ ]id[^,;)]*", "")
+    assert.same(curl.err, wire.err)
+  end)
+
+  it("a reply over max_body is refused", function()
+    flow_service:scenario { match = "^POST ", oversize = 3 * 1024 * 1024 }
+    local r = call("/call", "via=wire&run=" .. h.runs.failed)
+    assert.is_table(r.err, cjson.encode(r))
+    assert.equal("decode", r.err.kind)
+    assert.matches("too large", r.err.message)
+  end)
+
+  it("a connection that cannot be made was not sent, and is retried", function()
+    local f = fake.start() -- a port nobody listens on once it stops
+    local dead = f.port
+    f:stop()
+    local out = capture("curl -s --noproxy '*' --max-time 20 '" .. server.url
+      .. "/call?via=dead&attempts=2&port=" .. dead .. "&run=" .. h.runs.failed .. "'")
+    local r = cjson.decode(out)
+    assert.is_table(r.err, out)
+    assert.equal("network", r.err.kind)
+    assert.is_false(r.err.sent)
+    assert.equal(2, r.err.attempts)
+  end)
+
+  it("TLS: a server its CA does not vouch for is refused before anything is sent", function()
+    local r = call("/call-other-ca", "via=tls&run=" .. h.runs.failed)
+    assert.is_table(r.err, cjson.encode(r))
+    assert.equal("tls", r.err.kind)
+    assert.is_false(r.err.sent)
+    assert.equal(0, #posts())
+  end)
+
+  it("TLS: the suite's CA, one handshake, the connection kept", function()
+    for _ = 1, 3 do
+      local r = call("/call", "via=tls&run=" .. h.runs.failed)
+      assert.is_string(r.id, cjson.encode(r))
+    end
+    local seen = posts()
+    assert.equal(3, #seen)
+    assert.is_true(seen[1].tls)
+    assert.equal(seen[1].connection, seen[3].connection)
+  end)
+
+  it("a light thread killed while it waits leaves nothing behind and sends nothing more", function()
+    flow_service:scenario { match = "^POST ", act_then_delay = 0.5 }
+    assert.equal("killed\n", capture("curl -s --noproxy '*' --max-time 20 '" .. server.url
+      .. "/thread-dies?run=" .. h.runs.failed .. "'"))
+    h.sleep(0.8)
+    assert.equal(1, #posts())
+    local r = call("/call", "via=wire&run=" .. h.runs.failed) -- the worker goes on
+    assert.is_string(r.id, cjson.encode(r))
+  end)
+
+  it("in a phase without cosockets, falls back to libcurl's rules: set_by_lua gets the clear error", function()
+    local out = capture("curl -s --noproxy '*' --max-time 10 '" .. server.url .. "/set-phase?run="
+      .. h.runs.failed .. "'")
+    assert.matches("cannot wait for the network in nginx's set phase", out, 1, true)
+    assert.equal(0, #posts())
+  end)
+end)

@@ -1,0 +1,69 @@
+-- The handlers of spec/openresty_wire_spec.lua (spec/support/openresty_wire.conf.in):
+-- clients with transport = "nginx" (cosockets) and one without (libcurl),
+-- each call's outcome as JSON for the spec to read.
+local flowservice = require "flowservice"
+local cjson = require "cjson"
+
+local ngx = ngx
+
+local _M = {}
+
+local settings, clients = nil, {}
+
+function _M.init(s)
+  settings = s
+end
+
+-- name: "wire" (cosockets, plain HTTP), "curl" (libcurl, plain HTTP),
+-- "tls" (cosockets, https), "dead" (cosockets, to ?port= where nothing listens)
+local function client(name)
+  local attempts = tonumber(ngx.var.arg_attempts) or 1
+  local key = name .. attempts .. (ngx.var.arg_port or "")
+  local base_url = settings.url
+  if name == "tls" then base_url = settings.tls_url end
+  if name == "dead" then base_url = "http://127.0.0.1:" .. tonumber(ngx.var.arg_port) end
+  local c = clients[key]
+  if c then return c end
+  c = flowservice.new {
+    access_token = "fake-token", api_key = "fake-api-key", org_id = "FAKEORG@AdobeOrg",
+    base_url = base_url, timeout = 10,
+    transport = name ~= "curl" and "nginx" or nil,
+    retry = { attempts = attempts, base_delay = 0.01, max_delay = 0.05 },
+  }
+  clients[key] = c
+  return c
+end
+_M.client = client
+
+local function outcome(run, err)
+  if run then return { id = run.id, etag = run.etag } end
+  return { err = { kind = err.kind, sent = err.sent, ambiguous = err.ambiguous or false,
+    status = err.status, message = tostring(err.message), retry_after = err.retry_after,
+    attempts = err.attempts, text = tostring(err) } }
+end
+
+-- /call?via=wire|curl|tls&run=ID[&timeout=s][&attempts=n][&if_match=e]
+function _M.call()
+  local a = ngx.req.get_uri_args()
+  local per_call = nil
+  if a.timeout or a.if_match then per_call = { timeout = tonumber(a.timeout), if_match = a.if_match } end
+  local c = client(a.via or "wire")
+  local t0 = ngx.now()
+  local run, err = c:retrigger(a.run, per_call)
+  ngx.update_time()
+  local o = outcome(run, err)
+  o.ms = math.floor((ngx.now() - t0) * 1000 + 0.5)
+  o.in_flight = c:_in_flight()
+  ngx.say(cjson.encode(o))
+end
+
+-- a light thread waiting on a re-trigger is killed while the reply is due
+function _M.thread_dies()
+  local c = client("wire")
+  local th = ngx.thread.spawn(function() return c:retrigger(ngx.var.arg_run) end)
+  ngx.sleep(0.1)
+  assert(ngx.thread.kill(th))
+  ngx.say("killed")
+end
+
+return _M
