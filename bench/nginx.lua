@@ -2,9 +2,10 @@
 --
 -- One nginx worker (bench/nginx_subject.conf.in) serves wrk; each request
 -- makes one re-trigger against a backend nginx that answers after 50 ms
--- (bench/nginx_backend.conf.in). Three handlers in the same worker, measured
+-- (bench/nginx_backend.conf.in). Four handlers in the same worker, measured
 -- in the same run, in an order that rotates every round: /flow, the worker's
 -- shared lua-flowservice client (one pump, a semaphore per waiting request),
+-- /wire, a client with transport = "nginx" (the run action over cosockets),
 -- /floor, the same exchange written by hand on ngx.socket.tcp with a
 -- keep-alive pool, and /sketch, issue 13's sketch (a bare `core` client, one
 -- timer stepping it every 1 ms while anything is in flight, a semaphore per
@@ -34,10 +35,11 @@ local SECONDS = tonumber(os_getenv("BENCH_NGINX_SECONDS") or "6")
 local ROUNDS = tonumber(os_getenv("BENCH_NGINX_ROUNDS") or "3")
 local DELAY = tonumber(os_getenv("BENCH_NGINX_DELAY") or "0.05")
 local SNAPSHOT = "build/bench/tree-5.1"
-local CONTENDERS = { "floor", "sketch", "flow" }
+local CONTENDERS = { "floor", "sketch", "flow", "wire" }
 local LABEL = { floor = "floor: `ngx.socket.tcp` keep-alive POST by hand",
   sketch = "issue 13's sketch: bare `core` client, 1 ms timer, scan",
-  flow = "lua-flowservice shared client (pump)" }
+  flow = "lua-flowservice shared client (pump)",
+  wire = "lua-flowservice client, `transport = \"nginx\"`" }
 
 local function log(...) io_stderr:write(str_format(...), "\n") end
 
@@ -103,7 +105,7 @@ local function main()
       assert(worker, "no worker pid")
       local results = {} -- [conns][contender] = { rounds }
       for _, conns in ipairs(CONNS) do
-        results[conns] = { floor = {}, sketch = {}, flow = {} }
+        results[conns] = { floor = {}, sketch = {}, flow = {}, wire = {} }
         for round = 1, ROUNDS do
           local order = {} -- rotates: each contender goes first, second and third in turn
           for i = 1, #CONTENDERS do order[i] = CONTENDERS[(i + round - 2) % #CONTENDERS + 1] end
@@ -158,12 +160,14 @@ local function report(results)
       lines[#lines + 1] = str_format("| %d | %s | %.0f | %.2f | %.2f | %.2f | %.1f | %.2f | %d |", conns,
         LABEL[name], f.rps, f.rps / m.floor.rps, f.p50, f.p99, f.cpu_us, f.cpu_us / m.floor.cpu_us, f.errors)
     end
-    local fl, fs, sk = m.floor, m.flow, m.sketch
-    verdicts[#verdicts + 1] = str_format("c=%d: requests/s %.2fx floor (>= 1.0: %s), CPU %.2fx floor (<= 1.0: %s),"
-      .. " p50 %+.2f ms over floor (<= 1 ms: %s), errors %d; against the sketch: requests/s %.2fx, CPU %.2fx",
-      conns, fs.rps / fl.rps,
-      fs.rps >= fl.rps and "yes" or "NO", fs.cpu_us / fl.cpu_us, fs.cpu_us <= fl.cpu_us and "yes" or "NO",
-      fs.p50 - fl.p50, fs.p50 <= fl.p50 + 1 and "yes" or "NO", fs.errors, fs.rps / sk.rps, fs.cpu_us / sk.cpu_us)
+    local fl = m.floor
+    for _, name in ipairs { "flow", "wire" } do
+      local fs = m[name]
+      verdicts[#verdicts + 1] = str_format("c=%d %s: requests/s %.2fx floor (>= 1.0: %s), CPU %.2fx floor"
+        .. " (<= 1.0: %s), p50 %+.2f ms over floor (<= 1 ms: %s), errors %d", conns, name, fs.rps / fl.rps,
+        fs.rps >= fl.rps and "yes" or "NO", fs.cpu_us / fl.cpu_us, fs.cpu_us <= fl.cpu_us and "yes" or "NO",
+        fs.p50 - fl.p50, fs.p50 <= fl.p50 + 1 and "yes" or "NO", fs.errors)
+    end
   end
   print(table_concat(lines, "\n"))
   print()

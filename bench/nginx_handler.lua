@@ -1,6 +1,7 @@
--- The two handlers of `make bench-nginx` (bench/nginx_subject.conf.in): the
+-- The handlers of `make bench-nginx` (bench/nginx_subject.conf.in): the
 -- same re-trigger, the same reply to the caller, one through the worker's
--- shared lua-flowservice client, one by hand on ngx.socket.tcp (the floor:
+-- shared lua-flowservice client (libcurl, the pump), one through a client
+-- with transport = "nginx" (cosockets), one by hand on ngx.socket.tcp (the floor:
 -- a keep-alive POST, the status line, the headers, a Content-Length body),
 -- and the issue's sketch: one light thread per worker stepping a bare `core`
 -- client every 1 ms while anything is in flight, each request waiting on its
@@ -17,7 +18,7 @@ local next, pairs, tonumber = next, pairs, tonumber
 local _M = {}
 
 local RUN_ID = "4fb0418e-1804-45d6-8d56-dd51f05c0baf"
-local client, host, port, request
+local client, wire_client, host, port, request
 local sketch_opts, sketch_client -- the sketch's core client: one per worker (after the fork)
 local sketch_waiting, sketch_running = {}, false -- transfer -> semaphore
 
@@ -26,6 +27,9 @@ function _M.init(backend_host, backend_port)
   client = flowservice.new { access_token = "bench-token", api_key = "bench-key",
     org_id = "BENCH@AdobeOrg", sandbox = "prod", timeout = 30,
     base_url = "http://" .. host .. ":" .. port }
+  wire_client = flowservice.new { access_token = "bench-token", api_key = "bench-key",
+    org_id = "BENCH@AdobeOrg", sandbox = "prod", timeout = 30,
+    base_url = "http://" .. host .. ":" .. port, transport = "nginx" }
   sketch_opts = { access_token = "bench-token", api_key = "bench-key",
     org_id = "BENCH@AdobeOrg", sandbox = "prod", timeout = 30,
     base_url = "http://" .. host .. ":" .. port }
@@ -49,6 +53,12 @@ end
 
 function _M.flow()
   local run, err = client:retrigger(RUN_ID)
+  if not run then return fail(tostring(err)) end
+  answer(run)
+end
+
+function _M.wire()
+  local run, err = wire_client:retrigger(RUN_ID)
   if not run then return fail(tostring(err)) end
   answer(run)
 end

@@ -185,7 +185,7 @@ describe("#openresty the nginx transport", function()
   end)
 
   it("a reply over max_body is refused", function()
-    flow_service:scenario { match = "^POST ", oversize = 3 * 1024 * 1024 }
+    flow_service:scenario { match = "^POST ", oversize = 9 * 1024 * 1024 } -- max_body: 8 MiB
     local r = call("/call", "via=wire&run=" .. h.runs.failed)
     assert.is_table(r.err, cjson.encode(r))
     assert.equal("decode", r.err.kind)

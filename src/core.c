@@ -51,7 +51,7 @@ typedef struct fs_call {
   char *request_id;   /* the x-request-id sent: id_buf, or malloc'd when longer */
   char id_buf[40];
   fs_wire *wire;      /* the nginx transport's reply reader, or NULL (libcurl's) */
-  fs_wire_request wire_request;  /* and its request, until handed to Lua */
+  fs_wire_target wire_target;  /* where its request went, unless its client's */
 } fs_call;
 
 
@@ -229,7 +229,7 @@ static int call_gc(lua_State *L) {
     free(c->wire);
     c->wire = NULL;
   }
-  fs_wire_request_free(&c->wire_request);
+  fs_wire_target_free(&c->wire_target);
   if (c->request_id != c->id_buf)
     free(c->request_id);
   c->request_id = NULL;
@@ -437,13 +437,13 @@ static int client_prepare_retrigger(lua_State *L) {
 ** from the bytes fed to it (transfer:feed) or ends by transfer:fail; its
 ** result is a libcurl transfer's.
 **   client:wire_retrigger(run_id, opts) -> transfer, request, host, port,
-**     tls, verify, timeout_ms, connect_timeout_ms
+**     pool, tls, verify, timeout_ms, connect_timeout_ms
 */
 static int client_wire_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
   fs_request r;
   fs_call *c;
-  fs_wire_request *w;
+  const fs_wire_target *w;
   memset(&r, 0, sizeof r);
   r.cache = &client->urls;
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
@@ -459,17 +459,15 @@ static int client_wire_retrigger(lua_State *L) {
   if (c->wire == NULL)
     return luaL_error(L, "flowservice: out of memory");
   fs_wire_init(c->wire);
-  w = &c->wire_request;
-  fs_request_wire(L, &c->t, &r, w);
-  lua_pushlstring(L, w->bytes, w->len);
+  w = fs_request_wire(L, &c->t, &r, &c->wire_target);  /* pushes the bytes */
   lua_pushstring(L, w->host);
   lua_pushinteger(L, (lua_Integer)w->port);
+  lua_pushstring(L, w->pool);
   lua_pushboolean(L, w->tls);
-  lua_pushboolean(L, w->verify);
-  lua_pushinteger(L, (lua_Integer)w->timeout_ms);
-  lua_pushinteger(L, (lua_Integer)w->connect_timeout_ms);
-  fs_wire_request_free(w);  /* Lua has them now */
-  return 8;
+  lua_pushboolean(L, !r.insecure);
+  lua_pushinteger(L, (lua_Integer)r.timeout_ms);
+  lua_pushinteger(L, (lua_Integer)r.connect_timeout_ms);
+  return 9;
 }
 
 static fs_call *wire_check(lua_State *L, int idx) {

@@ -420,12 +420,14 @@ struct fs_template {
   size_t url_head_len, url_tail_len;
   fs_tail *tail;              /* the header lines above, shared */
   char *block;
+  fs_wire_target wire;        /* url_head read for the nginx transport, once */
 };
 
 void fs_template_free(fs_template *tmpl) {
   if (tmpl == NULL)
     return;
   fs_tail_release(tmpl->tail);
+  fs_wire_target_free(&tmpl->wire);
   free(tmpl->block);
   free(tmpl->url_head);
   free(tmpl);
@@ -1126,135 +1128,111 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r) {
 ** The same run action as bytes, for the nginx transport
 */
 
-/* The URL fs_request_apply would hand libcurl, for free(); NULL when out
-** of memory. */
-static char *url_of(const fs_request *r) {
-  const fs_template *tm = r->tmpl;
-  if (tm != NULL && r->run_action && tm->url_head != NULL) {
-    size_t n = strlen(r->action_path[1]);
-    char *url = (char *)malloc(tm->url_head_len + n + tm->url_tail_len + 1);
-    if (url != NULL) {
-      memcpy(url, tm->url_head, tm->url_head_len);
-      memcpy(url + tm->url_head_len, r->action_path[1], n);  /* unreserved bytes only */
-      memcpy(url + tm->url_head_len + n, tm->url_tail, tm->url_tail_len + 1);
-    }
-    return url;
+void fs_wire_target_free(fs_wire_target *w) {
+  free(w->line_head);
+  free(w->host_line);
+  free(w->host);
+  free(w->pool);
+  w->line_head = w->host_line = w->host = w->pool = NULL;
+}
+
+static char *joined(const char *a, const char *b, const char *c) {
+  size_t na = strlen(a), nb = strlen(b), nc = strlen(c);
+  char *s = (char *)malloc(na + nb + nc + 1);
+  if (s != NULL) {
+    memcpy(s, a, na);
+    memcpy(s + na, b, nb);
+    memcpy(s + na + nb, c, nc + 1);
   }
-  return url_build(NULL, r);
+  return s;
 }
 
-/* What the request line and Host header say, from libcurl's reading of the
-** URL (scheme, host as written, port, path, query). */
-typedef struct wire_target {
-  char *scheme, *host, *port, *path, *query;
-  int explicit_port;
-} wire_target;
-
-static void wire_target_free(wire_target *w) {
-  curl_free(w->scheme);
-  curl_free(w->host);
-  curl_free(w->port);
-  curl_free(w->path);
-  curl_free(w->query);
-}
-
-static int wire_target_read(wire_target *w, const char *url) {
+/*
+** Where url's requests go and what their request line and Host header say,
+** from libcurl's reading of it: line_head is "POST " and the path (and
+** query); of a template's url_head, "POST {base path}/runs/", where a run
+** id goes. 0 when out of memory, or for a URL whose user
+** name libcurl would send and cosockets cannot.
+*/
+static int target_read(fs_wire_target *w, const char *url, const char *method, int insecure) {
   CURLU *u = curl_url();
-  char *port = NULL;
-  int ok = u != NULL && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK
-           && curl_url_get(u, CURLUPART_SCHEME, &w->scheme, 0) == CURLUE_OK
-           && curl_url_get(u, CURLUPART_HOST, &w->host, 0) == CURLUE_OK
-           && curl_url_get(u, CURLUPART_PORT, &w->port, CURLU_DEFAULT_PORT) == CURLUE_OK
-           && curl_url_get(u, CURLUPART_PATH, &w->path, 0) == CURLUE_OK;
+  char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL, *query = NULL, *user = NULL;
+  int explicit_port, ok;
+  ok = u != NULL && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK
+       && curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_NO_USER
+       && curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK
+       && curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK
+       && curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK
+       && curl_url_get(u, CURLUPART_PATH, &path, 0) == CURLUE_OK;
   if (ok) {
-    CURLUcode rc = curl_url_get(u, CURLUPART_QUERY, &w->query, 0);
+    CURLUcode rc = curl_url_get(u, CURLUPART_QUERY, &query, 0);
     ok = rc == CURLUE_OK || rc == CURLUE_NO_QUERY;
   }
-  if (ok && curl_url_get(u, CURLUPART_PORT, &port, 0) == CURLUE_OK)
-    w->explicit_port = 1;  /* libcurl leaves a default port out of Host */
+  if (ok) {
+    char *given = NULL;
+    /* libcurl names the port in Host unless it is the scheme's own */
+    explicit_port = curl_url_get(u, CURLUPART_PORT, &given, 0) == CURLUE_OK
+                    && !(strcmp(scheme, "https") == 0 && strcmp(given, "443") == 0)
+                    && !(strcmp(scheme, "http") == 0 && strcmp(given, "80") == 0);
+    curl_free(given);
+    w->tls = strcmp(scheme, "https") == 0;
+    w->port = strtol(port, NULL, 10);
+    /* the host as libcurl reads it: an IPv6 address without brackets */
+    w->host = joined("", host[0] == '[' ? host + 1 : host, "");
+    if (w->host != NULL && host[0] == '[')
+      w->host[strlen(w->host) - 1] = '\0';
+    if (query == NULL) {
+      w->line_head = joined(method, path, "");
+    } else {
+      char *p = joined(path, "?", query);
+      w->line_head = p != NULL ? joined(method, p, "") : NULL;
+      free(p);
+    }
+    {
+      char *authority = explicit_port ? joined(host, ":", port) : joined(host, "", "");
+      w->host_line = authority != NULL ? joined(" HTTP/1.1\r\nHost: ", authority, "\r\n") : NULL;
+      free(authority);
+    }
+    {
+      char *where = joined(scheme, "://", host), *at = where ? joined(where, ":", port) : NULL;
+      w->pool = at != NULL ? joined("flowservice ", at, insecure ? " insecure" : "") : NULL;
+      free(where);
+      free(at);
+    }
+    ok = w->host != NULL && w->line_head != NULL && w->host_line != NULL && w->pool != NULL;
+  }
+  curl_free(scheme);
+  curl_free(host);
   curl_free(port);
+  curl_free(path);
+  curl_free(query);
+  curl_free(user);
   curl_url_cleanup(u);
+  if (!ok)
+    fs_wire_target_free(w);
   return ok;
 }
 
 /* A header list line ("Name: value", or libcurl's "Name;" for an empty
-** value) as it goes on the wire, without its CRLF: its length, and when
-** out != NULL the bytes. */
-static size_t wire_line(const char *line, char *out) {
+** value) as it goes on the wire, with its CRLF. */
+static void add_wire_line(luaL_Buffer *b, const char *line) {
   size_t n = strlen(line);
   if (n > 0 && line[n - 1] == ';') {
-    if (out != NULL) {
-      memcpy(out, line, n - 1);
-      out[n - 1] = ':';
-    }
-    return n;
+    luaL_addlstring(b, line, n - 1);
+    luaL_addlstring(b, ":\r\n", 3);
+  } else {
+    luaL_addlstring(b, line, n);
+    luaL_addlstring(b, "\r\n", 2);
   }
-  if (out != NULL)
-    memcpy(out, line, n);
-  return n;
 }
 
-static size_t wire_request(const wire_target *w, const struct curl_slist *head,
-                           const fs_request *r, char *out) {
-  char length[32];
-  size_t n = 0, k;
+const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r,
+                                      fs_wire_target *own) {
+  const fs_wire_target *w;
   const struct curl_slist *h;
-  int host_brackets;
-#define PUT(s, len) do { if (out != NULL) memcpy(out + n, (s), (len)); n += (len); } while (0)
-#define PUTS(s) PUT((s), strlen(s))
-  PUTS(r->get ? "GET " : "POST ");
-  PUTS(w->path);
-  if (w->query != NULL) {
-    PUTS("?");
-    PUTS(w->query);
-  }
-  PUTS(" HTTP/1.1\r\nHost: ");
-  host_brackets = strchr(w->host, ':') != NULL;  /* IPv6: libcurl's reading has none */
-  if (host_brackets)
-    PUTS("[");
-  PUTS(w->host);
-  if (host_brackets)
-    PUTS("]");
-  if (w->explicit_port && !((strcmp(w->scheme, "https") == 0 && strcmp(w->port, "443") == 0)
-                            || (strcmp(w->scheme, "http") == 0 && strcmp(w->port, "80") == 0))) {
-    PUTS(":");
-    PUTS(w->port);
-  }
-  PUTS("\r\n");
-  for (h = head; h != NULL; h = h->next) {
-    k = wire_line(h->data, out != NULL ? out + n : NULL);
-    n += k;
-    PUTS("\r\n");
-  }
-  if (!r->get) {
-    snprintf(length, sizeof length, "Content-Length: %lu\r\n", (unsigned long)r->body_len);
-    PUTS(length);
-  }
-  PUTS("\r\n");
-  if (!r->get)
-    PUT(r->body, r->body_len);
-#undef PUTS
-#undef PUT
-  return n;
-}
-
-void fs_wire_request_free(fs_wire_request *out) {
-  free(out->bytes);
-  free(out->host);
-  out->bytes = out->host = NULL;
-}
-
-static char *copy_of(const char *s) {
-  char *c = (char *)malloc(strlen(s) + 1);
-  if (c != NULL)
-    strcpy(c, s);
-  return c;
-}
-
-void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_request *out) {
-  wire_target w;
-  char *url;
-  int ok;
+  const char *method = r->get ? "GET " : "POST ";
+  int run_prefix = r->run_action && r->tmpl != NULL && r->tmpl->url_head != NULL;
+  luaL_Buffer b;
   if (r->proxy != NULL)
     luaL_error(L, "flowservice: the nginx transport cannot go through a proxy");
   if (r->tmpl != NULL && r->identity && !overrides_template(r))
@@ -1265,26 +1243,38 @@ void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_
   if (fs_fuzz_on_headers != NULL)
     fs_fuzz_on_headers(t->head);
 #endif
-  /* from here to the end nothing raises until what was made is in out */
-  memset(&w, 0, sizeof w);
-  url = url_of(r);
-  ok = url != NULL && wire_target_read(&w, url);
-  free(url);
-  if (ok) {
-    out->len = wire_request(&w, t->head, r, NULL);
-    out->bytes = (char *)malloc(out->len);
-    out->host = copy_of(w.host);
-    ok = out->bytes != NULL && out->host != NULL;
+  if (run_prefix) {  /* the template's "{base}/runs/", read once */
+    fs_template *tm = r->tmpl;
+    if (tm->wire.line_head == NULL && !target_read(&tm->wire, tm->url_head, "POST ", r->insecure))
+      luaL_error(L, "flowservice: the nginx transport cannot send to this base_url"
+                 " (user info in it, or out of memory)");
+    w = &tm->wire;
+  } else {
+    char *url = url_build(NULL, r);
+    int ok = url != NULL && target_read(own, url, method, r->insecure);
+    free(url);
+    if (!ok)
+      luaL_error(L, "flowservice: the nginx transport cannot send to this URL"
+                 " (user info in base_url, or out of memory)");
+    w = own;
   }
-  if (ok) {
-    (void)wire_request(&w, t->head, r, out->bytes);
-    out->port = strtol(w.port, NULL, 10);
-    out->tls = strcmp(w.scheme, "https") == 0;
-    out->verify = !r->insecure;
-    out->timeout_ms = r->timeout_ms;
-    out->connect_timeout_ms = r->connect_timeout_ms;
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, w->line_head);
+  if (run_prefix) {
+    luaL_addstring(&b, r->action_path[1]);  /* unreserved bytes only */
+    luaL_addlstring(&b, r->tmpl->url_tail, r->tmpl->url_tail_len);
   }
-  wire_target_free(&w);
-  if (!ok)
-    luaL_error(L, "flowservice: could not build the request (out of memory?)");
+  luaL_addstring(&b, w->host_line);
+  for (h = t->head; h != NULL; h = h->next)
+    add_wire_line(&b, h->data);
+  if (!r->get) {
+    char length[40];
+    snprintf(length, sizeof length, "Content-Length: %lu\r\n\r\n", (unsigned long)r->body_len);
+    luaL_addstring(&b, length);
+    luaL_addlstring(&b, r->body, r->body_len);
+  } else {
+    luaL_addlstring(&b, "\r\n", 2);
+  }
+  luaL_pushresult(&b);
+  return w;
 }

@@ -27,6 +27,19 @@ enum {
 ** A client's memory of its base URL: checked once, and for run actions
 ** turned once into the prefix that every run URL starts with.
 */
+/* Where the nginx transport's requests go, and how their request line
+** starts (see fs_request_wire); malloc'd strings. */
+typedef struct fs_wire_target {
+  char *host;         /* to connect to and to name in TLS: no brackets */
+  char *line_head;    /* "POST /path" (and "?query"), or up to "/runs/" */
+  char *host_line;    /* " HTTP/1.1\r\nHost: authority\r\n" */
+  char *pool;         /* the keep-alive pool's name: scheme, host, port, trust */
+  long port;
+  int tls;            /* https */
+} fs_wire_target;
+
+void fs_wire_target_free(fs_wire_target *w);
+
 typedef struct fs_url_cache {
   char *base_url;   /* the base_url last checked (a copy) */
   char *prefix;     /* its scheme://host/path without trailing '/', or NULL
@@ -116,23 +129,14 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r);
 /*
 ** The nginx transport's request: the run action r describes as HTTP/1.1
 ** bytes (request line, Host, the header lines libcurl would be given, in
-** its order, Content-Length, body) and where they go. Its strings are
-** malloc'd: the owner frees them with fs_wire_request_free.
+** its order, Content-Length, body), pushed as one string, and where they
+** go: the client's base read once (kept in its run-action template), or any other
+** URL read into *own (freed by its owner with fs_wire_target_free). Raises
+** on a proxy (cosockets have none), a base_url with user info, and when
+** out of memory.
 */
-typedef struct fs_wire_request {
-  char *bytes;
-  size_t len;
-  char *host;               /* to connect to and to name in TLS: no brackets */
-  long port;
-  int tls;                  /* https */
-  int verify;               /* check the certificate (not insecure) */
-  long timeout_ms, connect_timeout_ms;
-} fs_wire_request;
-
-/* Build t's header lines (as fs_request_apply would) and out from r;
-** raises on a proxy (the transport has none) and when out of memory. */
-void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_request *out);
-void fs_wire_request_free(fs_wire_request *out);
+const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r,
+                                      fs_wire_target *own);
 
 #ifdef FS_FUZZING
 /* Test-only (fuzz/request.c): each URL and header list as built, before

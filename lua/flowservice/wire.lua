@@ -24,8 +24,9 @@ local COSOCKETS = {
 }
 
 local READ_SIZE = 65536
-local POOL_SIZE = 64          -- kept connections per pool per worker
-local IDLE_MS = 25000         -- as libcurl's: idle longer, not reused
+-- As libcurl's: a connection idle longer is not reused. How many are kept
+-- per worker is nginx's lua_socket_pool_size.
+local IDLE_MS = 25000
 
 -- OpenResty's API when a call now can use cosockets, else nil.
 function _M.usable()
@@ -35,50 +36,47 @@ function _M.usable()
   return ngx
 end
 
-local function timeout_of(err)
-  return err == "timeout"
+local function step_of(err, step)
+  return err == "timeout" and "timeout" or step
+end
+
+-- The failure of one step, for core's transfer (where: host:port).
+local function fail(t, sock, step, err, sent, host, port)
+  if sock then sock:close() end
+  local what = step == "connect" and "connect to %s:%d failed: %s"
+    or step == "tls" and "TLS with %s:%d failed: %s"
+    or step == "send" and "sending to %s:%d failed: %s"
+    or "reading the reply from %s:%d failed: %s"
+  t:fail(step_of(err, step), format(what, host, port, err), sent)
+  return t:result()
+end
+
+-- Milliseconds left until ends (ngx.now()'s seconds), at least 1.
+local function left(now, ends)
+  local ms = (ends - now()) * 1000
+  return ms > 1 and ms or 1
 end
 
 -- One attempt of client:retrigger over a cosocket: what core's transfer
 -- result gives (run, status, request_id, date or nil, err).
 function _M.retrigger(ngx, handle, run_id, opts)
-  local t, request, host, port, tls, verify, timeout_ms, connect_ms = handle:wire_retrigger(run_id, opts)
-  local now = ngx.now
-  ngx.update_time()
-  local ends = now() * 1000 + timeout_ms
+  local t, request, host, port, pool, tls, verify, timeout_ms, connect_ms =
+    handle:wire_retrigger(run_id, opts)
+  local now = ngx.now -- the event loop's time: the loop moves it on
+  local ends = now() + timeout_ms / 1000
   local sock = ngx.socket.tcp()
-  local function left()
-    ngx.update_time()
-    local ms = ends - now() * 1000
-    return ms > 1 and ms or 1
-  end
-  local where = format("%s:%d", host, port)
-  local ms = left()
+  local ms = left(now, ends)
   sock:settimeouts(connect_ms < ms and connect_ms or ms, ms, ms)
-  local ok, err = sock:connect(host, port, {
-    pool = format("flowservice %s://%s:%d%s", tls and "https" or "http", host, port,
-      verify and "" or " insecure"),
-    pool_size = POOL_SIZE,
-  })
-  if not ok then
-    t:fail(timeout_of(err) and "timeout" or "connect", format("connect to %s failed: %s", where, err), false)
-    return t:result()
-  end
+  local ok, err = sock:connect(host, port, { pool = pool })
+  if not ok then return fail(t, nil, "connect", err, false, host, port) end
   if tls and sock:getreusedtimes() == 0 then
     ok, err = sock:sslhandshake(nil, host, verify)
-    if not ok then
-      sock:close()
-      t:fail(timeout_of(err) and "timeout" or "tls", format("TLS with %s failed: %s", where, err), false)
-      return t:result()
-    end
+    if not ok then return fail(t, sock, "tls", err, false, host, port) end
+    ms = left(now, ends)
+    sock:settimeouts(ms, ms, ms)
   end
-  sock:settimeouts(left(), left(), left())
   ok, err = sock:send(request)
-  if not ok then
-    sock:close()
-    t:fail(timeout_of(err) and "timeout" or "send", format("sending to %s failed: %s", where, err), true)
-    return t:result()
-  end
+  if not ok then return fail(t, sock, "send", err, true, host, port) end
   while true do
     local data, rerr = sock:receiveany(READ_SIZE)
     if data then
@@ -87,12 +85,9 @@ function _M.retrigger(ngx, handle, run_id, opts)
       t:feed(nil)
       break
     else
-      sock:close()
-      t:fail(timeout_of(rerr) and "timeout" or "receive",
-        format("reading the reply from %s failed: %s", where, rerr), true)
-      return t:result()
+      return fail(t, sock, "receive", rerr, true, host, port)
     end
-    sock:settimeout(left())
+    sock:settimeout(left(now, ends))
   end
   if t:reusable() then
     sock:setkeepalive(IDLE_MS)
