@@ -18,8 +18,8 @@ RELEASE      := rockspecs/flowservice-$(VERSION)-1.rockspec
 CURL_INCDIR  ?= $(patsubst %/curl/curl.h,%,$(firstword $(wildcard /usr/include/*/curl/curl.h /usr/include/curl/curl.h)))
 STRICT       := -std=c99 -Wall -Wextra -Werror
 CFLAGS       ?= -O2 -g
-SOURCES      := src/core.c src/engine.c src/journal.c src/request.c src/signals.c
-HEADERS      := src/compat.h src/engine.h src/journal.h src/request.h src/signals.h
+SOURCES      := src/core.c src/engine.c src/journal.c src/request.c src/signals.c src/wire.c
+HEADERS      := src/compat.h src/engine.h src/journal.h src/request.h src/signals.h src/wire.h
 # The PostgreSQL journal's rock (flowservice.pg over libpq), built into the
 # same trees and profiles when libpq-dev is installed; the main rock needs none.
 PG_ROCKSPEC  := flowservice-postgresql-scm-1.rockspec

@@ -91,7 +91,7 @@ build = {
     },
     ["flowservice.core"] = {
       sources = { "src/core.c", "src/engine.c", "src/journal.c", "src/request.c",
-                  "src/signals.c" },
+                  "src/signals.c", "src/wire.c" },
       libraries = { "curl" },
       incdirs = { "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },

@@ -50,7 +50,7 @@ typedef struct fs_call {
   int taken;          /* its result was handed to Lua */
   char *request_id;   /* the x-request-id sent: id_buf, or malloc'd when longer */
   char id_buf[40];
-  fs_wire *wire;      /* the nginx transport's reply reader, or NULL (libcurl's) */
+  fs_wire *wire;      /* the reply reader of an nginx-transport transfer, or NULL */
   fs_wire_target wire_target;  /* where its request went, unless its client's */
 } fs_call;
 
@@ -335,6 +335,90 @@ static int transfer_submit(lua_State *L) {
 
 
 /* ---------------------------------------------------------------------
+** Transfers of the nginx transport: a cosocket moves the bytes, and the
+** reply is read here (src/wire.h) into the fields libcurl would fill, so
+** transfer:result() gives what it gives for a libcurl transfer
+*/
+
+static fs_call *wire_check(lua_State *L, int idx) {
+  fs_call *c = call_check(L, idx);
+  if (c->wire == NULL)
+    luaL_error(L, "flowservice: not a wire transfer");
+  return c;
+}
+
+/* The reply is read (or bad): the result is ready, as after libcurl. */
+static void wire_settle(fs_call *c, fs_wire_state state) {
+  fs_transfer *t = &c->t;
+  t->done = 1;
+  t->sent = 1;
+  if (state == FS_WIRE_DONE) {
+    t->result = CURLE_OK;
+    return;
+  }
+  t->result = t->too_large ? CURLE_WRITE_ERROR
+              : t->out_of_memory ? CURLE_OUT_OF_MEMORY
+              : !fs_wire_started(c->wire) ? CURLE_GOT_NOTHING
+              : CURLE_WEIRD_SERVER_REPLY;
+  strncpy(t->errbuf, fs_wire_error(c->wire), sizeof t->errbuf - 1);
+  t->errbuf[sizeof t->errbuf - 1] = '\0';
+}
+
+/* transfer:feed(data): the next bytes of the reply, nil when the server
+** closed the connection; true once the result is ready. Bytes after that
+** only make the connection not reusable. */
+static int transfer_feed(lua_State *L) {
+  fs_call *c = wire_check(L, 1);
+  size_t n = 0;
+  const char *data = lua_isnoneornil(L, 2) ? NULL : luaL_checklstring(L, 2, &n);
+  fs_wire_state state;
+  if (c->t.done) {
+    /* a reply read already: the reader notes what comes after it; a
+    ** cancelled transfer's reader (still reading) is left alone */
+    if (fs_wire_feed(c->wire, &c->t, "", 0) != FS_WIRE_MORE)
+      (void)fs_wire_feed(c->wire, &c->t, data, n);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  state = fs_wire_feed(c->wire, &c->t, data, n);
+  if (state != FS_WIRE_MORE)
+    wire_settle(c, state);
+  lua_pushboolean(L, state != FS_WIRE_MORE);
+  return 1;
+}
+
+/* transfer:reusable(): the connection can carry the next request. */
+static int transfer_reusable(lua_State *L) {
+  lua_pushboolean(L, fs_wire_reusable(wire_check(L, 1)->wire));
+  return 1;
+}
+
+/* core.wire_reader_for_tests(max_body): a run action's transfer with a
+** reply reader and nothing sent, for spec/wire_spec.lua to feed replies
+** to. Test-only: the nginx transport makes its transfers with
+** client:wire_retrigger. */
+static int core_wire_reader_for_tests(lua_State *L) {
+  lua_Integer max_body = luaL_checkinteger(L, 1);
+  fs_call *c;
+  luaL_argcheck(L, max_body >= 0, 1, "max_body must be >= 0");
+  c = (fs_call *)lua_newuserdata(L, sizeof *c);
+  memset(c, 0, sizeof *c);
+  luaL_getmetatable(L, FS_TRANSFER_MT);
+  lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
+  c->kind = FS_RUN_ACTION;
+  c->request_id = c->id_buf;
+  strcpy(c->id_buf, "test");
+  c->t.max_body = (size_t)max_body;
+  c->t.retry_after = -1;  /* as fs_transfer_prepare leaves it */
+  c->wire = (fs_wire *)malloc(sizeof *c->wire);
+  if (c->wire == NULL)
+    return luaL_error(L, "flowservice: out of memory");
+  fs_wire_init(c->wire);
+  return 1;
+}
+
+
+/* ---------------------------------------------------------------------
 ** Clients
 */
 
@@ -468,13 +552,6 @@ static int client_wire_retrigger(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)r.timeout_ms);
   lua_pushinteger(L, (lua_Integer)r.connect_timeout_ms);
   return 9;
-}
-
-static fs_call *wire_check(lua_State *L, int idx) {
-  fs_call *c = call_check(L, idx);
-  if (c->wire == NULL)
-    luaL_error(L, "flowservice: not a wire transfer");
-  return c;
 }
 
 /* transfer:fail(what, message, sent): the cosocket failed before a whole
@@ -702,7 +779,7 @@ int luaopen_flowservice_core(lua_State *L) {
   static const luaL_Reg module[] = {
     {"retrigger", core_retrigger}, {"new", core_new}, {"escape", core_escape},
     {"unescape", core_unescape}, {"now", core_now}, {"parse_date", core_parse_date},
-    {"check_url", core_check_url},
+    {"check_url", core_check_url}, {"wire_reader_for_tests", core_wire_reader_for_tests},
     {NULL, NULL}
   };
   static const luaL_Reg client[] = {
@@ -717,7 +794,8 @@ int luaopen_flowservice_core(lua_State *L) {
   static const luaL_Reg transfer[] = {
     {"done", transfer_done}, {"result", transfer_result}, {"submit", transfer_submit},
     {"request_id", transfer_request_id}, {"cancel", transfer_cancel},
-    {"watch", transfer_watch}, {"fail", transfer_fail}, {NULL, NULL}
+    {"watch", transfer_watch}, {"feed", transfer_feed}, {"reusable", transfer_reusable},
+    {"fail", transfer_fail}, {NULL, NULL}
   };
   if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)  /* ref-counted */
     return luaL_error(L, "flowservice: curl_global_init failed");

@@ -20,7 +20,16 @@
 
 #include "engine.h"
 
+/* Bytes of head (every status and header line, 1xx ones included) and
+** trailers together; a build may lower it (the fuzz target does, to reach
+** the cap). */
+#ifndef FS_WIRE_HEAD_MAX
 #define FS_WIRE_HEAD_MAX (64 * 1024)
+#endif
+/* Bytes of one chunk-size line, extensions included. */
+#ifndef FS_WIRE_CHUNK_LINE_MAX
+#define FS_WIRE_CHUNK_LINE_MAX 4096
+#endif
 
 typedef enum { FS_WIRE_MORE, FS_WIRE_DONE, FS_WIRE_BAD } fs_wire_state;
 
@@ -31,11 +40,17 @@ typedef struct fs_wire {
   size_t head_bytes;          /* bytes of head and trailers so far */
   unsigned long long remaining;  /* body or chunk bytes still to come */
   int chunked;
+  int codings;                /* transfer-codings named (of this response) */
+  int unsupported;            /* one of them is not chunked */
   int has_length;
   unsigned long long length;
   int http10;
-  int close;                  /* Connection: close, or HTTP/1.0 without keep-alive */
-  int keep_alive;             /* HTTP/1.0 with Connection: keep-alive */
+  int close;                  /* the connection must not carry another request:
+                              ** Connection: close, HTTP/1.0 without keep-alive,
+                              ** a body read to the close, Transfer-Encoding
+                              ** with Content-Length (or on HTTP/1.0), the
+                              ** close itself */
+  int keep_alive;             /* Connection: keep-alive */
   int started;                /* any byte came */
   int extra;                  /* bytes came after the reply */
   long status;                /* of the head being read */
@@ -50,7 +65,8 @@ void fs_wire_init(fs_wire *w);
 ** Date, Retry-After). FS_WIRE_BAD: fs_wire_error says why (the body went
 ** over max_body: t->too_large; memory ran out: t->out_of_memory). Once
 ** done or bad it stays so; bytes fed after a complete reply only make the
-** connection not reusable.
+** connection not reusable. n == 0 (data not NULL): the state as it is,
+** nothing else happens. Header lines end in CRLF or a bare LF.
 */
 fs_wire_state fs_wire_feed(fs_wire *w, fs_transfer *t, const char *data, size_t n);
 
