@@ -51,6 +51,7 @@ typedef struct fs_call {
   char *request_id;   /* the x-request-id sent: id_buf, or malloc'd when longer */
   char id_buf[40];
   fs_wire *wire;      /* the reply reader of an nginx-transport transfer, or NULL */
+  fs_wire wire_state; /* where wire points */
   fs_wire_target wire_target;  /* where its request went, unless its client's */
 } fs_call;
 
@@ -226,7 +227,6 @@ static int call_gc(lua_State *L) {
   fs_transfer_free(&c->t);
   if (c->wire != NULL) {
     fs_wire_free(c->wire);
-    free(c->wire);
     c->wire = NULL;
   }
   fs_wire_target_free(&c->wire_target);
@@ -410,9 +410,7 @@ static int core_wire_reader_for_tests(lua_State *L) {
   strcpy(c->id_buf, "test");
   c->t.max_body = (size_t)max_body;
   c->t.retry_after = -1;  /* as fs_transfer_prepare leaves it */
-  c->wire = (fs_wire *)malloc(sizeof *c->wire);
-  if (c->wire == NULL)
-    return luaL_error(L, "flowservice: out of memory");
+  c->wire = &c->wire_state;
   fs_wire_init(c->wire);
   return 1;
 }
@@ -539,9 +537,7 @@ static int client_wire_retrigger(lua_State *L) {
   c->t.max_body = r.max_body;
   c->t.once = 1;
   c->t.retry_after = -1;
-  c->wire = (fs_wire *)malloc(sizeof *c->wire);
-  if (c->wire == NULL)
-    return luaL_error(L, "flowservice: out of memory");
+  c->wire = &c->wire_state;
   fs_wire_init(c->wire);
   w = fs_request_wire(L, &c->t, &r, &c->wire_target);  /* pushes the bytes */
   lua_pushstring(L, w->host);

@@ -1,0 +1,159 @@
+-- The nginx transport's request (client:wire_retrigger in the C core): the
+-- bytes a cosocket sends must be, byte for byte, the request libcurl sends
+-- for the same options, as the fake Flow Service records it. Plain Lua: no
+-- nginx needed, so this runs under every profile, ASan and valgrind too.
+local core = require "flowservice.core"
+local fake = require "spec.support.fake"
+
+local RUN = "4fb0418e-1804-45d6-8d56-dd51f05c0baf"
+local ID = "11111111-2222-4333-8444-555555555555"
+local RUN_PATTERN = RUN:gsub("%-", "%%-")
+
+describe("the nginx transport's request", function()
+  local server
+
+  setup(function() server = fake.start() end)
+  teardown(function() if server then server:stop() end end)
+  before_each(function() server:clear_requests() end)
+
+  local function options(extra)
+    local o = { access_token = fake.credentials.access_token, api_key = fake.credentials.api_key,
+      org_id = fake.credentials.org, base_url = server.url, request_id = ID }
+    for k, v in pairs(extra or {}) do o[k] = v end
+    return o
+  end
+
+  -- what libcurl sent for opts (recorded by the fake), and the wire's bytes
+  local function both(client_opts, call_opts, run)
+    local c = core.new(client_opts)
+    c:retrigger(run or RUN, call_opts)
+    local seen = server:requests()
+    assert.equal(1, #seen, "libcurl's request did not reach the fake")
+    local t, bytes, host, port, pool, tls, verify, timeout_ms, connect_ms = c:wire_retrigger(run or RUN, call_opts)
+    c:close()
+    return seen[1].raw_header, bytes, { t = t, host = host, port = port, pool = pool, tls = tls,
+      verify = verify, timeout_ms = timeout_ms, connect_ms = connect_ms }
+  end
+
+  it("is libcurl's request, byte for byte, with the client's options", function()
+    local o = options()
+    local curl, wire, info = both(o, o)
+    assert.equal(curl, wire)
+    assert.matches("^POST /runs/" .. RUN_PATTERN .. "/action%?op=re%-trigger HTTP/1%.1\r\nHost: 127%.0%.0%.1:%d+\r\n", wire)
+    assert.equal("127.0.0.1", info.host)
+    assert.equal(server.port, info.port)
+    assert.equal("flowservice http://127.0.0.1:" .. server.port, info.pool)
+    assert.is_false(info.tls)
+    assert.is_true(info.verify)
+    assert.equal(60000, info.timeout_ms)
+    assert.equal(core.defaults.connect_timeout * 1000, info.connect_ms)
+    assert.is_false(info.t:done())
+  end)
+
+  it("is libcurl's request with per-call If-Match, extra headers (an empty one too), timeout", function()
+    local o = options()
+    local call = options { if_match = '"etag-1"', timeout = 7,
+      headers = { ["x-trace"] = "abc", ["x-empty"] = "" } }
+    local curl, wire, info = both(o, call)
+    assert.equal(curl, wire)
+    assert.matches('\r\nIf%-Match: "etag%-1"\r\n', wire)
+    assert.matches("\r\nx%-empty:\r\n", wire)
+    assert.equal(7000, info.timeout_ms)
+  end)
+
+  it("is libcurl's request when a call overrides a line of the client's (User-Agent, Accept)", function()
+    local o = options()
+    local curl, wire = both(o, options { headers = { ["User-Agent"] = "mine/1", Accept = "text/plain" } })
+    assert.equal(curl, wire)
+    assert.matches("\r\nUser%-Agent: mine/1\r\n", wire)
+  end)
+
+  it("is libcurl's request under a base path, with an op to escape, with a user agent option", function()
+    local o = options { base_url = server.url .. "/data/foundation/flowservice/", op = "re trigger&x",
+      user_agent = "ua/2" }
+    local curl, wire = both(o, o)
+    assert.equal(curl, wire)
+    assert.matches("^POST /data/foundation/flowservice/runs/" .. RUN_PATTERN .. "/action%?op=re%%20trigger%%26x ", wire)
+  end)
+
+  it("is libcurl's request for a base with a query (no run-id template)", function()
+    local o = options { base_url = server.url .. "/?tenant=a%20b" }
+    local curl, wire = both(o, o)
+    assert.equal(curl, wire)
+  end)
+
+  it("is libcurl's request after the options change (a new token: a new template)", function()
+    local c = core.new(options())
+    local _, first = c:wire_retrigger(RUN, options())
+    local o = options { access_token = "another-token" }
+    c:retrigger(RUN, o)
+    local _, second = c:wire_retrigger(RUN, o)
+    c:close()
+    assert.matches("Authorization: Bearer fake%-token\r\n", first)
+    assert.matches("Authorization: Bearer another%-token\r\n", second)
+    assert.equal(server:requests()[1].raw_header, second)
+  end)
+
+  it("names the host and port as libcurl would in Host, and the target for the socket", function()
+    local function wire(base, extra)
+      local o = options { base_url = base }
+      for k, v in pairs(extra or {}) do o[k] = v end
+      local c = core.new(o)
+      local _, bytes, host, port, pool, tls, verify = c:wire_retrigger(RUN, o)
+      c:close()
+      return bytes:match("\r\nHost: ([^\r]*)\r\n"), host, port, pool, tls, verify
+    end
+    assert.same({ "example.com", "example.com", 443, "flowservice https://example.com:443", true, true },
+      { wire("https://example.com") })
+    assert.same({ "example.com", "example.com", 443, "flowservice https://example.com:443", true, true },
+      { wire("https://example.com:443/") })
+    assert.same({ "example.com:8443", "example.com", 8443, "flowservice https://example.com:8443 insecure",
+      true, false }, { wire("https://example.com:8443", { insecure = true }) })
+    assert.same({ "[::1]:8080", "::1", 8080, "flowservice http://[::1]:8080", false, true },
+      { wire("http://[::1]:8080/") })
+    assert.same({ "example.com", "example.com", 80, "flowservice http://example.com:80", false, true },
+      { wire("http://example.com") })
+  end)
+
+  it("refuses what a cosocket cannot do: a proxy, user info in base_url", function()
+    local c = core.new(options())
+    assert.has_error(function() c:wire_retrigger(RUN, options { proxy = "http://127.0.0.1:1" }) end,
+      "flowservice: the nginx transport cannot go through a proxy")
+    local ok, err = pcall(c.wire_retrigger, c, RUN, options { base_url = "http://user:pw@127.0.0.1:1" })
+    assert.is_false(ok)
+    assert.matches("the nginx transport cannot send to this base_url", err, 1, true)
+    assert.not_matches("pw", err)
+    c:close()
+  end)
+
+  it("checks its options and run id as every call does", function()
+    local c = core.new(options())
+    assert.has_error(function() c:wire_retrigger("a/b", options()) end)
+    assert.has_error(function() c:wire_retrigger(RUN, options { no_such_option = 1 }) end)
+    assert.has_error(function() c:wire_retrigger(RUN, options { timeout = "soon" }) end)
+    c:close()
+  end)
+
+  it("a transfer that failed gives the error libcurl's would: kind, sent, message", function()
+    local c = core.new(options())
+    local t = c:wire_retrigger(RUN, options())
+    t:fail("connect", "connect to 127.0.0.1:1 failed: connection refused", false)
+    local run, err = t:result()
+    assert.is_nil(run)
+    assert.equal("network", err.kind)
+    assert.is_false(err.sent)
+    assert.equal("connect to 127.0.0.1:1 failed: connection refused", err.message)
+    assert.equal(ID, err.request_id)
+    local t2 = c:wire_retrigger(RUN, options())
+    t2:fail("timeout", "reading the reply from 127.0.0.1:1 failed: timeout", true)
+    local _, err2 = t2:result()
+    assert.equal("timeout", err2.kind)
+    assert.is_true(err2.sent)
+    local t3 = c:wire_retrigger(RUN, options())
+    t3:fail("tls", "TLS with 127.0.0.1:1 failed: handshake failed", false)
+    assert.equal("tls", select(2, t3:result()).kind)
+    assert.has_error(function() t3:fail("tls", "again", false) end, "flowservice: transfer already ended")
+    assert.has_error(function() c:wire_retrigger(RUN, options()):fail("later", "x") end)
+    c:close()
+  end)
+end)
