@@ -16,7 +16,8 @@
 -- bytes or spaces, header lines "Name: value" or "Name;" with a token name
 -- and no control byte but tab, each of our nine headers once, the
 -- identity values exactly as given, and every opts.headers entry on the
--- wire whole (a NUL must not cut one short).
+-- wire whole (a NUL must not cut one short); the nginx transport's bytes
+-- for the same run action carry the same lines (check_bytes).
 local core = require "flowservice.core"
 
 local byte, find, format, lower, sub = string.byte, string.find, string.format, string.lower, string.sub
@@ -143,6 +144,46 @@ local function check_wire(opts, run, shape)
       fail(format("headers[%q] (%d value(s)) is not on the wire whole", key, #values))
     end
   end
+  return lines
+end
+
+-- The nginx transport's bytes for the same run action: the request line,
+-- Host, libcurl's header lines in libcurl's order ("Name;" sent as
+-- "Name:"; x-request-id aside, a new one per request), Content-Length: 0,
+-- the blank line, nothing after. Refused only for a proxy or user info.
+local function check_bytes(client, run, opts, lines)
+  local ok, t, bytes = pcall(client.wire_retrigger, client, run, opts)
+  wire()
+  if not ok then
+    if opts.proxy ~= nil or find(tostring(t), "cannot send to this base_url", 1, true) then return end
+    fail("wire_retrigger refused what prepare_retrigger took: " .. tostring(t))
+  end
+  if opts.proxy ~= nil then fail("the nginx transport took a proxy") end
+  t:cancel()
+  local head = bytes:match("^(.-\r\n)\r\n$")
+  if not head then fail(format("%q is not one head and an empty body", bytes)) end
+  local got = {}
+  for line in head:gmatch("(.-)\r\n") do got[#got + 1] = line end
+  if not find(got[1], "^POST /[^%z\1-\32\127]* HTTP/1%.1$") then
+    fail(format("request line %q", got[1]))
+  end
+  if not find(got[2], "^Host: [^%z\1-\32\127]+$") then fail(format("host line %q", got[2])) end
+  if got[#got] ~= "Content-Length: 0" then fail(format("last line %q", got[#got])) end
+  local want = {}
+  for _, line in ipairs(lines) do
+    if not find(lower(line), "^x%-request%-id[:;]") then want[#want + 1] = (line:gsub(";$", ":")) end
+  end
+  local k = 0
+  for i = 3, #got - 1 do
+    if not find(lower(got[i]), "^x%-request%-id:") then
+      parse_line((got[i]:gsub(":$", ";")))
+      k = k + 1
+      if got[i] ~= want[k] then
+        fail(format("wire line %d is %q, libcurl's %q", i, got[i], tostring(want[k])))
+      end
+    end
+  end
+  if k ~= #want then fail(format("%d header lines on the wire, libcurl's %d", k, #want)) end
 end
 
 return function(input)
@@ -159,7 +200,8 @@ return function(input)
   end
   if ok then
     t:cancel()
-    check_wire(opts, run, shape)
+    local lines = check_wire(opts, run, shape)
+    if not shape then check_bytes(client, run, opts, lines) end
   else
     refused(t, shape and "client:submit" or "client:prepare_retrigger")
   end

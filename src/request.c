@@ -1254,8 +1254,8 @@ const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_req
     int ok = url != NULL && target_read(own, url, method, r->insecure);
     free(url);
     if (!ok)
-      luaL_error(L, "flowservice: the nginx transport cannot send to this URL"
-                 " (user info in base_url, or out of memory)");
+      luaL_error(L, "flowservice: the nginx transport cannot send to this base_url"
+                 " (user info in it, or out of memory)");
     w = own;
   }
   luaL_buffinit(L, &b);
