@@ -182,7 +182,7 @@ $(BUILD)/testlib/%/spec_fork.so: spec/support/fork.c
 # Lua 5.4 state per process, built with clang's fuzzer, ASan and UBSan.
 # fuzz/reply.c includes core.c and engine.c (it reaches their static reply
 # readers), so that target links only the other sources.
-FUZZ_TARGETS  := request reply journal parsers webhook
+FUZZ_TARGETS  := request reply journal parsers webhook wire
 FUZZ_SECONDS  ?= 300
 FUZZ_SMOKE    := 20
 FUZZ_CFLAGS   := -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
@@ -195,6 +195,13 @@ fuzzers: $(FUZZ_TARGETS:%=$(BUILD)/fuzz/%)
 $(BUILD)/fuzz/reply: fuzz/reply.c $(FUZZ_COMMON) $(SOURCES)
 	@mkdir -p $(@D)
 	clang $(FUZZ_CFLAGS) -o $@ fuzz/reply.c fuzz/harness.c $(filter-out src/core.c src/engine.c,$(SOURCES)) $(FUZZ_LIBS)
+
+# fuzz/wire.c is plain C over the nginx transport's reply reader and
+# engine.c's header and body readers (no Lua state), with the head and
+# chunk-line caps lowered so its inputs reach them.
+$(BUILD)/fuzz/wire: fuzz/wire.c src/wire.c src/wire.h src/engine.c src/engine.h
+	@mkdir -p $(@D)
+	clang $(FUZZ_CFLAGS) -DFS_WIRE_HEAD_MAX=1024 -DFS_WIRE_CHUNK_LINE_MAX=64 -o $@ fuzz/wire.c src/wire.c src/engine.c -lcurl
 
 # fuzz/webhook.c adds flowservice.verify (src/verify.c, libcrypto).
 $(BUILD)/fuzz/webhook: fuzz/webhook.c $(FUZZ_COMMON) $(SOURCES) src/verify.c

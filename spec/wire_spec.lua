@@ -403,7 +403,8 @@ describe("the wire reply reader", function()
                                { "Transfer-Encoding: chunked, chunked" }, { "Transfer-Encoding: chunked;q=1" },
                                { "Transfer-Encoding: gzip", "Transfer-Encoding: chunked" },
                                { "Transfer-Encoding: chunked", "Transfer-Encoding: chunked" },
-                               { "Transfer-Encoding:" }, { "Transfer-Encoding: ," } } do
+                               { "Transfer-Encoding:" }, { "Transfer-Encoding: ," },
+                               { "Transfer-Encoding: chunked", "Transfer-Encoding:" } } do
         table.insert(lines, 1, "HTTP/1.1 200 OK")
         refused(reply(lines, chunked(RUN, 8)), BAD_CODING)
       end

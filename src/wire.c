@@ -263,16 +263,20 @@ static void read_content_length(fs_wire *w, const char *v, size_t n) {
   }
 }
 
+/* Only chunked, once, is read: anything else (a compression, chunked
+** not last, a line naming nothing) leaves the body's end unknown. */
 static void read_transfer_encoding(fs_wire *w, const char *v, size_t n) {
   size_t pos = 0, len;
   const char *item;
+  int named = 0;
   while (list_next(v, n, &pos, &item, &len)) {
-    w->codings++;
+    named++;
     if (!equals_ci(item, len, "chunked"))
       w->unsupported = 1;
   }
-  if (w->codings == 0)  /* a Transfer-Encoding naming nothing */
+  if (named == 0)
     w->unsupported = 1;
+  w->codings += named;
 }
 
 static void read_connection(fs_wire *w, const char *v, size_t n) {
