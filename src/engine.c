@@ -525,6 +525,9 @@ void fs_transfer_add_header(fs_transfer *t, const char *data, size_t len) {
   if (v == NULL)
     return;
   name = (size_t)(v - data);
+  if (!(name == 11 && curl_strnequal(data, "Retry-After", 11))
+      && !(name == 4 && curl_strnequal(data, "Date", 4)))
+    return;  /* the only two we keep */
   v++;
   vlen = len - (size_t)(v - data);
   while (vlen > 0 && (*v == ' ' || *v == '\t'))

@@ -421,6 +421,8 @@ struct fs_template {
   fs_tail *tail;              /* the header lines above, shared */
   char *block;
   fs_wire_target wire;        /* url_head read for the nginx transport, once */
+  char *wire_tail;            /* the tail's lines as the wire has them, once */
+  size_t wire_tail_len;
 };
 
 void fs_template_free(fs_template *tmpl) {
@@ -428,6 +430,7 @@ void fs_template_free(fs_template *tmpl) {
     return;
   fs_tail_release(tmpl->tail);
   fs_wire_target_free(&tmpl->wire);
+  free(tmpl->wire_tail);
   free(tmpl->block);
   free(tmpl->url_head);
   free(tmpl);
@@ -1226,6 +1229,31 @@ static void add_wire_line(luaL_Buffer *b, const char *line) {
   }
 }
 
+/* The template's shared lines (its tail) as wire bytes, made on first use;
+** 0 when out of memory (then the lines are added one by one). */
+static int wire_tail(fs_template *tm) {
+  const struct curl_slist *h;
+  size_t n = 0;
+  char *at;
+  if (tm->wire_tail != NULL)
+    return 1;
+  for (h = tm->tail->list; h != NULL; h = h->next)
+    n += strlen(h->data) + 2;
+  tm->wire_tail = at = (char *)malloc(n + 1);
+  if (at == NULL)
+    return 0;
+  for (h = tm->tail->list; h != NULL; h = h->next) {
+    size_t k = strlen(h->data);
+    memcpy(at, h->data, k);
+    if (k > 0 && at[k - 1] == ';')
+      at[k - 1] = ':';  /* libcurl's way to send an empty value */
+    memcpy(at + k, "\r\n", 2);
+    at += k + 2;
+  }
+  tm->wire_tail_len = n;
+  return 1;
+}
+
 const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r,
                                       fs_wire_target *own) {
   const fs_wire_target *w;
@@ -1265,10 +1293,19 @@ const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_req
     luaL_addlstring(&b, r->tmpl->url_tail, r->tmpl->url_tail_len);
   }
   luaL_addstring(&b, w->host_line);
-  for (h = t->head; h != NULL; h = h->next)
-    add_wire_line(&b, h->data);
-  if (!r->get) {
-    char length[40];
+  if (t->tail != NULL && t->tail->list != NULL && wire_tail(r->tmpl)) {
+    /* the call's own lines, then the template's, serialised once */
+    for (h = t->head; h != NULL && h != t->tail->list; h = h->next)
+      add_wire_line(&b, h->data);
+    luaL_addlstring(&b, r->tmpl->wire_tail, r->tmpl->wire_tail_len);
+  } else {
+    for (h = t->head; h != NULL; h = h->next)
+      add_wire_line(&b, h->data);
+  }
+  if (!r->get && r->body_len == 0) {  /* a run action */
+    luaL_addlstring(&b, "Content-Length: 0\r\n\r\n", sizeof "Content-Length: 0\r\n\r\n" - 1);
+  } else if (!r->get) {
+    char length[48];
     snprintf(length, sizeof length, "Content-Length: %lu\r\n\r\n", (unsigned long)r->body_len);
     luaL_addstring(&b, length);
     luaL_addlstring(&b, r->body, r->body_len);

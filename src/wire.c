@@ -78,10 +78,16 @@ static int is_digit(char c) {
   return c >= '0' && c <= '9';
 }
 
-/* RFC 9110 tchar */
+/* RFC 9110 tchar: letters, digits and these (a table: this runs per byte
+** of every header name) */
+static const unsigned char tchar_symbol[128] = {
+  ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
+  ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
+};
+
 static int is_tchar(unsigned char c) {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || is_digit((char)c)
-         || (c != '\0' && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+         || (c < 128 && tchar_symbol[c]);
 }
 
 static int hex_value(char c) {
