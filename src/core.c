@@ -570,6 +570,18 @@ static int core_check_url(lua_State *L) {
   return 2;
 }
 
+/* core.run_id_problem(s) -> nil, or why s is no run id (args.run_id). */
+static int core_run_id_problem(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *why = fs_run_id_problem(s, len);
+  if (why == NULL)
+    lua_pushnil(L);
+  else
+    lua_pushstring(L, why);
+  return 1;
+}
+
 /* An HTTP date (a reply's Date header) -> epoch seconds, or nil. */
 static int core_parse_date(lua_State *L) {
   time_t when = curl_getdate(luaL_checkstring(L, 1), NULL);
@@ -623,7 +635,7 @@ int luaopen_flowservice_core(lua_State *L) {
   static const luaL_Reg module[] = {
     {"retrigger", core_retrigger}, {"new", core_new}, {"escape", core_escape},
     {"unescape", core_unescape}, {"now", core_now}, {"parse_date", core_parse_date},
-    {"check_url", core_check_url},
+    {"check_url", core_check_url}, {"run_id_problem", core_run_id_problem},
     {NULL, NULL}
   };
   static const luaL_Reg client[] = {

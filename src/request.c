@@ -117,6 +117,16 @@ static int is_unreserved(const char *s, size_t len) {
   return 1;
 }
 
+const char *fs_run_id_problem(const char *s, size_t len) {
+  if (len == 0)
+    return "run id must be a non-empty string";
+  if (!is_unreserved(s, len))
+    return "run id may hold only letters, digits, '-', '_', '.' and '~'";
+  if (s[0] == '.' && (len == 1 || (len == 2 && s[1] == '.')))
+    return "run id may not be '.' or '..'";
+  return NULL;
+}
+
 static int header_index(const char *name) {
   int i;
   for (i = 0; i < H_COUNT; i++)

@@ -99,6 +99,10 @@ void fs_request_options(lua_State *L, int opts, int flags, fs_request *r);
 ** or ".."); POST runs/{id}/action?op={op}. */
 void fs_request_run_action(lua_State *L, int arg, fs_request *r);
 
+/* NULL when run_id (len bytes) is one fs_request_run_action takes, else
+** why not: the same rules, for the Lua face to check before any I/O. */
+const char *fs_run_id_problem(const char *run_id, size_t len);
+
 /* Check a request shape table at stack index spec:
 ** { method = "GET"|"POST", path = {seg, ...}, query = {{name, value}, ...},
 **   body = string, content_type = string, identity = boolean }.
