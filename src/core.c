@@ -4,6 +4,7 @@
 **   retrigger(run_id, opts)       one call on a fresh engine (blocking)
 **   new(opts [, token_later])     a client: an engine whose connections last
 **   client:retrigger(run_id, opts) / client:request(opts, shape)   blocking
+**     (a run action's opts nil: the client's own, as new() checked them)
 **   client:submit_retrigger(...) / client:submit(...) -> transfer  non-blocking
 **   client:prepare_retrigger(...) -> transfer, built but not yet sent
 **   client:step() / client:wait(s) / client:timeout() / client:close()
@@ -359,9 +360,10 @@ static fs_client *client_new(lua_State *L) {
   return c;
 }
 
-/* Build a run action's transfer; submit it too unless only prepared. */
-static fs_call *start_run_action(lua_State *L, fs_client *client, int run_arg,
-                                 int opts_arg, int submit) {
+/* Build a run action's transfer; submit it too unless only prepared.
+** Options nil: the client's own, as core.new checked and copied them. */
+static fs_call *start_run_action(lua_State *L, fs_client *client, int client_arg,
+                                 int run_arg, int opts_arg, int submit) {
   fs_request r;
   fs_call *c;
   memset(&r, 0, sizeof r);
@@ -369,6 +371,12 @@ static fs_call *start_run_action(lua_State *L, fs_client *client, int run_arg,
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
   r.engine = &client->engine;
   r.tmpl_slot = &client->tmpl;
+  if (client_arg != 0 && lua_isnoneornil(L, opts_arg)) {
+    lua_settop(L, opts_arg);
+    fs_getuservalue(L, client_arg);
+    lua_replace(L, opts_arg);  /* where errors about them point, as before */
+    r.own_options = lua_istable(L, opts_arg);
+  }
   fs_request_options(L, opts_arg, 0, &r);
   fs_request_run_action(L, run_arg, &r);
   c = call_start(L, client, FS_RUN_ACTION, &r);
@@ -400,7 +408,7 @@ static int finish(lua_State *L, fs_client *client, fs_call *c) {
 
 static int client_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  return finish(L, client, start_run_action(L, client, 2, 3, 1));
+  return finish(L, client, start_run_action(L, client, 1, 2, 3, 1));
 }
 
 static int client_request(lua_State *L) {
@@ -409,12 +417,12 @@ static int client_request(lua_State *L) {
 }
 
 static int client_submit_retrigger(lua_State *L) {
-  start_run_action(L, client_check(L, 1), 2, 3, 1);
+  start_run_action(L, client_check(L, 1), 1, 2, 3, 1);
   return 1;
 }
 
 static int client_prepare_retrigger(lua_State *L) {
-  start_run_action(L, client_check(L, 1), 2, 3, 0);
+  start_run_action(L, client_check(L, 1), 1, 2, 3, 0);
   return 1;
 }
 
@@ -519,19 +527,30 @@ static int core_retrigger(lua_State *L) {
   int n;
   lua_settop(L, 2);
   client = client_new(L);
-  n = finish(L, client, start_run_action(L, client, 1, 2, 1));
+  n = finish(L, client, start_run_action(L, client, 0, 1, 2, 1));
   client_free(client);
   return n;
 }
 
-/* Validates the options a client will use; the Lua face keeps them. */
+/* Validates the options a client will use. The Lua face keeps them; the
+** client keeps a copy no one else holds (raw, as they are read): its run
+** actions given no options use it, read once (fs_request.own_options). */
 static int core_new(lua_State *L) {
   fs_request r;
   int token_later = lua_toboolean(L, 2);
   memset(&r, 0, sizeof r);
   lua_settop(L, 1);
   fs_request_options(L, 1, token_later ? FS_TOKEN_LATER : 0, &r);
+  lua_settop(L, 1);
   client_new(L);
+  lua_newtable(L);
+  lua_pushnil(L);
+  while (lua_next(L, 1) != 0) {
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, 3);
+  }
+  fs_setuservalue(L, 2);
   return 1;
 }
 

@@ -413,6 +413,11 @@ static const int template_headers[] = {
 struct fs_template {
   unsigned long config;       /* the engine's number for these options */
   int flags;
+  /* made from, or matched by, the client's own copy of its options (see
+  ** fs_request.own_options): own_values is what that table holds, its
+  ** strings kept alive by it */
+  int own;
+  opt_values own_values;
   /* the raw values it was made from, to recognise them: copies in block */
   int present[O_COUNT];
   const char *str[O_COUNT];
@@ -598,14 +603,33 @@ static void read_per_call(lua_State *L, int opts, const opt_values *v, fs_reques
   check_extra_headers(L, opts, r);
 }
 
+/* The client's own options, read once: a table no one else holds never
+** changes (opts.headers, a table of the caller's, is read again by
+** read_per_call on every call). */
+static void remember_own(fs_template *t, const opt_values *v, int own) {
+  if (own) {
+    t->own_values = *v;
+    t->own = 1;
+  }
+}
+
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   const char **h = r->header;
   opt_values v;
   luaL_checktype(L, opts, LUA_TTABLE);
   luaL_checkstack(L, 12, "request options");  /* what we keep, and pairs */
+  if (r->own_options && r->tmpl_slot != NULL && *r->tmpl_slot != NULL
+      && (*r->tmpl_slot)->own && (*r->tmpl_slot)->flags == flags) {
+    v = (*r->tmpl_slot)->own_values;
+    v.opts = opts;
+    use_template(r, *r->tmpl_slot);
+    read_per_call(L, opts, &v, r);
+    return;
+  }
   read_options(L, opts, &v);
   if (r->tmpl_slot != NULL && *r->tmpl_slot != NULL
       && template_matches(*r->tmpl_slot, &v, flags)) {  /* checked before */
+    remember_own(*r->tmpl_slot, &v, r->own_options);
     use_template(r, *r->tmpl_slot);
     read_per_call(L, opts, &v, r);
     return;
@@ -635,6 +659,7 @@ void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
     fs_template *t = template_new(&v, flags, r);
     if (t != NULL) {
       t->config = fs_engine_new_config(r->engine);
+      remember_own(t, &v, r->own_options);
       fs_template_free(*r->tmpl_slot);
       *r->tmpl_slot = t;
       use_template(r, t);

@@ -84,6 +84,9 @@ typedef struct fs_request {
   fs_engine *engine;              /* the client's: request ids, configurations */
   fs_template **tmpl_slot;        /* the client's template, for run actions */
   fs_template *tmpl;              /* the template this request is built from */
+  int own_options;                /* the options table is the client's own copy
+                                  ** (core.new made it; no one else holds it):
+                                  ** read once, then only its per-call part */
   const char *action_path[3];     /* storage for a run action's shape */
   fs_param action_query[1];
 } fs_request;

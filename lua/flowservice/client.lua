@@ -279,8 +279,11 @@ end
 -- One attempt of each kind, for call(): target is the run id or the shape.
 -- With a waiter, the same request is submitted and driven from here; without,
 -- the C engine blocks until it is done.
+-- The client's options as they are go as nil: the core's own copy of them,
+-- checked when the client was made, is read once (opts.headers every call).
 local function send_retrigger(p, run_id, opts, waiter)
   local run, status, request_id, date
+  if opts == p.opts then opts = nil end
   if waiter then
     local t = p.handle:submit_retrigger(run_id, opts)
     drive(p, t, waiter)
