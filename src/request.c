@@ -275,10 +275,11 @@ static void check_extra_headers(lua_State *L, int opts, fs_request *r) {
 
 /* A fresh id per attempt lets Adobe support find the exact request:
 ** random bytes from the client's engine (kernel randomness, fetched in
-** batches), else from getrandom() itself. */
-static const char *push_request_id(lua_State *L, fs_engine *engine) {
+** batches), else from getrandom() itself; written into r (no Lua string). */
+static const char *make_request_id(fs_request *r) {
+  fs_engine *engine = r->engine;
   unsigned char b[16];
-  char id[36];
+  char *id = r->request_id;
   size_t got = 0;
   if (engine != NULL) {
     fs_engine_random(engine, b, sizeof b);
@@ -309,9 +310,9 @@ static const char *push_request_id(lua_State *L, fs_engine *engine) {
       id[o++] = hex[b[i] >> 4];
       id[o++] = hex[b[i] & 15];
     }
-    lua_pushlstring(L, id, o);
+    id[o] = '\0';
   }
-  return lua_tostring(L, -1);
+  return id;
 }
 
 static int url_scheme_is_http(CURLU *u) {
@@ -591,7 +592,7 @@ static void read_per_call(lua_State *L, int opts, const opt_values *v, fs_reques
   const char **h = r->header;
   h[H_REQUEST_ID] = opt_string(L, v, O_REQUEST_ID, NULL, 0);
   if (h[H_REQUEST_ID] == NULL || is_blank(h[H_REQUEST_ID], v->len[O_REQUEST_ID]))
-    h[H_REQUEST_ID] = push_request_id(L, r->engine);  /* every attempt has an id to trace */
+    h[H_REQUEST_ID] = make_request_id(r);  /* every attempt has an id to trace */
   h[H_IF_MATCH] = opt_nonblank(L, v, O_IF_MATCH, NULL, 0);  /* else: unconditional */
   r->timeout_ms = opt_milliseconds(L, v, O_TIMEOUT, FS_DEFAULT_TIMEOUT);
   r->headers_table = 0;

@@ -87,6 +87,7 @@ typedef struct fs_request {
   int own_options;                /* the options table is the client's own copy
                                   ** (core.new made it; no one else holds it):
                                   ** read once, then only its per-call part */
+  char request_id[37];            /* storage for a generated x-request-id */
   const char *action_path[3];     /* storage for a run action's shape */
   fs_param action_query[1];
 } fs_request;
@@ -94,7 +95,8 @@ typedef struct fs_request {
 /*
 ** Check the options table at stack index opts (raising luaL_argerror-style
 ** errors naming it) and fill r's options. The strings it makes (bearer
-** value, request id) stay on the stack until the caller returns.
+** value) stay on the stack until the caller returns; a generated request
+** id lives in r.
 */
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r);
 
