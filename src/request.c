@@ -107,13 +107,21 @@ static int is_blank(const char *s, size_t len) {
 /* RFC 3986 unreserved: the only bytes a run id needs, and none that a
 ** decoding proxy could turn into another path. */
 static int is_unreserved(const char *s, size_t len) {
+  static const unsigned char unreserved[256] = {
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
+    ['8'] = 1, ['9'] = 1, ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1,
+    ['G'] = 1, ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1,
+    ['O'] = 1, ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1,
+    ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1, ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1,
+    ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1,
+    ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1,
+    ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1, ['-'] = 1, ['_'] = 1,
+    ['.'] = 1, ['~'] = 1
+  };
   size_t i;
-  for (i = 0; i < len; i++) {
-    unsigned char c = (unsigned char)s[i];
-    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
-          || c == '-' || c == '_' || c == '.' || c == '~'))
+  for (i = 0; i < len; i++)
+    if (!unreserved[(unsigned char)s[i]])
       return 0;
-  }
   return 1;
 }
 
@@ -691,10 +699,11 @@ void fs_request_run_action(lua_State *L, int arg, fs_request *r) {
     luaL_argerror(L, arg, lua_pushfstring(L,
                   "run id must be a non-empty string, got %s", luaL_typename(L, arg)));
   run_id = lua_tolstring(L, arg, &len);
-  if (len > 0 && !is_unreserved(run_id, len))  /* '/' would reach a proxy as %2F */
-    luaL_argerror(L, arg,
-                  "run id may hold only letters, digits, '-', '_', '.' and '~'");
-  check_segment(L, arg, "run id", run_id, len);
+  {
+    const char *why = fs_run_id_problem(run_id, len);  /* '/' would reach a proxy as %2F */
+    if (why != NULL)
+      luaL_argerror(L, arg, why);
+  }
   r->get = 0;
   r->identity = 1;
   r->run_action = 1;
