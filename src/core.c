@@ -34,13 +34,6 @@
 #define FS_UV_DECODE lua_upvalueindex(1)  /* cjson.safe.new().decode */
 #define FS_UV_USER_AGENT lua_upvalueindex(2)  /* the default User-Agent */
 
-typedef struct fs_client {
-  fs_engine engine;
-  fs_url_cache urls;
-  fs_template *tmpl;  /* its run actions' constant part (request.h) */
-  int closed;
-} fs_client;
-
 enum { FS_RUN_ACTION, FS_RAW };
 
 /* A transfer owned by Lua: freed by __gc whatever happens to the call. */
@@ -51,6 +44,19 @@ typedef struct fs_call {
   char *request_id;   /* the x-request-id sent: id_buf, or malloc'd when longer */
   char id_buf[40];
 } fs_call;
+
+typedef struct fs_client {
+  fs_engine engine;
+  fs_url_cache urls;
+  fs_template *tmpl;  /* its run actions' constant part (request.h) */
+  /* the blocking calls' transfer, reused from call to call (plain memory,
+  ** freed with the client); busy while a call uses it (a finalizer that
+  ** makes a blocking call meanwhile gets a transfer of its own), and left
+  ** busy by a call that raised (its transfer stays the engine's until close) */
+  fs_call *scratch;
+  int scratch_busy;
+  int closed;
+} fs_client;
 
 
 /* ---------------------------------------------------------------------
@@ -219,27 +225,52 @@ static int call_results(lua_State *L, fs_call *c) {
 ** Transfers
 */
 
-static int call_gc(lua_State *L) {
-  fs_call *c = (fs_call *)luaL_checkudata(L, 1, FS_TRANSFER_MT);
+static void call_release(fs_call *c) {
   fs_transfer_free(&c->t);
   if (c->request_id != c->id_buf)
     free(c->request_id);
   c->request_id = NULL;
+}
+
+static int call_gc(lua_State *L) {
+  call_release((fs_call *)luaL_checkudata(L, 1, FS_TRANSFER_MT));
   return 0;
+}
+
+/* A blocking call's transfer: the client's reused one, or NULL (in use,
+** or no memory: the caller makes one that Lua owns). */
+static fs_call *call_scratch(fs_client *client) {
+  fs_call *c = client->scratch;
+  if (client->scratch_busy)
+    return NULL;
+  if (c == NULL)
+    c = client->scratch = (fs_call *)malloc(sizeof *c);
+  else
+    call_release(c);
+  if (c != NULL) {
+    memset(c, 0, sizeof *c);
+    client->scratch_busy = 1;
+  }
+  return c;
 }
 
 static fs_call *call_check(lua_State *L, int idx) {
   return (fs_call *)luaL_checkudata(L, idx, FS_TRANSFER_MT);
 }
 
-/* Prepare, build and (not yet) submit a transfer; pushes its userdata. */
+/* Prepare, build and (not yet) submit a transfer; pushes its userdata,
+** unless blocking (finish() follows at once) and the client's reused
+** transfer is free. */
 static fs_call *call_start(lua_State *L, fs_client *client, int kind,
-                           const fs_request *r) {
-  fs_call *c = (fs_call *)lua_newuserdata(L, sizeof *c);
+                           const fs_request *r, int blocking) {
+  fs_call *c = blocking ? call_scratch(client) : NULL;
   CURLcode rc;
-  memset(c, 0, sizeof *c);
-  luaL_getmetatable(L, FS_TRANSFER_MT);
-  lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
+  if (c == NULL) {
+    c = (fs_call *)lua_newuserdata(L, sizeof *c);
+    memset(c, 0, sizeof *c);
+    luaL_getmetatable(L, FS_TRANSFER_MT);
+    lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
+  }
   c->kind = kind;
   {
     size_t n = strlen(r->header[H_REQUEST_ID]);
@@ -328,6 +359,11 @@ static int transfer_submit(lua_State *L) {
 
 static void client_free(fs_client *c) {
   fs_engine_free(&c->engine);
+  if (c->scratch != NULL) {  /* its transfer, if any, ended with the engine */
+    call_release(c->scratch);
+    free(c->scratch);
+    c->scratch = NULL;
+  }
   fs_url_cache_free(&c->urls);
   fs_template_free(c->tmpl);  /* transfers hold their own share of its lines */
   c->tmpl = NULL;
@@ -360,7 +396,8 @@ static fs_client *client_new(lua_State *L) {
   return c;
 }
 
-/* Build a run action's transfer; submit it too unless only prepared.
+/* Build a run action's transfer; submit it too unless only prepared
+** (submit 0), and for finish() (2) in the client's reused transfer.
 ** Options nil: the client's own, as core.new checked and copied them. */
 static fs_call *start_run_action(lua_State *L, fs_client *client, int client_arg,
                                  int run_arg, int opts_arg, int submit) {
@@ -379,14 +416,14 @@ static fs_call *start_run_action(lua_State *L, fs_client *client, int client_arg
   }
   fs_request_options(L, opts_arg, 0, &r);
   fs_request_run_action(L, run_arg, &r);
-  c = call_start(L, client, FS_RUN_ACTION, &r);
+  c = call_start(L, client, FS_RUN_ACTION, &r, submit == 2);
   if (submit)
     engine_check(L, fs_engine_submit(&client->engine, &c->t));
   return c;
 }
 
 static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
-                           int shape_arg) {
+                           int shape_arg, int blocking) {
   fs_request r;
   fs_call *c;
   memset(&r, 0, sizeof r);
@@ -395,25 +432,29 @@ static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
   r.engine = &client->engine;
   fs_request_shape(L, shape_arg, &r);
   fs_request_options(L, opts_arg, r.identity ? 0 : FS_NO_IDENTITY, &r);
-  c = call_start(L, client, FS_RAW, &r);
+  c = call_start(L, client, FS_RAW, &r, blocking);
   engine_check(L, fs_engine_submit(&client->engine, &c->t));
   return c;
 }
 
 /* Drive until c is done, then hand over its result. */
 static int finish(lua_State *L, fs_client *client, fs_call *c) {
+  int n;
   engine_check(L, fs_engine_finish(&client->engine, &c->t));
-  return call_results(L, c);
+  n = call_results(L, c);
+  if (c == client->scratch)
+    client->scratch_busy = 0;
+  return n;
 }
 
 static int client_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  return finish(L, client, start_run_action(L, client, 1, 2, 3, 1));
+  return finish(L, client, start_run_action(L, client, 1, 2, 3, 2));
 }
 
 static int client_request(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  return finish(L, client, submit_raw(L, client, 2, 3));
+  return finish(L, client, submit_raw(L, client, 2, 3, 1));
 }
 
 static int client_submit_retrigger(lua_State *L) {
@@ -427,7 +468,7 @@ static int client_prepare_retrigger(lua_State *L) {
 }
 
 static int client_submit(lua_State *L) {
-  submit_raw(L, client_check(L, 1), 2, 3);
+  submit_raw(L, client_check(L, 1), 2, 3, 0);
   return 1;
 }
 
@@ -527,7 +568,7 @@ static int core_retrigger(lua_State *L) {
   int n;
   lua_settop(L, 2);
   client = client_new(L);
-  n = finish(L, client, start_run_action(L, client, 0, 1, 2, 1));
+  n = finish(L, client, start_run_action(L, client, 0, 1, 2, 2));
   client_free(client);
   return n;
 }
