@@ -5,14 +5,24 @@
 -- first connection cancelled out.
 --
 --   lua5.4 bench/callgrind.lua     from the repository root, after `make trees`
--- Environment: BENCH_CG_N1 [300], BENCH_CG_N2 [1300],
---   BENCH_CG_ONLY [floor,client,client-luajit,lua-curl]
+-- Environment: BENCH_CG_N1 [1000], BENCH_CG_N2 [5000],
+--   BENCH_CG_ONLY [floor,client,client-luajit,lua-curl],
+--   BENCH_CG_CPU [0]: the CPU nginx and every contender run on (taskset), or "off".
+-- Pinned to one CPU, nginx answers only once the contender waits, as in a
+-- real run (where the reply is never there by the time libcurl first reads).
+-- Unpinned, nginx on the other core often answered before the contender,
+-- slowed down by valgrind, first read: libcurl then took another path
+-- through its socket bookkeeping, and the counts of one build moved by
+-- 2,000-4,000 instructions a call from run to run.
 package.path = "./?.lua;" .. package.path
 
 local bench_server = require "bench.server"
 
-local N1 = tonumber(os.getenv("BENCH_CG_N1") or "300")
-local N2 = tonumber(os.getenv("BENCH_CG_N2") or "1300")
+local N1 = tonumber(os.getenv("BENCH_CG_N1") or "1000")
+local N2 = tonumber(os.getenv("BENCH_CG_N2") or "5000")
+local CPU = os.getenv("BENCH_CG_CPU") or "0"
+if CPU ~= "off" and not CPU:match("^%d+$") then error("BENCH_CG_CPU must be a CPU number or off", 0) end
+local PIN = CPU ~= "off" and "taskset -c " .. CPU .. " " or ""
 local ONLY = os.getenv("BENCH_CG_ONLY") or "floor,client,client-luajit,lua-curl"
 local FLOOR = "build/bench/floor"
 
@@ -33,7 +43,7 @@ local CONTENDERS = {
 }
 
 local function instructions(cmd)
-  local out = run("env -u http_proxy -u https_proxy valgrind --tool=callgrind --callgrind-out-file=/dev/null "
+  local out = run("env -u http_proxy -u https_proxy " .. PIN .. "valgrind --tool=callgrind --callgrind-out-file=/dev/null "
     .. cmd)
   local ir = out:match("Collected%s*:%s*(%d+)")
   if not ir then error("no callgrind total from: " .. cmd .. "\n" .. out, 0) end
@@ -41,7 +51,7 @@ local function instructions(cmd)
 end
 
 run("mkdir -p build/bench && gcc -O2 -std=c99 -Wall -Wextra -Werror -o " .. FLOOR .. " bench/floor.c -lcurl")
-local server = bench_server.start()
+local server = bench_server.start(CPU ~= "off" and tonumber(CPU) or nil)
 local ok, err = pcall(function()
   local urls = { h1 = server.h1_url, h2 = server.h2_url }
   print(("Instructions per call under callgrind, (Ir(%d calls) - Ir(%d calls)) / %d:"):format(N2, N1, N2 - N1))

@@ -15,6 +15,10 @@
 --   BENCH_MEMORY_PORTS    [h1,h2]
 --   BENCH_TREE            a module tree to use as is, instead of a snapshot of build/tree
 --   BENCH_TREE_51         the same for LuaJIT, instead of a snapshot of build/tree-5.1
+--   BENCH_CPUS [0,0]      "NGINX_CPU,CONTENDER_CPU": nginx (its one worker) runs pinned
+--                         to the first CPU and every contender alike to the second
+--                         (taskset; the same one by default, see cpus()); "off"
+--                         leaves both to the scheduler
 --
 -- Every contender runs in its own process, times its own loop with a
 -- monotonic clock and prints "calls=N seconds=S etag=E label=L". nginx puts
@@ -104,10 +108,27 @@ local function build_floor()
       .. FLOOR .. " bench/floor.c -lcurl")
 end
 
+-- Where nginx and the contenders run. Left to the scheduler, a round's
+-- time depends on whether the contender and nginx's worker share a core
+-- or not: on two cores a call then waits for the other core to wake from
+-- idle (twice per call), and the same contender's rounds came out bimodal
+-- (~2x apart). Pinned, every contender runs on the same core as the
+-- worker: a call is a plain hand-over between two processes, what each
+-- costs is what its round measures, and other load of the machine tends
+-- to the other core (CPU 1 also takes the disk's interrupts here).
+local function cpus()
+  local spec = os_getenv("BENCH_CPUS") or "0,0"
+  if spec == "off" then return nil end
+  local server_cpu, contender_cpu = spec:match("^(%d+),(%d+)$")
+  if not server_cpu then error("BENCH_CPUS must be NGINX_CPU,CONTENDER_CPU or off", 0) end
+  return tonumber(server_cpu), tonumber(contender_cpu)
+end
+
 -- Loopback only: a proxy from the environment would measure the proxy.
-local function child_env(tree, tree_51)
+local function child_env(tree, tree_51, cpu)
   return "env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY"
          .. " -u ALL_PROXY -u all_proxy BENCH_TREE=" .. q(tree) .. " BENCH_TREE_51=" .. q(tree_51) .. " "
+         .. (cpu and "taskset -c " .. cpu .. " " or "")
 end
 
 local function machine()
@@ -209,7 +230,7 @@ local function fmt_us(us)
   return str_format("%.1f", us)
 end
 
-local function speed(server, env)
+local function speed(server, env, placement)
   local list = selected()
   local results, protos = {}, {}
   for _, c in ipairs(list) do
@@ -240,7 +261,8 @@ local function speed(server, env)
         if c.key == "client" or c.key == "client-luajit" then c.name = CLIENT_NAME[label] or label end
         line[#line + 1] = str_format("%s %s", c.key, fmt_us(us))
       end
-      log("round %d/%d %s: %s (us/call)", round, ROUNDS, port, table_concat(line, ", "))
+      log("round %d/%d %s: %s (us/call); load %s", round, ROUNDS, port, table_concat(line, ", "),
+          (read_file("/proc/loadavg") or "?"):match("^%S+") or "?")
     end
   end
 
@@ -253,7 +275,8 @@ local function speed(server, env)
       .. " Median of %d rounds; each round every contender makes its calls in its own process,"
       .. " the order rotating between rounds; first connection included, process start not."
       .. " × floor: median over the rounds of the ratio to the floor's run in the same round"
-      .. " and port. Last column: protocol spoken, requests its last connection carried.", ROUNDS),
+      .. " and port. Last column: protocol spoken, requests its last connection carried. %s.",
+      ROUNDS, placement),
     "",
     "| contender | calls/round | " .. PORT_TITLE.h1 .. ": µs/call | × floor | "
       .. PORT_TITLE.h2 .. ": µs/call | × floor | protocol, requests per connection (h1 port / h2 port) |",
@@ -333,11 +356,17 @@ local ok, result = xpcall(function()
   local tree = module_tree()
   local tree_51 = mode == "speed" and module_tree_51() or ""
   if mode == "speed" then build_floor() end
-  server = bench_server.start()
-  log("nginx pid %d: %s (HTTP/1.1 only), %s (HTTP/2); module tree %s",
-      server.pid, server.h1_url, server.h2_url, tree)
-  local env = child_env(tree, tree_51)
-  if mode == "speed" then return speed(server, env) end
+  local server_cpu, contender_cpu = cpus()
+  server = bench_server.start(server_cpu)
+  log("nginx pid %d: %s (HTTP/1.1 only), %s (HTTP/2); module tree %s; %s",
+      server.pid, server.h1_url, server.h2_url, tree, server_cpu
+        and str_format("nginx on CPU %d, contenders on CPU %d", server_cpu, contender_cpu)
+        or "not pinned")
+  local env = child_env(tree, tree_51, contender_cpu)
+  if mode == "speed" then
+    return speed(server, env, server_cpu and str_format("nginx's worker pinned to CPU %d and every"
+      .. " contender to CPU %d (taskset)", server_cpu, contender_cpu) or "Nothing pinned")
+  end
   return memory(server, env)
 end, function(err)
   -- Ctrl-C arrives here as "interrupted!": the server still gets stopped.

@@ -317,6 +317,43 @@ describe("flowservice.new", function()
       end
     end)
 
+    it("sends a run action given no options with the client's own, copied when it was made", function()
+      local headers = { ["X-Job"] = "nightly" }
+      local o = h.opts(server.url, { user_agent = "own-agent/1", headers = headers })
+      local c = core.new(o)
+      o.user_agent, o.sandbox, o.bogus = "changed/1", "other", true -- the caller's table, not the client's
+      local other = h.opts(server.url, { user_agent = "other-agent/1" })
+      assert.is_table((c:retrigger(runs.failed)))
+      assert.is_table((c:retrigger(runs.failed, other)))
+      assert.is_table((c:retrigger(runs.failed, nil)))
+      local t = c:submit_retrigger(runs.failed)
+      repeat c:step(); if not t:done() then c:wait(0.05) end until t:done()
+      assert.is_table((t:result()))
+      c:prepare_retrigger(runs.failed):cancel()
+      local log = server:requests()
+      assert.equal(4, #log)
+      for _, i in ipairs { 1, 3, 4 } do
+        assert.equal("own-agent/1", log[i].headers["user-agent"])
+        assert.equal(h.creds.sandbox, log[i].headers["x-sandbox-name"])
+        assert.equal("nightly", log[i].headers["x-job"])
+        assert.equal(h.creds.api_key, log[i].headers["x-api-key"])
+      end
+      assert.equal("other-agent/1", log[2].headers["user-agent"])
+      assert.is_nil(log[2].headers["x-job"])
+      -- opts.headers is the caller's table: read again on every call, and checked
+      headers["X-Job"] = "weekly"
+      assert.is_table((c:retrigger(runs.failed)))
+      assert.equal("weekly", server:requests()[5].headers["x-job"])
+      headers["Bad Name"] = "x"
+      assert.error_matches(function() c:retrigger(runs.failed) end,
+        "bad argument #2 to 'retrigger' %(option 'headers' holds a name that is not an HTTP token%)")
+      headers["Bad Name"] = nil
+      -- a client the core made for one call has no options of its own
+      assert.error_matches(function() core.retrigger(runs.failed, nil) end, "bad argument #2 .*table expected, got nil")
+      c:close()
+      assert.equal(5, #server:requests())
+    end)
+
     it("gives every call a fresh request id (version-4 UUIDs, never repeated)", function()
       local o = h.opts(server.url)
       local c = core.new(o)

@@ -29,11 +29,21 @@ static inline void fs_compat_setfuncs(lua_State *L, const luaL_Reg *l, int nup) 
 
 #define fs_setfuncs fs_compat_setfuncs
 #define fs_rawlen(L, i) lua_objlen((L), (i))
+/* a userdata's one Lua value (a table): its environment on 5.1 */
+#define fs_setuservalue(L, i) lua_setfenv((L), (i))
+#define fs_getuservalue(L, i) lua_getfenv((L), (i))
 
 #else
 
 #define fs_setfuncs luaL_setfuncs
 #define fs_rawlen(L, i) lua_rawlen((L), (i))
+#if LUA_VERSION_NUM >= 504
+#define fs_setuservalue(L, i) lua_setiuservalue((L), (i), 1)
+#define fs_getuservalue(L, i) lua_getiuservalue((L), (i), 1)
+#else
+#define fs_setuservalue(L, i) lua_setuservalue((L), (i))
+#define fs_getuservalue(L, i) lua_getuservalue((L), (i))
+#endif
 
 #endif
 

@@ -4,6 +4,7 @@
 **   retrigger(run_id, opts)       one call on a fresh engine (blocking)
 **   new(opts [, token_later])     a client: an engine whose connections last
 **   client:retrigger(run_id, opts) / client:request(opts, shape)   blocking
+**     (a run action's opts nil: the client's own, as new() checked them)
 **   client:submit_retrigger(...) / client:submit(...) -> transfer  non-blocking
 **   client:prepare_retrigger(...) -> transfer, built but not yet sent
 **   client:step() / client:wait(s) / client:timeout() / client:close()
@@ -34,13 +35,6 @@
 #define FS_UV_DECODE lua_upvalueindex(1)  /* cjson.safe.new().decode */
 #define FS_UV_USER_AGENT lua_upvalueindex(2)  /* the default User-Agent */
 
-typedef struct fs_client {
-  fs_engine engine;
-  fs_url_cache urls;
-  fs_template *tmpl;  /* its run actions' constant part (request.h) */
-  int closed;
-} fs_client;
-
 enum { FS_RUN_ACTION, FS_RAW };
 
 /* A transfer owned by Lua: freed by __gc whatever happens to the call. */
@@ -54,6 +48,19 @@ typedef struct fs_call {
   fs_wire wire_state; /* where wire points */
   fs_wire_target wire_target;  /* where its request went, unless its client's */
 } fs_call;
+
+typedef struct fs_client {
+  fs_engine engine;
+  fs_url_cache urls;
+  fs_template *tmpl;  /* its run actions' constant part (request.h) */
+  /* the blocking calls' transfer, reused from call to call (plain memory,
+  ** freed with the client); busy while a call uses it (a finalizer that
+  ** makes a blocking call meanwhile gets a transfer of its own), and left
+  ** busy by a call that raised (its transfer stays the engine's until close) */
+  fs_call *scratch;
+  int scratch_busy;
+  int closed;
+} fs_client;
 
 
 /* ---------------------------------------------------------------------
@@ -222,8 +229,7 @@ static int call_results(lua_State *L, fs_call *c) {
 ** Transfers
 */
 
-static int call_gc(lua_State *L) {
-  fs_call *c = (fs_call *)luaL_checkudata(L, 1, FS_TRANSFER_MT);
+static void call_release(fs_call *c) {
   fs_transfer_free(&c->t);
   if (c->wire != NULL) {
     fs_wire_free(c->wire);
@@ -233,33 +239,65 @@ static int call_gc(lua_State *L) {
   if (c->request_id != c->id_buf)
     free(c->request_id);
   c->request_id = NULL;
+}
+
+static int call_gc(lua_State *L) {
+  call_release((fs_call *)luaL_checkudata(L, 1, FS_TRANSFER_MT));
   return 0;
+}
+
+/* A blocking call's transfer: the client's reused one, or NULL (in use,
+** or no memory: the caller makes one that Lua owns). */
+static fs_call *call_scratch(fs_client *client) {
+  fs_call *c = client->scratch;
+  if (client->scratch_busy)
+    return NULL;
+  if (c == NULL)
+    c = client->scratch = (fs_call *)malloc(sizeof *c);
+  else
+    call_release(c);
+  if (c != NULL) {
+    memset(c, 0, sizeof *c);
+    client->scratch_busy = 1;
+  }
+  return c;
 }
 
 static fs_call *call_check(lua_State *L, int idx) {
   return (fs_call *)luaL_checkudata(L, idx, FS_TRANSFER_MT);
 }
 
-/* A transfer's userdata for r, pushed; nothing acquired for it yet. */
-static fs_call *call_new(lua_State *L, int kind, const fs_request *r) {
-  fs_call *c = (fs_call *)lua_newuserdata(L, sizeof *c);
+/* Fill c (zeroed) for r: its kind and request id. */
+static void call_init(lua_State *L, fs_call *c, int kind, const fs_request *r) {
   size_t n = strlen(r->header[H_REQUEST_ID]);
-  memset(c, 0, sizeof *c);
-  luaL_getmetatable(L, FS_TRANSFER_MT);
-  lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
   c->kind = kind;
   c->request_id = n < sizeof c->id_buf ? c->id_buf : (char *)malloc(n + 1);
   if (c->request_id == NULL)
     luaL_error(L, "flowservice: out of memory");
   memcpy(c->request_id, r->header[H_REQUEST_ID], n + 1);
+}
+
+/* A transfer's userdata for r, pushed; nothing acquired for it yet. */
+static fs_call *call_new(lua_State *L, int kind, const fs_request *r) {
+  fs_call *c = (fs_call *)lua_newuserdata(L, sizeof *c);
+  memset(c, 0, sizeof *c);
+  luaL_getmetatable(L, FS_TRANSFER_MT);
+  lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
+  call_init(L, c, kind, r);
   return c;
 }
 
-/* Prepare, build and (not yet) submit a transfer; pushes its userdata. */
+/* Prepare, build and (not yet) submit a transfer; pushes its userdata,
+** unless blocking (finish() follows at once) and the client's reused
+** transfer is free. */
 static fs_call *call_start(lua_State *L, fs_client *client, int kind,
-                           const fs_request *r) {
-  fs_call *c = call_new(L, kind, r);
+                           const fs_request *r, int blocking) {
+  fs_call *c = blocking ? call_scratch(client) : NULL;
   CURLcode rc;
+  if (c == NULL)
+    c = call_new(L, kind, r);
+  else
+    call_init(L, c, kind, r);
   rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body, kind == FS_RUN_ACTION,
                            r->tmpl != NULL ? fs_template_config(r->tmpl) : 0);
   if (rc != CURLE_OK)
@@ -422,6 +460,11 @@ static int core_wire_reader_for_tests(lua_State *L) {
 
 static void client_free(fs_client *c) {
   fs_engine_free(&c->engine);
+  if (c->scratch != NULL) {  /* its transfer, if any, ended with the engine */
+    call_release(c->scratch);
+    free(c->scratch);
+    c->scratch = NULL;
+  }
   fs_url_cache_free(&c->urls);
   fs_template_free(c->tmpl);  /* transfers hold their own share of its lines */
   c->tmpl = NULL;
@@ -454,9 +497,21 @@ static fs_client *client_new(lua_State *L) {
   return c;
 }
 
-/* Build a run action's transfer; submit it too unless only prepared. */
-static fs_call *start_run_action(lua_State *L, fs_client *client, int run_arg,
-                                 int opts_arg, int submit) {
+/* Build a run action's transfer; submit it too unless only prepared
+** (submit 0), and for finish() (2) in the client's reused transfer.
+** Options nil: the client's own, as core.new checked and copied them. */
+/* nil options: the client's own copy, checked when it was made. */
+static void own_options(lua_State *L, int client_arg, int opts_arg, fs_request *r) {
+  if (!lua_isnoneornil(L, opts_arg))
+    return;
+  lua_settop(L, opts_arg);
+  fs_getuservalue(L, client_arg);
+  lua_replace(L, opts_arg);  /* where errors about them point, as before */
+  r->own_options = lua_istable(L, opts_arg);
+}
+
+static fs_call *start_run_action(lua_State *L, fs_client *client, int client_arg,
+                                 int run_arg, int opts_arg, int submit) {
   fs_request r;
   fs_call *c;
   memset(&r, 0, sizeof r);
@@ -464,16 +519,18 @@ static fs_call *start_run_action(lua_State *L, fs_client *client, int run_arg,
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
   r.engine = &client->engine;
   r.tmpl_slot = &client->tmpl;
+  if (client_arg != 0)
+    own_options(L, client_arg, opts_arg, &r);
   fs_request_options(L, opts_arg, 0, &r);
   fs_request_run_action(L, run_arg, &r);
-  c = call_start(L, client, FS_RUN_ACTION, &r);
+  c = call_start(L, client, FS_RUN_ACTION, &r, submit == 2);
   if (submit)
     engine_check(L, fs_engine_submit(&client->engine, &c->t));
   return c;
 }
 
 static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
-                           int shape_arg) {
+                           int shape_arg, int blocking) {
   fs_request r;
   fs_call *c;
   memset(&r, 0, sizeof r);
@@ -482,34 +539,38 @@ static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
   r.engine = &client->engine;
   fs_request_shape(L, shape_arg, &r);
   fs_request_options(L, opts_arg, r.identity ? 0 : FS_NO_IDENTITY, &r);
-  c = call_start(L, client, FS_RAW, &r);
+  c = call_start(L, client, FS_RAW, &r, blocking);
   engine_check(L, fs_engine_submit(&client->engine, &c->t));
   return c;
 }
 
 /* Drive until c is done, then hand over its result. */
 static int finish(lua_State *L, fs_client *client, fs_call *c) {
+  int n;
   engine_check(L, fs_engine_finish(&client->engine, &c->t));
-  return call_results(L, c);
+  n = call_results(L, c);
+  if (c == client->scratch)
+    client->scratch_busy = 0;
+  return n;
 }
 
 static int client_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  return finish(L, client, start_run_action(L, client, 2, 3, 1));
+  return finish(L, client, start_run_action(L, client, 1, 2, 3, 2));
 }
 
 static int client_request(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  return finish(L, client, submit_raw(L, client, 2, 3));
+  return finish(L, client, submit_raw(L, client, 2, 3, 1));
 }
 
 static int client_submit_retrigger(lua_State *L) {
-  start_run_action(L, client_check(L, 1), 2, 3, 1);
+  start_run_action(L, client_check(L, 1), 1, 2, 3, 1);
   return 1;
 }
 
 static int client_prepare_retrigger(lua_State *L) {
-  start_run_action(L, client_check(L, 1), 2, 3, 0);
+  start_run_action(L, client_check(L, 1), 1, 2, 3, 0);
   return 1;
 }
 
@@ -531,6 +592,7 @@ static int client_wire_retrigger(lua_State *L) {
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
   r.engine = &client->engine;
   r.tmpl_slot = &client->tmpl;
+  own_options(L, 1, 3, &r);
   fs_request_options(L, 3, 0, &r);
   fs_request_run_action(L, 2, &r);
   c = call_new(L, FS_RUN_ACTION, &r);
@@ -571,7 +633,7 @@ static int transfer_fail(lua_State *L) {
 }
 
 static int client_submit(lua_State *L) {
-  submit_raw(L, client_check(L, 1), 2, 3);
+  submit_raw(L, client_check(L, 1), 2, 3, 0);
   return 1;
 }
 
@@ -671,19 +733,30 @@ static int core_retrigger(lua_State *L) {
   int n;
   lua_settop(L, 2);
   client = client_new(L);
-  n = finish(L, client, start_run_action(L, client, 1, 2, 1));
+  n = finish(L, client, start_run_action(L, client, 0, 1, 2, 2));
   client_free(client);
   return n;
 }
 
-/* Validates the options a client will use; the Lua face keeps them. */
+/* Validates the options a client will use. The Lua face keeps them; the
+** client keeps a copy no one else holds (raw, as they are read): its run
+** actions given no options use it, read once (fs_request.own_options). */
 static int core_new(lua_State *L) {
   fs_request r;
   int token_later = lua_toboolean(L, 2);
   memset(&r, 0, sizeof r);
   lua_settop(L, 1);
   fs_request_options(L, 1, token_later ? FS_TOKEN_LATER : 0, &r);
+  lua_settop(L, 1);
   client_new(L);
+  lua_newtable(L);
+  lua_pushnil(L);
+  while (lua_next(L, 1) != 0) {
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, 3);
+  }
+  fs_setuservalue(L, 2);
   return 1;
 }
 
@@ -720,6 +793,18 @@ static int core_check_url(lua_State *L) {
   lua_pushnil(L);
   lua_pushstring(L, why);
   return 2;
+}
+
+/* core.run_id_problem(s) -> nil, or why s is no run id (args.run_id). */
+static int core_run_id_problem(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *why = fs_run_id_problem(s, len);
+  if (why == NULL)
+    lua_pushnil(L);
+  else
+    lua_pushstring(L, why);
+  return 1;
 }
 
 /* An HTTP date (a reply's Date header) -> epoch seconds, or nil. */
@@ -775,7 +860,8 @@ int luaopen_flowservice_core(lua_State *L) {
   static const luaL_Reg module[] = {
     {"retrigger", core_retrigger}, {"new", core_new}, {"escape", core_escape},
     {"unescape", core_unescape}, {"now", core_now}, {"parse_date", core_parse_date},
-    {"check_url", core_check_url}, {"wire_reader_for_tests", core_wire_reader_for_tests},
+    {"check_url", core_check_url}, {"run_id_problem", core_run_id_problem},
+    {"wire_reader_for_tests", core_wire_reader_for_tests},
     {NULL, NULL}
   };
   static const luaL_Reg client[] = {

@@ -107,14 +107,32 @@ static int is_blank(const char *s, size_t len) {
 /* RFC 3986 unreserved: the only bytes a run id needs, and none that a
 ** decoding proxy could turn into another path. */
 static int is_unreserved(const char *s, size_t len) {
+  static const unsigned char unreserved[256] = {
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
+    ['8'] = 1, ['9'] = 1, ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1,
+    ['G'] = 1, ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1,
+    ['O'] = 1, ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1,
+    ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1, ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1,
+    ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1,
+    ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1,
+    ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1, ['-'] = 1, ['_'] = 1,
+    ['.'] = 1, ['~'] = 1
+  };
   size_t i;
-  for (i = 0; i < len; i++) {
-    unsigned char c = (unsigned char)s[i];
-    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
-          || c == '-' || c == '_' || c == '.' || c == '~'))
+  for (i = 0; i < len; i++)
+    if (!unreserved[(unsigned char)s[i]])
       return 0;
-  }
   return 1;
+}
+
+const char *fs_run_id_problem(const char *s, size_t len) {
+  if (len == 0)
+    return "run id must be a non-empty string";
+  if (!is_unreserved(s, len))
+    return "run id may hold only letters, digits, '-', '_', '.' and '~'";
+  if (s[0] == '.' && (len == 1 || (len == 2 && s[1] == '.')))
+    return "run id may not be '.' or '..'";
+  return NULL;
 }
 
 static int header_index(const char *name) {
@@ -265,10 +283,11 @@ static void check_extra_headers(lua_State *L, int opts, fs_request *r) {
 
 /* A fresh id per attempt lets Adobe support find the exact request:
 ** random bytes from the client's engine (kernel randomness, fetched in
-** batches), else from getrandom() itself. */
-static const char *push_request_id(lua_State *L, fs_engine *engine) {
+** batches), else from getrandom() itself; written into r (no Lua string). */
+static const char *make_request_id(fs_request *r) {
+  fs_engine *engine = r->engine;
   unsigned char b[16];
-  char id[36];
+  char *id = r->request_id;
   size_t got = 0;
   if (engine != NULL) {
     fs_engine_random(engine, b, sizeof b);
@@ -299,9 +318,9 @@ static const char *push_request_id(lua_State *L, fs_engine *engine) {
       id[o++] = hex[b[i] >> 4];
       id[o++] = hex[b[i] & 15];
     }
-    lua_pushlstring(L, id, o);
+    id[o] = '\0';
   }
-  return lua_tostring(L, -1);
+  return id;
 }
 
 static int url_scheme_is_http(CURLU *u) {
@@ -403,6 +422,11 @@ static const int template_headers[] = {
 struct fs_template {
   unsigned long config;       /* the engine's number for these options */
   int flags;
+  /* made from, or matched by, the client's own copy of its options (see
+  ** fs_request.own_options): own_values is what that table holds, its
+  ** strings kept alive by it */
+  int own;
+  opt_values own_values;
   /* the raw values it was made from, to recognise them: copies in block */
   int present[O_COUNT];
   const char *str[O_COUNT];
@@ -581,7 +605,7 @@ static void read_per_call(lua_State *L, int opts, const opt_values *v, fs_reques
   const char **h = r->header;
   h[H_REQUEST_ID] = opt_string(L, v, O_REQUEST_ID, NULL, 0);
   if (h[H_REQUEST_ID] == NULL || is_blank(h[H_REQUEST_ID], v->len[O_REQUEST_ID]))
-    h[H_REQUEST_ID] = push_request_id(L, r->engine);  /* every attempt has an id to trace */
+    h[H_REQUEST_ID] = make_request_id(r);  /* every attempt has an id to trace */
   h[H_IF_MATCH] = opt_nonblank(L, v, O_IF_MATCH, NULL, 0);  /* else: unconditional */
   r->timeout_ms = opt_milliseconds(L, v, O_TIMEOUT, FS_DEFAULT_TIMEOUT);
   r->headers_table = 0;
@@ -593,14 +617,33 @@ static void read_per_call(lua_State *L, int opts, const opt_values *v, fs_reques
   check_extra_headers(L, opts, r);
 }
 
+/* The client's own options, read once: a table no one else holds never
+** changes (opts.headers, a table of the caller's, is read again by
+** read_per_call on every call). */
+static void remember_own(fs_template *t, const opt_values *v, int own) {
+  if (own) {
+    t->own_values = *v;
+    t->own = 1;
+  }
+}
+
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   const char **h = r->header;
   opt_values v;
   luaL_checktype(L, opts, LUA_TTABLE);
   luaL_checkstack(L, 12, "request options");  /* what we keep, and pairs */
+  if (r->own_options && r->tmpl_slot != NULL && *r->tmpl_slot != NULL
+      && (*r->tmpl_slot)->own && (*r->tmpl_slot)->flags == flags) {
+    v = (*r->tmpl_slot)->own_values;
+    v.opts = opts;
+    use_template(r, *r->tmpl_slot);
+    read_per_call(L, opts, &v, r);
+    return;
+  }
   read_options(L, opts, &v);
   if (r->tmpl_slot != NULL && *r->tmpl_slot != NULL
       && template_matches(*r->tmpl_slot, &v, flags)) {  /* checked before */
+    remember_own(*r->tmpl_slot, &v, r->own_options);
     use_template(r, *r->tmpl_slot);
     read_per_call(L, opts, &v, r);
     return;
@@ -630,6 +673,7 @@ void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
     fs_template *t = template_new(&v, flags, r);
     if (t != NULL) {
       t->config = fs_engine_new_config(r->engine);
+      remember_own(t, &v, r->own_options);
       fs_template_free(*r->tmpl_slot);
       *r->tmpl_slot = t;
       use_template(r, t);
@@ -660,10 +704,11 @@ void fs_request_run_action(lua_State *L, int arg, fs_request *r) {
     luaL_argerror(L, arg, lua_pushfstring(L,
                   "run id must be a non-empty string, got %s", luaL_typename(L, arg)));
   run_id = lua_tolstring(L, arg, &len);
-  if (len > 0 && !is_unreserved(run_id, len))  /* '/' would reach a proxy as %2F */
-    luaL_argerror(L, arg,
-                  "run id may hold only letters, digits, '-', '_', '.' and '~'");
-  check_segment(L, arg, "run id", run_id, len);
+  {
+    const char *why = fs_run_id_problem(run_id, len);  /* '/' would reach a proxy as %2F */
+    if (why != NULL)
+      luaL_argerror(L, arg, why);
+  }
   r->get = 0;
   r->identity = 1;
   r->run_action = 1;

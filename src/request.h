@@ -97,6 +97,10 @@ typedef struct fs_request {
   fs_engine *engine;              /* the client's: request ids, configurations */
   fs_template **tmpl_slot;        /* the client's template, for run actions */
   fs_template *tmpl;              /* the template this request is built from */
+  int own_options;                /* the options table is the client's own copy
+                                  ** (core.new made it; no one else holds it):
+                                  ** read once, then only its per-call part */
+  char request_id[37];            /* storage for a generated x-request-id */
   const char *action_path[3];     /* storage for a run action's shape */
   fs_param action_query[1];
 } fs_request;
@@ -104,13 +108,18 @@ typedef struct fs_request {
 /*
 ** Check the options table at stack index opts (raising luaL_argerror-style
 ** errors naming it) and fill r's options. The strings it makes (bearer
-** value, request id) stay on the stack until the caller returns.
+** value) stay on the stack until the caller returns; a generated request
+** id lives in r.
 */
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r);
 
 /* Check the run id at stack index arg (unreserved characters only, not "."
 ** or ".."); POST runs/{id}/action?op={op}. */
 void fs_request_run_action(lua_State *L, int arg, fs_request *r);
+
+/* NULL when run_id (len bytes) is one fs_request_run_action takes, else
+** why not: the same rules, for the Lua face to check before any I/O. */
+const char *fs_run_id_problem(const char *run_id, size_t len);
 
 /* Check a request shape table at stack index spec:
 ** { method = "GET"|"POST", path = {seg, ...}, query = {{name, value}, ...},

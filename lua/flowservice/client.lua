@@ -209,11 +209,12 @@ end
 -- send(p, target, opts) makes one attempt and returns result, status,
 -- request_id or nil, the core's error table. creates: the call makes a run
 -- (see flowservice.retry, which alone decides what may be repeated).
--- path: for log lines only (nil when not logging).
-local function call(p, method, path, creates, opts, deadline, send, target, waiter)
+-- path: for log lines only (nil when not logging). lean: a success returns
+-- the result alone (its caller drops the attempts' record).
+local function call(p, method, path, creates, opts, deadline, send, target, waiter, lean)
   local policy = p.retry
   local ends = deadline and now() + deadline
-  local request_ids, attempt, budget, refreshed, last = {}, 0, 0, false, nil
+  local request_ids, attempt, budget, refreshed, last = nil, 0, 0, false, nil
   while true do
     local attempt_opts, token = opts, nil
     if p.auth then
@@ -227,7 +228,7 @@ local function call(p, method, path, creates, opts, deadline, send, target, wait
       if left <= 0 then
         last = last or errors.new { kind = "timeout", sent = false,
           message = format("deadline of %g s passed", deadline) }
-        return failed(last, attempt, request_ids)
+        return failed(last, attempt, request_ids or {})
       end
       if left < (attempt_opts.timeout or core.defaults.timeout) then
         attempt_opts = copy(attempt_opts, { timeout = left })
@@ -237,11 +238,14 @@ local function call(p, method, path, creates, opts, deadline, send, target, wait
     local started = p.log and now()
     local result, status_or_err, request_id = send(p, target, attempt_opts, waiter)
     if result then
-      request_ids[#request_ids + 1] = request_id
       log_attempt(p, method, path, status_or_err, attempt, request_id, started)
+      if lean then return result end
+      request_ids = request_ids or {}
+      request_ids[#request_ids + 1] = request_id
       return result, { attempts = attempt, request_ids = request_ids }
     end
     local err = errors.from_core(status_or_err, secrets(p))
+    request_ids = request_ids or {}
     request_ids[#request_ids + 1] = err.request_id
     log_attempt(p, method, path, err.status or err.kind, attempt, err.request_id, started)
     last = err
@@ -275,7 +279,10 @@ end
 -- The server's clock, from the Date header of its latest reply: the bulk
 -- job stamps its journal with it (run times are on that clock, not ours).
 -- A retrigger hands the header over raw; it is parsed only when asked for.
+-- The same raw header again tells nothing new (the server's clock is read
+-- to the second): the first sighting of that second is kept, no clock read.
 local function saw_date(p, epoch_seconds, raw)
+  if raw and p.clock and p.clock.raw == raw then return end
   if epoch_seconds or raw then p.clock = { seconds = epoch_seconds, raw = raw, at = now() } end
 end
 
@@ -289,10 +296,12 @@ end
 -- One attempt of each kind, for call(): target is the run id or the shape.
 -- A client with transport = "nginx", where cosockets work: over them
 -- (flowservice.wire). With a waiter, the same request is submitted and driven
--- from here; without,
--- the C engine blocks until it is done.
+-- from here; without, the C engine blocks until it is done.
+-- The client's options as they are go as nil: the core's own copy of them,
+-- checked when the client was made, is read once (opts.headers every call).
 local function send_retrigger(p, run_id, opts, waiter)
   local run, status, request_id, date
+  if opts == p.opts then opts = nil end
   local ngx = p.wire and wire.usable()
   if ngx then
     run, status, request_id, date = wire.retrigger(ngx, p.handle, run_id, opts)
@@ -377,7 +386,7 @@ function Client:retrigger(run_id, overrides)
   local opts, deadline = call_options(p, overrides, 2, "retrigger", 2)
   local waiter = waiter_of(p, overrides and overrides.wait, 2)
   local path = p.log and "/runs/" .. run_id .. "/action?op=" .. (opts.op or core.defaults.op)
-  local run, err = call(p, "POST", path, true, opts, deadline, send_retrigger, run_id, waiter)
+  local run, err = call(p, "POST", path, true, opts, deadline, send_retrigger, run_id, waiter, true)
   if run then return run end
   return nil, err
 end
