@@ -50,6 +50,12 @@ describe("the nginx transport's request", function()
     assert.is_false(info.t:done())
   end)
 
+  it("is libcurl's request with no per-call options (the client's own copy of its options)", function()
+    local curl, wire = both(options(), nil)
+    assert.equal(curl, wire)
+    assert.matches("\r\nx%-request%-id: " .. ID:gsub("%-", "%%-") .. "\r\n", wire)
+  end)
+
   it("is libcurl's request with per-call If-Match, extra headers (an empty one too), timeout", function()
     local o = options()
     local call = options { if_match = '"etag-1"', timeout = 7,

@@ -1248,6 +1248,10 @@ static int target_read(fs_wire_target *w, const char *url, const char *method, i
       free(at);
     }
     ok = w->host != NULL && w->line_head != NULL && w->host_line != NULL && w->pool != NULL;
+    if (ok) {
+      w->line_head_len = strlen(w->line_head);
+      w->host_line_len = strlen(w->host_line);
+    }
   }
   curl_free(scheme);
   curl_free(host);
@@ -1332,12 +1336,12 @@ const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_req
     w = own;
   }
   luaL_buffinit(L, &b);
-  luaL_addstring(&b, w->line_head);
+  luaL_addlstring(&b, w->line_head, w->line_head_len);
   if (run_prefix) {
     luaL_addstring(&b, r->action_path[1]);  /* unreserved bytes only */
     luaL_addlstring(&b, r->tmpl->url_tail, r->tmpl->url_tail_len);
   }
-  luaL_addstring(&b, w->host_line);
+  luaL_addlstring(&b, w->host_line, w->host_line_len);
   if (t->tail != NULL && t->tail->list != NULL && wire_tail(r->tmpl)) {
     /* the call's own lines, then the template's, serialised once */
     for (h = t->head; h != NULL && h != t->tail->list; h = h->next)

@@ -34,6 +34,7 @@ typedef struct fs_wire_target {
   char *line_head;    /* "POST /path" (and "?query"), or up to "/runs/" */
   char *host_line;    /* " HTTP/1.1\r\nHost: authority\r\n" */
   char *pool;         /* the keep-alive pool's name: scheme, host, port, trust */
+  size_t line_head_len, host_line_len;
   long port;
   int tls;            /* https */
 } fs_wire_target;

@@ -78,8 +78,8 @@ static int is_digit(char c) {
   return c >= '0' && c <= '9';
 }
 
-/* RFC 9110 tchar: letters, digits and these (a table: this runs per byte
-** of every header name) */
+/* RFC 9110 tchar: letters, digits and these (a table: this runs for each
+** byte of every header name) */
 static const unsigned char tchar_symbol[128] = {
   ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
   ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,

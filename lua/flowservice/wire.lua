@@ -11,7 +11,7 @@
 -- sent = false; any failure from the send on says sent = true, so the
 -- caller's retry rules (flowservice.retry) and the bulk job's evidence
 -- treat it as possibly acted on, as they do libcurl's.
-local rawget, type = rawget, type
+local rawget, setmetatable, type = rawget, setmetatable, type
 local format = string.format
 
 local _M = {}
@@ -51,6 +51,18 @@ local function fail(t, sock, step, err, sent, host, port)
   return t:result()
 end
 
+-- connect()'s options for a pool, one table per pool name (they are few:
+-- one per scheme, host, port and trust), kept while the name is in use.
+local pools = setmetatable({}, { __mode = "v" })
+local function pool_options(pool)
+  local o = pools[pool]
+  if not o then
+    o = { pool = pool }
+    pools[pool] = o
+  end
+  return o
+end
+
 -- Milliseconds left until ends (ngx.now()'s seconds), at least 1.
 local function left(now, ends)
   local ms = (ends - now()) * 1000
@@ -67,7 +79,7 @@ function _M.retrigger(ngx, handle, run_id, opts)
   local sock = ngx.socket.tcp()
   local ms = left(now, ends)
   sock:settimeouts(connect_ms < ms and connect_ms or ms, ms, ms)
-  local ok, err = sock:connect(host, port, { pool = pool })
+  local ok, err = sock:connect(host, port, pool_options(pool))
   if not ok then return fail(t, nil, "connect", err, false, host, port) end
   if tls and sock:getreusedtimes() == 0 then
     ok, err = sock:sslhandshake(nil, host, verify)
