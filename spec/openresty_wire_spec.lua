@@ -224,6 +224,21 @@ describe("#openresty the nginx transport", function()
     assert.equal(seen[1].connection, seen[3].connection)
   end)
 
+  it("with IMS credentials: the token through libcurl, the re-trigger over the cosocket, a dead token refreshed once", function()
+    local r = call("/call", "via=ims&run=" .. h.runs.failed)
+    assert.is_string(r.id, cjson.encode(r))
+    flow_service:expire_tokens()
+    r = call("/call", "via=ims&run=" .. h.runs.failed)
+    assert.is_string(r.id, cjson.encode(r))
+    local ims, runs = 0, 0
+    for _, q in ipairs(flow_service:requests()) do
+      if q.path:find("^/ims/") then ims = ims + 1 elseif q.path:find("^/runs/") then runs = runs + 1 end
+    end
+    assert.equal(2, ims)
+    assert.equal(3, runs) -- the one refused with 401 acted on nothing
+    assert.equal(2, flow_service:stats().retriggers)
+  end)
+
   it("a light thread killed while it waits leaves nothing behind and sends nothing more", function()
     flow_service:scenario { match = "^POST ", act_then_delay = 0.5 }
     assert.equal("killed\n", capture("curl -s --noproxy '*' --max-time 20 '" .. server.url

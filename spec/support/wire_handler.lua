@@ -15,7 +15,8 @@ function _M.init(s)
 end
 
 -- name: "wire" (cosockets, plain HTTP), "curl" (libcurl, plain HTTP),
--- "tls" (cosockets, https), "dead" (cosockets, to ?port= where nothing listens)
+-- "tls" (cosockets, https), "dead" (cosockets, to ?port= where nothing listens),
+-- "ims" (cosockets, its token from the fake's IMS through libcurl)
 local function client(name)
   local attempts = tonumber(ngx.var.arg_attempts) or 1
   local key = name .. attempts .. (ngx.var.arg_port or "")
@@ -25,10 +26,12 @@ local function client(name)
   local c = clients[key]
   if c then return c end
   c = flowservice.new {
-    access_token = "fake-token", api_key = "fake-api-key", org_id = "FAKEORG@AdobeOrg",
-    base_url = base_url, timeout = 10,
+    access_token = name ~= "ims" and "fake-token" or nil, api_key = "fake-api-key",
+    org_id = "FAKEORG@AdobeOrg", base_url = base_url, timeout = 10,
     transport = name ~= "curl" and "nginx" or nil,
     retry = { attempts = attempts, base_delay = 0.01, max_delay = 0.05 },
+    credentials = name == "ims" and { client_id = "fake-client-id", client_secret = "fake-client-secret",
+      scopes = "openid,AdobeID,read_organizations", ims_url = settings.url } or nil,
   }
   clients[key] = c
   return c
