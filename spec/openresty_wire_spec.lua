@@ -9,12 +9,7 @@ local h = require "spec.support.helpers"
 local cjson = require "cjson"
 local flowservice = require "flowservice"
 
-local function capture(cmd)
-  local p = assert(io.popen(cmd))
-  local out = p:read("*a")
-  p:close()
-  return out
-end
+local capture = nginx.util.capture
 
 describe("transport option", function()
   local base = { access_token = "t", api_key = "k", org_id = "O@AdobeOrg" }
@@ -117,17 +112,23 @@ describe("#openresty the nginx transport", function()
     assert.is_truthy(flow_service:run(wire.id), "the fake made the run it answered with")
   end)
 
-  it("keeps its connection: five calls, one connection", function()
-    for _ = 1, 5 do
-      local r = call("/call", "via=wire&run=" .. h.runs.failed)
+  -- n calls through `via`, each a success, all on one connection
+  local function calls_on_one_connection(via, n)
+    for _ = 1, n do
+      local r = call("/call", "via=" .. via .. "&run=" .. h.runs.failed)
       assert.is_string(r.id, cjson.encode(r))
     end
     local seen = posts()
-    assert.equal(5, #seen)
+    assert.equal(n, #seen)
     for i, r in ipairs(seen) do
       assert.equal(seen[1].connection, r.connection)
       assert.equal(i, r.connection_requests - seen[1].connection_requests + 1)
     end
+    return seen
+  end
+
+  it("keeps its connection: five calls, one connection", function()
+    calls_on_one_connection("wire", 5)
   end)
 
   it("never sends twice: the server acts, then drops the connection before any reply", function()
@@ -193,13 +194,8 @@ describe("#openresty the nginx transport", function()
   end)
 
   it("a connection that cannot be made was not sent, and is retried", function()
-    local f = fake.start() -- a port nobody listens on once it stops
-    local dead = f.port
-    f:stop()
-    local out = capture("curl -s --noproxy '*' --max-time 20 '" .. server.url
-      .. "/call?via=dead&attempts=2&port=" .. dead .. "&run=" .. h.runs.failed .. "'")
-    local r = cjson.decode(out)
-    assert.is_table(r.err, out)
+    local r = call("/call", "via=dead&attempts=2&port=" .. h.closed_port .. "&run=" .. h.runs.failed)
+    assert.is_table(r.err, cjson.encode(r))
     assert.equal("network", r.err.kind)
     assert.is_false(r.err.sent)
     assert.equal(2, r.err.attempts)
@@ -214,14 +210,8 @@ describe("#openresty the nginx transport", function()
   end)
 
   it("TLS: the suite's CA, one handshake, the connection kept", function()
-    for _ = 1, 3 do
-      local r = call("/call", "via=tls&run=" .. h.runs.failed)
-      assert.is_string(r.id, cjson.encode(r))
-    end
-    local seen = posts()
-    assert.equal(3, #seen)
+    local seen = calls_on_one_connection("tls", 3)
     assert.is_true(seen[1].tls)
-    assert.equal(seen[1].connection, seen[3].connection)
   end)
 
   it("with IMS credentials: the token through libcurl, the re-trigger over the cosocket, a dead token refreshed once", function()

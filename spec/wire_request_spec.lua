@@ -4,10 +4,11 @@
 -- nginx needed, so this runs under every profile, ASan and valgrind too.
 local core = require "flowservice.core"
 local fake = require "spec.support.fake"
+local h = require "spec.support.helpers"
 
 local RUN = "4fb0418e-1804-45d6-8d56-dd51f05c0baf"
 local ID = "11111111-2222-4333-8444-555555555555"
-local RUN_PATTERN = RUN:gsub("%-", "%%-")
+local RUN_PATTERN = h.literal(RUN)
 
 describe("the nginx transport's request", function()
   local server
@@ -53,7 +54,7 @@ describe("the nginx transport's request", function()
   it("is libcurl's request with no per-call options (the client's own copy of its options)", function()
     local curl, wire = both(options(), nil)
     assert.equal(curl, wire)
-    assert.matches("\r\nx%-request%-id: " .. ID:gsub("%-", "%%-") .. "\r\n", wire)
+    assert.matches("\r\nx%-request%-id: " .. h.literal(ID) .. "\r\n", wire)
   end)
 
   it("is libcurl's request with per-call If-Match, extra headers (an empty one too), timeout", function()

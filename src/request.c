@@ -1093,6 +1093,19 @@ void (*fs_fuzz_on_url)(const char *url);
 void (*fs_fuzz_on_headers)(const struct curl_slist *headers);
 #endif
 
+/* t's header lines for r: a template's shared lines after the call's own,
+** or all of them built for this call. */
+static void build_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
+  if (r->tmpl != NULL && r->identity && !overrides_template(r))
+    add_call_headers(L, t, r);
+  else
+    add_headers(L, t, r);
+#ifdef FS_FUZZING
+  if (fs_fuzz_on_headers != NULL)
+    fs_fuzz_on_headers(t->head);
+#endif
+}
+
 /* {prefix}/runs/{id}/action?op={op} from the template's two halves. */
 static void set_template_url(lua_State *L, fs_transfer *t, const fs_request *r) {
   const fs_template *tm = r->tmpl;
@@ -1133,14 +1146,7 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r) {
     free(url);
     apply_check(L, rc);
   }
-  if (r->tmpl != NULL && r->identity && !overrides_template(r))
-    add_call_headers(L, t, r);
-  else
-    add_headers(L, t, r);
-#ifdef FS_FUZZING
-  if (fs_fuzz_on_headers != NULL)
-    fs_fuzz_on_headers(t->head);
-#endif
+  build_headers(L, t, r);
 #define FS_SET(opt, val) \
   if (rc == CURLE_OK) rc = curl_easy_setopt(t->easy, opt, val)
   rc = CURLE_OK;
@@ -1312,14 +1318,7 @@ const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_req
   luaL_Buffer b;
   if (r->proxy != NULL)
     luaL_error(L, "flowservice: the nginx transport cannot go through a proxy");
-  if (r->tmpl != NULL && r->identity && !overrides_template(r))
-    add_call_headers(L, t, r);  /* the lines libcurl would get, the same way */
-  else
-    add_headers(L, t, r);
-#ifdef FS_FUZZING
-  if (fs_fuzz_on_headers != NULL)
-    fs_fuzz_on_headers(t->head);
-#endif
+  build_headers(L, t, r);  /* the lines libcurl would get, the same way */
   if (run_prefix) {  /* the template's "{base}/runs/", read once */
     fs_template *tm = r->tmpl;
     if (tm->wire.line_head == NULL && !target_read(&tm->wire, tm->url_head, "POST ", r->insecure))
