@@ -15,6 +15,7 @@ local wire = require "flowservice.wire"
 
 local decode = require("cjson.safe").new().decode
 local now = core.now
+local run_id_problem = core.run_id_problem
 local error, ipairs, next, pairs, pcall, rawget, setmetatable, tostring, type =
   error, ipairs, next, pairs, pcall, rawget, setmetatable, tostring, type
 local format, floor, max, min = string.format, math.floor, math.max, math.min
@@ -133,9 +134,12 @@ local function secrets(p)
 end
 
 -- A call waits by the caller's wait function (an event loop's sleep, e.g.
--- ngx.sleep), or, without one, in C on the client's engine.
+-- ngx.sleep), or, without one, in C on the client's engine. Without the
+-- global ngx (plain Lua) there is no default wait function to ask for.
 local function waiter_of(p, call_wait, level)
-  return call_wait or p.wait or ngxwait.default_wait((level or 1) + 1)
+  local wait = call_wait or p.wait
+  if wait or rawget(_G, "ngx") == nil then return wait end
+  return ngxwait.default_wait((level or 1) + 1)
 end
 
 -- Sleep for seconds (a backoff, a Retry-After); loop: wake-ups may come early.
@@ -238,7 +242,7 @@ local function call(p, method, path, creates, opts, deadline, send, target, wait
     local started = p.log and now()
     local result, status_or_err, request_id = send(p, target, attempt_opts, waiter)
     if result then
-      log_attempt(p, method, path, status_or_err, attempt, request_id, started)
+      if started then log_attempt(p, method, path, status_or_err, attempt, request_id, started) end
       if lean then return result end
       request_ids = request_ids or {}
       request_ids[#request_ids + 1] = request_id
@@ -313,7 +317,7 @@ local function send_retrigger(p, run_id, opts, waiter)
     run, status, request_id, date = p.handle:retrigger(run_id, opts)
   end
   if run then
-    saw_date(p, nil, date)
+    if date ~= (p.clock and p.clock.raw) then saw_date(p, nil, date) end
   elseif status.date then
     saw_date(p, status.date)
   end
@@ -382,8 +386,11 @@ end
 -- client:retrigger(run_id [, opts]) -> { id, etag } or nil, err
 function Client:retrigger(run_id, overrides)
   local p = open(self, 2)
-  args.run_id(run_id, 1, "retrigger", 2)
-  local opts, deadline = call_options(p, overrides, 2, "retrigger", 2)
+  if type(run_id) ~= "string" or run_id_problem(run_id) then -- only then the full check
+    args.run_id(run_id, 1, "retrigger", 2)
+  end
+  local opts, deadline = p.opts, p.deadline
+  if overrides ~= nil then opts, deadline = call_options(p, overrides, 2, "retrigger", 2) end
   local waiter = waiter_of(p, overrides and overrides.wait, 2)
   local path = p.log and "/runs/" .. run_id .. "/action?op=" .. (opts.op or core.defaults.op)
   local run, err = call(p, "POST", path, true, opts, deadline, send_retrigger, run_id, waiter, true)
