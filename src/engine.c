@@ -715,16 +715,15 @@ static int action_of(unsigned ready_in, unsigned ready_out, unsigned failed) {
 }
 
 /* Act on every ready socket (a later one may have been closed by an earlier
-** action: libcurl ignores sockets it does not know). With epoll the first
-** look may wait up to wait_ms for one to turn ready. */
-static CURLMcode engine_act_on_sockets(fs_engine *e, int wait_ms) {
+** action: libcurl ignores sockets it does not know). */
+static CURLMcode engine_act_on_sockets(fs_engine *e) {
   CURLMcode rc = CURLM_OK;
   int still, n, i;
 #if FS_HAVE_EPOLL
   struct epoll_event ev[FS_EVENTS];
   int rounds = 0;
   do {
-    n = epoll_wait(e->epfd, ev, FS_EVENTS, rounds == 0 ? wait_ms : 0);
+    n = epoll_wait(e->epfd, ev, FS_EVENTS, 0);
     if (n < 0)
       return errno == EINTR ? CURLM_OK : CURLM_INTERNAL_ERROR;
     for (i = 0; i < n && rc == CURLM_OK; i++) {
@@ -743,7 +742,6 @@ static CURLMcode engine_act_on_sockets(fs_engine *e, int wait_ms) {
 #else
   struct pollfd ready[FS_EVENTS];
   int base;
-  (void)wait_ms;  /* fs_engine_finish waits in curl_multi_poll */
   /* a copy: actions change the set */
   for (base = 0; rc == CURLM_OK && base < e->npfds; base += FS_EVENTS) {
     int m = e->npfds - base < FS_EVENTS ? e->npfds - base : FS_EVENTS;
@@ -766,8 +764,8 @@ static CURLMcode engine_act_on_sockets(fs_engine *e, int wait_ms) {
   return rc;
 }
 
-static CURLMcode engine_step(fs_engine *e, int *running, int wait_ms) {
-  CURLMcode rc = engine_act_on_sockets(e, wait_ms);
+CURLMcode fs_engine_step(fs_engine *e, int *running) {
+  CURLMcode rc = engine_act_on_sockets(e);
   if (rc == CURLM_OK && e->timer_set && monotonic_us() >= e->timer_due) {
     int still;
     long ms = -1;
@@ -785,10 +783,6 @@ static CURLMcode engine_step(fs_engine *e, int *running, int wait_ms) {
   return rc;
 }
 
-CURLMcode fs_engine_step(fs_engine *e, int *running) {
-  return engine_step(e, running, 0);
-}
-
 CURLMcode fs_engine_wait(fs_engine *e, int timeout_ms) {
   return curl_multi_poll(e->multi, NULL, 0, timeout_ms, NULL);
 }
@@ -797,22 +791,13 @@ CURLMcode fs_engine_timeout(fs_engine *e, long *ms) {
   return curl_multi_timeout(e->multi, ms);
 }
 
-/* With epoll, each wait after the first step is the next step's look at
-** the set: it blocks until a socket is ready or libcurl's timer is due
-** (at most FS_POLL_MS), then acts on what it found; no curl_multi_poll
-** to ask the same sockets again (one system call less a call). */
 CURLMcode fs_engine_finish(fs_engine *e, fs_transfer *t) {
   int running;
-  CURLMcode rc = fs_engine_step(e, &running);
+  CURLMcode rc = CURLM_OK;
   while (rc == CURLM_OK && !t->done) {
-#if FS_HAVE_EPOLL
-    long ms = fs_engine_timer_ms(e);
-    rc = engine_step(e, &running, ms < 0 || ms > FS_POLL_MS ? FS_POLL_MS : (int)ms);
-#else
-    rc = fs_engine_wait(e, FS_POLL_MS);
-    if (rc == CURLM_OK)
-      rc = fs_engine_step(e, &running);
-#endif
+    rc = fs_engine_step(e, &running);
+    if (rc == CURLM_OK && !t->done)
+      rc = fs_engine_wait(e, FS_POLL_MS);
   }
   return rc;
 }
