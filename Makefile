@@ -34,7 +34,7 @@ TEST_LOG     := $(BUILD)/test-results.tap
 
 .PHONY: lint test-lint env rock all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
         test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox bench-postgresql \
-        bench-nginx bench-callgrind clean fuzzers fuzz test-fuzz
+        bench-nginx bench-tick bench-callgrind clean fuzzers fuzz test-fuzz
 
 all: build
 
@@ -324,3 +324,9 @@ bench-nginx: deps
 	@sh .ci/deps wrk
 	@$(MAKE) --no-print-directory trees
 	$(NO_PROXY_ENV) $(LUA) bench/nginx.lua
+
+# The pump's idle tick: one client:step() with 100 and 1000 re-triggers in
+# flight and nothing ready (bench/tick.lua).
+bench-tick: build
+	$(NO_PROXY_ENV) LUA_PATH="$(BUILD)/tree/share/lua/5.4/?.lua;;" LUA_CPATH="$(BUILD)/tree/lib/lua/5.4/?.so;;" \
+	  $(LUA) bench/tick.lua
