@@ -503,7 +503,7 @@ io.write(tostring(err and err.message))
       assert.equal("journal schema: version 2 -> 2\n", out)
     end)
 
-    it("a bad URI, a password in it, a refused password, a missing permission: exit 2, nothing sent", function()
+    it("a bad URI, a password in it, a refused password, a missing permission: exit 2, nothing sent (a dry run too)", function()
       assert(journal.migrate(db.uri))
       local wrong = dir .. "/wrong-cmd.pgpass"
       h.write(wrong, ("127.0.0.1:%d:*:flowservice:not-the-password-xyzzy\n"):format(db.port))
@@ -517,6 +517,7 @@ io.write(tostring(err and err.message))
       }
       for _, case in ipairs(cases) do
         for _, argv in ipairs { { "retry-failed", "--flow", BULK, "--journal", case[1] },
+          { "retry-failed", "--flow", BULK, "--dry-run", "--journal", case[1] },
           { "journal", "show", "--journal", case[1] }, { "journal", "migrate", "--journal", case[1] } } do
           local code, out, err = cmd(argv)
           assert.equal(2, code, argv[1] .. " " .. case[1] .. ": " .. err)

@@ -78,7 +78,11 @@ function _M.choice(o, getenv, copts, dry_run)
   if o.journal and o.no_journal then usage_error("give --journal FILE or --no-journal, not both") end
   if o.no_journal then return false end
   local given = _M.given(o, getenv)
-  if given then return dry_run and given or check_journal(given, copts) end
+  -- a dry run writes no file, but reads a PostgreSQL journal as any job
+  -- does: its URI, password and permissions are checked the same way
+  if given then
+    return (dry_run and not journal.is_postgresql(given)) and given or check_journal(given, copts)
+  end
   return function(flow_id)
     local path = default_journal(getenv, copts.org_id, copts.sandbox, flow_id, not dry_run)
     return dry_run and path or check_journal(path, copts)
