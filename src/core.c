@@ -267,23 +267,35 @@ static fs_call *call_check(lua_State *L, int idx) {
   return (fs_call *)luaL_checkudata(L, idx, FS_TRANSFER_MT);
 }
 
-/* Fill c (zeroed) for r: its kind and request id. */
-static void call_init(lua_State *L, fs_call *c, int kind, const fs_request *r) {
-  size_t n = strlen(r->header[H_REQUEST_ID]);
+/* Fill c (zeroed): its kind and the x-request-id it sends. */
+static void call_init(lua_State *L, fs_call *c, int kind, const char *request_id) {
+  size_t n = strlen(request_id);
   c->kind = kind;
   c->request_id = n < sizeof c->id_buf ? c->id_buf : (char *)malloc(n + 1);
   if (c->request_id == NULL)
     luaL_error(L, "flowservice: out of memory");
-  memcpy(c->request_id, r->header[H_REQUEST_ID], n + 1);
+  memcpy(c->request_id, request_id, n + 1);
 }
 
-/* A transfer's userdata for r, pushed; nothing acquired for it yet. */
-static fs_call *call_new(lua_State *L, int kind, const fs_request *r) {
+/* A transfer's userdata, pushed; nothing acquired for it yet. */
+static fs_call *call_new(lua_State *L, int kind, const char *request_id) {
   fs_call *c = (fs_call *)lua_newuserdata(L, sizeof *c);
   memset(c, 0, sizeof *c);
   luaL_getmetatable(L, FS_TRANSFER_MT);
   lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
-  call_init(L, c, kind, r);
+  call_init(L, c, kind, request_id);
+  return c;
+}
+
+/* A run action's transfer with a reply reader: the nginx transport's,
+** fed by transfer:feed or ended by transfer:fail. */
+static fs_call *wire_call_new(lua_State *L, size_t max_body, const char *request_id) {
+  fs_call *c = call_new(L, FS_RUN_ACTION, request_id);
+  c->t.max_body = max_body;
+  c->t.once = 1;
+  c->t.retry_after = -1;  /* as fs_transfer_prepare leaves it */
+  c->wire = &c->wire_state;
+  fs_wire_init(c->wire);
   return c;
 }
 
@@ -295,9 +307,9 @@ static fs_call *call_start(lua_State *L, fs_client *client, int kind,
   fs_call *c = blocking ? call_scratch(client) : NULL;
   CURLcode rc;
   if (c == NULL)
-    c = call_new(L, kind, r);
+    c = call_new(L, kind, r->header[H_REQUEST_ID]);
   else
-    call_init(L, c, kind, r);
+    call_init(L, c, kind, r->header[H_REQUEST_ID]);
   rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body, kind == FS_RUN_ACTION,
                            r->tmpl != NULL ? fs_template_config(r->tmpl) : 0);
   if (rc != CURLE_OK)
@@ -437,19 +449,8 @@ static int transfer_reusable(lua_State *L) {
 ** client:wire_retrigger. */
 static int core_wire_reader_for_tests(lua_State *L) {
   lua_Integer max_body = luaL_checkinteger(L, 1);
-  fs_call *c;
   luaL_argcheck(L, max_body >= 0, 1, "max_body must be >= 0");
-  c = (fs_call *)lua_newuserdata(L, sizeof *c);
-  memset(c, 0, sizeof *c);
-  luaL_getmetatable(L, FS_TRANSFER_MT);
-  lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
-  c->kind = FS_RUN_ACTION;
-  c->request_id = c->id_buf;
-  strcpy(c->id_buf, "test");
-  c->t.max_body = (size_t)max_body;
-  c->t.retry_after = -1;  /* as fs_transfer_prepare leaves it */
-  c->wire = &c->wire_state;
-  fs_wire_init(c->wire);
+  (void)wire_call_new(L, (size_t)max_body, "test");
   return 1;
 }
 
@@ -595,12 +596,7 @@ static int client_wire_retrigger(lua_State *L) {
   own_options(L, 1, 3, &r);
   fs_request_options(L, 3, 0, &r);
   fs_request_run_action(L, 2, &r);
-  c = call_new(L, FS_RUN_ACTION, &r);
-  c->t.max_body = r.max_body;
-  c->t.once = 1;
-  c->t.retry_after = -1;
-  c->wire = &c->wire_state;
-  fs_wire_init(c->wire);
+  c = wire_call_new(L, r.max_body, r.header[H_REQUEST_ID]);
   w = fs_request_wire(L, &c->t, &r, &c->wire_target);  /* pushes the bytes */
   lua_pushstring(L, w->host);
   lua_pushinteger(L, (lua_Integer)w->port);

@@ -32,6 +32,14 @@ local function openresty()
   return nil
 end
 
+-- OpenResty's API when a call made now may yield (ngx.sleep, cosockets),
+-- else nil.
+function _M.yieldable()
+  local ngx = openresty()
+  if ngx and YIELDABLE[ngx.get_phase()] then return ngx end
+  return nil
+end
+
 -- The default wait function for a call made now, or nil to block in C.
 -- level: where an error should point, as in error().
 function _M.default_wait(level)

@@ -11,29 +11,23 @@
 -- sent = false; any failure from the send on says sent = true, so the
 -- caller's retry rules (flowservice.retry) and the bulk job's evidence
 -- treat it as possibly acted on, as they do libcurl's.
-local rawget, setmetatable, type = rawget, setmetatable, type
+local ngxwait = require "flowservice.ngx"
+
+local setmetatable = setmetatable
 local format = string.format
 
 local _M = {}
-
--- Phases where cosockets work (lua-nginx-module's docs); elsewhere the call
--- goes through libcurl as before.
-local COSOCKETS = {
-  rewrite = true, access = true, content = true, timer = true,
-  ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
-}
 
 local READ_SIZE = 65536
 -- As libcurl's: a connection idle longer is not reused. How many are kept
 -- per worker is nginx's lua_socket_pool_size.
 local IDLE_MS = 25000
 
--- OpenResty's API when a call now can use cosockets, else nil.
+-- OpenResty's API when a call now can use cosockets (the phases that can
+-- yield: flowservice.ngx says which), else nil: then libcurl as before.
 function _M.usable()
-  local ngx = rawget(_G, "ngx") -- a global there by design
-  if type(ngx) ~= "table" or type(ngx.get_phase) ~= "function" or not ngx.socket then return nil end
-  if not COSOCKETS[ngx.get_phase()] then return nil end
-  return ngx
+  local ngx = ngxwait.yieldable()
+  return ngx and ngx.socket and ngx or nil
 end
 
 local function step_of(err, step)
