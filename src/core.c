@@ -164,6 +164,29 @@ static int push_decode_error(lua_State *L, const fs_call *c, const char *message
   return 2;
 }
 
+/* The decoded reply at idx is the result as it stands: {id = string,
+** etag = string} and nothing else (the docs' shape, as the service sends
+** it), so no second table is made. */
+static int reply_is_run(lua_State *L, int idx) {
+  int n = 0;
+  lua_getfield(L, idx, "id");
+  lua_getfield(L, idx, "etag");
+  if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 2);
+    return 0;
+  }
+  lua_pop(L, 2);
+  lua_pushnil(L);
+  while (lua_next(L, idx) != 0) {
+    lua_pop(L, 1);
+    if (++n > 2) {
+      lua_pop(L, 1);
+      return 0;
+    }
+  }
+  return 1;
+}
+
 /* 2xx: {id, etag} from either reply shape (the docs' or the OpenAPI run). */
 static int push_run(lua_State *L, const fs_call *c) {
   const fs_transfer *t = &c->t;
@@ -178,19 +201,21 @@ static int push_run(lua_State *L, const fs_call *c) {
                              : "reply is not a JSON object");
   lua_pop(L, 1);
   reply = lua_gettop(L);
-  lua_createtable(L, 0, 3);
-  lua_getfield(L, reply, "id");
-  if (lua_type(L, -1) != LUA_TSTRING)
-    return push_decode_error(L, c, "reply has no run id");
-  lua_setfield(L, -2, "id");
-  lua_getfield(L, reply, "etag");
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    lua_getfield(L, reply, "eTag");
+  if (!reply_is_run(L, reply)) {  /* the OpenAPI run, or more: {id, etag} of it */
+    lua_createtable(L, 0, 2);
+    lua_getfield(L, reply, "id");
+    if (lua_type(L, -1) != LUA_TSTRING)
+      return push_decode_error(L, c, "reply has no run id");
+    lua_setfield(L, -2, "id");
+    lua_getfield(L, reply, "etag");
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_getfield(L, reply, "eTag");
+    }
+    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+      return push_decode_error(L, c, "reply has a non-string etag");
+    lua_setfield(L, -2, "etag");
   }
-  if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
-    return push_decode_error(L, c, "reply has a non-string etag");
-  lua_setfield(L, -2, "etag");
   lua_pushinteger(L, (lua_Integer)t->status);  /* for the caller's log */
   lua_pushstring(L, c->request_id);
   if (t->date[0] == '\0')
@@ -287,16 +312,48 @@ static fs_call *call_new(lua_State *L, int kind, const char *request_id) {
   return c;
 }
 
-/* A run action's transfer with a reply reader: the nginx transport's,
-** fed by transfer:feed or ended by transfer:fail. */
-static fs_call *wire_call_new(lua_State *L, size_t max_body, const char *request_id) {
-  fs_call *c = call_new(L, FS_RUN_ACTION, request_id);
+/* c (a run action's, from call_init) given a reply reader. */
+static void wire_call_fill(fs_call *c, size_t max_body) {
   c->t.max_body = max_body;
   c->t.once = 1;
   c->t.retry_after = -1;  /* as fs_transfer_prepare leaves it */
   c->wire = &c->wire_state;
   fs_wire_init(c->wire);
+}
+
+/* A run action's transfer with a reply reader: the nginx transport's,
+** fed by transfer:feed or ended by transfer:fail. */
+static fs_call *wire_call_new(lua_State *L, size_t max_body, const char *request_id) {
+  fs_call *c = call_new(L, FS_RUN_ACTION, request_id);
+  wire_call_fill(c, max_body);
   return c;
+}
+
+/* The spare at idx, if any: a wire transfer whose result was taken, which
+** the nginx transport hands back so that a call makes no new userdata for
+** the collector to finalise. */
+static fs_call *wire_spare(lua_State *L, int idx) {
+  fs_call *c;
+  if (lua_isnoneornil(L, idx))
+    return NULL;
+  c = (fs_call *)luaL_checkudata(L, idx, FS_TRANSFER_MT);
+  luaL_argcheck(L, c->wire != NULL && c->taken, idx,
+                "a wire transfer whose result was taken expected");
+  return c;
+}
+
+/* wire_call_new, in the spare at idx (made anew in place: nothing of its
+** last call kept) when there is one; pushed. */
+static fs_call *wire_call_reuse(lua_State *L, fs_call *spare, int idx, size_t max_body,
+                                const char *request_id) {
+  if (spare == NULL)
+    return wire_call_new(L, max_body, request_id);
+  call_release(spare);
+  memset(spare, 0, sizeof *spare);
+  call_init(L, spare, FS_RUN_ACTION, request_id);
+  wire_call_fill(spare, max_body);
+  lua_pushvalue(L, idx);
+  return spare;
 }
 
 /* Prepare, build and (not yet) submit a transfer; pushes its userdata,
@@ -505,7 +562,8 @@ static fs_client *client_new(lua_State *L) {
 static void own_options(lua_State *L, int client_arg, int opts_arg, fs_request *r) {
   if (!lua_isnoneornil(L, opts_arg))
     return;
-  lua_settop(L, opts_arg);
+  if (lua_gettop(L) < opts_arg)
+    lua_settop(L, opts_arg);
   fs_getuservalue(L, client_arg);
   lua_replace(L, opts_arg);  /* where errors about them point, as before */
   r->own_options = lua_istable(L, opts_arg);
@@ -580,11 +638,14 @@ static int client_prepare_retrigger(lua_State *L) {
 ** would send, as bytes for a cosocket, and a transfer that reads the reply
 ** from the bytes fed to it (transfer:feed) or ends by transfer:fail; its
 ** result is a libcurl transfer's.
-**   client:wire_retrigger(run_id, opts) -> transfer, request, host, port,
-**     pool, tls, verify, timeout_ms, connect_timeout_ms
+**   client:wire_retrigger(run_id, opts [, spare]) -> transfer, request,
+**     host, port, pool, tls, verify, timeout_ms, connect_timeout_ms
+** spare: a transfer of an earlier call whose result was taken, made into
+** this call's transfer (and returned) instead of a new one.
 */
 static int client_wire_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
+  fs_call *spare = wire_spare(L, 4);
   fs_request r;
   fs_call *c;
   const fs_wire_target *w;
@@ -596,7 +657,7 @@ static int client_wire_retrigger(lua_State *L) {
   own_options(L, 1, 3, &r);
   fs_request_options(L, 3, 0, &r);
   fs_request_run_action(L, 2, &r);
-  c = wire_call_new(L, r.max_body, r.header[H_REQUEST_ID]);
+  c = wire_call_reuse(L, spare, 4, r.max_body, r.header[H_REQUEST_ID]);
   w = fs_request_wire(L, &c->t, &r, &c->wire_target);  /* pushes the bytes */
   lua_pushstring(L, w->host);
   lua_pushinteger(L, (lua_Integer)w->port);

@@ -80,15 +80,20 @@ static int is_digit(char c) {
 
 /* RFC 9110 tchar: letters, digits and these (a table: this runs for each
 ** byte of every header name) */
-static const unsigned char tchar_symbol[128] = {
+static const unsigned char tchar[256] = {
   ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
   ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
+  ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
+  ['8'] = 1, ['9'] = 1,
+  ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
+  ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
+  ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
+  ['Y'] = 1, ['Z'] = 1,
+  ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
+  ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
+  ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
+  ['y'] = 1, ['z'] = 1,
 };
-
-static int is_tchar(unsigned char c) {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || is_digit((char)c)
-         || (c < 128 && tchar_symbol[c]);
-}
 
 static int hex_value(char c) {
   if (is_digit(c))
@@ -110,6 +115,20 @@ static int equals_ci(const char *s, size_t n, const char *lower) {
   }
   return lower[n] == '\0';
 }
+
+/* A header name (n bytes, tchar only: checked) is the literal lower, of
+** letters and '-' only. Lengths first, as most names of a reply are none
+** of the few read here; then OR 0x20 folds case: among tchar bytes only a
+** letter's two cases give a letter, and only '-' gives '-'. */
+static int name_equals(const char *s, const char *lower, size_t n) {
+  size_t i;
+  for (i = 0; i < n; i++)
+    if (((unsigned char)s[i] | 0x20) != (unsigned char)lower[i])
+      return 0;
+  return 1;
+}
+
+#define NAME_IS(s, n, lower) ((n) == sizeof lower - 1 && name_equals(s, lower, n))
 
 /* The next element of a comma list (RFC 9110 5.6.1: empty elements and
 ** the OWS around them are skipped); 0 at its end. */
@@ -346,7 +365,7 @@ static void read_field(fs_wire *w, fs_transfer *t, const char *s, size_t len, in
   }
   colon = (const char *)memchr(s, ':', len);
   name = colon != NULL ? (size_t)(colon - s) : 0;
-  for (i = 0; i < name && is_tchar((unsigned char)s[i]); i++)
+  for (i = 0; i < name && tchar[(unsigned char)s[i]]; i++)
     ;
   if (name == 0 || i < name) {
     wire_bad(w, "a header line of the reply is not 'name: value'");
@@ -361,11 +380,11 @@ static void read_field(fs_wire *w, fs_transfer *t, const char *s, size_t len, in
     v++, n--;
   while (n > 0 && is_ows(v[n - 1]))
     n--;
-  if (equals_ci(s, name, "content-length"))
+  if (NAME_IS(s, name, "content-length"))
     read_content_length(w, v, n);
-  else if (equals_ci(s, name, "transfer-encoding"))
+  else if (NAME_IS(s, name, "transfer-encoding"))
     read_transfer_encoding(w, v, n);
-  else if (equals_ci(s, name, "connection"))
+  else if (NAME_IS(s, name, "connection"))
     read_connection(w, v, n);
 }
 

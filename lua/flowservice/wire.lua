@@ -30,19 +30,46 @@ function _M.usable()
   return ngx and ngx.socket and ngx or nil
 end
 
+-- Spent transfers (their result taken) per client handle, made into the
+-- next calls' transfers: a call then leaves no userdata for the collector
+-- to finalise. At most SPARES a handle: what a burst left beyond is dropped.
+local SPARES = 64
+local spares = setmetatable({}, { __mode = "k" })
+
+local function spare_of(handle)
+  local list = spares[handle]
+  if not list then
+    list = {}
+    spares[handle] = list
+  end
+  local n = #list
+  if n == 0 then return list, nil end
+  local t = list[n]
+  list[n] = nil
+  return list, t
+end
+
+-- t's result, then t kept for a later call.
+local function result(t, list)
+  local run, status, request_id, date = t:result()
+  local n = #list
+  if n < SPARES then list[n + 1] = t end
+  return run, status, request_id, date
+end
+
 local function step_of(err, step)
   return err == "timeout" and "timeout" or step
 end
 
 -- The failure of one step, for core's transfer (where: host:port).
-local function fail(t, sock, step, err, sent, host, port)
+local function fail(t, list, sock, step, err, sent, host, port)
   if sock then sock:close() end
   local what = step == "connect" and "connect to %s:%d failed: %s"
     or step == "tls" and "TLS with %s:%d failed: %s"
     or step == "send" and "sending to %s:%d failed: %s"
     or "reading the reply from %s:%d failed: %s"
   t:fail(step_of(err, step), format(what, host, port, err), sent)
-  return t:result()
+  return result(t, list)
 end
 
 -- connect()'s options for a pool, one table per pool name (they are few:
@@ -66,23 +93,24 @@ end
 -- One attempt of client:retrigger over a cosocket: what core's transfer
 -- result gives (run, status, request_id, date or nil, err).
 function _M.retrigger(ngx, handle, run_id, opts)
+  local list, spare = spare_of(handle)
   local t, request, host, port, pool, tls, verify, timeout_ms, connect_ms =
-    handle:wire_retrigger(run_id, opts)
+    handle:wire_retrigger(run_id, opts, spare)
   local now = ngx.now -- the event loop's time: the loop moves it on
   local ends = now() + timeout_ms / 1000
   local sock = ngx.socket.tcp()
   local ms = left(now, ends)
   sock:settimeouts(connect_ms < ms and connect_ms or ms, ms, ms)
   local ok, err = sock:connect(host, port, pool_options(pool))
-  if not ok then return fail(t, nil, "connect", err, false, host, port) end
+  if not ok then return fail(t, list, nil, "connect", err, false, host, port) end
   if tls and sock:getreusedtimes() == 0 then
     ok, err = sock:sslhandshake(nil, host, verify)
-    if not ok then return fail(t, sock, "tls", err, false, host, port) end
+    if not ok then return fail(t, list, sock, "tls", err, false, host, port) end
     ms = left(now, ends)
     sock:settimeouts(ms, ms, ms)
   end
   ok, err = sock:send(request)
-  if not ok then return fail(t, sock, "send", err, true, host, port) end
+  if not ok then return fail(t, list, sock, "send", err, true, host, port) end
   while true do
     local data, rerr = sock:receiveany(READ_SIZE)
     if data then
@@ -91,7 +119,7 @@ function _M.retrigger(ngx, handle, run_id, opts)
       t:feed(nil)
       break
     else
-      return fail(t, sock, "receive", rerr, true, host, port)
+      return fail(t, list, sock, "receive", rerr, true, host, port)
     end
     sock:settimeout(left(now, ends))
   end
@@ -100,7 +128,7 @@ function _M.retrigger(ngx, handle, run_id, opts)
   else
     sock:close()
   end
-  return t:result()
+  return result(t, list)
 end
 
 return _M
