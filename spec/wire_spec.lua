@@ -501,6 +501,23 @@ describe("the wire reply reader", function()
       end
     end)
 
+    it("is read under its name in any case, and only under its name", function()
+      for _, name in ipairs { "CONTENT-LENGTH", "cOnTeNt-LeNgTh" } do
+        local out = run(reply({ "HTTP/1.1 200 OK", name .. ": " .. #RUN }, RUN))
+        assert_run(out)
+        assert.is_true(out.reusable)
+      end
+      -- names one byte off (a tchar whose bit 0x20 is the only difference from
+      -- a letter of it, and '_' for '-'), or longer, or shorter: not the length;
+      -- read to the close, as a reply without one is
+      for _, name in ipairs { "Content_Length", "Content-Lengt", "Content-Lengths", "Content-Lengtj",
+                              "XContent-Length", "Content-Length~" } do
+        local out = run(reply({ "HTTP/1.1 200 OK", name .. ": 3" }, RUN), { eof = true })
+        assert_run(out)
+        assert.is_false(out.reusable)
+      end
+    end)
+
     it("refuses anything but digits", function()
       for _, v in ipairs { "", "+5", "-1", "5a", "0x10", "5 5", "5,,5", "5,", ",5", "1e3", "5;" } do
         refused(reply({ "HTTP/1.1 200 OK", "Content-Length: " .. v }, RUN), BAD_LENGTH)
