@@ -99,15 +99,18 @@ function _M.retrigger(ngx, handle, run_id, opts)
   local now = ngx.now -- the event loop's time: the loop moves it on
   local ends = now() + timeout_ms / 1000
   local sock = ngx.socket.tcp()
-  local ms = left(now, ends)
-  sock:settimeouts(connect_ms < ms and connect_ms or ms, ms, ms)
+  sock:settimeouts(connect_ms < timeout_ms and connect_ms or timeout_ms, timeout_ms, timeout_ms)
   local ok, err = sock:connect(host, port, pool_options(pool))
   if not ok then return fail(t, list, nil, "connect", err, false, host, port) end
-  if tls and sock:getreusedtimes() == 0 then
-    ok, err = sock:sslhandshake(nil, host, verify)
-    if not ok then return fail(t, list, sock, "tls", err, false, host, port) end
-    ms = left(now, ends)
+  if sock:getreusedtimes() == 0 then -- a new connection: connecting took time (from the pool: none)
+    local ms = left(now, ends)
     sock:settimeouts(ms, ms, ms)
+    if tls then
+      ok, err = sock:sslhandshake(nil, host, verify)
+      if not ok then return fail(t, list, sock, "tls", err, false, host, port) end
+      ms = left(now, ends)
+      sock:settimeouts(ms, ms, ms)
+    end
   end
   ok, err = sock:send(request)
   if not ok then return fail(t, list, sock, "send", err, true, host, port) end
