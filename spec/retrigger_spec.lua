@@ -572,5 +572,28 @@ describe("flowservice.retrigger", function()
       assert.is_string(run.id)
       assert.is_string(run.etag)
     end)
+
+    it("refuses a self that is not its class's, with Lua's own words, and sends nothing", function()
+      server:clear_requests()
+      local c = core.new(opts())
+      local t = c:prepare_retrigger(runs.failed, opts()) -- made, not submitted
+      local other = io.tmpfile() -- a userdata with a metatable of its own
+      -- how Lua names a userdata: by its metatable's __name from 5.3 on
+      local function named(name) return _VERSION == "Lua 5.1" and "userdata" or name end
+      for _, case in ipairs {
+        { function() c.retrigger(t, runs.failed) end,
+          "flowservice.client expected, got " .. named("flowservice.transfer") },
+        { function() c.retrigger(other, runs.failed) end, "flowservice.client expected, got " .. named("FILE%*") },
+        { function() c.retrigger({}, runs.failed) end, "flowservice.client expected, got table" },
+        { function() c.wire_retrigger(nil, runs.failed) end, "flowservice.client expected, got nil" },
+        { function() t.done(c) end, "flowservice.transfer expected, got " .. named("flowservice.client") },
+        { function() t.feed(other, "x") end, "flowservice.transfer expected, got " .. named("FILE%*") },
+      } do
+        assert.error_matches(case[1], "^bad argument #1 to '[%w_]+' %(" .. case[2] .. "%)$")
+      end
+      other:close()
+      c:close()
+      assert.same({}, server:requests())
+    end)
   end)
 end)

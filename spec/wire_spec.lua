@@ -54,7 +54,10 @@ local function read(reply, how, o)
   local t = core.wire_reader_for_tests(o.max_body or MAX_BODY)
   local fed, out = 0, { ready = false }
   for _, piece in ipairs(pieces(reply, how)) do
-    out.ready = t:feed(piece)
+    local ready, reusable = t:feed(piece)
+    out.ready = ready
+    -- a feed that ends the reply says what reusable() says then; others say nothing more
+    if ready and not out.at then assert.equal(t:reusable(), reusable) else assert.is_nil(reusable) end
     fed = fed + #piece
     if out.ready and not out.at then out.at = fed end
   end

@@ -34,6 +34,24 @@
 #define FS_TRANSFER_MT "flowservice.transfer"
 #define FS_UV_DECODE lua_upvalueindex(1)  /* cjson.safe.new().decode */
 #define FS_UV_USER_AGENT lua_upvalueindex(2)  /* the default User-Agent */
+#define FS_UV_CLIENT_MT lua_upvalueindex(3)   /* the classes' metatables: */
+#define FS_UV_TRANSFER_MT lua_upvalueindex(4) /* checked without a lookup by name */
+#define FS_UPVALUES 4
+
+/* The userdata at idx if its metatable is the one at upvalue mt (every
+** call on a client or a transfer checks its self: compared with the
+** metatable the function holds, not looked up by name each time); else
+** luaL_checkudata's verdict (and its message) on it. */
+static void *check_class(lua_State *L, int idx, int mt, const char *name) {
+  void *p = lua_touserdata(L, idx);
+  if (p != NULL && lua_getmetatable(L, idx)) {
+    int same = lua_rawequal(L, -1, mt);
+    lua_pop(L, 1);
+    if (same)
+      return p;
+  }
+  return luaL_checkudata(L, idx, name);
+}
 
 enum { FS_RUN_ACTION, FS_RAW };
 
@@ -289,7 +307,7 @@ static fs_call *call_scratch(fs_client *client) {
 }
 
 static fs_call *call_check(lua_State *L, int idx) {
-  return (fs_call *)luaL_checkudata(L, idx, FS_TRANSFER_MT);
+  return (fs_call *)check_class(L, idx, FS_UV_TRANSFER_MT, FS_TRANSFER_MT);
 }
 
 /* Fill c (zeroed): its kind and the x-request-id it sends. */
@@ -336,7 +354,7 @@ static fs_call *wire_spare(lua_State *L, int idx) {
   fs_call *c;
   if (lua_isnoneornil(L, idx))
     return NULL;
-  c = (fs_call *)luaL_checkudata(L, idx, FS_TRANSFER_MT);
+  c = (fs_call *)check_class(L, idx, FS_UV_TRANSFER_MT, FS_TRANSFER_MT);
   luaL_argcheck(L, c->wire != NULL && c->taken, idx,
                 "a wire transfer whose result was taken expected");
   return c;
@@ -472,8 +490,9 @@ static void wire_settle(fs_call *c, fs_wire_state state) {
 }
 
 /* transfer:feed(data): the next bytes of the reply, nil when the server
-** closed the connection; true once the result is ready. Bytes after that
-** only make the connection not reusable. */
+** closed the connection; true once the result is ready, and then whether
+** the connection can carry the next request (transfer:reusable()). Bytes
+** after that only make the connection not reusable. */
 static int transfer_feed(lua_State *L) {
   fs_call *c = wire_check(L, 1);
   size_t n = 0;
@@ -488,10 +507,14 @@ static int transfer_feed(lua_State *L) {
     return 1;
   }
   state = fs_wire_feed(c->wire, &c->t, data, n);
-  if (state != FS_WIRE_MORE)
-    wire_settle(c, state);
-  lua_pushboolean(L, state != FS_WIRE_MORE);
-  return 1;
+  if (state == FS_WIRE_MORE) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  wire_settle(c, state);
+  lua_pushboolean(L, 1);
+  lua_pushboolean(L, fs_wire_reusable(c->wire));
+  return 2;
 }
 
 /* transfer:reusable(): the connection can carry the next request. */
@@ -535,7 +558,7 @@ static int client_gc(lua_State *L) {
 }
 
 static fs_client *client_check(lua_State *L, int idx) {
-  fs_client *c = (fs_client *)luaL_checkudata(L, idx, FS_CLIENT_MT);
+  fs_client *c = (fs_client *)check_class(L, idx, FS_UV_CLIENT_MT, FS_CLIENT_MT);
   if (c->closed)
     luaL_error(L, "flowservice: client is closed");
   if (fs_engine_after_fork(&c->engine) != 0)
@@ -895,13 +918,19 @@ static void push_decoder(lua_State *L) {
   lua_pop(L, 1);
 }
 
-/* Every function gets the same two upvalues: decoder and user agent. */
-static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
+/* Every function gets the same upvalues: the FS_UV_ ones, in that order
+** on the stack from index uv. */
+static void push_upvalues(lua_State *L, int uv) {
+  int i;
+  for (i = 0; i < FS_UPVALUES; i++)
+    lua_pushvalue(L, uv + i);
+}
+
+static void new_class(lua_State *L, int uv, const char *name, const luaL_Reg *methods,
                       lua_CFunction gc) {
-  luaL_newmetatable(L, name);
-  lua_pushvalue(L, -3);
-  lua_pushvalue(L, -3);
-  fs_setfuncs(L, methods, 2);
+  luaL_getmetatable(L, name);
+  push_upvalues(L, uv);
+  fs_setfuncs(L, methods, FS_UPVALUES);
   lua_pushvalue(L, -1);
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, gc);
@@ -936,18 +965,21 @@ int luaopen_flowservice_core(lua_State *L) {
     {"watch", transfer_watch}, {"feed", transfer_feed}, {"reusable", transfer_reusable},
     {"fail", transfer_fail}, {NULL, NULL}
   };
+  int uv;
   if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)  /* ref-counted */
     return luaL_error(L, "flowservice: curl_global_init failed");
   push_decoder(L);
   fs_request_push_defaults(L);
   lua_getfield(L, -1, "user_agent");
-  lua_replace(L, -2);  /* decoder, user agent */
-  new_class(L, FS_CLIENT_MT, client, client_gc);
-  new_class(L, FS_TRANSFER_MT, transfer, call_gc);
+  lua_replace(L, -2);
+  luaL_newmetatable(L, FS_CLIENT_MT);
+  luaL_newmetatable(L, FS_TRANSFER_MT);
+  uv = lua_gettop(L) - FS_UPVALUES + 1;  /* decoder, user agent, the metatables */
+  new_class(L, uv, FS_CLIENT_MT, client, client_gc);
+  new_class(L, uv, FS_TRANSFER_MT, transfer, call_gc);
   lua_newtable(L);
-  lua_pushvalue(L, -3);
-  lua_pushvalue(L, -3);
-  fs_setfuncs(L, module, 2);
+  push_upvalues(L, uv);
+  fs_setfuncs(L, module, FS_UPVALUES);
   fs_journal_register(L);
   fs_signals_register(L);
   fs_request_push_defaults(L);

@@ -114,10 +114,12 @@ function _M.retrigger(ngx, handle, run_id, opts)
   end
   ok, err = sock:send(request)
   if not ok then return fail(t, list, sock, "send", err, true, host, port) end
+  local done, reusable
   while true do
     local data, rerr = sock:receiveany(READ_SIZE)
     if data then
-      if t:feed(data) then break end
+      done, reusable = t:feed(data)
+      if done then break end
     elseif rerr == "closed" then
       t:feed(nil)
       break
@@ -126,7 +128,7 @@ function _M.retrigger(ngx, handle, run_id, opts)
     end
     sock:settimeout(left(now, ends))
   end
-  if t:reusable() then
+  if reusable then
     sock:setkeepalive(IDLE_MS)
   else
     sock:close()
