@@ -98,19 +98,30 @@ $(BUILD)/tree-5.1/lib/lua/5.1/flowservice/core.so: $(ROCK_DEPS)
 # the files git tracks (as they are in the work tree) in
 # lua-flowservice-VERSION.tar.gz, packed by luarocks pack with the release
 # rockspec (given the local tarball to pack, then put back as it is).
+# The PostgreSQL journal's rock (rockspecs/flowservice-postgresql-VERSION-1)
+# is packed from the same tarball, beside it.
 SRC_ROCK := $(BUILD)/rock/flowservice-$(VERSION)-1.src.rock
+PG_RELEASE := rockspecs/flowservice-postgresql-$(VERSION)-1.rockspec
+PG_SRC_ROCK := $(BUILD)/rock/flowservice-postgresql-$(VERSION)-1.src.rock
 rock: $(SRC_ROCK)
 
-$(SRC_ROCK): $(ROCK_DEPS) $(RELEASE)
-	@rm -rf $(BUILD)/rock && mkdir -p $(BUILD)/rock/pack
+# $(call pack,ROCK_NAME,RELEASE_ROCKSPEC)
+define pack
+	mkdir -p $(BUILD)/rock/pack
+	sed 's|^  url = .*|  url = "file://$(CURDIR)/$(BUILD)/rock/lua-flowservice-$(VERSION).tar.gz",|' $(2) \
+	  >$(BUILD)/rock/pack/$(1)-$(VERSION)-1.rockspec
+	cd $(BUILD)/rock/pack && luarocks --lua-version=5.4 pack $(1)-$(VERSION)-1.rockspec >/dev/null
+	mv $(BUILD)/rock/pack/$(1)-$(VERSION)-1.src.rock $(BUILD)/rock/ && rm -rf $(BUILD)/rock/pack
+	cp $(2) $(BUILD)/rock/ && cd $(BUILD)/rock && zip -q $(1)-$(VERSION)-1.src.rock $(1)-$(VERSION)-1.rockspec
+endef
+
+$(SRC_ROCK): $(ROCK_DEPS) $(PG_ROCK_DEPS) $(RELEASE) $(PG_RELEASE)
+	@rm -rf $(BUILD)/rock && mkdir -p $(BUILD)/rock
 	git ls-files -co --exclude-standard | tar -czf $(BUILD)/rock/lua-flowservice-$(VERSION).tar.gz \
 	  --transform 's,^,lua-flowservice-$(VERSION)/,' -T -
-	sed 's|^  url = .*|  url = "file://$(CURDIR)/$(BUILD)/rock/lua-flowservice-$(VERSION).tar.gz",|' $(RELEASE) \
-	  >$(BUILD)/rock/pack/flowservice-$(VERSION)-1.rockspec
-	cd $(BUILD)/rock/pack && luarocks --lua-version=5.4 pack flowservice-$(VERSION)-1.rockspec >/dev/null
-	mv $(BUILD)/rock/pack/flowservice-$(VERSION)-1.src.rock $(SRC_ROCK) && rm -rf $(BUILD)/rock/pack
-	cp $(RELEASE) $(BUILD)/rock/ && cd $(BUILD)/rock && zip -q flowservice-$(VERSION)-1.src.rock flowservice-$(VERSION)-1.rockspec
-	@echo "$(SRC_ROCK)"
+	$(call pack,flowservice,$(RELEASE))
+	$(call pack,flowservice-postgresql,$(PG_RELEASE))
+	@echo "$(SRC_ROCK) $(PG_SRC_ROCK)"
 
 # The same sources against the Lua 5.1 and LuaJIT headers (OpenResty runs LuaJIT).
 compat: $(BUILD)/luajit/flowservice/core.so $(BUILD)/lua51/flowservice/core.so \

@@ -8,6 +8,14 @@ local flowservice = require "flowservice"
 
 local q = h.q
 
+-- where libpq-fe.h is (as the Makefile finds it)
+local PQ_INCDIR = (function()
+  local p = io.popen("pg_config --includedir 2>/dev/null")
+  local dir = p and p:read("*l")
+  if p then p:close() end
+  return dir and dir ~= "" and dir or "/usr/include/postgresql"
+end)()
+
 local function sh(cmd)
   local p = io.popen(cmd .. " 2>&1; echo \"exit=$?\"")
   local out = p:read("*a")
@@ -42,6 +50,41 @@ describe("the source rock (make rock)", function()
     assert.same(scm.dependencies, release.dependencies)
     assert.same(scm.build, release.build)
     assert.matches("/v" .. flowservice._VERSION:gsub("%.", "%%.") .. "%.tar%.gz$", release.source.url)
+  end)
+
+  it("the PostgreSQL journal's release rockspec matches its scm one but for version and source", function()
+    local scm = rockspec("flowservice-postgresql-scm-1.rockspec")
+    local release = rockspec("rockspecs/flowservice-postgresql-" .. flowservice._VERSION .. "-1.rockspec")
+    assert.equal("flowservice-postgresql", release.package)
+    assert.equal(flowservice._VERSION .. "-1", release.version)
+    assert.same(scm.dependencies, release.dependencies)
+    assert.same(scm.external_dependencies, release.external_dependencies)
+    assert.same(scm.build, release.build)
+    assert.same(scm.description, release.description)
+    assert.same(rockspec("rockspecs/flowservice-" .. flowservice._VERSION .. "-1.rockspec").source, release.source)
+  end)
+
+  it("packs the PostgreSQL journal's rock too, which installs beside the main one and loads libpq", function()
+    local code, out = sh("make --no-print-directory rock")
+    assert.equal(0, code, out)
+    local tree = tmp .. "/pg-tree"
+    for _, name in ipairs { "flowservice", "flowservice-postgresql" } do
+      local rock = os.getenv("PWD") .. "/build/rock/" .. name .. "-" .. flowservice._VERSION .. "-1.src.rock"
+      code, out = sh("cd " .. q(tmp) .. " && luarocks --lua-version=5.4 install --tree=" .. q(tree)
+        .. " --deps-mode=none " .. q(rock) .. " PQ_INCDIR=" .. q(PQ_INCDIR))
+      assert.equal(0, code, out)
+    end
+    -- only the tree (and Debian's lua-cjson): the journal's modules and libpq's own checks
+    code, out = sh("env -i PATH=/usr/bin:/bin lua5.4 -e " .. q(([[
+      package.path = "%s/share/lua/5.4/?.lua;/usr/share/lua/5.4/?.lua"
+      package.cpath = "%s/lib/lua/5.4/?.so;/usr/lib/x86_64-linux-gnu/lua/5.4/?.so"
+      local pg = require "flowservice.pg"
+      assert(package.searchpath("flowservice.pg", package.cpath):find("%s", 1, true))
+      require "flowservice.journal_pg"
+      io.write(tostring(pg.conninfo_check("postgresql://u:secret@127.0.0.1/db")), " ",
+        tostring(pg.conninfo_check("postgresql://u@127.0.0.1/db")))]]):format(tree, tree, tree)))
+    assert.equal(0, code, out)
+    assert.equal("true false", out)
   end)
 
   it("packs, installs on its own into an empty tree with --deps-mode=none, and runs", function()
