@@ -749,6 +749,11 @@ function Client:_in_flight()
   return open(self, 2).handle:in_flight()
 end
 
+-- The server's clock as the client last read it (epoch seconds), or nil; for tests.
+function Client:_server_time()
+  return server_clock(open(self, 2))
+end
+
 -- This worker's pump of the client's engine inside nginx, or nil; for tests.
 function Client:_pump()
   local ngx = rawget(_G, "ngx")
