@@ -114,8 +114,11 @@ function _M.new(opts, argn, fname, level)
     org_id = core_opts.org_id,
     sandbox = core_opts.sandbox or core.defaults.sandbox,
   }, Client)
-  -- what Client:retrigger's plain path needs (close() ends it)
+  -- What Client:retrigger's plain path needs (close() ends it). Outside
+  -- nginx, where the global ngx never appears, a call has no default wait
+  -- function (waiter_of): that is known once, here.
   p.plain = not (p.auth or p.deadline or p.log or p.wait)
+  p.blocking = rawget(_G, "ngx") == nil
   private[self] = p
   return self
 end
@@ -396,20 +399,28 @@ end
 
 -- client:retrigger(run_id [, opts]) -> { id, etag } or nil, err
 -- A plain call (a client without credentials, deadline, log or wait
--- function, no per-call options, a valid run id, and either the nginx
--- transport where cosockets work or no nginx at all) makes its first attempt
--- here, as send_retrigger would; a failure goes on in call(), from that
--- attempt, exactly as if call() had made it.
+-- function, no per-call options, and either the nginx transport where
+-- cosockets work or no nginx at all) makes its first attempt here, as
+-- send_retrigger would; a failure goes on in call(), from that attempt,
+-- exactly as if call() had made it. The core's client:retrigger checks the
+-- run id itself and answers false, sending nothing, for one that is not.
 function Client:retrigger(run_id, overrides)
   local p = private[self]
-  if overrides == nil and p and p.plain and type(run_id) == "string" and not run_id_problem(run_id) then
+  if overrides == nil and p and p.plain then
     local ngx = p.wire and wire.usable()
-    if ngx or rawget(_G, "ngx") == nil then
+    if ngx or p.blocking then
       local run, status, date, _
       if ngx then
+        if type(run_id) ~= "string" or run_id_problem(run_id) then
+          args.run_id(run_id, 1, "retrigger", 2)
+        end
         run, status, _, date = wire.retrigger(ngx, p.handle, run_id, nil)
       else
         run, status, _, date = p.handle:retrigger(run_id)
+        if run == false then
+          args.run_id(run_id, 1, "retrigger", 2)
+          error("flowservice: the run id checks disagree", 2) -- not reached: they are one
+        end
       end
       if run then
         if date ~= (p.clock and p.clock.raw) then saw_date(p, nil, date) end
