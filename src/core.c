@@ -307,10 +307,12 @@ static fs_call *call_start(lua_State *L, fs_client *client, int kind,
                            const fs_request *r, int blocking) {
   fs_call *c = blocking ? call_scratch(client) : NULL;
   CURLcode rc;
-  if (c == NULL)
+  if (c == NULL) {
     c = call_new(L, kind, r->header[H_REQUEST_ID]);
-  else
+  } else {
     call_init(L, c, kind, r->header[H_REQUEST_ID]);
+    c->t.kept = 1;  /* freed only after the engine (client_free) */
+  }
   rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body, kind == FS_RUN_ACTION,
                            r->tmpl != NULL ? fs_template_config(r->tmpl) : 0);
   if (rc != CURLE_OK)

@@ -372,10 +372,14 @@ static void engine_release(fs_transfer *t) {
   }
   if (e->nidle < FS_IDLE_HANDLES) {
     /* a handle outside the multi runs no callback; these only keep it
-    ** from holding addresses that are about to be freed */
+    ** from holding addresses that are about to be freed (a kept
+    ** transfer's are not: only its header list goes) */
     (void)curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, (struct curl_slist *)NULL);
-    (void)curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, (char *)NULL);
-    (void)curl_easy_setopt(t->easy, CURLOPT_PRIVATE, (void *)NULL);
+    if (!t->kept) {
+      (void)curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, (char *)NULL);
+      (void)curl_easy_setopt(t->easy, CURLOPT_PRIVATE, (void *)NULL);
+    }
+    e->idle_owner[e->nidle] = t->kept ? t : NULL;
     e->idle_config[e->nidle] = t->config;
     e->idle[e->nidle++] = t->easy;
   } else {
@@ -588,12 +592,19 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
   t->config = config;
   t->configured = 0;
   if (e->nidle > 0) {
+    int same_owner;
     e->nidle--;
     t->easy = e->idle[e->nidle];
-    if (config != 0 && e->idle_config[e->nidle] == config)
+    same_owner = t->kept && e->idle_owner[e->nidle] == t;
+    if (config != 0 && e->idle_config[e->nidle] == config) {
       t->configured = 1;
-    else
+      if (same_owner) {  /* it points at t already, and is set up for config */
+        engine_link(e, t);
+        return CURLE_OK;
+      }
+    } else {
       curl_easy_reset(t->easy);  /* keeps the DNS and TLS session caches */
+    }
   } else {
     t->easy = curl_easy_init();
   }
