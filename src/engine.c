@@ -281,6 +281,13 @@ static int engine_open(fs_engine *e) {
   e->multi = curl_multi_init();
   if (e->multi == NULL)
     return -1;
+  /* the handles' DNS cache: the multi handle's own has 71 slots, which
+  ** libcurl walks to prune it at the end of every transfer; a share's has 23 */
+  if (e->dns == NULL && (e->dns = curl_share_init()) != NULL
+      && curl_share_setopt(e->dns, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK) {
+    (void)curl_share_cleanup(e->dns);
+    e->dns = NULL;  /* the multi handle's cache then */
+  }
   if (curl_multi_setopt(e->multi, CURLMOPT_SOCKETFUNCTION, engine_on_socket) != CURLM_OK
       || curl_multi_setopt(e->multi, CURLMOPT_SOCKETDATA, (void *)e) != CURLM_OK
       || curl_multi_setopt(e->multi, CURLMOPT_TIMERFUNCTION, engine_on_timer) != CURLM_OK
@@ -426,6 +433,7 @@ static void engine_forget(fs_engine *e) {
   }
   e->nidle = 0;
   e->multi = NULL;
+  e->dns = NULL;  /* the parent's, as its handles */
   e->nsubmitted = 0;
   e->pid = (long)getpid();
   if (e->proc != NULL) {  /* the child's page, wiped: arm it for this process */
@@ -461,6 +469,10 @@ void fs_engine_free(fs_engine *e) {
   if (e->multi != NULL) {
     curl_multi_cleanup(e->multi);  /* may still report sockets to e */
     e->multi = NULL;
+  }
+  if (e->dns != NULL) {  /* no handle uses it any more */
+    (void)curl_share_cleanup(e->dns);
+    e->dns = NULL;
   }
   e->nsubmitted = 0;
   process_close(e->proc);
@@ -633,6 +645,8 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
   FS_SET(CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
   FS_SET(CURLOPT_MAXAGE_CONN, e->max_idle_seconds);
+  if (e->dns != NULL)
+    FS_SET(CURLOPT_SHARE, e->dns);
 #if FS_HAVE_EPOLL
   FS_SET(CURLOPT_OPENSOCKETFUNCTION, engine_open_socket);
   FS_SET(CURLOPT_OPENSOCKETDATA, (void *)e);

@@ -96,6 +96,7 @@ void fs_tail_release(fs_tail *tail);
 
 typedef struct fs_engine {
   CURLM *multi;
+  CURLSH *dns;                  /* the DNS cache its handles share, or NULL */
   fs_transfer *attached;        /* transfers holding one of our easy handles */
   CURL *idle[FS_IDLE_HANDLES];  /* easy handles kept for reuse */
   int nidle;
