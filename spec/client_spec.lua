@@ -483,6 +483,99 @@ describe("flowservice.new", function()
     end)
   end)
 
+  -- A client without credentials, deadline, log or wait function makes a
+  -- call's first attempt in client:retrigger itself; a failure is handed to
+  -- the general loop, which goes on from that attempt.
+  describe("a plain call's first attempt, handed over when it fails", function()
+    local function post_ids()
+      local ids = {}
+      for _, r in ipairs(server:requests()) do
+        assert.equal("POST", r.method)
+        ids[#ids + 1] = r.headers["x-request-id"]
+      end
+      return ids
+    end
+
+    it("a 429, then success: one more attempt with its own request id", function()
+      local client = new { retry = { attempts = 3, base_delay = 0.01, max_delay = 1 } }
+      server:scenario { match = "^POST ", status = 429, retry_after = "0" }
+      local run, err = client:retrigger(runs.failed)
+      client:close()
+      assert.is_nil(err)
+      assert.is_string(run.id)
+      local ids = post_ids()
+      assert.equal(2, #ids)
+      assert.not_equal(ids[1], ids[2])
+    end)
+
+    it("429s until attempts run out: attempts and request_ids count the first attempt", function()
+      local client = new { retry = { attempts = 3, base_delay = 0.01, max_delay = 1 } }
+      server:scenario { match = "^POST ", status = 429, retry_after = "0", times = 0 }
+      local run, err = client:retrigger(runs.failed)
+      client:close()
+      assert.is_nil(run)
+      assert.equal(429, err.status)
+      assert.is_nil(err.ambiguous)
+      assert.equal(3, err.attempts)
+      assert.same(post_ids(), err.request_ids)
+      assert.equal(3, #err.request_ids)
+      assert.equal(err.request_ids[3], err.request_id)
+    end)
+
+    it("an ambiguous failure of the first attempt is not retried", function()
+      local client = new { retry = { attempts = 3, base_delay = 0.01, max_delay = 1 } }
+      server:scenario { match = "^POST ", status = 503 }
+      local run, err = client:retrigger(runs.failed)
+      client:close()
+      assert.is_nil(run)
+      assert.is_true(err.ambiguous)
+      assert.is_true(err.sent)
+      assert.equal(1, err.attempts)
+      assert.same(post_ids(), err.request_ids)
+      assert.equal(1, #err.request_ids)
+      assert.equal(err.request_ids[1], err.request_id)
+    end)
+
+    it("a first attempt never sent is retried, and counted", function()
+      local client = flowservice.new(h.opts("http://127.0.0.1:" .. h.closed_port,
+        { retry = { attempts = 2, base_delay = 0.01, max_delay = 0.02 } }))
+      local _, err = client:retrigger(runs.failed)
+      client:close()
+      assert.equal("network", err.kind)
+      assert.is_false(err.sent)
+      assert.equal(2, err.attempts)
+      assert.equal(2, #err.request_ids)
+      assert.not_equal(err.request_ids[1], err.request_ids[2])
+    end)
+
+    it("reads the server's clock from a failed first attempt, and from a success", function()
+      local client = new { retry = { attempts = 1 } }
+      assert.is_nil(client:_server_time())
+      server:scenario { match = "^POST ", status = 429, retry_after = "5" }
+      local _, err = client:retrigger(runs.failed)
+      assert.equal(429, err.status)
+      local t = client:_server_time()
+      assert.is_number(t)
+      assert.is_true(math.abs(t - os.time()) < 5, tostring(t))
+      assert.is_table((client:retrigger(runs.failed)))
+      t = client:_server_time()
+      assert.is_number(t)
+      assert.is_true(math.abs(t - os.time()) < 5, tostring(t))
+      client:close()
+    end)
+
+    it("raises for a bad run id, as the general path does, and sends nothing", function()
+      local client = new()
+      for _, case in ipairs { { 12345, "got number" }, { "", "got an empty string" },
+        { "a/b", "may hold only letters" }, { "..", "may not be" } } do
+        assert.error_matches(function() client:retrigger(case[1]) end,
+          "bad argument #1 to 'retrigger' %(run id [^)]*" .. case[2]:gsub("%-", "%%-"))
+      end
+      client:close()
+      assert.same({}, server:requests())
+    end)
+  end)
+
   describe("lifecycle", function()
     it("raises on a call after close; close twice is fine", function()
       local client = new()

@@ -4,6 +4,7 @@
 **   retrigger(run_id, opts)       one call on a fresh engine (blocking)
 **   new(opts [, token_later])     a client: an engine whose connections last
 **   client:retrigger(run_id, opts) / client:request(opts, shape)   blocking
+**                                 (retrigger: false for a bad run id)
 **     (a run action's opts nil: the client's own, as new() checked them)
 **   client:submit_retrigger(...) / client:submit(...) -> transfer  non-blocking
 **   client:prepare_retrigger(...) -> transfer, built but not yet sent
@@ -381,10 +382,12 @@ static fs_call *call_start(lua_State *L, fs_client *client, int kind,
                            const fs_request *r, int blocking) {
   fs_call *c = blocking ? call_scratch(client) : NULL;
   CURLcode rc;
-  if (c == NULL)
+  if (c == NULL) {
     c = call_new(L, kind, r->header[H_REQUEST_ID]);
-  else
+  } else {
     call_init(L, c, kind, r->header[H_REQUEST_ID]);
+    c->t.kept = 1;  /* freed only after the engine (client_free) */
+  }
   rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body, kind == FS_RUN_ACTION,
                            r->tmpl != NULL ? fs_template_config(r->tmpl) : 0);
   if (rc != CURLE_OK)
@@ -636,8 +639,18 @@ static int finish(lua_State *L, fs_client *client, fs_call *c) {
   return n;
 }
 
+/* client:retrigger(run_id [, opts]): a run id that is not one gives
+** false, nothing sent, for the Lua side to raise its argument error where
+** its caller made the call (flowservice.client's plain path checks no more
+** itself). */
 static int client_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
+  size_t len;
+  const char *run_id = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : NULL;
+  if (run_id == NULL || fs_run_id_problem(run_id, len) != NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
   return finish(L, client, start_run_action(L, client, 1, 2, 3, 2));
 }
 

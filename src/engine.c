@@ -281,6 +281,13 @@ static int engine_open(fs_engine *e) {
   e->multi = curl_multi_init();
   if (e->multi == NULL)
     return -1;
+  /* the handles' DNS cache: the multi handle's own has 71 slots, which
+  ** libcurl walks to prune it at the end of every transfer; a share's has 23 */
+  if (e->dns == NULL && (e->dns = curl_share_init()) != NULL
+      && curl_share_setopt(e->dns, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK) {
+    (void)curl_share_cleanup(e->dns);
+    e->dns = NULL;  /* the multi handle's cache then */
+  }
   if (curl_multi_setopt(e->multi, CURLMOPT_SOCKETFUNCTION, engine_on_socket) != CURLM_OK
       || curl_multi_setopt(e->multi, CURLMOPT_SOCKETDATA, (void *)e) != CURLM_OK
       || curl_multi_setopt(e->multi, CURLMOPT_TIMERFUNCTION, engine_on_timer) != CURLM_OK
@@ -372,10 +379,14 @@ static void engine_release(fs_transfer *t) {
   }
   if (e->nidle < FS_IDLE_HANDLES) {
     /* a handle outside the multi runs no callback; these only keep it
-    ** from holding addresses that are about to be freed */
+    ** from holding addresses that are about to be freed (a kept
+    ** transfer's are not: only its header list goes) */
     (void)curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, (struct curl_slist *)NULL);
-    (void)curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, (char *)NULL);
-    (void)curl_easy_setopt(t->easy, CURLOPT_PRIVATE, (void *)NULL);
+    if (!t->kept) {
+      (void)curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, (char *)NULL);
+      (void)curl_easy_setopt(t->easy, CURLOPT_PRIVATE, (void *)NULL);
+    }
+    e->idle_owner[e->nidle] = t->kept ? t : NULL;
     e->idle_config[e->nidle] = t->config;
     e->idle[e->nidle++] = t->easy;
   } else {
@@ -422,6 +433,7 @@ static void engine_forget(fs_engine *e) {
   }
   e->nidle = 0;
   e->multi = NULL;
+  e->dns = NULL;  /* the parent's, as its handles */
   e->nsubmitted = 0;
   e->pid = (long)getpid();
   if (e->proc != NULL) {  /* the child's page, wiped: arm it for this process */
@@ -457,6 +469,10 @@ void fs_engine_free(fs_engine *e) {
   if (e->multi != NULL) {
     curl_multi_cleanup(e->multi);  /* may still report sockets to e */
     e->multi = NULL;
+  }
+  if (e->dns != NULL) {  /* no handle uses it any more */
+    (void)curl_share_cleanup(e->dns);
+    e->dns = NULL;
   }
   e->nsubmitted = 0;
   process_close(e->proc);
@@ -588,12 +604,19 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
   t->config = config;
   t->configured = 0;
   if (e->nidle > 0) {
+    int same_owner;
     e->nidle--;
     t->easy = e->idle[e->nidle];
-    if (config != 0 && e->idle_config[e->nidle] == config)
+    same_owner = t->kept && e->idle_owner[e->nidle] == t;
+    if (config != 0 && e->idle_config[e->nidle] == config) {
       t->configured = 1;
-    else
+      if (same_owner) {  /* it points at t already, and is set up for config */
+        engine_link(e, t);
+        return CURLE_OK;
+      }
+    } else {
       curl_easy_reset(t->easy);  /* keeps the DNS and TLS session caches */
+    }
   } else {
     t->easy = curl_easy_init();
   }
@@ -622,6 +645,8 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
   FS_SET(CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
   FS_SET(CURLOPT_MAXAGE_CONN, e->max_idle_seconds);
+  if (e->dns != NULL)
+    FS_SET(CURLOPT_SHARE, e->dns);
 #if FS_HAVE_EPOLL
   FS_SET(CURLOPT_OPENSOCKETFUNCTION, engine_open_socket);
   FS_SET(CURLOPT_OPENSOCKETDATA, (void *)e);

@@ -96,6 +96,7 @@ void fs_tail_release(fs_tail *tail);
 
 typedef struct fs_engine {
   CURLM *multi;
+  CURLSH *dns;                  /* the DNS cache its handles share, or NULL */
   fs_transfer *attached;        /* transfers holding one of our easy handles */
   CURL *idle[FS_IDLE_HANDLES];  /* easy handles kept for reuse */
   int nidle;
@@ -105,6 +106,8 @@ typedef struct fs_engine {
   unsigned long configs;        /* configuration numbers handed out */
   unsigned long idle_config[FS_IDLE_HANDLES];  /* what each idle handle is
                                 ** set up for (0: must be reset first) */
+  const fs_transfer *idle_owner[FS_IDLE_HANDLES];  /* the kept transfer whose
+                                ** addresses each idle handle still holds, or NULL */
   int nsubmitted;               /* transfers in the multi handle */
   /* the sockets libcurl watches, and its timer */
   int epfd;                     /* the epoll set (-1 without) */
@@ -131,6 +134,10 @@ struct fs_transfer {
                               ** none beyond this transfer's own) */
   int configured;             /* the handle came set up for config: only the
                               ** per-transfer options are left to set */
+  int kept;                   /* this transfer's memory outlives the engine's
+                              ** handles (a client's reused one): a handle it
+                              ** gives back may keep pointing at it, and needs
+                              ** no pointers set when it comes back to it */
   struct curl_slist *head;    /* the header list libcurl reads */
   struct curl_slist *headers; /* the lines this transfer owns (malloc'd); its
                               ** last node may link on to id_node or tail */

@@ -114,6 +114,11 @@ function _M.new(opts, argn, fname, level)
     org_id = core_opts.org_id,
     sandbox = core_opts.sandbox or core.defaults.sandbox,
   }, Client)
+  -- What Client:retrigger's plain path needs (close() ends it). Outside
+  -- nginx, where the global ngx never appears, a call has no default wait
+  -- function (waiter_of): that is known once, here.
+  p.plain = not (p.auth or p.deadline or p.log or p.wait)
+  p.blocking = rawget(_G, "ngx") == nil
   private[self] = p
   return self
 end
@@ -214,39 +219,48 @@ end
 -- request_id or nil, the core's error table. creates: the call makes a run
 -- (see flowservice.retry, which alone decides what may be repeated).
 -- path: for log lines only (nil when not logging). lean: a success returns
--- the result alone (its caller drops the attempts' record).
-local function call(p, method, path, creates, opts, deadline, send, target, waiter, lean)
+-- the result alone (its caller drops the attempts' record). failure: the
+-- core's error table of a first attempt already made (by Client:retrigger's
+-- plain path: no token, no deadline, no log): the call goes on from there.
+local function call(p, method, path, creates, opts, deadline, send, target, waiter, lean, failure)
   local policy = p.retry
   local ends = deadline and now() + deadline
   local request_ids, attempt, budget, refreshed, last = nil, 0, 0, false, nil
+  if failure then attempt, budget = 1, 1 end
   while true do
-    local attempt_opts, token = opts, nil
-    if p.auth then
-      local err
-      token, err = fetch_token(p, waiter, ends)
-      if not token then return nil, err end -- the IMS call's own attempts and ids
-      attempt_opts = copy(attempt_opts, { access_token = token })
-    end
-    if ends then
-      local left = ends - now()
-      if left <= 0 then
-        last = last or errors.new { kind = "timeout", sent = false,
-          message = format("deadline of %g s passed", deadline) }
-        return failed(last, attempt, request_ids or {})
+    local token, started, status_or_err = nil, nil, failure
+    if failure then
+      failure = nil
+    else
+      local attempt_opts = opts
+      if p.auth then
+        local err
+        token, err = fetch_token(p, waiter, ends)
+        if not token then return nil, err end -- the IMS call's own attempts and ids
+        attempt_opts = copy(attempt_opts, { access_token = token })
       end
-      if left < (attempt_opts.timeout or core.defaults.timeout) then
-        attempt_opts = copy(attempt_opts, { timeout = left })
+      if ends then
+        local left = ends - now()
+        if left <= 0 then
+          last = last or errors.new { kind = "timeout", sent = false,
+            message = format("deadline of %g s passed", deadline) }
+          return failed(last, attempt, request_ids or {})
+        end
+        if left < (attempt_opts.timeout or core.defaults.timeout) then
+          attempt_opts = copy(attempt_opts, { timeout = left })
+        end
       end
-    end
-    attempt, budget = attempt + 1, budget + 1
-    local started = p.log and now()
-    local result, status_or_err, request_id = send(p, target, attempt_opts, waiter)
-    if result then
-      if started then log_attempt(p, method, path, status_or_err, attempt, request_id, started) end
-      if lean then return result end
-      request_ids = request_ids or {}
-      request_ids[#request_ids + 1] = request_id
-      return result, { attempts = attempt, request_ids = request_ids }
+      attempt, budget = attempt + 1, budget + 1
+      started = p.log and now()
+      local result, request_id
+      result, status_or_err, request_id = send(p, target, attempt_opts, waiter)
+      if result then
+        if started then log_attempt(p, method, path, status_or_err, attempt, request_id, started) end
+        if lean then return result end
+        request_ids = request_ids or {}
+        request_ids[#request_ids + 1] = request_id
+        return result, { attempts = attempt, request_ids = request_ids }
+      end
     end
     local err = errors.from_core(status_or_err, secrets(p))
     request_ids = request_ids or {}
@@ -384,8 +398,43 @@ local function call_options(p, overrides, argn, fname, level)
 end
 
 -- client:retrigger(run_id [, opts]) -> { id, etag } or nil, err
+-- A plain call (a client without credentials, deadline, log or wait
+-- function, no per-call options, and either the nginx transport where
+-- cosockets work or no nginx at all) makes its first attempt here, as
+-- send_retrigger would; a failure goes on in call(), from that attempt,
+-- exactly as if call() had made it. The core's client:retrigger checks the
+-- run id itself and answers false, sending nothing, for one that is not.
 function Client:retrigger(run_id, overrides)
-  local p = open(self, 2)
+  local p = private[self]
+  if overrides == nil and p and p.plain then
+    local ngx = p.wire and wire.usable()
+    if ngx or p.blocking then
+      local run, status, date, _
+      if ngx then
+        if type(run_id) ~= "string" or run_id_problem(run_id) then
+          args.run_id(run_id, 1, "retrigger", 2)
+        end
+        run, status, _, date = wire.retrigger(ngx, p.handle, run_id, nil)
+      else
+        run, status, _, date = p.handle:retrigger(run_id)
+        if run == false then
+          args.run_id(run_id, 1, "retrigger", 2)
+          error("flowservice: the run id checks disagree", 2) -- not reached: they are one
+        end
+      end
+      if run then
+        if date ~= (p.clock and p.clock.raw) then saw_date(p, nil, date) end
+        return run
+      end
+      if status.date then saw_date(p, status.date) end
+      local err
+      run, err = call(p, "POST", nil, true, p.opts, nil, send_retrigger, run_id,
+        waiter_of(p, nil, 2), true, status)
+      if run then return run end
+      return nil, err
+    end
+  end
+  p = open(self, 2)
   if type(run_id) ~= "string" or run_id_problem(run_id) then -- only then the full check
     args.run_id(run_id, 1, "retrigger", 2)
   end
@@ -711,6 +760,11 @@ function Client:_in_flight()
   return open(self, 2).handle:in_flight()
 end
 
+-- The server's clock as the client last read it (epoch seconds), or nil; for tests.
+function Client:_server_time()
+  return server_clock(open(self, 2))
+end
+
 -- This worker's pump of the client's engine inside nginx, or nil; for tests.
 function Client:_pump()
   local ngx = rawget(_G, "ngx")
@@ -720,7 +774,7 @@ end
 function Client:close()
   local p = private[self]
   if p and not p.closed then
-    p.closed = true
+    p.closed, p.plain = true, false
     p.handle:close()
   end
 end
