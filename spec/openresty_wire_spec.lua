@@ -239,6 +239,18 @@ describe("#openresty the nginx transport", function()
     assert.is_string(r.id, cjson.encode(r))
   end)
 
+  it("a bad run id raises where the call was made, as outside nginx, and sends nothing", function()
+    local out = capture("curl -s --noproxy '*' --max-time 10 '" .. server.url .. "/bad-runs'")
+    local lines = {}
+    for line in out:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    assert.equal(4, #lines, out)
+    assert.matches("^bad argument #1 to 'retrigger' %(run id may hold only", lines[1])
+    assert.matches("bad argument #1 to 'retrigger' %(run id must be a non%-empty string", lines[2])
+    assert.matches("bad argument #1 to 'retrigger' %(run id may not be '%.' or '%.%.'%)", lines[3])
+    assert.matches("bad argument #1 to 'retrigger' %(run id may hold only", lines[4])
+    assert.equal(0, #posts())
+  end)
+
   it("in a phase without cosockets, falls back to libcurl's rules: set_by_lua gets the clear error", function()
     local out = capture("curl -s --noproxy '*' --max-time 10 '" .. server.url .. "/set-phase?run="
       .. h.runs.failed .. "'")

@@ -3,14 +3,15 @@
 **
 **   retrigger(run_id, opts)       one call on a fresh engine (blocking)
 **   new(opts [, token_later])     a client: an engine whose connections last
-**   client:retrigger(run_id, opts) / client:request(opts, shape)   blocking
-**                                 (retrigger: false for a bad run id)
+**   client:retrigger(run_id, opts [, lean]) / client:request(opts, shape)
+**                                 blocking (retrigger: false for a bad run
+**                                 id; lean: no request id on success)
 **     (a run action's opts nil: the client's own, as new() checked them)
 **   client:submit_retrigger(...) / client:submit(...) -> transfer  non-blocking
 **   client:prepare_retrigger(...) -> transfer, built but not yet sent
 **   client:step() / client:wait(s) / client:timeout() / client:close()
 **   client:fd() / client:pump()   for event loops: the epoll set, a step
-**   transfer:submit() / transfer:done() / transfer:result() / transfer:cancel()
+**   transfer:submit() / transfer:done() / transfer:result([lean]) / transfer:cancel()
 **   transfer:watch() -> key; client:step(list) lists finished watched keys
 **
 ** A run action (re-trigger) is never sent twice: a resend libcurl would
@@ -207,7 +208,7 @@ static int reply_is_run(lua_State *L, int idx) {
 }
 
 /* 2xx: {id, etag} from either reply shape (the docs' or the OpenAPI run). */
-static int push_run(lua_State *L, const fs_call *c) {
+static int push_run(lua_State *L, const fs_call *c, int lean) {
   const fs_transfer *t = &c->t;
   int reply;
   lua_pushvalue(L, FS_UV_DECODE);
@@ -236,7 +237,10 @@ static int push_run(lua_State *L, const fs_call *c) {
     lua_setfield(L, -2, "etag");
   }
   lua_pushinteger(L, (lua_Integer)t->status);  /* for the caller's log */
-  lua_pushstring(L, c->request_id);
+  if (lean)  /* a caller that keeps no record of its attempts */
+    lua_pushnil(L);
+  else
+    lua_pushstring(L, c->request_id);
   if (t->date[0] == '\0')
     return 3;
   lua_pushstring(L, t->date);  /* raw: parsed only if wanted (core.parse_date) */
@@ -252,8 +256,9 @@ static int push_response(lua_State *L, const fs_call *c) {
   return 1;
 }
 
-/* Push what a finished call gives Lua, then free its buffers. */
-static int call_results(lua_State *L, fs_call *c) {
+/* Push what a finished call gives Lua, then free its buffers; lean: a
+** run action's success gives no request id (nil in its place). */
+static int call_results(lua_State *L, fs_call *c, int lean) {
   int n;
   if (c->taken)
     return luaL_error(L, "flowservice: transfer result already taken");
@@ -262,7 +267,7 @@ static int call_results(lua_State *L, fs_call *c) {
   else if (c->t.status < 200 || c->t.status > 299)
     n = push_http_error(L, c, "http");
   else
-    n = c->kind == FS_RUN_ACTION ? push_run(L, c) : push_response(L, c);
+    n = c->kind == FS_RUN_ACTION ? push_run(L, c, lean) : push_response(L, c);
   c->taken = 1;
   fs_transfer_free(&c->t);
   return n;
@@ -418,7 +423,7 @@ static int transfer_result(lua_State *L) {
   fs_call *c = call_current(L, 1);
   if (!c->t.done)
     return luaL_error(L, "flowservice: transfer is still in flight");
-  return call_results(L, c);
+  return call_results(L, c, lua_toboolean(L, 2));
 }
 
 static int transfer_request_id(lua_State *L) {
@@ -630,33 +635,41 @@ static fs_call *submit_raw(lua_State *L, fs_client *client, int opts_arg,
 }
 
 /* Drive until c is done, then hand over its result. */
-static int finish(lua_State *L, fs_client *client, fs_call *c) {
+static int finish(lua_State *L, fs_client *client, fs_call *c, int lean) {
   int n;
   engine_check(L, fs_engine_finish(&client->engine, &c->t));
-  n = call_results(L, c);
+  n = call_results(L, c, lean);
   if (c == client->scratch)
     client->scratch_busy = 0;
   return n;
 }
 
-/* client:retrigger(run_id [, opts]): a run id that is not one gives
-** false, nothing sent, for the Lua side to raise its argument error where
-** its caller made the call (flowservice.client's plain path checks no more
-** itself). */
+/* A run id at idx that is not one (not a string, or a problem): then
+** false is pushed, nothing sent, for the Lua side to raise its argument
+** error where its caller made the call (flowservice.client's plain path
+** checks no more itself). */
+static int bad_run_id(lua_State *L, int idx) {
+  size_t len;
+  const char *run_id = lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, &len) : NULL;
+  if (run_id != NULL && fs_run_id_problem(run_id, len) == NULL)
+    return 0;
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
+/* client:retrigger(run_id [, opts [, lean]]): false for a bad run id (see
+** bad_run_id); lean: a success gives no request id. */
 static int client_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  size_t len;
-  const char *run_id = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : NULL;
-  if (run_id == NULL || fs_run_id_problem(run_id, len) != NULL) {
-    lua_pushboolean(L, 0);
+  int lean = lua_toboolean(L, 4);  /* before the options' values go on the stack */
+  if (bad_run_id(L, 2))
     return 1;
-  }
-  return finish(L, client, start_run_action(L, client, 1, 2, 3, 2));
+  return finish(L, client, start_run_action(L, client, 1, 2, 3, 2), lean);
 }
 
 static int client_request(lua_State *L) {
   fs_client *client = client_check(L, 1);
-  return finish(L, client, submit_raw(L, client, 2, 3, 1));
+  return finish(L, client, submit_raw(L, client, 2, 3, 1), 0);
 }
 
 static int client_submit_retrigger(lua_State *L) {
@@ -676,6 +689,7 @@ static int client_prepare_retrigger(lua_State *L) {
 ** result is a libcurl transfer's.
 **   client:wire_retrigger(run_id, opts [, spare]) -> transfer, request,
 **     host, port, pool, tls, verify, timeout_ms, connect_timeout_ms
+**     (false for a bad run id, as client:retrigger)
 ** spare: a transfer of an earlier call whose result was taken, made into
 ** this call's transfer (and returned) instead of a new one.
 */
@@ -685,6 +699,8 @@ static int client_wire_retrigger(lua_State *L) {
   fs_request r;
   fs_call *c;
   const fs_wire_target *w;
+  if (bad_run_id(L, 2))
+    return 1;
   memset(&r, 0, sizeof r);
   r.cache = &client->urls;
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
@@ -826,7 +842,7 @@ static int core_retrigger(lua_State *L) {
   int n;
   lua_settop(L, 2);
   client = client_new(L);
-  n = finish(L, client, start_run_action(L, client, 0, 1, 2, 2));
+  n = finish(L, client, start_run_action(L, client, 0, 1, 2, 2), 0);
   client_free(client);
   return n;
 }

@@ -411,16 +411,13 @@ function Client:retrigger(run_id, overrides)
     if ngx or p.blocking then
       local run, status, date, _
       if ngx then
-        if type(run_id) ~= "string" or run_id_problem(run_id) then
-          args.run_id(run_id, 1, "retrigger", 2)
-        end
-        run, status, _, date = wire.retrigger(ngx, p.handle, run_id, nil)
+        run, status, _, date = wire.retrigger(ngx, p.handle, run_id, nil, true)
       else
-        run, status, _, date = p.handle:retrigger(run_id)
-        if run == false then
-          args.run_id(run_id, 1, "retrigger", 2)
-          error("flowservice: the run id checks disagree", 2) -- not reached: they are one
-        end
+        run, status, _, date = p.handle:retrigger(run_id, nil, true)
+      end
+      if run == false then -- the core's check of the run id refused it: nothing sent
+        args.run_id(run_id, 1, "retrigger", 2)
+        error("flowservice: the run id checks disagree", 2) -- not reached: they are one
       end
       if run then
         if date ~= (p.clock and p.clock.raw) then saw_date(p, nil, date) end

@@ -49,9 +49,9 @@ local function spare_of(handle)
   return list, t
 end
 
--- t's result, then t kept for a later call.
-local function result(t, list)
-  local run, status, request_id, date = t:result()
+-- t's result (lean: no request id on success), then t kept for a later call.
+local function result(t, list, lean)
+  local run, status, request_id, date = t:result(lean)
   local n = #list
   if n < SPARES then list[n + 1] = t end
   return run, status, request_id, date
@@ -91,11 +91,16 @@ local function left(now, ends)
 end
 
 -- One attempt of client:retrigger over a cosocket: what core's transfer
--- result gives (run, status, request_id, date or nil, err).
-function _M.retrigger(ngx, handle, run_id, opts)
+-- result gives (run, status, request_id, date or nil, err; lean: no
+-- request_id on success), or false for a bad run id (nothing sent).
+function _M.retrigger(ngx, handle, run_id, opts, lean)
   local list, spare = spare_of(handle)
   local t, request, host, port, pool, tls, verify, timeout_ms, connect_ms =
     handle:wire_retrigger(run_id, opts, spare)
+  if not t then
+    list[#list + 1] = spare
+    return false
+  end
   local now = ngx.now -- the event loop's time: the loop moves it on
   local ends = now() + timeout_ms / 1000
   local sock = ngx.socket.tcp()
@@ -133,7 +138,7 @@ function _M.retrigger(ngx, handle, run_id, opts)
   else
     sock:close()
   end
-  return result(t, list)
+  return result(t, list, lean)
 end
 
 return _M

@@ -60,6 +60,15 @@ function _M.call()
   ngx.say(cjson.encode(o))
 end
 
+-- bad run ids on the plain path: each call's error message, one a line
+function _M.bad_runs()
+  local c = client("wire")
+  for _, run in ipairs { "a/b", "", "..", "x\r\nX-Evil: 1" } do
+    local ok, err = pcall(function() return c:retrigger(run) end)
+    ngx.say(ok and "no error" or tostring(err))
+  end
+end
+
 -- a light thread waiting on a re-trigger is killed while the reply is due
 function _M.thread_dies()
   local c = client("wire")
