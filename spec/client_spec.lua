@@ -358,6 +358,28 @@ describe("flowservice.new", function()
       assert.equal(5, #server:requests())
     end)
 
+    it("keeps its own options' If-Match and request id for every call without options", function()
+      local c = core.new(h.opts(server.url, { if_match = '"e1"', request_id = "fixed-id-1" }))
+      for _ = 1, 3 do c:retrigger(runs.failed) end -- answered or refused (412): each sent
+      local blank = core.new(h.opts(server.url, { request_id = "  " })) -- blank: a fresh one each call
+      for _ = 1, 3 do assert.is_table((blank:retrigger(runs.failed))) end
+      local log = server:requests()
+      assert.equal(6, #log)
+      for i = 1, 3 do
+        assert.equal('"e1"', log[i].headers["if-match"])
+        assert.equal("fixed-id-1", log[i].headers["x-request-id"])
+      end
+      local seen = {}
+      for i = 4, 6 do
+        assert.is_nil(log[i].headers["if-match"])
+        assert.matches(UUID, log[i].headers["x-request-id"])
+        assert.is_nil(seen[log[i].headers["x-request-id"]])
+        seen[log[i].headers["x-request-id"]] = true
+      end
+      c:close()
+      blank:close()
+    end)
+
     it("gives every call a fresh request id (version-4 UUIDs, never repeated)", function()
       local o = h.opts(server.url)
       local c = core.new(o)

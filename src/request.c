@@ -423,10 +423,12 @@ struct fs_template {
   unsigned long config;       /* the engine's number for these options */
   int flags;
   /* made from, or matched by, the client's own copy of its options (see
-  ** fs_request.own_options): own_values is what that table holds, its
-  ** strings kept alive by it */
+  ** fs_request.own_options): what read_per_call made of that table, which
+  ** keeps these strings alive (NULL: none; a fresh request id each call) */
   int own;
-  opt_values own_values;
+  const char *own_request_id, *own_if_match;
+  long own_timeout_ms;
+  int own_headers;  /* it has headers: a table of the caller's, read each call */
   /* the raw values it was made from, to recognise them: copies in block */
   int present[O_COUNT];
   const char *str[O_COUNT];
@@ -600,16 +602,17 @@ static void use_template(fs_request *r, fs_template *t) {
   r->tmpl = t;
 }
 
-/* What one call may change, checked on every call. */
-static void read_per_call(lua_State *L, int opts, const opt_values *v, fs_request *r) {
+/* What one call may change, its options read: its request id (the
+** option's, or else a fresh one), If-Match, the timeout, and opts.headers
+** (headers: it is there), a table of the caller's, read on every call. */
+static void per_call(lua_State *L, int opts, const char *request_id, const char *if_match,
+                     long timeout_ms, int headers, fs_request *r) {
   const char **h = r->header;
-  h[H_REQUEST_ID] = opt_string(L, v, O_REQUEST_ID, NULL, 0);
-  if (h[H_REQUEST_ID] == NULL || is_blank(h[H_REQUEST_ID], v->len[O_REQUEST_ID]))
-    h[H_REQUEST_ID] = make_request_id(r);  /* every attempt has an id to trace */
-  h[H_IF_MATCH] = opt_nonblank(L, v, O_IF_MATCH, NULL, 0);  /* else: unconditional */
-  r->timeout_ms = opt_milliseconds(L, v, O_TIMEOUT, FS_DEFAULT_TIMEOUT);
+  h[H_REQUEST_ID] = request_id != NULL ? request_id : make_request_id(r);
+  h[H_IF_MATCH] = if_match;  /* NULL: unconditional */
+  r->timeout_ms = timeout_ms;
   r->headers_table = 0;
-  if (v->present[O_HEADERS]) {
+  if (headers) {
     lua_pushliteral(L, "headers");
     lua_rawget(L, opts);
     r->headers_table = lua_gettop(L);  /* stays: fs_request_apply reads it again */
@@ -617,35 +620,44 @@ static void read_per_call(lua_State *L, int opts, const opt_values *v, fs_reques
   check_extra_headers(L, opts, r);
 }
 
-/* The client's own options, read once: a table no one else holds never
-** changes (opts.headers, a table of the caller's, is read again by
-** read_per_call on every call). */
-static void remember_own(fs_template *t, const opt_values *v, int own) {
-  if (own) {
-    t->own_values = *v;
-    t->own = 1;
+/* The same, checked on every call; own: the template the client's own
+** options use, which keeps what they give for the calls to come (a table
+** no one else holds never changes). */
+static void read_per_call(lua_State *L, int opts, const opt_values *v, fs_request *r,
+                          fs_template *own) {
+  const char *id = opt_string(L, v, O_REQUEST_ID, NULL, 0);
+  const char *if_match = opt_nonblank(L, v, O_IF_MATCH, NULL, 0);
+  long timeout_ms = opt_milliseconds(L, v, O_TIMEOUT, FS_DEFAULT_TIMEOUT);
+  if (id != NULL && is_blank(id, v->len[O_REQUEST_ID]))
+    id = NULL;  /* every attempt has an id to trace */
+  if (own != NULL) {
+    own->own_request_id = id;
+    own->own_if_match = if_match;
+    own->own_timeout_ms = timeout_ms;
+    own->own_headers = v->present[O_HEADERS];
+    own->own = 1;
   }
+  per_call(L, opts, id, if_match, timeout_ms, v->present[O_HEADERS], r);
 }
 
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   const char **h = r->header;
   opt_values v;
+  fs_template *made = NULL;
   luaL_checktype(L, opts, LUA_TTABLE);
   luaL_checkstack(L, 12, "request options");  /* what we keep, and pairs */
   if (r->own_options && r->tmpl_slot != NULL && *r->tmpl_slot != NULL
       && (*r->tmpl_slot)->own && (*r->tmpl_slot)->flags == flags) {
-    v = (*r->tmpl_slot)->own_values;
-    v.opts = opts;
+    const fs_template *t = *r->tmpl_slot;  /* read and checked before */
     use_template(r, *r->tmpl_slot);
-    read_per_call(L, opts, &v, r);
+    per_call(L, opts, t->own_request_id, t->own_if_match, t->own_timeout_ms, t->own_headers, r);
     return;
   }
   read_options(L, opts, &v);
   if (r->tmpl_slot != NULL && *r->tmpl_slot != NULL
       && template_matches(*r->tmpl_slot, &v, flags)) {  /* checked before */
-    remember_own(*r->tmpl_slot, &v, r->own_options);
     use_template(r, *r->tmpl_slot);
-    read_per_call(L, opts, &v, r);
+    read_per_call(L, opts, &v, r, r->own_options ? *r->tmpl_slot : NULL);
     return;
   }
   if (!(flags & FS_NO_IDENTITY))
@@ -670,16 +682,15 @@ void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
   r->proxy = opt_string(L, &v, O_PROXY, NULL, 0);
   r->insecure = v.boolean[O_INSECURE];
   if (r->tmpl_slot != NULL && r->engine != NULL) {  /* run actions: remember them */
-    fs_template *t = template_new(&v, flags, r);
-    if (t != NULL) {
-      t->config = fs_engine_new_config(r->engine);
-      remember_own(t, &v, r->own_options);
+    made = template_new(&v, flags, r);
+    if (made != NULL) {
+      made->config = fs_engine_new_config(r->engine);
       fs_template_free(*r->tmpl_slot);
-      *r->tmpl_slot = t;
-      use_template(r, t);
+      *r->tmpl_slot = made;
+      use_template(r, made);
     }
   }
-  read_per_call(L, opts, &v, r);
+  read_per_call(L, opts, &v, r, r->own_options ? made : NULL);
 }
 
 
