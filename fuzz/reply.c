@@ -66,7 +66,7 @@ static int fuzz_reply(lua_State *L) {
   }
   c.t.done = 1;
   lua_settop(L, 0);
-  return call_results(L, &c);
+  return call_results(L, &c, 0);
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {

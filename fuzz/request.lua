@@ -159,6 +159,7 @@ local function check_bytes(client, run, opts, lines)
     fail("wire_retrigger refused what prepare_retrigger took: " .. tostring(t))
   end
   if opts.proxy ~= nil then fail("the nginx transport took a proxy") end
+  if t == false then fail("wire_retrigger refused a run id prepare_retrigger took") end
   t:cancel()
   local head = bytes:match("^(.-\r\n)\r\n$")
   if not head then fail(format("%q is not one head and an empty body", bytes)) end
