@@ -586,9 +586,6 @@ static fs_client *client_new(lua_State *L) {
   return c;
 }
 
-/* Build a run action's transfer; submit it too unless only prepared
-** (submit 0), and for finish() (2) in the client's reused transfer.
-** Options nil: the client's own, as core.new checked and copied them. */
 /* nil options: the client's own copy, checked when it was made. */
 static void own_options(lua_State *L, int client_arg, int opts_arg, fs_request *r) {
   if (!lua_isnoneornil(L, opts_arg))
@@ -600,9 +597,14 @@ static void own_options(lua_State *L, int client_arg, int opts_arg, fs_request *
   r->own_options = lua_istable(L, opts_arg);
 }
 
+/* Build a run action's transfer; submit it too unless only prepared
+** (submit 0), and for finish() (2) in the client's reused transfer.
+** Options nil: the client's own, as core.new checked and copied them. A
+** bad run id raises, or with soft gives NULL, nothing built or sent. */
 static fs_call *start_run_action(lua_State *L, fs_client *client, int client_arg,
-                                 int run_arg, int opts_arg, int submit) {
+                                 int run_arg, int opts_arg, int submit, int soft) {
   fs_request r;
+  const char *why;
   fs_call *c;
   memset(&r, 0, sizeof r);
   r.cache = &client->urls;
@@ -612,7 +614,12 @@ static fs_call *start_run_action(lua_State *L, fs_client *client, int client_arg
   if (client_arg != 0)
     own_options(L, client_arg, opts_arg, &r);
   fs_request_options(L, opts_arg, 0, &r);
-  fs_request_run_action(L, run_arg, &r);
+  why = fs_request_run_action(L, run_arg, &r);
+  if (why != NULL) {
+    if (soft)
+      return NULL;
+    luaL_argerror(L, run_arg, why);
+  }
   c = call_start(L, client, FS_RUN_ACTION, &r, submit == 2);
   if (submit)
     engine_check(L, fs_engine_submit(&client->engine, &c->t));
@@ -644,27 +651,19 @@ static int finish(lua_State *L, fs_client *client, fs_call *c, int lean) {
   return n;
 }
 
-/* A run id at idx that is not one (not a string, or a problem): then
-** false is pushed, nothing sent, for the Lua side to raise its argument
-** error where its caller made the call (flowservice.client's plain path
-** checks no more itself). */
-static int bad_run_id(lua_State *L, int idx) {
-  size_t len;
-  const char *run_id = lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, &len) : NULL;
-  if (run_id != NULL && fs_run_id_problem(run_id, len) == NULL)
-    return 0;
-  lua_pushboolean(L, 0);
-  return 1;
-}
-
-/* client:retrigger(run_id [, opts [, lean]]): false for a bad run id (see
-** bad_run_id); lean: a success gives no request id. */
+/* client:retrigger(run_id [, opts [, lean]]): a run id that is not one
+** gives false, nothing sent, for the Lua side to raise its argument error
+** where its caller made the call (flowservice.client's plain path checks
+** no more itself); lean: a success gives no request id. */
 static int client_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
   int lean = lua_toboolean(L, 4);  /* before the options' values go on the stack */
-  if (bad_run_id(L, 2))
+  fs_call *c = start_run_action(L, client, 1, 2, 3, 2, 1);
+  if (c == NULL) {
+    lua_pushboolean(L, 0);
     return 1;
-  return finish(L, client, start_run_action(L, client, 1, 2, 3, 2), lean);
+  }
+  return finish(L, client, c, lean);
 }
 
 static int client_request(lua_State *L) {
@@ -673,12 +672,12 @@ static int client_request(lua_State *L) {
 }
 
 static int client_submit_retrigger(lua_State *L) {
-  start_run_action(L, client_check(L, 1), 1, 2, 3, 1);
+  start_run_action(L, client_check(L, 1), 1, 2, 3, 1, 0);
   return 1;
 }
 
 static int client_prepare_retrigger(lua_State *L) {
-  start_run_action(L, client_check(L, 1), 1, 2, 3, 0);
+  start_run_action(L, client_check(L, 1), 1, 2, 3, 0, 0);
   return 1;
 }
 
@@ -699,8 +698,6 @@ static int client_wire_retrigger(lua_State *L) {
   fs_request r;
   fs_call *c;
   const fs_wire_target *w;
-  if (bad_run_id(L, 2))
-    return 1;
   memset(&r, 0, sizeof r);
   r.cache = &client->urls;
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
@@ -708,7 +705,10 @@ static int client_wire_retrigger(lua_State *L) {
   r.tmpl_slot = &client->tmpl;
   own_options(L, 1, 3, &r);
   fs_request_options(L, 3, 0, &r);
-  fs_request_run_action(L, 2, &r);
+  if (fs_request_run_action(L, 2, &r) != NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
   c = wire_call_reuse(L, spare, 4, r.max_body, r.header[H_REQUEST_ID]);
   w = fs_request_wire(L, &c->t, &r, &c->wire_target);  /* pushes the bytes */
   lua_pushstring(L, w->host);
@@ -842,7 +842,7 @@ static int core_retrigger(lua_State *L) {
   int n;
   lua_settop(L, 2);
   client = client_new(L);
-  n = finish(L, client, start_run_action(L, client, 0, 1, 2, 2), 0);
+  n = finish(L, client, start_run_action(L, client, 0, 1, 2, 2, 0), 0);
   client_free(client);
   return n;
 }

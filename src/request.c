@@ -708,18 +708,15 @@ static void check_segment(lua_State *L, int arg, const char *what,
     luaL_argerror(L, arg, lua_pushfstring(L, "%s may not be '.' or '..'", what));
 }
 
-void fs_request_run_action(lua_State *L, int arg, fs_request *r) {
+const char *fs_request_run_action(lua_State *L, int arg, fs_request *r) {
   size_t len;
-  const char *run_id;
+  const char *run_id, *why;
   if (lua_type(L, arg) != LUA_TSTRING)  /* not even a number: ids are text */
-    luaL_argerror(L, arg, lua_pushfstring(L,
-                  "run id must be a non-empty string, got %s", luaL_typename(L, arg)));
+    return lua_pushfstring(L, "run id must be a non-empty string, got %s", luaL_typename(L, arg));
   run_id = lua_tolstring(L, arg, &len);
-  {
-    const char *why = fs_run_id_problem(run_id, len);  /* '/' would reach a proxy as %2F */
-    if (why != NULL)
-      luaL_argerror(L, arg, why);
-  }
+  why = fs_run_id_problem(run_id, len);  /* '/' would reach a proxy as %2F */
+  if (why != NULL)
+    return why;
   r->get = 0;
   r->identity = 1;
   r->run_action = 1;
@@ -734,6 +731,7 @@ void fs_request_run_action(lua_State *L, int arg, fs_request *r) {
   r->nquery = 1;
   r->body = "";
   r->body_len = 0;
+  return NULL;
 }
 
 static int shape_error(lua_State *L, int spec, const char *what) {

@@ -114,9 +114,10 @@ typedef struct fs_request {
 */
 void fs_request_options(lua_State *L, int opts, int flags, fs_request *r);
 
-/* Check the run id at stack index arg (unreserved characters only, not "."
-** or ".."); POST runs/{id}/action?op={op}. */
-void fs_request_run_action(lua_State *L, int arg, fs_request *r);
+/* POST runs/{id}/action?op={op} for the run id at stack index arg; NULL,
+** or why that is not a run id (unreserved characters only, not "." or
+** ".."), r left as it was, for the caller to raise or answer with. */
+const char *fs_request_run_action(lua_State *L, int arg, fs_request *r);
 
 /* NULL when run_id (len bytes) is one fs_request_run_action takes, else
 ** why not: the same rules, for the Lua face to check before any I/O. */
