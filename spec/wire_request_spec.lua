@@ -138,6 +138,12 @@ describe("the nginx transport's request", function()
     for _, bad in ipairs { "a/b", "", "..", "a b", {}, 7 } do
       assert.equal(false, (c:wire_retrigger(bad, options())))
       assert.equal(false, (c:retrigger(bad, options())))
+      -- the core's other run actions raise on the same check
+      assert.error_matches(function() c:submit_retrigger(bad, options()) end,
+        "^bad argument #1 to 'submit_retrigger' %(run id ")
+      assert.error_matches(function() c:prepare_retrigger(bad, options()) end,
+        "^bad argument #1 to 'prepare_retrigger' %(run id ")
+      assert.error_matches(function() core.retrigger(bad, options()) end, "^bad argument #1 to '[%w_.]+' %(run id ")
     end
     assert.same({}, server:requests())
     assert.has_error(function() c:wire_retrigger(RUN, options { no_such_option = 1 }) end)
