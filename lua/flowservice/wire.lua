@@ -13,7 +13,7 @@
 -- treat it as possibly acted on, as they do libcurl's.
 local ngxwait = require "flowservice.ngx"
 
-local setmetatable = setmetatable
+local pcall, setmetatable, tostring = pcall, setmetatable, tostring
 local format = string.format
 
 local _M = {}
@@ -84,6 +84,17 @@ local function pool_options(pool)
   return o
 end
 
+-- sock:sslhandshake, which lua-resty-core 0.1.25 (Debian 12) can make raise
+-- where it means a refusal: when the handshake ends as its result is read,
+-- a certificate that fails verification trips an assert() in its second
+-- read. Either way nothing was sent, and it is the TLS failure it is.
+local function handshake(sock, host, verify)
+  local ok, session, err = pcall(sock.sslhandshake, sock, nil, host, verify)
+  if ok then return session, err end
+  return nil, "the handshake failed (lua-resty-core raised: "
+    .. tostring(session):gsub("^[^\n]-:%d+: ", "") .. ")"
+end
+
 -- Milliseconds left until ends (ngx.now()'s seconds), at least 1.
 local function left(now, ends)
   local ms = (ends - now()) * 1000
@@ -111,7 +122,7 @@ function _M.retrigger(ngx, handle, run_id, opts, lean)
     local ms = left(now, ends)
     sock:settimeouts(ms, ms, ms)
     if tls then
-      ok, err = sock:sslhandshake(nil, host, verify)
+      ok, err = handshake(sock, host, verify)
       if not ok then return fail(t, list, sock, "tls", err, false, host, port) end
       ms = left(now, ends)
       sock:settimeouts(ms, ms, ms)
