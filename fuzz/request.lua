@@ -202,7 +202,15 @@ return function(input)
   if ok then
     t:cancel()
     local lines = check_wire(opts, run, shape)
-    if not shape then check_bytes(client, run, opts, lines) end
+    if not shape then
+      check_bytes(client, run, opts, lines)
+      -- again: the handle comes back holding this URL and the call sets its
+      -- path alone (request.c checks that it names the URL libcurl is given)
+      ok, t = pcall(client.prepare_retrigger, client, run, opts)
+      if not ok then fail("a second prepare_retrigger refused what the first took: " .. tostring(t)) end
+      t:cancel()
+      check_wire(opts, run, shape)
+    end
   else
     refused(t, shape and "client:submit" or "client:prepare_retrigger")
   end

@@ -146,6 +146,70 @@ describe("flowservice.retrigger", function()
       assert.equal("/runs/" .. runs.failed .. "/action?tenant=a%20b&op=re-trigger", only_request().uri)
     end)
 
+    -- libcurl reads a run action's URL from a URL handle kept with the easy
+    -- handle, and a call after the first sets its path alone: every call
+    -- must still go to its own run, whatever the handle last did.
+    it("sends each call of one client to its own run's URL, a GET between them too", function()
+      for _, base in ipairs { server.url, server.url .. "/data/foundation/flowservice/" } do
+        server:reset()
+        local client = flowservice.new(opts { base_url = base })
+        local prefix = base == server.url and "" or "/data/foundation/flowservice"
+        local order = { runs.failed, runs.success_no_records, "get", runs.failed_mixed_case,
+          runs.failed, runs.unknown }
+        for _, id in ipairs(order) do
+          if id == "get" then
+            client:get_run(runs.failed)
+          else
+            client:retrigger(id)
+          end
+        end
+        client:close()
+        local got = server:requests()
+        assert.equal(#order, #got)
+        for i, id in ipairs(order) do
+          if id == "get" then
+            assert.equal("GET", got[i].method)
+            assert.equal(prefix .. "/runs/" .. runs.failed, got[i].uri)
+          else
+            assert.equal("POST", got[i].method)
+            assert.equal(prefix .. "/runs/" .. id .. "/action?op=re-trigger", got[i].uri)
+          end
+        end
+      end
+    end)
+
+    it("sends concurrent calls of one client each to its own run, round after round", function()
+      server:scenario { match = "^POST ", delay = 0.05, times = 0 } -- all in flight at once
+      local c = core.new(opts())
+      local ids = { runs.failed, runs.success_no_records, runs.failed_mixed_case }
+      local want = {} -- request id -> the URI it must have gone to
+      local function call(id, request_id, extra)
+        local o = opts(extra)
+        o.request_id = request_id
+        want[request_id] = "/runs/" .. id .. "/action?op=" .. (o.op or "re-trigger")
+        return o
+      end
+      for round = 1, 3 do -- the handles, and their URL handles, come back from the pool
+        local ts = {}
+        for i = 1, #ids do
+          local id = ids[(i + round) % #ids + 1]
+          ts[i] = c:submit_retrigger(id, call(id, "r" .. round .. "-" .. i))
+        end
+        for _, t in ipairs(ts) do
+          repeat c:step(); if not t:done() then c:wait(0.05) end until t:done()
+          local run, err = t:result()
+          assert.is_table(run, tostring(err))
+          assert.is_string(run.id)
+        end
+      end
+      c:retrigger(runs.unknown, call(runs.unknown, "other-op", { op = "other" })) -- its own template
+      assert.is_table((c:retrigger(runs.failed, call(runs.failed, "last"))))
+      c:close()
+      local seen = {}
+      for _, r in ipairs(server:requests()) do seen[r.headers["x-request-id"]] = r.uri end
+      assert.same(want, seen)
+    end)
+
     it("sends a run id of every unreserved character as it is, in one path segment", function()
       local id = "AZaz09-_.~"
       local run, err = flowservice.retrigger(id, opts())

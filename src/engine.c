@@ -388,11 +388,16 @@ static void engine_release(fs_transfer *t) {
     }
     e->idle_owner[e->nidle] = t->kept ? t : NULL;
     e->idle_config[e->nidle] = t->config;
+    e->idle_url[e->nidle] = t->url;  /* the handle may still point at it */
+    e->idle_url_config[e->nidle] = t->url_config;
     e->idle[e->nidle++] = t->easy;
   } else {
     curl_easy_cleanup(t->easy);
+    curl_url_cleanup(t->url);  /* after the handle that may point at it */
   }
   t->easy = NULL;
+  t->url = NULL;
+  t->url_config = 0;
   transfer_free_headers(t);
   engine_unlink(t);
 }
@@ -427,11 +432,14 @@ static void engine_forget(fs_engine *e) {
     fs_transfer *t = e->attached;
     transfer_abort(t, 1, "the process forked while the request was in flight");
     t->easy = NULL;
+    curl_url_cleanup(t->url);  /* plain memory, as the header lines */
+    t->url = NULL;
     t->submitted = 0;
     transfer_free_headers(t);  /* plain memory: this process's copy */
     engine_unlink(t);
   }
-  e->nidle = 0;
+  while (e->nidle > 0)
+    curl_url_cleanup(e->idle_url[--e->nidle]);  /* the handles are forgotten */
   e->multi = NULL;
   e->dns = NULL;  /* the parent's, as its handles */
   e->nsubmitted = 0;
@@ -460,12 +468,17 @@ void fs_engine_free(fs_engine *e) {
       (void)curl_multi_remove_handle(e->multi, t->easy);
     t->submitted = 0;
     curl_easy_cleanup(t->easy);
+    curl_url_cleanup(t->url);
     t->easy = NULL;
+    t->url = NULL;
     transfer_free_headers(t);
     engine_unlink(t);
   }
-  while (e->nidle > 0)
-    curl_easy_cleanup(e->idle[--e->nidle]);
+  while (e->nidle > 0) {
+    e->nidle--;
+    curl_easy_cleanup(e->idle[e->nidle]);
+    curl_url_cleanup(e->idle_url[e->nidle]);
+  }
   if (e->multi != NULL) {
     curl_multi_cleanup(e->multi);  /* may still report sockets to e */
     e->multi = NULL;
@@ -607,6 +620,8 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
     int same_owner;
     e->nidle--;
     t->easy = e->idle[e->nidle];
+    t->url = e->idle_url[e->nidle];
+    t->url_config = e->idle_url_config[e->nidle];
     same_owner = t->kept && e->idle_owner[e->nidle] == t;
     if (config != 0 && e->idle_config[e->nidle] == config) {
       t->configured = 1;
@@ -619,6 +634,8 @@ CURLcode fs_transfer_prepare(fs_transfer *t, fs_engine *e, size_t max_body, int 
     }
   } else {
     t->easy = curl_easy_init();
+    t->url = NULL;
+    t->url_config = 0;
   }
   if (t->easy == NULL)
     return CURLE_OUT_OF_MEMORY;

@@ -108,6 +108,8 @@ typedef struct fs_engine {
                                 ** set up for (0: must be reset first) */
   const fs_transfer *idle_owner[FS_IDLE_HANDLES];  /* the kept transfer whose
                                 ** addresses each idle handle still holds, or NULL */
+  CURLU *idle_url[FS_IDLE_HANDLES];  /* the URL handle each one goes with */
+  unsigned long idle_url_config[FS_IDLE_HANDLES];
   int nsubmitted;               /* transfers in the multi handle */
   /* the sockets libcurl watches, and its timer */
   int epfd;                     /* the epoll set (-1 without) */
@@ -130,6 +132,12 @@ struct fs_transfer {
   fs_engine *engine;          /* while attached: from prepare until finish */
   fs_transfer *prev, *next;   /* in engine->attached */
   CURL *easy;                 /* borrowed from the engine while attached */
+  CURLU *url;                 /* the URL handle that goes with easy (CURLOPT_CURLU),
+                              ** or NULL: libcurl reads a run action's URL from
+                              ** it, so no call has libcurl parse a URL string */
+  unsigned long url_config;   /* url holds this configuration's scheme, host,
+                              ** port and query (0: nothing known): a call
+                              ** sets only the path */
   unsigned long config;       /* the constant options its handle carries (0:
                               ** none beyond this transfer's own) */
   int configured;             /* the handle came set up for config: only the

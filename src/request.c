@@ -444,6 +444,9 @@ struct fs_template {
   char *url_head;             /* "{prefix}/runs/", or NULL: no fast URL */
   char *url_tail;             /* "/action?op={escaped op}" */
   size_t url_head_len, url_tail_len;
+  char *path_head;            /* "{base path}/runs/" as libcurl reads url_head,
+                              ** or NULL: a call sets the whole URL */
+  size_t path_head_len;
   fs_tail *tail;              /* the header lines above, shared */
   char *block;
   fs_wire_target wire;        /* url_head read for the nginx transport, once */
@@ -459,6 +462,7 @@ void fs_template_free(fs_template *tmpl) {
   free(tmpl->wire_tail);
   free(tmpl->block);
   free(tmpl->url_head);
+  curl_free(tmpl->path_head);
   free(tmpl);
 }
 
@@ -507,6 +511,39 @@ static size_t block_size(const char *s) {
 
 static struct curl_slist *append_line(struct curl_slist *list, const char *name,
                                       const char *value, int *failed);
+
+/* The path of the template's run URLs before the run id, as libcurl reads
+** them: "{base path}/runs/" (so that a call can set the path alone, see
+** set_template_url), or NULL when libcurl reads them otherwise. */
+static char *path_head(const fs_template *t, size_t *len) {
+  static const char tail[] = "0/action";
+  CURLU *u = curl_url();
+  char *url = (char *)malloc(t->url_head_len + 1 + t->url_tail_len + 1), *path = NULL;
+  size_t n = 0;
+  if (u != NULL && url != NULL) {
+    memcpy(url, t->url_head, t->url_head_len);
+    url[t->url_head_len] = '0';
+    memcpy(url + t->url_head_len + 1, t->url_tail, t->url_tail_len + 1);
+    if (curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK
+        && curl_url_get(u, CURLUPART_PATH, &path, 0) == CURLUE_OK) {
+      n = strlen(path);
+      if (n >= sizeof tail - 1 + sizeof "/runs/" - 1
+          && strcmp(path + n - (sizeof tail - 1), tail) == 0
+          && strncmp(path + n - (sizeof tail - 1) - (sizeof "/runs/" - 1), "/runs/",
+                     sizeof "/runs/" - 1) == 0) {
+        n -= sizeof tail - 1;
+        path[n] = '\0';
+      } else {
+        curl_free(path);
+        path = NULL;
+      }
+    }
+  }
+  free(url);
+  curl_url_cleanup(u);
+  *len = path != NULL ? n : 0;
+  return path;
+}
 
 /* A template for r's options as checked (before opts.headers): NULL when
 ** out of memory (then the call is built without one). */
@@ -578,6 +615,8 @@ static fs_template *template_new(const opt_values *v, int flags, const fs_reques
     }
     if (t->url_head == NULL)
       failed = 1;
+    else
+      t->path_head = path_head(t, &t->path_head_len);
   }
   if (failed) {
     fs_template_free(t);
@@ -1115,11 +1154,19 @@ static void build_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
 #endif
 }
 
-/* {prefix}/runs/{id}/action?op={op} from the template's two halves. */
+/* {prefix}/runs/{id}/action?op={op} from the template's two halves. libcurl
+** gets it twice: as the string (CURLOPT_URL, what it reports and would
+** resend to) and as a URL handle that goes with the easy handle
+** (CURLOPT_CURLU), which it reads instead of parsing the string and then
+** printing it back, as it does with a string alone on every transfer. Once
+** the handle holds this template's URL, a call sets only its path. Without
+** memory for one, the string alone. */
 static void set_template_url(lua_State *L, fs_transfer *t, const fs_request *r) {
   const fs_template *tm = r->tmpl;
-  char buffer[1024], *url = buffer;
-  size_t n = strlen(r->action_path[1]), len = tm->url_head_len + n + tm->url_tail_len;
+  const char *id = r->action_path[1];  /* unreserved bytes only */
+  char buffer[1024], path[1024], *url = buffer;
+  size_t n = strlen(id), len = tm->url_head_len + n + tm->url_tail_len;
+  CURLUcode uc;
   CURLcode rc;
   if (len + 1 > sizeof buffer) {
     url = (char *)malloc(len + 1);
@@ -1127,13 +1174,55 @@ static void set_template_url(lua_State *L, fs_transfer *t, const fs_request *r) 
       luaL_error(L, "flowservice: could not build the request URL (out of memory?)");
   }
   memcpy(url, tm->url_head, tm->url_head_len);
-  memcpy(url + tm->url_head_len, r->action_path[1], n);  /* unreserved bytes only */
+  memcpy(url + tm->url_head_len, id, n);
   memcpy(url + tm->url_head_len + n, tm->url_tail, tm->url_tail_len + 1);
-  rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);  /* libcurl copies it */
 #ifdef FS_FUZZING
   if (fs_fuzz_on_url != NULL)
     fs_fuzz_on_url(url);
 #endif
+  if (t->url == NULL)
+    t->url = curl_url();
+  if (t->url != NULL) {
+    if (tm->path_head != NULL && t->url_config == tm->config
+        && tm->path_head_len + n + sizeof "/action" <= sizeof path) {
+      memcpy(path, tm->path_head, tm->path_head_len);
+      memcpy(path + tm->path_head_len, id, n);
+      memcpy(path + tm->path_head_len + n, "/action", sizeof "/action");
+      uc = curl_url_set(t->url, CURLUPART_PATH, path, 0);
+    } else {
+      t->url_config = 0;
+      uc = curl_url_set(t->url, CURLUPART_URL, url, 0);
+    }
+    if (uc == CURLUE_OK) {
+      t->url_config = tm->config;
+    } else {  /* out of memory: the string alone */
+      curl_url_cleanup(t->url);
+      t->url = NULL;
+      t->url_config = 0;
+    }
+  }
+#ifdef FS_FUZZING
+  if (t->url != NULL) {  /* the handle holds what libcurl makes of the string */
+    /* read through copies: libcurl 7.88's curl_url_get of a URL re-escapes
+    ** a '%' in the host of the handle it reads, in place */
+    CURLU *parsed = curl_url(), *copy = curl_url_dup(t->url);
+    char *held = NULL, *want = NULL;
+    if (parsed == NULL || copy == NULL || curl_url_set(parsed, CURLUPART_URL, url, 0) != CURLUE_OK
+        || curl_url_get(parsed, CURLUPART_URL, &want, 0) != CURLUE_OK
+        || curl_url_get(copy, CURLUPART_URL, &held, 0) != CURLUE_OK || strcmp(held, want) != 0) {
+      fprintf(stderr, "request.c: the URL handle holds %s, the string %s reads as %s\n",
+              held ? held : "(nothing)", url, want ? want : "(nothing)");
+      abort();
+    }
+    curl_free(held);
+    curl_free(want);
+    curl_url_cleanup(parsed);
+    curl_url_cleanup(copy);
+  }
+#endif
+  rc = curl_easy_setopt(t->easy, CURLOPT_CURLU, t->url);  /* NULL: none */
+  if (rc == CURLE_OK)
+    rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);  /* libcurl copies it */
   if (url != buffer)
     free(url);
   apply_check(L, rc);
@@ -1147,7 +1236,9 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r) {
     char *url = url_build(t->easy, r);
     if (url == NULL)
       luaL_error(L, "flowservice: could not build the request URL (out of memory?)");
-    rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);  /* libcurl copies it */
+    rc = curl_easy_setopt(t->easy, CURLOPT_CURLU, (CURLU *)NULL);  /* a run action's */
+    if (rc == CURLE_OK)
+      rc = curl_easy_setopt(t->easy, CURLOPT_URL, url);  /* libcurl copies it */
 #ifdef FS_FUZZING
     if (fs_fuzz_on_url != NULL)
       fs_fuzz_on_url(url);
