@@ -91,8 +91,9 @@ end
 local function handshake(sock, host, verify)
   local ok, session, err = pcall(sock.sslhandshake, sock, nil, host, verify)
   if ok then return session, err end
-  return nil, "the handshake failed (lua-resty-core raised: "
-    .. tostring(session):gsub("^[^\n]-:%d+: ", "") .. ")"
+  local why = tostring(session)
+  why = why:match("^.*:%d+: (.*)$") or why -- no file path of theirs in our message
+  return nil, "the handshake failed (lua-resty-core raised: " .. why .. ")"
 end
 
 -- Milliseconds left until ends (ngx.now()'s seconds), at least 1.

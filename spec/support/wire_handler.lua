@@ -60,6 +60,29 @@ function _M.call()
   ngx.say(cjson.encode(o))
 end
 
+-- /handshake-raises?run=ID: the "tls" client's call with every socket's
+-- sslhandshake raising as lua-resty-core 0.1.25's does when a certificate
+-- fails verification as the handshake ends (an assert in its second read),
+-- on a connection taken as new; ngx.socket.tcp is put back before answering.
+function _M.handshake_raises()
+  local tcp = ngx.socket.tcp
+  rawset(ngx.socket, "tcp", function()
+    local sock = tcp()
+    sock.getreusedtimes = function() return 0 end
+    sock.sslhandshake = function()
+      error("/usr/share/lua/5.1/resty/core/socket.lua:244: assertion failed!")
+    end
+    return sock
+  end)
+  local ok, run, err = pcall(function() return client("tls"):retrigger(ngx.var.arg_run) end)
+  rawset(ngx.socket, "tcp", tcp)
+  if not ok then
+    ngx.say(cjson.encode { raised = tostring(run) })
+    return
+  end
+  ngx.say(cjson.encode(outcome(run, err)))
+end
+
 -- bad run ids on the plain path: each call's error message, one a line
 function _M.bad_runs()
   local c = client("wire")
