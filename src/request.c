@@ -1159,8 +1159,9 @@ static void build_headers(lua_State *L, fs_transfer *t, const fs_request *r) {
 ** resend to) and as a URL handle that goes with the easy handle
 ** (CURLOPT_CURLU), which it reads instead of parsing the string and then
 ** printing it back, as it does with a string alone on every transfer. Once
-** the handle holds this template's URL, a call sets only its path. Without
-** memory for one, the string alone. */
+** the handle holds this template's URL, a call sets only its path. When
+** the handle cannot be had or will not take the URL, the string alone
+** (libcurl then parses it, and says what is wrong with it). */
 static void set_template_url(lua_State *L, fs_transfer *t, const fs_request *r) {
   const fs_template *tm = r->tmpl;
   const char *id = r->action_path[1];  /* unreserved bytes only */
@@ -1195,7 +1196,7 @@ static void set_template_url(lua_State *L, fs_transfer *t, const fs_request *r) 
     }
     if (uc == CURLUE_OK) {
       t->url_config = tm->config;
-    } else {  /* out of memory: the string alone */
+    } else {  /* out of memory, or refused: the string alone */
       curl_url_cleanup(t->url);
       t->url = NULL;
       t->url_config = 0;
