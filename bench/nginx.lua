@@ -12,7 +12,9 @@
 -- request posted after a scan of the waiters). Per contender and connection count: requests/s, p50 and
 -- p99 latency (wrk --latency), and the worker's CPU per request (utime +
 -- stime from /proc/PID/stat around the measured run; beside it the time the
--- scheduler counts it on a CPU, /proc/PID/schedstat, in nanoseconds).
+-- scheduler counts it on a CPU, /proc/PID/schedstat, in nanoseconds), and
+-- the worker's Lua heap per request in flight (one sample per handler and
+-- size before the rounds: heap_per_request).
 --
 --   lua5.4 bench/nginx.lua      from the repository root, after `make trees`
 -- Environment (defaults in brackets):
@@ -100,6 +102,32 @@ local function wrk(url, conns, seconds)
   return r
 end
 
+-- The worker's Lua heap a request in flight holds, in bytes: halfway through
+-- a 3 s run at conns connections, the heap after a full collection less the
+-- idle worker's just before, over the requests in a handler at that moment
+-- (nearly every connection's: each waits out the backend's delay). One sample
+-- per handler and size, before the timed rounds (a collection takes the
+-- worker's time). Approximate by what the idle heap holds that a busy one
+-- does not: a client's spare transfers (up to 64 of ~0.9 KiB), say.
+local function heap(url)
+  local out = run("curl -s --noproxy '*' " .. url .. "/heap")
+  local kb, inflight = tonumber(out:match('"kb":([%d%.e+]+)')), tonumber(out:match('"inflight":(%d+)'))
+  assert(kb and inflight, "cannot read /heap: " .. out)
+  return kb, inflight
+end
+
+local function heap_per_request(base, name, conns)
+  wrk(base .. "/" .. name, conns, 1) -- warm, as the rounds are
+  run("sleep 0.5") -- the requests wrk left behind finish (the backend's delay)
+  local idle, left = heap(base)
+  assert(left == 0, "requests still in flight after the warm-up: " .. left)
+  run(str_format("(wrk -t1 -c%d -d3s --timeout 10s %s > /dev/null 2>&1 &)", conns, util.quote(base .. "/" .. name)))
+  run("sleep 1.5")
+  local busy, inflight = heap(base)
+  run("sleep 2.5")
+  return inflight > 0 and (busy - idle) * 1024 / inflight or 0 / 0, inflight
+end
+
 local function median(list)
   local s = {}
   for i, v in ipairs(list) do s[i] = v end
@@ -123,7 +151,12 @@ local function main()
       local results = {} -- [conns][contender] = { rounds }
       for _, conns in ipairs(CONNS) do
         results[conns] = {}
-        for _, name in ipairs(CONTENDERS) do results[conns][name] = {} end
+        for _, name in ipairs(CONTENDERS) do
+          results[conns][name] = {}
+          local bytes, inflight = heap_per_request(subject.url, name, conns)
+          results[conns][name].heap = bytes
+          log("c=%d %-6s Lua heap %6.0f bytes per request in flight (%d in flight)", conns, name, bytes, inflight)
+        end
         for round = 1, ROUNDS do
           local order = {} -- rotates: each contender goes first, second and third in turn
           for i = 1, #CONTENDERS do order[i] = CONTENDERS[(i + round - 2) % #CONTENDERS + 1] end
@@ -205,6 +238,14 @@ local function report(results)
   print(table_concat(lines, "\n"))
   print()
   for _, v in ipairs(verdicts) do print(v) end
+  print()
+  for _, conns in ipairs(CONNS) do
+    local held = {}
+    for _, name in ipairs(CONTENDERS) do
+      held[#held + 1] = str_format("%s %.0f", name, results[conns][name].heap)
+    end
+    print(str_format("c=%d Lua heap per request in flight, bytes: %s", conns, table_concat(held, ", ")))
+  end
 end
 
 local ok, results, pump = pcall(main)

@@ -13,7 +13,7 @@ local semaphore = require "ngx.semaphore"
 local cjson = require("cjson.safe").new()
 
 local ngx = ngx
-local next, pairs, tonumber = next, pairs, tonumber
+local collectgarbage, ipairs, next, pairs, tonumber = collectgarbage, ipairs, next, pairs, tonumber
 
 local _M = {}
 
@@ -131,6 +131,25 @@ function _M.floor()
   local run = status == 200 and cjson.decode(body)
   if not run then return fail("status " .. tostring(status)) end
   answer(run)
+end
+
+-- The worker's Lua heap after a full collection, and how many requests are
+-- in a handler at that moment (bench/nginx.lua: the heap a request in flight holds).
+local inflight = 0
+function _M.heap()
+  collectgarbage()
+  collectgarbage()
+  ngx.say(cjson.encode { kb = collectgarbage("count"), inflight = inflight })
+end
+
+-- each handler, counted while it runs
+for _, name in ipairs { "flow", "wire", "sketch", "floor" } do
+  local handler = _M[name]
+  _M[name] = function()
+    inflight = inflight + 1
+    handler()
+    inflight = inflight - 1
+  end
 end
 
 function _M.pump()
