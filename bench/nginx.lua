@@ -118,13 +118,13 @@ end
 
 local function heap_per_request(base, name, conns)
   wrk(base .. "/" .. name, conns, 1) -- warm, as the rounds are
-  run("sleep 0.5") -- the requests wrk left behind finish (the backend's delay)
+  run(str_format("sleep %g", 2 * DELAY + 0.4)) -- the requests wrk left behind finish
   local idle, left = heap(base)
   assert(left == 0, "requests still in flight after the warm-up: " .. left)
   run(str_format("(wrk -t1 -c%d -d3s --timeout 10s %s > /dev/null 2>&1 &)", conns, util.quote(base .. "/" .. name)))
   run("sleep 1.5")
   local busy, inflight = heap(base)
-  run("sleep 2.5")
+  run(str_format("sleep %g", 1.5 + 2 * DELAY)) -- wrk ends, and what it left behind
   return inflight > 0 and (busy - idle) * 1024 / inflight or 0 / 0, inflight
 end
 
