@@ -109,22 +109,25 @@ end
 -- per handler and size, before the timed rounds (a collection takes the
 -- worker's time). Approximate by what the idle heap holds that a busy one
 -- does not: a client's spare transfers (up to 64 of ~0.9 KiB), say.
-local function heap(url)
-  local out = run("curl -s --noproxy '*' " .. url .. "/heap")
+local function read_heap(out)
   local kb, inflight = tonumber(out:match('"kb":([%d%.e+]+)')), tonumber(out:match('"inflight":(%d+)'))
   assert(kb and inflight, "cannot read /heap: " .. out)
   return kb, inflight
 end
 
 local function heap_per_request(base, name, conns)
+  local heap = "curl -s --noproxy '*' " .. util.quote(base .. "/heap")
   wrk(base .. "/" .. name, conns, 1) -- warm, as the rounds are
-  run(str_format("sleep %g", 2 * DELAY + 0.4)) -- the requests wrk left behind finish
-  local idle, left = heap(base)
-  assert(left == 0, "requests still in flight after the warm-up: " .. left)
-  run(str_format("(wrk -t1 -c%d -d3s --timeout 10s %s > /dev/null 2>&1 &)", conns, util.quote(base .. "/" .. name)))
-  run("sleep 1.5")
-  local busy, inflight = heap(base)
-  run(str_format("sleep %g", 1.5 + 2 * DELAY)) -- wrk ends, and what it left behind
+  local idle, left
+  for _ = 1, 50 do -- the requests wrk left behind finish (the backend's delay)
+    idle, left = read_heap(run(heap))
+    if left == 0 then break end
+    run("sleep 0.2")
+  end
+  assert(left == 0, "requests still in flight 10 s after the warm-up: " .. left)
+  -- one shell: wrk in the background, the sample halfway, then wait for wrk to end
+  local busy, inflight = read_heap(run(str_format("wrk -t1 -c%d -d3s --timeout 10s %s > /dev/null 2>&1 &"
+    .. " sleep 1.5; %s; wait", conns, util.quote(base .. "/" .. name), heap)))
   return inflight > 0 and (busy - idle) * 1024 / inflight or 0 / 0, inflight
 end
 
