@@ -152,7 +152,8 @@ end
 -- "Name:"; x-request-id aside, a new one per request), Content-Length: 0,
 -- the blank line, nothing after. Refused only for a proxy or user info.
 local function check_bytes(client, run, opts, lines)
-  local ok, t, bytes = pcall(client.wire_retrigger, client, run, opts)
+  local ok, t, head, own, tail = pcall(client.wire_retrigger, client, run, opts)
+  local bytes = ok and t and head .. own .. tail
   wire()
   if not ok then
     if opts.proxy ~= nil or find(tostring(t), "cannot send to this base_url", 1, true) then return end

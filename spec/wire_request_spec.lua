@@ -10,6 +10,16 @@ local RUN = "4fb0418e-1804-45d6-8d56-dd51f05c0baf"
 local ID = "11111111-2222-4333-8444-555555555555"
 local RUN_PATTERN = h.literal(RUN)
 
+-- client:wire_retrigger's results with the request's three pieces as the
+-- one string they go out as (a cosocket sends them as one)
+local pack = table.pack or function(...) return { n = select("#", ...), ... } end
+local unpack = table.unpack or unpack -- luacheck: ignore 143 (5.1's)
+local function wire_retrigger(c, ...)
+  local r = pack(c:wire_retrigger(...))
+  if not r[1] then return r[1] end
+  return r[1], r[2] .. r[3] .. r[4], unpack(r, 5, r.n)
+end
+
 describe("the nginx transport's request", function()
   local server
 
@@ -30,7 +40,7 @@ describe("the nginx transport's request", function()
     c:retrigger(run or RUN, call_opts)
     local seen = server:requests()
     assert.equal(1, #seen, "libcurl's request did not reach the fake")
-    local t, bytes, host, port, pool, tls, verify, timeout_ms, connect_ms = c:wire_retrigger(run or RUN, call_opts)
+    local t, bytes, host, port, pool, tls, verify, timeout_ms, connect_ms = wire_retrigger(c, run or RUN, call_opts)
     c:close()
     return seen[1].raw_header, bytes, { t = t, host = host, port = port, pool = pool, tls = tls,
       verify = verify, timeout_ms = timeout_ms, connect_ms = connect_ms }
@@ -49,6 +59,29 @@ describe("the nginx transport's request", function()
     assert.equal(60000, info.timeout_ms)
     assert.equal(core.defaults.connect_timeout * 1000, info.connect_ms)
     assert.is_false(info.t:done())
+  end)
+
+  it("comes in three pieces: request line and Host, the call's own lines, the template's", function()
+    local c = core.new(options())
+    local o = options { headers = { ["X-Trace"] = "t1" } }
+    local t1, head1, lines1, tail1 = c:wire_retrigger(RUN, nil)
+    local _, head2, lines2, tail2 = c:wire_retrigger("5fb0418e-1804-45d6-8d56-dd51f05c0baf", o)
+    local _, head3, lines3, tail3 = c:wire_retrigger(RUN, options { request_id = "33333333-2222-4333-8444-555555555555" })
+    c:close()
+    assert.equal("userdata", type(t1))
+    assert.matches("^POST /runs/" .. RUN_PATTERN .. "/action%?op=re%-trigger HTTP/1%.1\r\nHost: [^\r]+\r\n$", head1)
+    assert.equal(head1, head3)
+    assert.not_equal(head1, head2)
+    -- the call's own lines: its x-request-id, and what this call adds
+    assert.equal("x-request-id: " .. ID .. "\r\n", lines1)
+    assert.equal("x-request-id: 33333333-2222-4333-8444-555555555555\r\n", lines3)
+    assert.equal("X-Trace: t1\r\nx-request-id: " .. ID .. "\r\n", lines2)
+    -- every call of the template sends the same last piece
+    assert.equal(tail1, tail3)
+    assert.matches("^Authorization: Bearer ", tail1)
+    assert.matches("\r\nContent%-Length: 0\r\n\r\n$", tail1)
+    assert.not_matches("x%-request%-id", tail1)
+    assert.matches("\r\nContent%-Length: 0\r\n\r\n$", tail2)
   end)
 
   it("is libcurl's request with no per-call options (the client's own copy of its options)", function()
@@ -91,10 +124,10 @@ describe("the nginx transport's request", function()
 
   it("is libcurl's request after the options change (a new token: a new template)", function()
     local c = core.new(options())
-    local _, first = c:wire_retrigger(RUN, options())
+    local _, first = wire_retrigger(c, RUN, options())
     local o = options { access_token = "another-token" }
     c:retrigger(RUN, o)
-    local _, second = c:wire_retrigger(RUN, o)
+    local _, second = wire_retrigger(c, RUN, o)
     c:close()
     assert.matches("Authorization: Bearer fake%-token\r\n", first)
     assert.matches("Authorization: Bearer another%-token\r\n", second)
@@ -106,7 +139,7 @@ describe("the nginx transport's request", function()
       local o = options { base_url = base }
       for k, v in pairs(extra or {}) do o[k] = v end
       local c = core.new(o)
-      local _, bytes, host, port, pool, tls, verify = c:wire_retrigger(RUN, o)
+      local _, bytes, host, port, pool, tls, verify = wire_retrigger(c, RUN, o)
       c:close()
       return bytes:match("\r\nHost: ([^\r]*)\r\n"), host, port, pool, tls, verify
     end
@@ -187,7 +220,7 @@ describe("the nginx transport's request", function()
       assert.equal(200, status1)
       assert.equal(ID, id1)
       local o = options { request_id = "22222222-2222-4333-8444-555555555555", timeout = 7 }
-      local t2, bytes, _, _, _, _, _, timeout_ms = c:wire_retrigger(RUN, o, t1)
+      local t2, bytes, _, _, _, _, _, timeout_ms = wire_retrigger(c, RUN, o, t1)
       assert.is_true(rawequal(t1, t2))
       assert.is_false(t2:done())
       assert.equal(7000, timeout_ms)

@@ -57,15 +57,22 @@ static void *check_class(lua_State *L, int idx, int mt, const char *name) {
 
 enum { FS_RUN_ACTION, FS_RAW };
 
-/* A transfer owned by Lua: freed by __gc whatever happens to the call. */
+/*
+** A transfer owned by Lua: freed by __gc whatever happens to the call.
+** What an nginx-transport call reads and writes once its reply comes is
+** first, together (with the transfer's own such fields, engine.h): the
+** reply reader, then the transfer. A call's own target is read only when
+** it has one (targeted).
+*/
 typedef struct fs_call {
-  fs_transfer t;
   int kind;
   int taken;          /* its result was handed to Lua */
+  int targeted;       /* wire_target holds strings (a base_url not its client's) */
   char *request_id;   /* the x-request-id sent: id_buf, or malloc'd when longer */
-  char id_buf[40];
   fs_wire *wire;      /* the reply reader of an nginx-transport transfer, or NULL */
   fs_wire wire_state; /* where wire points */
+  fs_transfer t;
+  char id_buf[40];
   fs_wire_target wire_target;  /* where its request went, unless its client's */
 } fs_call;
 
@@ -73,6 +80,7 @@ typedef struct fs_client {
   fs_engine engine;
   fs_url_cache urls;
   fs_template *tmpl;  /* its run actions' constant part (request.h) */
+  fs_bytes wire_bytes;  /* the nginx transport's request pieces, put together */
   /* the blocking calls' transfer, reused from call to call (plain memory,
   ** freed with the client); busy while a call uses it (a finalizer that
   ** makes a blocking call meanwhile gets a transfer of its own), and left
@@ -284,7 +292,10 @@ static void call_release(fs_call *c) {
     fs_wire_free(c->wire);
     c->wire = NULL;
   }
-  fs_wire_target_free(&c->wire_target);
+  if (c->targeted) {
+    fs_wire_target_free(&c->wire_target);
+    c->targeted = 0;
+  }
   if (c->request_id != c->id_buf)
     free(c->request_id);
   c->request_id = NULL;
@@ -480,6 +491,20 @@ static fs_call *wire_check(lua_State *L, int idx) {
   return c;
 }
 
+/* c, its lines asked for at once: a reply's first bytes find their call
+** out of every cache, and what reading them touches (fs_call's first
+** fields) then costs one trip to memory, not one a line as the code meets
+** them. A hint only: nothing without GCC's builtin. */
+static fs_call *call_prefetch(fs_call *c) {
+#if defined(__GNUC__)
+  const char *p = (const char *)c;
+  const char *end = (const char *)(&c->t.date + 1);
+  for (; p < end; p += 64)
+    __builtin_prefetch(p, 1);
+#endif
+  return c;
+}
+
 /* The reply is read (or bad): the result is ready, as after libcurl. */
 static void wire_settle(fs_call *c, fs_wire_state state) {
   fs_transfer *t = &c->t;
@@ -502,10 +527,12 @@ static void wire_settle(fs_call *c, fs_wire_state state) {
 ** the connection can carry the next request (transfer:reusable()). Bytes
 ** after that only make the connection not reusable. */
 static int transfer_feed(lua_State *L) {
-  fs_call *c = wire_check(L, 1);
+  fs_call *c = call_prefetch(call_check(L, 1));
   size_t n = 0;
   const char *data = lua_isnoneornil(L, 2) ? NULL : luaL_checklstring(L, 2, &n);
   fs_wire_state state;
+  if (c->wire == NULL)
+    return luaL_error(L, "flowservice: not a wire transfer");
   if (c->t.done) {
     /* a reply read already: the reader notes what comes after it; a
     ** cancelled transfer's reader (still reading) is left alone */
@@ -555,6 +582,7 @@ static void client_free(fs_client *c) {
     c->scratch = NULL;
   }
   fs_url_cache_free(&c->urls);
+  fs_bytes_free(&c->wire_bytes);
   fs_template_free(c->tmpl);  /* transfers hold their own share of its lines */
   c->tmpl = NULL;
   c->closed = 1;
@@ -686,9 +714,11 @@ static int client_prepare_retrigger(lua_State *L) {
 ** would send, as bytes for a cosocket, and a transfer that reads the reply
 ** from the bytes fed to it (transfer:feed) or ends by transfer:fail; its
 ** result is a libcurl transfer's.
-**   client:wire_retrigger(run_id, opts [, spare]) -> transfer, request,
-**     host, port, pool, tls, verify, timeout_ms, connect_timeout_ms
+**   client:wire_retrigger(run_id, opts [, spare]) -> transfer, head, lines,
+**     tail, host, port, pool, tls, verify, timeout_ms, connect_timeout_ms
 **     (false for a bad run id, as client:retrigger)
+** head, lines and tail: the request's bytes in three strings, to be sent
+** as one (fs_request_wire says why three).
 ** spare: a transfer of an earlier call whose result was taken, made into
 ** this call's transfer (and returned) instead of a new one.
 */
@@ -703,6 +733,7 @@ static int client_wire_retrigger(lua_State *L) {
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
   r.engine = &client->engine;
   r.tmpl_slot = &client->tmpl;
+  r.wire_bytes = &client->wire_bytes;
   own_options(L, 1, 3, &r);
   fs_request_options(L, 3, 0, &r);
   if (fs_request_run_action(L, 2, &r) != NULL) {
@@ -710,7 +741,9 @@ static int client_wire_retrigger(lua_State *L) {
     return 1;
   }
   c = wire_call_reuse(L, spare, 4, r.max_body, r.header[H_REQUEST_ID]);
-  w = fs_request_wire(L, &c->t, &r, &c->wire_target);  /* pushes the bytes */
+  luaL_checkstack(L, 12, "too many results");  /* the pieces, then the values after them */
+  c->targeted = 1;  /* fs_request_wire may fill it, then raise */
+  w = fs_request_wire(L, &c->t, &r, &c->wire_target);  /* pushes the bytes (three) */
   lua_pushstring(L, w->host);
   lua_pushinteger(L, (lua_Integer)w->port);
   lua_pushstring(L, w->pool);
@@ -718,7 +751,12 @@ static int client_wire_retrigger(lua_State *L) {
   lua_pushboolean(L, !r.insecure);
   lua_pushinteger(L, (lua_Integer)r.timeout_ms);
   lua_pushinteger(L, (lua_Integer)r.connect_timeout_ms);
-  return 9;
+  /* what built the bytes is not kept for the reply: freed now, while its
+  ** memory is in the cache (by the reply it would not be) */
+  fs_transfer_free(&c->t);
+  fs_wire_target_free(&c->wire_target);
+  c->targeted = 0;
+  return 11;
 }
 
 /* transfer:fail(what, message, sent): the cosocket failed before a whole

@@ -127,9 +127,37 @@ typedef struct fs_engine {
   int finished_lost;            /* the list could not grow: some are missing */
 } fs_engine;
 
-/* One HTTP exchange: what it sends, and once done, what came back. */
+/*
+** One HTTP exchange: what it sends, and once done, what came back. The
+** fields a finished transfer's reader and its release touch come first,
+** together: a reply often finds its transfer out of every cache (a call
+** waits tens of milliseconds while the worker serves a thousand others),
+** and each further cache line it reads is another trip to memory.
+*/
 struct fs_transfer {
+  int done;
+  CURLcode result;            /* read off the easy handle when the transfer finishes */
+  long status;                /* HTTP status, 0 without a reply */
+  int sent;                   /* any byte of the request may have left; an
+                              ** aborted transfer whose sends are unknown
+                              ** counts as sent */
+  int once;                   /* creates a run: never sent twice */
+  /* the reply, collected by the write callback */
+  int too_large;              /* reply passed max_body: aborted on purpose */
+  int out_of_memory;          /* the body buffer could not grow */
+  char *body;
+  size_t body_len, body_cap, max_body;
+  /* from the reply's header lines (the last response's) */
+  long long retry_after;      /* seconds; -1 without a Retry-After header */
   fs_engine *engine;          /* while attached: from prepare until finish */
+  struct curl_slist *head;    /* the header list libcurl reads */
+  struct curl_slist *headers; /* the lines this transfer owns (malloc'd); its
+                              ** last node may link on to id_node or tail */
+  struct curl_slist *headers_last;
+  fs_tail *tail;              /* shared lines after ours, or NULL */
+  char date[40];              /* the Date header, as sent ("" none); parsed
+                              ** only when someone asks for it */
+  /* the rest: libcurl's side, and a failure's words */
   fs_transfer *prev, *next;   /* in engine->attached */
   CURL *easy;                 /* borrowed from the engine while attached */
   CURLU *url;                 /* the URL handle that goes with easy (CURLOPT_CURLU),
@@ -146,34 +174,12 @@ struct fs_transfer {
                               ** handles (a client's reused one): a handle it
                               ** gives back may keep pointing at it, and needs
                               ** no pointers set when it comes back to it */
-  struct curl_slist *head;    /* the header list libcurl reads */
-  struct curl_slist *headers; /* the lines this transfer owns (malloc'd); its
-                              ** last node may link on to id_node or tail */
-  struct curl_slist *headers_last;
-  struct curl_slist id_node;  /* x-request-id, kept in id_line, when it fits */
-  char id_line[72];
-  fs_tail *tail;              /* shared lines after ours, or NULL */
-  int once;                   /* creates a run: never sent twice */
   int watched;                /* listed in engine->finished when it ends */
   int submitted;
-  int done;
-  /* the reply, collected by the write callback */
-  char *body;
-  size_t body_len, body_cap, max_body;
-  int too_large;              /* reply passed max_body: aborted on purpose */
-  int out_of_memory;          /* the body buffer could not grow */
   int sends;                  /* times libcurl began sending the request */
   int resend_refused;         /* a second send of a once transfer was stopped */
-  /* from the reply's header lines (the last response's) */
-  long long retry_after;      /* seconds; -1 without a Retry-After header */
-  char date[40];              /* the Date header, as sent ("" none); parsed
-                              ** only when someone asks for it */
-  /* read off the easy handle when the transfer finishes */
-  CURLcode result;
-  long status;                /* HTTP status, 0 without a reply */
-  int sent;                   /* any byte of the request may have left; an
-                              ** aborted transfer whose sends are unknown
-                              ** counts as sent */
+  struct curl_slist id_node;  /* x-request-id, kept in id_line, when it fits */
+  char id_line[72];
   char errbuf[CURL_ERROR_SIZE];
 };
 

@@ -450,8 +450,9 @@ struct fs_template {
   fs_tail *tail;              /* the header lines above, shared */
   char *block;
   fs_wire_target wire;        /* url_head read for the nginx transport, once */
-  char *wire_tail;            /* the tail's lines as the wire has them, once */
-  size_t wire_tail_len;
+  char *wire_tail;            /* the tail's lines as the wire has them, once,
+                              ** then a run action's end (RUN_ACTION_END) */
+  size_t wire_tail_len;       /* the lines' bytes */
 };
 
 void fs_template_free(fs_template *tmpl) {
@@ -1372,21 +1373,55 @@ static int target_read(fs_wire_target *w, const char *url, const char *method, i
   return ok;
 }
 
+void fs_bytes_free(fs_bytes *b) {
+  free(b->data);
+  b->data = NULL;
+  b->len = b->cap = 0;
+}
+
+/* n more bytes at the end of b; raises when out of memory (b keeps what
+** it had, and its owner frees it). */
+static void bytes_add(lua_State *L, fs_bytes *b, const char *s, size_t n) {
+  if (n > b->cap - b->len) {
+    size_t cap = b->cap ? b->cap : 512;
+    char *grown;
+    while (cap - b->len < n)
+      cap *= 2;  /* a request's pieces are far below SIZE_MAX / 2 */
+    grown = (char *)realloc(b->data, cap);
+    if (grown == NULL)
+      luaL_error(L, "flowservice: out of memory");
+    b->data = grown;
+    b->cap = cap;
+  }
+  memcpy(b->data + b->len, s, n);
+  b->len += n;
+}
+
+/* b's bytes as a string, pushed; b empty again. */
+static void bytes_push(lua_State *L, fs_bytes *b) {
+  lua_pushlstring(L, b->len > 0 ? b->data : "", b->len);
+  b->len = 0;
+}
+
 /* A header list line ("Name: value", or libcurl's "Name;" for an empty
 ** value) as it goes on the wire, with its CRLF. */
-static void add_wire_line(luaL_Buffer *b, const char *line) {
+static void add_wire_line(lua_State *L, fs_bytes *b, const char *line) {
   size_t n = strlen(line);
   if (n > 0 && line[n - 1] == ';') {
-    luaL_addlstring(b, line, n - 1);
-    luaL_addlstring(b, ":\r\n", 3);
+    bytes_add(L, b, line, n - 1);
+    bytes_add(L, b, ":\r\n", 3);
   } else {
-    luaL_addlstring(b, line, n);
-    luaL_addlstring(b, "\r\n", 2);
+    bytes_add(L, b, line, n);
+    bytes_add(L, b, "\r\n", 2);
   }
 }
 
-/* The template's shared lines (its tail) as wire bytes, made on first use;
-** 0 when out of memory (then the lines are added one by one). */
+/* What ends a run action's head: it sends no body. */
+#define RUN_ACTION_END "Content-Length: 0\r\n\r\n"
+
+/* The template's shared lines (its tail) as wire bytes, made on first use,
+** RUN_ACTION_END after them (past wire_tail_len); 0 when out of memory
+** (then the lines are added one by one). */
 static int wire_tail(fs_template *tm) {
   const struct curl_slist *h;
   size_t n = 0;
@@ -1395,7 +1430,7 @@ static int wire_tail(fs_template *tm) {
     return 1;
   for (h = tm->tail->list; h != NULL; h = h->next)
     n += strlen(h->data) + 2;
-  tm->wire_tail = at = (char *)malloc(n + 1);
+  tm->wire_tail = at = (char *)malloc(n + sizeof RUN_ACTION_END);
   if (at == NULL)
     return 0;
   for (h = tm->tail->list; h != NULL; h = h->next) {
@@ -1406,6 +1441,7 @@ static int wire_tail(fs_template *tm) {
     memcpy(at + k, "\r\n", 2);
     at += k + 2;
   }
+  memcpy(at, RUN_ACTION_END, sizeof RUN_ACTION_END);  /* after the lines, for a run action */
   tm->wire_tail_len = n;
   return 1;
 }
@@ -1416,7 +1452,8 @@ const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_req
   const struct curl_slist *h;
   const char *method = r->get ? "GET " : "POST ";
   int run_prefix = r->run_action && r->tmpl != NULL && r->tmpl->url_head != NULL;
-  luaL_Buffer b;
+  int shared;
+  fs_bytes *b = r->wire_bytes;
   if (r->proxy != NULL)
     luaL_error(L, "flowservice: the nginx transport cannot go through a proxy");
   build_headers(L, t, r);  /* the lines libcurl would get, the same way */
@@ -1435,32 +1472,36 @@ const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_req
                  " (user info in it, or out of memory)");
     w = own;
   }
-  luaL_buffinit(L, &b);
-  luaL_addlstring(&b, w->line_head, w->line_head_len);
+  b->len = 0;  /* the request line and Host */
+  bytes_add(L, b, w->line_head, w->line_head_len);
   if (run_prefix) {
-    luaL_addstring(&b, r->action_path[1]);  /* unreserved bytes only */
-    luaL_addlstring(&b, r->tmpl->url_tail, r->tmpl->url_tail_len);
+    const char *id = r->action_path[1];  /* unreserved bytes only */
+    bytes_add(L, b, id, strlen(id));
+    bytes_add(L, b, r->tmpl->url_tail, r->tmpl->url_tail_len);
   }
-  luaL_addlstring(&b, w->host_line, w->host_line_len);
-  if (t->tail != NULL && t->tail->list != NULL && wire_tail(r->tmpl)) {
-    /* the call's own lines, then the template's, serialised once */
-    for (h = t->head; h != NULL && h != t->tail->list; h = h->next)
-      add_wire_line(&b, h->data);
-    luaL_addlstring(&b, r->tmpl->wire_tail, r->tmpl->wire_tail_len);
-  } else {
-    for (h = t->head; h != NULL; h = h->next)
-      add_wire_line(&b, h->data);
+  bytes_add(L, b, w->host_line, w->host_line_len);
+  bytes_push(L, b);
+  shared = t->tail != NULL && t->tail->list != NULL && wire_tail(r->tmpl);
+  /* the call's own lines (all of them without a tail) */
+  for (h = t->head; h != NULL && !(shared && h == t->tail->list); h = h->next)
+    add_wire_line(L, b, h->data);
+  bytes_push(L, b);
+  if (shared && !r->get && r->body_len == 0) {  /* a run action: all made once */
+    lua_pushlstring(L, r->tmpl->wire_tail, r->tmpl->wire_tail_len + sizeof RUN_ACTION_END - 1);
+    return w;
   }
+  if (shared)  /* the template's, serialised once; the length, the body */
+    bytes_add(L, b, r->tmpl->wire_tail, r->tmpl->wire_tail_len);
   if (!r->get && r->body_len == 0) {  /* a run action */
-    luaL_addlstring(&b, "Content-Length: 0\r\n\r\n", sizeof "Content-Length: 0\r\n\r\n" - 1);
+    bytes_add(L, b, RUN_ACTION_END, sizeof RUN_ACTION_END - 1);
   } else if (!r->get) {
     char length[48];
     snprintf(length, sizeof length, "Content-Length: %lu\r\n\r\n", (unsigned long)r->body_len);
-    luaL_addstring(&b, length);
-    luaL_addlstring(&b, r->body, r->body_len);
+    bytes_add(L, b, length, strlen(length));
+    bytes_add(L, b, r->body, r->body_len);
   } else {
-    luaL_addlstring(&b, "\r\n", 2);
+    bytes_add(L, b, "\r\n", 2);
   }
-  luaL_pushresult(&b);
+  bytes_push(L, b);
   return w;
 }

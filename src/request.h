@@ -41,6 +41,19 @@ typedef struct fs_wire_target {
 
 void fs_wire_target_free(fs_wire_target *w);
 
+/*
+** The bytes of the nginx transport's request pieces as they are put
+** together: heap memory a client keeps and every call reuses (in the
+** cache), not a luaL_Buffer (8 KiB of C stack under the caller's frame,
+** which the worker's other work pushes out of the cache between calls).
+*/
+typedef struct fs_bytes {
+  char *data;
+  size_t len, cap;
+} fs_bytes;
+
+void fs_bytes_free(fs_bytes *b);
+
 typedef struct fs_url_cache {
   char *base_url;   /* the base_url last checked (a copy) */
   char *prefix;     /* its scheme://host/path without trailing '/', or NULL
@@ -97,6 +110,7 @@ typedef struct fs_request {
   const char *default_user_agent; /* computed once per module, or NULL */
   fs_engine *engine;              /* the client's: request ids, configurations */
   fs_template **tmpl_slot;        /* the client's template, for run actions */
+  fs_bytes *wire_bytes;           /* the client's, for fs_request_wire */
   fs_template *tmpl;              /* the template this request is built from */
   int own_options;                /* the options table is the client's own copy
                                   ** (core.new made it; no one else holds it):
@@ -140,11 +154,22 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r);
 /*
 ** The nginx transport's request: the run action r describes as HTTP/1.1
 ** bytes (request line, Host, the header lines libcurl would be given, in
-** its order, Content-Length, body), pushed as one string, and where they
-** go: the client's base read once (kept in its run-action template), or any other
+** its order, Content-Length, body), pushed as three strings that a
+** cosocket sends as one (an array table of them): the request line and
+** Host; the call's own lines (x-request-id first); the lines every call of
+** its template sends, Content-Length and the body. And where they go: the
+** client's base read once (kept in its run-action template), or any other
 ** URL read into *own (freed by its owner with fs_wire_target_free). Raises
 ** on a proxy (cosockets have none), a base_url with user info, and when
 ** out of memory.
+**
+** Three, not one: LuaJIT interns each string under a hash of a few of its
+** bytes (the first four, the last four, four at a quarter, four at the
+** half), and two calls' whole requests differ where none of those look
+** (the request id, deep in a header section its token makes long), so
+** every new one would be compared with each one kept. Apart, the request
+** id's line hashes on its own bytes, and the other two are the same
+** strings from one call to the next (found, not made).
 */
 const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r,
                                       fs_wire_target *own);

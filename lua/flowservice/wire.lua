@@ -96,6 +96,12 @@ local function handshake(sock, host, verify)
   return nil, "the handshake failed (lua-resty-core raised: " .. why .. ")"
 end
 
+-- The request's three pieces (client:wire_retrigger says why three) go to
+-- sock:send as one array table, this one: filled right before the send,
+-- which copies them out before it can yield, and emptied after it, so no
+-- two calls ever hold it at once.
+local pieces = {}
+
 -- Milliseconds left until ends (ngx.now()'s seconds), at least 1.
 local function left(now, ends)
   local ms = (ends - now()) * 1000
@@ -107,19 +113,23 @@ end
 -- request_id on success), or false for a bad run id (nothing sent).
 function _M.retrigger(ngx, handle, run_id, opts, lean)
   local list, spare = spare_of(handle)
-  local t, request, host, port, pool, tls, verify, timeout_ms, connect_ms =
+  local t, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms =
     handle:wire_retrigger(run_id, opts, spare)
   if not t then
     list[#list + 1] = spare
     return false
   end
   local now = ngx.now -- the event loop's time: the loop moves it on
-  local ends = now() + timeout_ms / 1000
+  local started = now()
+  local ends = started + timeout_ms / 1000
   local sock = ngx.socket.tcp()
   sock:settimeouts(connect_ms < timeout_ms and connect_ms or timeout_ms, timeout_ms, timeout_ms)
   local ok, err = sock:connect(host, port, pool_options(pool))
   if not ok then return fail(t, list, nil, "connect", err, false, host, port) end
-  if sock:getreusedtimes() == 0 then -- a new connection: connecting took time (from the pool: none)
+  -- a new connection: connecting took time, and TLS is still to come (one
+  -- from the pool took none: without TLS, a clock that has not moved says
+  -- so at no cost)
+  if (tls or now() ~= started) and sock:getreusedtimes() == 0 then
     local ms = left(now, ends)
     sock:settimeouts(ms, ms, ms)
     if tls then
@@ -129,8 +139,11 @@ function _M.retrigger(ngx, handle, run_id, opts, lean)
       sock:settimeouts(ms, ms, ms)
     end
   end
-  ok, err = sock:send(request)
-  request = nil -- luacheck: ignore 311 (not kept while the reply is awaited: ~400 bytes a call in flight)
+  local request = pieces
+  request[1], request[2], request[3] = head, lines, tail
+  head, lines, tail = nil, nil, nil -- luacheck: ignore 311 (not kept while the reply is awaited)
+  ok, err = sock:send(request) -- copies them before it can yield
+  request[1], request[2], request[3] = nil, nil, nil
   if not ok then return fail(t, list, sock, "send", err, true, host, port) end
   local done, reusable
   while true do
