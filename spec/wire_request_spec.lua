@@ -84,6 +84,28 @@ describe("the nginx transport's request", function()
     assert.matches("\r\nContent%-Length: 0\r\n\r\n$", tail2)
   end)
 
+  it("keeps its template's strings while the template lives, and lets them go with it", function()
+    local c = core.new(options())
+    local _, _, _, tail, host, _, pool = c:wire_retrigger(RUN, nil)
+    local again = { c:wire_retrigger(RUN, nil) }
+    assert.same({ tail, host, pool }, { again[4], again[5], again[7] })
+    local function heap() collectgarbage(); collectgarbage(); return collectgarbage("count") end
+    local function call(i) -- a token of 256 KiB: a template whose last piece is as long
+      local o = options { access_token = ("t"):rep(2 ^ 18) .. i }
+      local _, _, _, last = c:wire_retrigger(RUN, o)
+      return #last
+    end
+    local base = heap()
+    assert.is_true(call(1) > 2 ^ 18)
+    local one = heap() - base
+    assert.is_true(one > 200, "the template's last piece is not kept: " .. one .. " KiB")
+    for i = 2, 20 do call(i) end -- each a new template: the last one's strings let go
+    local many = heap() - base -- kept, they would be 20 times one (a dead stack slot may hold one more)
+    assert.is_true(many < 3 * one, "kept " .. many .. " KiB after 20 templates, " .. one .. " after one")
+    c:close()
+    assert.is_true(heap() - base < 64, "kept " .. (heap() - base) .. " KiB after close")
+  end)
+
   it("is libcurl's request with no per-call options (the client's own copy of its options)", function()
     local curl, wire = both(options(), nil)
     assert.equal(curl, wire)

@@ -574,7 +574,7 @@ static int core_wire_reader_for_tests(lua_State *L) {
 ** Clients
 */
 
-static void client_free(fs_client *c) {
+static void client_free(lua_State *L, fs_client *c) {
   fs_engine_free(&c->engine);
   if (c->scratch != NULL) {  /* its transfer, if any, ended with the engine */
     call_release(c->scratch);
@@ -583,13 +583,13 @@ static void client_free(fs_client *c) {
   }
   fs_url_cache_free(&c->urls);
   fs_bytes_free(&c->wire_bytes);
-  fs_template_free(c->tmpl);  /* transfers hold their own share of its lines */
+  fs_template_free(L, c->tmpl);  /* transfers hold their own share of its lines */
   c->tmpl = NULL;
   c->closed = 1;
 }
 
 static int client_gc(lua_State *L) {
-  client_free((fs_client *)luaL_checkudata(L, 1, FS_CLIENT_MT));
+  client_free(L, (fs_client *)luaL_checkudata(L, 1, FS_CLIENT_MT));
   return 0;
 }
 
@@ -727,7 +727,6 @@ static int client_wire_retrigger(lua_State *L) {
   fs_call *spare = wire_spare(L, 4);
   fs_request r;
   fs_call *c;
-  const fs_wire_target *w;
   memset(&r, 0, sizeof r);
   r.cache = &client->urls;
   r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
@@ -743,11 +742,8 @@ static int client_wire_retrigger(lua_State *L) {
   c = wire_call_reuse(L, spare, 4, r.max_body, r.header[H_REQUEST_ID]);
   luaL_checkstack(L, 12, "too many results");  /* the pieces, then the values after them */
   c->targeted = 1;  /* fs_request_wire may fill it, then raise */
-  w = fs_request_wire(L, &c->t, &r, &c->wire_target);  /* pushes the bytes (three) */
-  lua_pushstring(L, w->host);
-  lua_pushinteger(L, (lua_Integer)w->port);
-  lua_pushstring(L, w->pool);
-  lua_pushboolean(L, w->tls);
+  /* pushes the bytes (three pieces), host, port, pool, tls */
+  fs_request_wire(L, &c->t, &r, &c->wire_target);
   lua_pushboolean(L, !r.insecure);
   lua_pushinteger(L, (lua_Integer)r.timeout_ms);
   lua_pushinteger(L, (lua_Integer)r.connect_timeout_ms);
@@ -881,7 +877,7 @@ static int core_retrigger(lua_State *L) {
   lua_settop(L, 2);
   client = client_new(L);
   n = finish(L, client, start_run_action(L, client, 0, 1, 2, 2, 0), 0);
-  client_free(client);
+  client_free(L, client);
   return n;
 }
 

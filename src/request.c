@@ -419,6 +419,9 @@ static const int template_headers[] = {
 };
 #define FS_TEMPLATE_HEADERS (sizeof template_headers / sizeof template_headers[0])
 
+/* fs_template.wire_refs: a run action's last piece, the host, the pool */
+enum { WIRE_REF_TAIL, WIRE_REF_HOST, WIRE_REF_POOL, WIRE_REFS };
+
 struct fs_template {
   unsigned long config;       /* the engine's number for these options */
   int flags;
@@ -453,11 +456,19 @@ struct fs_template {
   char *wire_tail;            /* the tail's lines as the wire has them, once,
                               ** then a run action's end (RUN_ACTION_END) */
   size_t wire_tail_len;       /* the lines' bytes */
+  /* the nginx transport's strings of it, made at its first call there and
+  ** kept in the registry (LUA_NOREF: not yet): pushed again by reference,
+  ** not interned anew each call */
+  int wire_refs[WIRE_REFS];
 };
 
-void fs_template_free(fs_template *tmpl) {
+void fs_template_free(lua_State *L, fs_template *tmpl) {
+  int i;
   if (tmpl == NULL)
     return;
+  for (i = 0; i < WIRE_REFS; i++)
+    if (tmpl->wire_refs[i] != LUA_NOREF)
+      luaL_unref(L, LUA_REGISTRYINDEX, tmpl->wire_refs[i]);
   fs_tail_release(tmpl->tail);
   fs_wire_target_free(&tmpl->wire);
   free(tmpl->wire_tail);
@@ -555,6 +566,8 @@ static fs_template *template_new(const opt_values *v, int flags, const fs_reques
   char *at;
   if (t == NULL)
     return NULL;
+  for (k = 0; k < WIRE_REFS; k++)
+    t->wire_refs[k] = LUA_NOREF;
   for (i = 0; i < O_COUNT; i++)
     if (!per_call_option(i) && v->present[i] && request_options[i].type == LUA_TSTRING)
       size += v->len[i] + 1;
@@ -567,7 +580,7 @@ static fs_template *template_new(const opt_values *v, int flags, const fs_reques
   if (t->block == NULL || t->tail == NULL) {
     free(t->tail);
     t->tail = NULL;
-    fs_template_free(t);
+    fs_template_free(NULL, t);  /* no references yet */
     return NULL;
   }
   t->tail->refs = 1;
@@ -620,7 +633,7 @@ static fs_template *template_new(const opt_values *v, int flags, const fs_reques
       t->path_head = path_head(t, &t->path_head_len);
   }
   if (failed) {
-    fs_template_free(t);
+    fs_template_free(NULL, t);  /* no references yet */
     return NULL;
   }
   return t;
@@ -725,7 +738,7 @@ void fs_request_options(lua_State *L, int opts, int flags, fs_request *r) {
     made = template_new(&v, flags, r);
     if (made != NULL) {
       made->config = fs_engine_new_config(r->engine);
-      fs_template_free(*r->tmpl_slot);
+      fs_template_free(L, *r->tmpl_slot);
       *r->tmpl_slot = made;
       use_template(r, made);
     }
@@ -1416,6 +1429,18 @@ static void add_wire_line(lua_State *L, fs_bytes *b, const char *line) {
   }
 }
 
+/* The string s (n bytes) that tm keeps as wire_refs[which], pushed: from
+** the registry once made. */
+static void push_kept(lua_State *L, fs_template *tm, int which, const char *s, size_t n) {
+  if (tm->wire_refs[which] != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, tm->wire_refs[which]);
+    return;
+  }
+  lua_pushlstring(L, s, n);
+  lua_pushvalue(L, -1);
+  tm->wire_refs[which] = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
 /* What ends a run action's head: it sends no body. */
 #define RUN_ACTION_END "Content-Length: 0\r\n\r\n"
 
@@ -1446,8 +1471,25 @@ static int wire_tail(fs_template *tm) {
   return 1;
 }
 
-const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r,
-                                      fs_wire_target *own) {
+/* The third piece but a run action's from its template: its shared lines
+** (tm, or NULL), the length, the body. */
+static void wire_end(lua_State *L, fs_bytes *b, const fs_template *tm, const fs_request *r) {
+  if (tm != NULL)  /* the template's, serialised once */
+    bytes_add(L, b, tm->wire_tail, tm->wire_tail_len);
+  if (!r->get && r->body_len == 0) {  /* a run action */
+    bytes_add(L, b, RUN_ACTION_END, sizeof RUN_ACTION_END - 1);
+  } else if (!r->get) {
+    char length[48];
+    snprintf(length, sizeof length, "Content-Length: %lu\r\n\r\n", (unsigned long)r->body_len);
+    bytes_add(L, b, length, strlen(length));
+    bytes_add(L, b, r->body, r->body_len);
+  } else {
+    bytes_add(L, b, "\r\n", 2);
+  }
+  bytes_push(L, b);
+}
+
+void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_target *own) {
   const fs_wire_target *w;
   const struct curl_slist *h;
   const char *method = r->get ? "GET " : "POST ";
@@ -1487,21 +1529,21 @@ const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_req
     add_wire_line(L, b, h->data);
   bytes_push(L, b);
   if (shared && !r->get && r->body_len == 0) {  /* a run action: all made once */
-    lua_pushlstring(L, r->tmpl->wire_tail, r->tmpl->wire_tail_len + sizeof RUN_ACTION_END - 1);
-    return w;
-  }
-  if (shared)  /* the template's, serialised once; the length, the body */
-    bytes_add(L, b, r->tmpl->wire_tail, r->tmpl->wire_tail_len);
-  if (!r->get && r->body_len == 0) {  /* a run action */
-    bytes_add(L, b, RUN_ACTION_END, sizeof RUN_ACTION_END - 1);
-  } else if (!r->get) {
-    char length[48];
-    snprintf(length, sizeof length, "Content-Length: %lu\r\n\r\n", (unsigned long)r->body_len);
-    bytes_add(L, b, length, strlen(length));
-    bytes_add(L, b, r->body, r->body_len);
+    push_kept(L, r->tmpl, WIRE_REF_TAIL, r->tmpl->wire_tail,
+              r->tmpl->wire_tail_len + sizeof RUN_ACTION_END - 1);
   } else {
-    bytes_add(L, b, "\r\n", 2);
+    wire_end(L, b, shared ? r->tmpl : NULL, r);
   }
-  bytes_push(L, b);
-  return w;
+  if (run_prefix) {  /* the template's target */
+    push_kept(L, r->tmpl, WIRE_REF_HOST, w->host, strlen(w->host));
+    lua_pushinteger(L, (lua_Integer)w->port);
+    push_kept(L, r->tmpl, WIRE_REF_POOL, w->pool, strlen(w->pool));
+  } else {
+    lua_pushstring(L, w->host);
+    lua_pushinteger(L, (lua_Integer)w->port);
+    lua_pushstring(L, w->pool);
+  }
+  lua_pushboolean(L, w->tls);
 }
+
+

@@ -76,7 +76,9 @@ const char *fs_url_problem(const char *url);
 */
 typedef struct fs_template fs_template;
 
-void fs_template_free(fs_template *tmpl);
+/* L: for the strings the template keeps in the registry (the nginx
+** transport's); NULL only while it has none (being made). */
+void fs_template_free(lua_State *L, fs_template *tmpl);
 /* Its configuration number (fs_transfer_prepare's config). */
 unsigned long fs_template_config(const fs_template *tmpl);
 
@@ -156,12 +158,14 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r);
 ** bytes (request line, Host, the header lines libcurl would be given, in
 ** its order, Content-Length, body), pushed as three strings that a
 ** cosocket sends as one (an array table of them): the request line and
-** Host; the call's own lines (x-request-id first); the lines every call of
-** its template sends, Content-Length and the body. And where they go: the
-** client's base read once (kept in its run-action template), or any other
-** URL read into *own (freed by its owner with fs_wire_target_free). Raises
-** on a proxy (cosockets have none), a base_url with user info, and when
-** out of memory.
+** Host; the call's own lines (x-request-id among them); the lines every
+** call of its template sends, Content-Length and the body. Then where they
+** go, pushed too: host, port, pool (the keep-alive pool's name), tls.
+** That is the client's base read once (kept in its run-action template,
+** with those strings: made once, kept in the registry), or any other URL
+** read into *own (freed by its owner with fs_wire_target_free). Raises on
+** a proxy (cosockets have none), a base_url with user info, and when out
+** of memory.
 **
 ** Three, not one: LuaJIT interns each string under a hash of a few of its
 ** bytes (the first four, the last four, four at a quarter, four at the
@@ -171,8 +175,7 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r);
 ** id's line hashes on its own bytes, and the other two are the same
 ** strings from one call to the next (found, not made).
 */
-const fs_wire_target *fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r,
-                                      fs_wire_target *own);
+void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_target *own);
 
 #ifdef FS_FUZZING
 /* Test-only (fuzz/request.c): each URL and header list as built, before
