@@ -131,6 +131,34 @@ describe("#openresty the nginx transport", function()
     calls_on_one_connection("wire", 5)
   end)
 
+  -- (plain HTTP: pooled TLS connections would serve the TLS tests after this one)
+  it("many calls at once, most on new connections: each sends its own request, once", function()
+    local N = 40 -- more than lua_socket_pool_size keeps (30)
+    local out = call("/concurrent", "via=wire&n=" .. N .. "&run=" .. h.runs.failed)
+    assert.equal(N, #out)
+    local made = {}
+    for _, o in ipairs(out) do
+      assert.is_string(o.id, cjson.encode(o))
+      assert.is_nil(made[o.id], "two calls got run " .. o.id)
+      made[o.id] = true
+      assert.is_truthy(flow_service:run(o.id), "the fake made the run it answered with")
+    end
+    local seen, ids, connections, shape = posts(), {}, {}, nil
+    assert.equal(N, #seen)
+    for _, r in ipairs(seen) do
+      local id = r.headers["x-request-id"]
+      assert.is_nil(ids[id], "request id " .. tostring(id) .. " sent twice")
+      ids[id] = true
+      connections[r.connection] = true
+      local lines = r.raw_header:gsub("x%-request%-id: [^\r]*\r\n", "")
+      shape = shape or lines
+      assert.equal(shape, lines) -- the same request but for its id: no piece of another's
+    end
+    local n = 0
+    for _ in pairs(connections) do n = n + 1 end
+    assert.is_true(n > 30, "only " .. n .. " connections: the calls did not run at once")
+  end)
+
   it("never sends twice: the server acts, then drops the connection before any reply", function()
     flow_service:scenario { match = "^POST ", act_then_delay = 0, drop = "after" }
     local r = call("/call", "via=wire&attempts=3&run=" .. h.runs.failed)

@@ -101,4 +101,21 @@ function _M.thread_dies()
   ngx.say("killed")
 end
 
+-- /concurrent?via=NAME&n=N&run=ID: N light threads, each one call of the
+-- NAME client, all at once (more than the pool keeps: most connect anew, and
+-- each connect and handshake lets the others run), their outcomes in order
+function _M.concurrent()
+  local c = client(ngx.var.arg_via or "wire")
+  local threads = {}
+  for i = 1, tonumber(ngx.var.arg_n) do
+    threads[i] = ngx.thread.spawn(function() return outcome(c:retrigger(ngx.var.arg_run)) end)
+  end
+  local out = {}
+  for i, th in ipairs(threads) do
+    local ok, o = ngx.thread.wait(th)
+    out[i] = ok and o or { raised = tostring(o) }
+  end
+  ngx.say(cjson.encode(out))
+end
+
 return _M
