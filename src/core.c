@@ -484,13 +484,6 @@ static int transfer_submit(lua_State *L) {
 ** transfer:result() gives what it gives for a libcurl transfer
 */
 
-static fs_call *wire_check(lua_State *L, int idx) {
-  fs_call *c = call_check(L, idx);
-  if (c->wire == NULL)
-    luaL_error(L, "flowservice: not a wire transfer");
-  return c;
-}
-
 /* c, its lines asked for at once: a reply's first bytes find their call
 ** out of every cache, and what reading them touches (fs_call's first
 ** fields) then costs one trip to memory, not one a line as the code meets
@@ -502,6 +495,13 @@ static fs_call *call_prefetch(fs_call *c) {
   for (; p < end; p += 64)
     __builtin_prefetch(p, 1);
 #endif
+  return c;
+}
+
+static fs_call *wire_check(lua_State *L, int idx) {
+  fs_call *c = call_prefetch(call_check(L, idx));
+  if (c->wire == NULL)
+    luaL_error(L, "flowservice: not a wire transfer");
   return c;
 }
 
@@ -527,12 +527,10 @@ static void wire_settle(fs_call *c, fs_wire_state state) {
 ** the connection can carry the next request (transfer:reusable()). Bytes
 ** after that only make the connection not reusable. */
 static int transfer_feed(lua_State *L) {
-  fs_call *c = call_prefetch(call_check(L, 1));
+  fs_call *c = wire_check(L, 1);
   size_t n = 0;
   const char *data = lua_isnoneornil(L, 2) ? NULL : luaL_checklstring(L, 2, &n);
   fs_wire_state state;
-  if (c->wire == NULL)
-    return luaL_error(L, "flowservice: not a wire transfer");
   if (c->t.done) {
     /* a reply read already: the reader notes what comes after it; a
     ** cancelled transfer's reader (still reading) is left alone */

@@ -1545,5 +1545,3 @@ void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_
   }
   lua_pushboolean(L, w->tls);
 }
-
-

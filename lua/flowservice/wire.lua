@@ -139,11 +139,10 @@ function _M.retrigger(ngx, handle, run_id, opts, lean)
       sock:settimeouts(ms, ms, ms)
     end
   end
-  local request = pieces
-  request[1], request[2], request[3] = head, lines, tail
+  pieces[1], pieces[2], pieces[3] = head, lines, tail
   head, lines, tail = nil, nil, nil -- luacheck: ignore 311 (not kept while the reply is awaited)
-  ok, err = sock:send(request) -- copies them before it can yield
-  request[1], request[2], request[3] = nil, nil, nil
+  ok, err = sock:send(pieces) -- copies them before it can yield
+  pieces[1], pieces[2], pieces[3] = nil, nil, nil
   if not ok then return fail(t, list, sock, "send", err, true, host, port) end
   local done, reusable
   while true do
