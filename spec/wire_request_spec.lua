@@ -102,8 +102,10 @@ describe("the nginx transport's request", function()
     assert.is_true(call(1) > 2 ^ 20)
     local one = heap() - base -- call(0)'s template let go, call(1)'s kept: about nothing
     for i = 2, 20 do call(i) end -- each a new template: the last one's strings let go
-    local many = heap() - base -- kept, they would be 19 MiB more
-    assert.is_true(many < one + 512, "kept " .. many .. " KiB after 20 templates, " .. one .. " after one")
+    -- kept, they would be 19 MiB more; a dead slot of LuaJIT's stack may still hold the last
+    -- call's token and piece (2 MiB)
+    local many = heap() - base
+    assert.is_true(many < one + 3072, "kept " .. many .. " KiB after 20 templates, " .. one .. " after one")
     local kept = heap()
     c:close()
     local freed = kept - heap()
