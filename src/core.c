@@ -266,6 +266,26 @@ static int push_response(lua_State *L, const fs_call *c) {
 
 /* Push what a finished call gives Lua, then free its buffers; lean: a
 ** run action's success gives no request id (nil in its place). */
+/* A reply buffer is kept for a wire transfer's next call up to this size
+** (a spare's: the nginx transport reuses them; its bytes are never read
+** again, the next reply's length starts at 0). */
+#define WIRE_KEEP_BODY 4096
+
+/* What c's transfer holds, freed; a wire transfer keeps a small reply
+** buffer's memory (freed with it in the end, fs_transfer_free). */
+static void transfer_release(fs_call *c) {
+  char *body = NULL;
+  size_t cap = 0;
+  if (c->wire != NULL && c->t.body_cap <= WIRE_KEEP_BODY) {
+    body = c->t.body;
+    cap = c->t.body_cap;
+    c->t.body = NULL;
+  }
+  fs_transfer_free(&c->t);
+  c->t.body = body;
+  c->t.body_cap = cap;
+}
+
 static int call_results(lua_State *L, fs_call *c, int lean) {
   int n;
   if (c->taken)
@@ -277,7 +297,7 @@ static int call_results(lua_State *L, fs_call *c, int lean) {
   else
     n = c->kind == FS_RUN_ACTION ? push_run(L, c, lean) : push_response(L, c);
   c->taken = 1;
-  fs_transfer_free(&c->t);
+  transfer_release(c);
   return n;
 }
 
@@ -378,13 +398,22 @@ static fs_call *wire_spare(lua_State *L, int idx) {
 }
 
 /* wire_call_new, in the spare at idx (made anew in place: nothing of its
-** last call kept) when there is one; pushed. */
+** last call kept but a small reply buffer's memory) when there is one;
+** pushed. */
 static fs_call *wire_call_reuse(lua_State *L, fs_call *spare, int idx, size_t max_body,
                                 const char *request_id) {
+  char *body = NULL;
+  size_t body_cap = 0;
   if (spare == NULL)
     return wire_call_new(L, max_body, request_id);
+  transfer_release(spare);  /* keeping a small reply buffer */
+  body = spare->t.body;
+  body_cap = spare->t.body_cap;
+  spare->t.body = NULL;
   call_release(spare);
   memset(spare, 0, sizeof *spare);
+  spare->t.body = body;  /* freed with the transfer, as a new one would be */
+  spare->t.body_cap = body_cap;
   call_init(L, spare, FS_RUN_ACTION, request_id);
   wire_call_fill(spare, max_body);
   lua_pushvalue(L, idx);
@@ -550,6 +579,17 @@ static int transfer_feed(lua_State *L) {
   return 2;
 }
 
+/* transfer:feed_result(data, lean): transfer:feed, and when this feed
+** ends the transfer, its result too: true, reusable, then what
+** transfer:result(lean) gives (one call where a reply comes in one read,
+** as most do). false: more to come; true alone: it had ended before. */
+static int transfer_feed_result(lua_State *L) {
+  int n = transfer_feed(L);  /* checked self */
+  if (n < 2)
+    return n;
+  return 2 + call_results(L, (fs_call *)lua_touserdata(L, 1), lua_toboolean(L, 3));
+}
+
 /* transfer:reusable(): the connection can carry the next request. */
 static int transfer_reusable(lua_State *L) {
   lua_pushboolean(L, fs_wire_reusable(wire_check(L, 1)->wire));
@@ -707,6 +747,14 @@ static int client_prepare_retrigger(lua_State *L) {
   return 1;
 }
 
+/* After the pieces, host, port, pool and tls: the rest of wire_retrigger's results. */
+static int wire_results(lua_State *L, const fs_request *r) {
+  lua_pushboolean(L, !r->insecure);
+  lua_pushinteger(L, (lua_Integer)r->timeout_ms);
+  lua_pushinteger(L, (lua_Integer)r->connect_timeout_ms);
+  return 11;
+}
+
 /*
 ** The nginx transport (flowservice.wire): the run action client:retrigger
 ** would send, as bytes for a cosocket, and a transfer that reads the reply
@@ -731,6 +779,18 @@ static int client_wire_retrigger(lua_State *L) {
   r.engine = &client->engine;
   r.tmpl_slot = &client->tmpl;
   r.wire_bytes = &client->wire_bytes;
+  if (lua_isnoneornil(L, 3) && fs_request_wire_plain(client->tmpl, &r)) {
+    size_t len;  /* the client's own options, its pieces made: the same bytes, directly */
+    const char *run_id = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : NULL;
+    if (run_id == NULL || fs_run_id_problem(run_id, len) != NULL) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+    (void)wire_call_reuse(L, spare, 4, r.max_body, r.header[H_REQUEST_ID]);
+    luaL_checkstack(L, 12, "too many results");
+    fs_request_wire_plain_push(L, &r, run_id, len);
+    return wire_results(L, &r);
+  }
   own_options(L, 1, 3, &r);
   fs_request_options(L, 3, 0, &r);
   if (fs_request_run_action(L, 2, &r) != NULL) {
@@ -742,15 +802,12 @@ static int client_wire_retrigger(lua_State *L) {
   c->targeted = 1;  /* fs_request_wire may fill it, then raise */
   /* pushes the bytes (three pieces), host, port, pool, tls */
   fs_request_wire(L, &c->t, &r, &c->wire_target);
-  lua_pushboolean(L, !r.insecure);
-  lua_pushinteger(L, (lua_Integer)r.timeout_ms);
-  lua_pushinteger(L, (lua_Integer)r.connect_timeout_ms);
   /* what built the bytes is not kept for the reply: freed now, while its
   ** memory is in the cache (by the reply it would not be) */
   fs_transfer_free(&c->t);
   fs_wire_target_free(&c->wire_target);
   c->targeted = 0;
-  return 11;
+  return wire_results(L, &r);
 }
 
 /* transfer:fail(what, message, sent): the cosocket failed before a whole
@@ -1023,7 +1080,8 @@ int luaopen_flowservice_core(lua_State *L) {
   static const luaL_Reg transfer[] = {
     {"done", transfer_done}, {"result", transfer_result}, {"submit", transfer_submit},
     {"request_id", transfer_request_id}, {"cancel", transfer_cancel},
-    {"watch", transfer_watch}, {"feed", transfer_feed}, {"reusable", transfer_reusable},
+    {"watch", transfer_watch}, {"feed", transfer_feed}, {"feed_result", transfer_feed_result},
+    {"reusable", transfer_reusable},
     {"fail", transfer_fail}, {NULL, NULL}
   };
   int uv;

@@ -541,34 +541,37 @@ static size_t transfer_on_body(char *data, size_t size, size_t n, void *ud) {
   return fs_transfer_add_body((fs_transfer *)ud, data, size * n);
 }
 
-void fs_transfer_add_header(fs_transfer *t, const char *data, size_t len) {
-  size_t name, vlen;
-  char value[128];
-  const char *v;
-  if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {  /* a new response begins */
-    t->retry_after = -1;
-    t->date[0] = '\0';
-    return;
+void fs_transfer_new_response(fs_transfer *t) {
+  t->retry_after = -1;
+  t->date[0] = '\0';
+}
+
+/* name (n bytes) is lower, ASCII case aside (no locale has a say). */
+static int field_is(const char *name, size_t n, const char *lower, size_t lower_len) {
+  size_t i;
+  if (n != lower_len)
+    return 0;
+  for (i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)name[i];
+    if ((c >= 'A' && c <= 'Z' ? c + ('a' - 'A') : c) != (unsigned char)lower[i])
+      return 0;
   }
-  v = (const char *)memchr(data, ':', len);
-  if (v == NULL)
-    return;
-  name = (size_t)(v - data);
-  if (!(name == 11 && curl_strnequal(data, "Retry-After", 11))
-      && !(name == 4 && curl_strnequal(data, "Date", 4)))
+  return 1;
+}
+
+#define FIELD_IS(name, n, lower) field_is(name, n, lower, sizeof lower - 1)
+
+void fs_transfer_add_field(fs_transfer *t, const char *name, size_t n, const char *v,
+                           size_t vlen) {
+  char value[128];
+  int retry_after = FIELD_IS(name, n, "retry-after");
+  if (!retry_after && !FIELD_IS(name, n, "date"))
     return;  /* the only two we keep */
-  v++;
-  vlen = len - (size_t)(v - data);
-  while (vlen > 0 && (*v == ' ' || *v == '\t'))
-    v++, vlen--;
-  while (vlen > 0 && (v[vlen - 1] == '\r' || v[vlen - 1] == '\n'
-                      || v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
-    vlen--;
   if (vlen == 0 || vlen >= sizeof value)
     return;
   memcpy(value, v, vlen);
   value[vlen] = '\0';
-  if (name == 11 && curl_strnequal(data, "Retry-After", 11)) {
+  if (retry_after) {
     char *end;
     long long seconds = strtoll(value, &end, 10);
     if (end != value && *end == '\0' && value[0] != '-') {
@@ -580,9 +583,30 @@ void fs_transfer_add_header(fs_transfer *t, const char *data, size_t len) {
         t->retry_after = when > now ? (long long)(when - now) : 0;
       }
     }
-  } else if (name == 4 && curl_strnequal(data, "Date", 4) && vlen < sizeof t->date) {
+  } else if (vlen < sizeof t->date) {
     memcpy(t->date, value, vlen + 1);
   }
+}
+
+void fs_transfer_add_header(fs_transfer *t, const char *data, size_t len) {
+  size_t name, vlen;
+  const char *v;
+  if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {  /* a new response begins */
+    fs_transfer_new_response(t);
+    return;
+  }
+  v = (const char *)memchr(data, ':', len);
+  if (v == NULL)
+    return;
+  name = (size_t)(v - data);
+  v++;
+  vlen = len - (size_t)(v - data);
+  while (vlen > 0 && (*v == ' ' || *v == '\t'))
+    v++, vlen--;
+  while (vlen > 0 && (v[vlen - 1] == '\r' || v[vlen - 1] == '\n'
+                      || v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
+    vlen--;
+  fs_transfer_add_field(t, data, name, v, vlen);
 }
 
 /* Retry-After (seconds or an HTTP date) and Date, from the last response's

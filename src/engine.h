@@ -242,6 +242,12 @@ size_t fs_transfer_add_body(fs_transfer *t, const char *data, size_t len);
 ** header callback sees it: a status line ("HTTP/...") starts a response
 ** afresh; Retry-After and Date are kept. */
 void fs_transfer_add_header(fs_transfer *t, const char *line, size_t len);
+/* The same, for a reader that split the line itself: a response begins;
+** one field, its name (n bytes, a token) and its value without the
+** spaces and tabs around it. */
+void fs_transfer_new_response(fs_transfer *t);
+void fs_transfer_add_field(fs_transfer *t, const char *name, size_t n, const char *value,
+                           size_t len);
 
 /* Idempotent: detaches t from its engine (cancelling it if in flight)
 ** and frees what it holds; in a forked child, forgets the parent's handles

@@ -1545,3 +1545,41 @@ void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_
   }
   lua_pushboolean(L, w->tls);
 }
+
+int fs_request_wire_plain(fs_template *tm, fs_request *r) {
+  int i;
+  if (tm == NULL || !tm->own || tm->flags != 0 || tm->own_request_id != NULL
+      || tm->own_if_match != NULL || tm->own_headers || tm->proxy != NULL
+      || tm->url_head == NULL || tm->wire.line_head == NULL || tm->wire_tail == NULL)
+    return 0;
+  for (i = 0; i < WIRE_REFS; i++)
+    if (tm->wire_refs[i] == LUA_NOREF)
+      return 0;
+  use_template(r, tm);
+  r->timeout_ms = tm->own_timeout_ms;
+  r->header[H_REQUEST_ID] = make_request_id(r);
+  return 1;
+}
+
+void fs_request_wire_plain_push(lua_State *L, const fs_request *r, const char *run_id,
+                                size_t len) {
+  fs_template *tm = r->tmpl;
+  const fs_wire_target *w = &tm->wire;
+  fs_bytes *b = r->wire_bytes;
+  const char *id = r->header[H_REQUEST_ID];
+  b->len = 0;  /* the request line and Host, as fs_request_wire has them */
+  bytes_add(L, b, w->line_head, w->line_head_len);
+  bytes_add(L, b, run_id, len);
+  bytes_add(L, b, tm->url_tail, tm->url_tail_len);
+  bytes_add(L, b, w->host_line, w->host_line_len);
+  bytes_push(L, b);
+  bytes_add(L, b, "x-request-id: ", sizeof "x-request-id: " - 1);  /* the call's one line */
+  bytes_add(L, b, id, strlen(id));
+  bytes_add(L, b, "\r\n", 2);
+  bytes_push(L, b);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, tm->wire_refs[WIRE_REF_TAIL]);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, tm->wire_refs[WIRE_REF_HOST]);
+  lua_pushinteger(L, (lua_Integer)w->port);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, tm->wire_refs[WIRE_REF_POOL]);
+  lua_pushboolean(L, w->tls);
+}

@@ -177,6 +177,22 @@ void fs_request_apply(lua_State *L, fs_transfer *t, const fs_request *r);
 */
 void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_target *own);
 
+/*
+** The same bytes and values for the commonest call, made without the
+** transfer's header list: a run action on the client's own options, where
+** those options set nothing a call changes but the timeout (no request_id,
+** if_match or headers; no proxy) and tm, the template made from them, was
+** sent over the wire before (fs_request_wire made its pieces). Then
+** fs_request_wire_plain fills r as fs_request_options would (the
+** template's values, a fresh request id) and returns 1, and
+** fs_request_wire_plain_push, for the run id (checked by the caller: len
+** bytes, fs_run_id_problem), pushes what fs_request_wire pushes. Else 0, r
+** untouched: the caller takes the general way.
+*/
+int fs_request_wire_plain(fs_template *tm, fs_request *r);
+void fs_request_wire_plain_push(lua_State *L, const fs_request *r, const char *run_id,
+                                size_t len);
+
 #ifdef FS_FUZZING
 /* Test-only (fuzz/request.c): each URL and header list as built, before
 ** libcurl sees them. Absent from every other build. */

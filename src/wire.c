@@ -6,9 +6,10 @@
 ** of a line's content waits for the whole line, and the caps count bytes
 ** as they come, so any split of the same bytes ends in the same state.
 **
-** Header lines go to fs_transfer_add_header and body bytes to
-** fs_transfer_add_body, as libcurl's callbacks do: Date, Retry-After and
-** max_body have one owner (engine.c).
+** Header fields go to fs_transfer_add_field (a status line to
+** fs_transfer_new_response) and body bytes to fs_transfer_add_body, as
+** libcurl's callbacks' lines and bytes do: Date, Retry-After and max_body
+** have one owner (engine.c).
 */
 #include <limits.h>
 #include <stdlib.h>
@@ -246,7 +247,7 @@ static void read_status_line(fs_wire *w, fs_transfer *t, const char *s, size_t l
   w->keep_alive = 0;
   if (status >= 200)
     t->status = status;
-  fs_transfer_add_header(t, s, len);  /* forgets an interim response's Date */
+  fs_transfer_new_response(t);  /* forgets an interim response's Date */
   w->phase = WIRE_HEADERS;
 }
 
@@ -348,10 +349,11 @@ static void read_head_end(fs_wire *w) {
 }
 
 /* `name: value` with a token name; a trailer (in_trailers) is checked
-** the same way, then dropped. */
+** the same way, then dropped. The name is the tchar bytes before the
+** first colon (a colon is none: a name runs up to it or stops short). */
 static void read_field(fs_wire *w, fs_transfer *t, const char *s, size_t len, int in_trailers) {
-  const char *colon, *v;
-  size_t name, i, n;
+  const char *v;
+  size_t name, n;
   if (len == 0) {
     if (in_trailers)
       w->phase = WIRE_DONE;
@@ -363,29 +365,40 @@ static void read_field(fs_wire *w, fs_transfer *t, const char *s, size_t len, in
     wire_bad(w, "the reply has a folded header line");
     return;
   }
-  colon = (const char *)memchr(s, ':', len);
-  name = colon != NULL ? (size_t)(colon - s) : 0;
-  for (i = 0; i < name && tchar[(unsigned char)s[i]]; i++)
+  for (name = 0; name < len && tchar[(unsigned char)s[name]]; name++)
     ;
-  if (name == 0 || i < name) {
+  if (name == 0 || name == len || s[name] != ':') {
     wire_bad(w, "a header line of the reply is not 'name: value'");
     return;
   }
   if (in_trailers)
     return;
-  fs_transfer_add_header(t, s, len);
-  v = colon + 1;
+  v = s + name + 1;
   n = len - name - 1;
   while (n > 0 && is_ows(*v))
     v++, n--;
   while (n > 0 && is_ows(v[n - 1]))
     n--;
-  if (NAME_IS(s, name, "content-length"))
-    read_content_length(w, v, n);
-  else if (NAME_IS(s, name, "transfer-encoding"))
-    read_transfer_encoding(w, v, n);
-  else if (NAME_IS(s, name, "connection"))
-    read_connection(w, v, n);
+  switch (name) {  /* lengths first: most names of a reply are none of these */
+    case 4:   /* Date */
+    case 11:  /* Retry-After */
+      fs_transfer_add_field(t, s, name, v, n);
+      break;
+    case 10:
+      if (NAME_IS(s, name, "connection"))
+        read_connection(w, v, n);
+      break;
+    case 14:
+      if (NAME_IS(s, name, "content-length"))
+        read_content_length(w, v, n);
+      break;
+    case 17:
+      if (NAME_IS(s, name, "transfer-encoding"))
+        read_transfer_encoding(w, v, n);
+      break;
+    default:
+      break;
+  }
 }
 
 /* Status, header and trailer lines: all count against FS_WIRE_HEAD_MAX. */

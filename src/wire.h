@@ -5,11 +5,12 @@
 ** Retry-After, the body under max_body), so core.c turns both into one
 ** kind of result. Pure C: no Lua, no I/O, no libcurl transfer.
 **
-** What it reads: a status line `HTTP/1.x NNN reason`; header lines (each
-** handed to fs_transfer_add_header, status line included); 1xx interim
-** responses skipped (101 refused); a body delimited by Transfer-Encoding:
-** chunked (trailers read and dropped), by Content-Length, by nothing for
-** 204/304, else by the connection's close. Anything else is a bad reply:
+** What it reads: a status line `HTTP/1.x NNN reason` (a response begins:
+** fs_transfer_new_response); header lines (each field handed to
+** fs_transfer_add_field); 1xx interim responses skipped (101 refused); a
+** body delimited by Transfer-Encoding: chunked (trailers read and
+** dropped), by Content-Length, by nothing for 204/304, else by the
+** connection's close. Anything else is a bad reply:
 ** obs-folded lines, a transfer-coding other than chunked, two different
 ** Content-Lengths, a head (or trailers) over FS_WIRE_HEAD_MAX bytes.
 */

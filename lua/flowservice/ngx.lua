@@ -26,17 +26,25 @@ local YIELDABLE = {
   ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
 }
 
+-- OpenResty's API, once found: it stays for the life of the process, so
+-- later calls skip the lookups (where it is not, each call looks again).
+local found, get_phase
+
 local function openresty()
+  if found then return found end
   local ngx = rawget(_G, "ngx") -- OpenResty's API, a global there by design
-  if type(ngx) == "table" and type(ngx.get_phase) == "function" then return ngx end
+  if type(ngx) == "table" and type(ngx.get_phase) == "function" then
+    found, get_phase = ngx, ngx.get_phase
+    return ngx
+  end
   return nil
 end
 
 -- OpenResty's API when a call made now may yield (ngx.sleep, cosockets),
 -- else nil.
 function _M.yieldable()
-  local ngx = openresty()
-  if ngx and YIELDABLE[ngx.get_phase()] then return ngx end
+  local ngx = found or openresty()
+  if ngx and YIELDABLE[get_phase()] then return ngx end
   return nil
 end
 

@@ -1,7 +1,7 @@
 -- The nginx transport: a run action's bytes over ngx.socket.tcp, nginx's
 -- own event loop, instead of libcurl's. C builds the request (the same
 -- options, checks and header lines as libcurl's, client:wire_retrigger)
--- and reads the reply (transfer:feed, src/wire.c); this module only moves
+-- and reads the reply (transfer:feed_result, src/wire.c); this module only moves
 -- the bytes, so one attempt is: a pooled connection (TLS handshake on a new
 -- one), one send, reads until the reply is whole, the connection back to
 -- nginx's keep-alive pool if the reply allows.
@@ -144,26 +144,27 @@ function _M.retrigger(ngx, handle, run_id, opts, lean)
   ok, err = sock:send(pieces) -- copies them before it can yield
   pieces[1], pieces[2], pieces[3] = nil, nil, nil
   if not ok then return fail(t, list, sock, "send", err, true, host, port) end
-  local done, reusable
   while true do
     local data, rerr = sock:receiveany(READ_SIZE)
     if data then
-      done, reusable = t:feed(data)
-      if done then break end
+      -- the reply's end comes with its result: one call for a reply in one read
+      local done, reusable, run, status, request_id, date = t:feed_result(data, lean)
+      if done then
+        if reusable then sock:setkeepalive(IDLE_MS) else sock:close() end
+        if reusable == nil then return result(t, list, lean) end -- it had ended before
+        local n = #list
+        if n < SPARES then list[n + 1] = t end
+        return run, status, request_id, date
+      end
     elseif rerr == "closed" then
       t:feed(nil)
-      break
+      sock:close()
+      return result(t, list, lean)
     else
       return fail(t, list, sock, "receive", rerr, true, host, port)
     end
     sock:settimeout(left(now, ends))
   end
-  if reusable then
-    sock:setkeepalive(IDLE_MS)
-  else
-    sock:close()
-  end
-  return result(t, list, lean)
 end
 
 return _M
