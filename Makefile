@@ -19,7 +19,7 @@ CURL_INCDIR  ?= $(patsubst %/curl/curl.h,%,$(firstword $(wildcard /usr/include/*
 STRICT       := -std=c99 -Wall -Wextra -Werror
 CFLAGS       ?= -O2 -g
 SOURCES      := src/core.c src/engine.c src/journal.c src/request.c src/signals.c src/wire.c
-HEADERS      := src/compat.h src/engine.h src/journal.h src/request.h src/signals.h src/wire.h
+HEADERS      := src/compat.h src/engine.h src/internal.h src/journal.h src/request.h src/signals.h src/wire.h
 # The PostgreSQL journal's rock (flowservice.pg over libpq), built into the
 # same trees and profiles when libpq-dev is installed; the main rock needs none.
 PG_ROCKSPEC  := flowservice-postgresql-scm-1.rockspec
@@ -210,7 +210,7 @@ $(BUILD)/fuzz/reply: fuzz/reply.c $(FUZZ_COMMON) $(SOURCES)
 # fuzz/wire.c is plain C over the nginx transport's reply reader and
 # engine.c's header and body readers (no Lua state), with the head and
 # chunk-line caps lowered so its inputs reach them.
-$(BUILD)/fuzz/wire: fuzz/wire.c src/wire.c src/wire.h src/engine.c src/engine.h
+$(BUILD)/fuzz/wire: fuzz/wire.c src/wire.c src/wire.h src/engine.c src/engine.h src/internal.h
 	@mkdir -p $(@D)
 	clang $(FUZZ_CFLAGS) -DFS_WIRE_HEAD_MAX=1024 -DFS_WIRE_CHUNK_LINE_MAX=64 -o $@ fuzz/wire.c src/wire.c src/engine.c -lcurl
 

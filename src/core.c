@@ -158,7 +158,7 @@ static void push_error(lua_State *L, const fs_call *c, const char *kind) {
   set_exchange(L, c);
 }
 
-static int push_transport_error(lua_State *L, const fs_call *c) {
+FS_COLD static int push_transport_error(lua_State *L, const fs_call *c) {
   const fs_transfer *t = &c->t;
   lua_pushnil(L);
   push_error(L, c, transport_error_kind(t));
@@ -176,7 +176,7 @@ static int push_transport_error(lua_State *L, const fs_call *c) {
   return 2;
 }
 
-static int push_http_error(lua_State *L, const fs_call *c, const char *kind) {
+FS_COLD static int push_http_error(lua_State *L, const fs_call *c, const char *kind) {
   lua_pushnil(L);
   push_error(L, c, kind);
   set_integer(L, "status", c->t.status);
@@ -186,7 +186,7 @@ static int push_http_error(lua_State *L, const fs_call *c, const char *kind) {
   return 2;
 }
 
-static int push_decode_error(lua_State *L, const fs_call *c, const char *message) {
+FS_COLD static int push_decode_error(lua_State *L, const fs_call *c, const char *message) {
   push_http_error(L, c, "decode");
   set_string(L, "message", message);
   return 2;

@@ -561,31 +561,37 @@ static int field_is(const char *name, size_t n, const char *lower, size_t lower_
 
 #define FIELD_IS(name, n, lower) field_is(name, n, lower, sizeof lower - 1)
 
-void fs_transfer_add_field(fs_transfer *t, const char *name, size_t n, const char *v,
-                           size_t vlen) {
+/* Retry-After: seconds or an HTTP date (vlen bytes, under 128). */
+FS_COLD static void read_retry_after(fs_transfer *t, const char *v, size_t vlen) {
   char value[128];
-  int retry_after = FIELD_IS(name, n, "retry-after");
-  if (!retry_after && !FIELD_IS(name, n, "date"))
-    return;  /* the only two we keep */
-  if (vlen == 0 || vlen >= sizeof value)
-    return;
+  char *end;
+  long long seconds;
   memcpy(value, v, vlen);
   value[vlen] = '\0';
-  if (retry_after) {
-    char *end;
-    long long seconds = strtoll(value, &end, 10);
-    if (end != value && *end == '\0' && value[0] != '-') {
-      t->retry_after = seconds;
-    } else {
-      time_t when = curl_getdate(value, NULL);
-      if (when != (time_t)-1) {
-        time_t now = time(NULL);
-        t->retry_after = when > now ? (long long)(when - now) : 0;
-      }
+  seconds = strtoll(value, &end, 10);
+  if (end != value && *end == '\0' && value[0] != '-') {
+    t->retry_after = seconds;
+  } else {
+    time_t when = curl_getdate(value, NULL);
+    if (when != (time_t)-1) {
+      time_t now = time(NULL);
+      t->retry_after = when > now ? (long long)(when - now) : 0;
     }
-  } else if (vlen < sizeof t->date) {
-    memcpy(t->date, value, vlen + 1);
   }
+}
+
+void fs_transfer_add_field(fs_transfer *t, const char *name, size_t n, const char *v,
+                           size_t vlen) {
+  if (vlen == 0 || vlen >= 128)
+    return;  /* nothing, or more than either can be */
+  if (FIELD_IS(name, n, "date")) {
+    if (vlen < sizeof t->date) {
+      memcpy(t->date, v, vlen);
+      t->date[vlen] = '\0';
+    }
+  } else if (FIELD_IS(name, n, "retry-after")) {
+    read_retry_after(t, v, vlen);
+  }  /* the only two we keep */
 }
 
 void fs_transfer_add_header(fs_transfer *t, const char *data, size_t len) {
@@ -869,12 +875,16 @@ CURLMcode fs_engine_finish(fs_engine *e, fs_transfer *t) {
 }
 
 void fs_transfer_free(fs_transfer *t) {
-  if (t->engine != NULL && engine_forked(t->engine))
-    engine_forget(t->engine);  /* detaches t, and every other transfer */
-  if (t->engine != NULL)
-    engine_release(t);  /* cancelled in flight, or never submitted */
-  else
-    transfer_free_headers(t);  /* never attached (the nginx transport's) */
+  if (t->engine == NULL && t->headers == NULL && t->tail == NULL) {
+    t->head = t->headers_last = NULL;  /* no handle, no lines: freed before, or never built */
+  } else {
+    if (t->engine != NULL && engine_forked(t->engine))
+      engine_forget(t->engine);  /* detaches t, and every other transfer */
+    if (t->engine != NULL)
+      engine_release(t);  /* cancelled in flight, or never submitted */
+    else
+      transfer_free_headers(t);  /* never attached (the nginx transport's) */
+  }
   free(t->body);
   t->body = NULL;
   t->body_len = t->body_cap = 0;

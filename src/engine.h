@@ -15,6 +15,10 @@
 #include <stddef.h>
 #include <curl/curl.h>
 
+#include "internal.h"
+
+FS_INTERNAL_BEGIN
+
 /* True when the libcurl we compile against is at least x.y.z. */
 #define FS_CURL_AT_LEAST(x, y, z) \
   (LIBCURL_VERSION_NUM >= (((x) << 16) | ((y) << 8) | (z)))
@@ -253,5 +257,7 @@ void fs_transfer_add_field(fs_transfer *t, const char *name, size_t n, const cha
 ** and frees what it holds; in a forked child, forgets the parent's handles
 ** instead. */
 void fs_transfer_free(fs_transfer *t);
+
+FS_INTERNAL_END
 
 #endif

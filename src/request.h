@@ -12,6 +12,8 @@
 #include "lua.h"
 #include "engine.h"
 
+FS_INTERNAL_BEGIN
+
 /* The headers every call sends, in wire order. The first four carry
 ** identity and may only come from their options. */
 enum {
@@ -199,5 +201,7 @@ void fs_request_wire_plain_push(lua_State *L, const fs_request *r, const char *r
 extern void (*fs_fuzz_on_url)(const char *url);
 extern void (*fs_fuzz_on_headers)(const struct curl_slist *headers);
 #endif
+
+FS_INTERNAL_END
 
 #endif

@@ -62,7 +62,7 @@ static fs_wire_state wire_state(const fs_wire *w) {
          : w->phase == WIRE_BAD ? FS_WIRE_BAD : FS_WIRE_MORE;
 }
 
-static void wire_bad(fs_wire *w, const char *why) {
+FS_COLD static void wire_bad(fs_wire *w, const char *why) {
   w->phase = WIRE_BAD;
   w->error = why;
 }
@@ -153,7 +153,7 @@ static int list_next(const char *v, size_t n, size_t *pos, const char **item, si
 ** Lines
 */
 
-static int line_append(fs_wire *w, const char *data, size_t n) {
+FS_COLD static int line_append(fs_wire *w, const char *data, size_t n) {
   if (n > w->line_cap - w->line_len) {
     size_t cap = w->line_cap ? w->line_cap : WIRE_LINE_START;
     char *grown;
@@ -291,7 +291,7 @@ static void read_content_length(fs_wire *w, const char *v, size_t n) {
 
 /* Only chunked, once, is read: anything else (a compression, chunked
 ** not last, a line naming nothing) leaves the body's end unknown. */
-static void read_transfer_encoding(fs_wire *w, const char *v, size_t n) {
+FS_COLD static void read_transfer_encoding(fs_wire *w, const char *v, size_t n) {
   size_t pos = 0, len;
   const char *item;
   int named = 0;
@@ -425,7 +425,7 @@ static size_t feed_head(fs_wire *w, fs_transfer *t, const char *data, size_t n) 
 */
 
 /* Hex digits, then BWS and extensions (ignored), or nothing. */
-static void read_chunk_size(fs_wire *w, const char *s, size_t len) {
+FS_COLD static void read_chunk_size(fs_wire *w, const char *s, size_t len) {
   unsigned long long size = 0;
   size_t i;
   int d;
@@ -450,7 +450,7 @@ static void read_chunk_size(fs_wire *w, const char *s, size_t len) {
   w->phase = size == 0 ? WIRE_TRAILERS : WIRE_CHUNK_DATA;
 }
 
-static size_t feed_chunk_size(fs_wire *w, fs_transfer *t, const char *data, size_t n) {
+FS_COLD static size_t feed_chunk_size(fs_wire *w, fs_transfer *t, const char *data, size_t n) {
   const char *line;
   size_t len, taken;
   int got = line_take(w, t, data, n, FS_WIRE_CHUNK_LINE_MAX - w->line_len,
@@ -479,7 +479,7 @@ static size_t feed_body(fs_wire *w, fs_transfer *t, const char *data, size_t n) 
 }
 
 /* The CRLF (or bare LF) that must follow each chunk's data. */
-static size_t feed_chunk_end(fs_wire *w, char c) {
+FS_COLD static size_t feed_chunk_end(fs_wire *w, char c) {
   if (w->phase == WIRE_CHUNK_CR && c == '\r')
     w->phase = WIRE_CHUNK_LF;
   else if (c == '\n')
@@ -511,7 +511,7 @@ static size_t wire_step(fs_wire *w, fs_transfer *t, const char *data, size_t n) 
 }
 
 /* The server closed the connection. */
-static fs_wire_state wire_eof(fs_wire *w) {
+FS_COLD static fs_wire_state wire_eof(fs_wire *w) {
   if (w->phase == WIRE_BAD)
     return FS_WIRE_BAD;
   w->close = 1;  /* whatever came, the connection is gone */

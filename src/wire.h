@@ -21,6 +21,8 @@
 
 #include "engine.h"
 
+FS_INTERNAL_BEGIN
+
 /* Bytes of head (every status and header line, 1xx ones included) and
 ** trailers together; a build may lower it (the fuzz target does, to reach
 ** the cap). */
@@ -80,5 +82,7 @@ int fs_wire_started(const fs_wire *w);
 int fs_wire_reusable(const fs_wire *w);
 /* Frees what it holds; idempotent. */
 void fs_wire_free(fs_wire *w);
+
+FS_INTERNAL_END
 
 #endif
