@@ -70,6 +70,8 @@ local function decode(input)
   return opts, run, shape, token_later
 end
 
+local check_own -- below
+
 local function refused(err, what)
   if type(err) ~= "string" or not find(err, "^bad argument #%d") then
     fail(format("%s raised something other than an argument error: %s", what, tostring(err)))
@@ -147,6 +149,29 @@ local function check_wire(opts, run, shape)
   return lines
 end
 
+-- The request id's value, whatever it is, as one: two requests compare.
+local function one_id(bytes)
+  return (bytes:gsub("\r\n([Xx]%-[Rr]equest%-[Ii][Dd]): [^\r]*\r\n", "\r\n%1: ID\r\n", 1))
+end
+
+-- The client's own options (no per-call table), three calls: the first reads
+-- them, the later ones may be made from its template alone (request.c's
+-- fs_request_wire_plain); each sends the bytes the call with the table sent,
+-- its request id aside (a fresh one, unless the options name one).
+function check_own(client, run, bytes)
+  for i = 1, 3 do
+    local ok, t, head, own, tail = pcall(client.wire_retrigger, client, run)
+    wire()
+    if not ok then fail(format("call %d with the client's own options raised: %s", i, tostring(t))) end
+    if not t then fail(format("call %d with the client's own options refused the run id", i)) end
+    t:cancel()
+    local got = head .. own .. tail
+    if one_id(got) ~= one_id(bytes) then
+      fail(format("call %d with the client's own options sent %q, with the table %q", i, got, bytes))
+    end
+  end
+end
+
 -- The nginx transport's bytes for the same run action: the request line,
 -- Host, libcurl's header lines in libcurl's order ("Name;" sent as
 -- "Name:"; x-request-id aside, a new one per request), Content-Length: 0,
@@ -186,6 +211,7 @@ local function check_bytes(client, run, opts, lines)
     end
   end
   if k ~= #want then fail(format("%d header lines on the wire, libcurl's %d", k, #want)) end
+  check_own(client, run, bytes)
 end
 
 return function(input)

@@ -118,6 +118,125 @@ describe("the nginx transport's request", function()
     assert.matches("\r\nx%-request%-id: " .. h.literal(ID) .. "\r\n", wire)
   end)
 
+  -- The commonest call: the client's own options with no request_id, If-Match or
+  -- headers of theirs, so that only the run id and a fresh request id differ from
+  -- call to call (from the second such call on, the core makes it from the
+  -- template alone). x-request-id's value set to one, to compare requests.
+  local ID_LINE = "\r\nx%-request%-id: ([^\r]*)\r\n"
+  local function one_id(bytes) return (bytes:gsub(ID_LINE, "\r\nx-request-id: ID\r\n", 1)) end
+  local UUID4 = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
+
+  -- n calls with no per-call options (the last ones on a spare): each one's bytes
+  -- and values; their ids are fresh v4 UUIDs, no two the same.
+  local function own_calls(c, n, run)
+    local out, ids, spare = {}, {}, nil
+    for i = 1, n do
+      local r = pack(c:wire_retrigger(run or RUN, nil, spare))
+      local t = r[1]
+      local bytes = r[2] .. r[3] .. r[4]
+      local id = bytes:match(ID_LINE)
+      assert.matches(UUID4, id)
+      assert.is_nil(ids[id], "an id sent twice")
+      ids[id] = true
+      assert.equal("x-request-id: " .. id .. "\r\n", r[3], "the call's own piece is its id's line")
+      out[i] = { bytes = bytes, values = { unpack(r, 5, r.n) }, head = r[2], tail = r[4] }
+      t:fail("connect", "connect to 127.0.0.1:1 failed: refused", false)
+      assert.equal(id, select(2, t:result()).request_id)
+      if i >= n - 1 then spare = t end
+    end
+    return out
+  end
+
+  it("with the client's own options: libcurl's request but for a fresh request id, every call", function()
+    local o = options()
+    o.request_id = nil
+    local c = core.new(o)
+    assert.is_table(c:retrigger(RUN))
+    local curl = server:requests()[1].raw_header
+    assert.matches(UUID4, curl:match(ID_LINE))
+    local calls = own_calls(c, 4)
+    c:close()
+    for i, call in ipairs(calls) do
+      assert.equal(one_id(curl), one_id(call.bytes), "call " .. i)
+      assert.same(calls[1].values, call.values, "call " .. i)
+      assert.equal(calls[1].head, call.head) -- the same strings, found again
+      assert.equal(calls[1].tail, call.tail)
+    end
+    assert.same({ "127.0.0.1", server.port, "flowservice http://127.0.0.1:" .. server.port, false, true,
+      60000, core.defaults.connect_timeout * 1000 }, calls[1].values)
+  end)
+
+  it("with the client's own options: the same bytes under a base path, an op to escape, a user agent,"
+    .. " insecure, timeouts, another run id each call", function()
+    local o = options { base_url = server.url .. "/data/foundation/flowservice/", op = "re trigger&x",
+      user_agent = "ua/2", insecure = true, timeout = 9, connect_timeout = 2, max_body = 4096 }
+    o.request_id = nil
+    local c = core.new(o)
+    local runs = { RUN, "run-2", "a.b_c~d", RUN }
+    local via_table = {}
+    for i, run in ipairs(runs) do -- the options as a table: the general way, each call
+      local r = pack(c:wire_retrigger(run, o))
+      via_table[i] = { bytes = r[2] .. r[3] .. r[4], values = { unpack(r, 5, r.n) } }
+      r[1]:cancel()
+    end
+    for i, run in ipairs(runs) do
+      local call = own_calls(c, 2, run)
+      for _, own in ipairs(call) do
+        assert.equal(one_id(via_table[i].bytes), one_id(own.bytes), run)
+        assert.same(via_table[i].values, own.values, run)
+      end
+    end
+    assert.matches("^POST /data/foundation/flowservice/runs/a%.b_c~d/action%?op=re%%20trigger%%26x ",
+      own_calls(c, 1, "a.b_c~d")[1].bytes)
+    assert.same({ "127.0.0.1", server.port, "flowservice http://127.0.0.1:" .. server.port .. " insecure",
+      false, false, 9000, 2000 }, via_table[1].values)
+    c:close()
+  end)
+
+  it("with the client's own request_id, If-Match or headers: those on every call, the first and the rest", function()
+    local c = core.new(options { if_match = '"etag-9"', headers = { ["x-trace"] = "t1", ["x-empty"] = "" } })
+    for _ = 1, 3 do
+      local _, bytes = wire_retrigger(c, RUN, nil)
+      assert.matches('\r\nIf%-Match: "etag%-9"\r\n', bytes)
+      assert.matches("\r\nx%-trace: t1\r\n", bytes)
+      assert.matches("\r\nx%-empty:\r\n", bytes)
+      assert.matches("\r\nx%-request%-id: " .. h.literal(ID) .. "\r\n", bytes)
+    end
+    c:close()
+  end)
+
+  it("with the client's own options after calls with others: each call's own options, in any order", function()
+    local o = options()
+    o.request_id = nil
+    local c = core.new(o)
+    local plain = own_calls(c, 2)[2].bytes
+    local other = options { access_token = "another-token" }
+    local _, with_other = wire_retrigger(c, RUN, other) -- a new template, not the client's own
+    assert.matches("Authorization: Bearer another%-token\r\n", with_other)
+    local again = own_calls(c, 3)
+    for _, call in ipairs(again) do
+      assert.equal(one_id(plain), one_id(call.bytes))
+      assert.matches("Authorization: Bearer fake%-token\r\n", call.bytes)
+    end
+    local _, with_if = wire_retrigger(c, RUN, options { if_match = '"e"' })
+    assert.matches('\r\nIf%-Match: "e"\r\n', with_if)
+    assert.equal(one_id(plain), one_id(own_calls(c, 1)[1].bytes))
+    c:close()
+  end)
+
+  it("with the client's own options: a bad run id is false, before and after the first call", function()
+    local o = options()
+    o.request_id = nil
+    local c = core.new(o)
+    for round = 1, 2 do
+      for _, bad in ipairs { "a/b", "", "..", ".", "x y", 42 } do
+        assert.is_false(c:wire_retrigger(bad, nil), tostring(bad) .. " in round " .. round)
+      end
+      own_calls(c, 2)
+    end
+    c:close()
+  end)
+
   it("is libcurl's request with per-call If-Match, extra headers (an empty one too), timeout", function()
     local o = options()
     local call = options { if_match = '"etag-1"', timeout = 7,

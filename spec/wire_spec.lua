@@ -7,6 +7,9 @@
 -- each CR (the CR and LF of a line end in two feeds) and at random points
 -- (a fixed seed); each way must give the same outcome, and byte by byte a
 -- complete reply must be ready at its last byte, not before or after.
+-- Each way is read twice: by feed, then result(), and by feed_result
+-- (the nginx transport's: the result with the feed that ends the reply),
+-- which must give the same.
 local core = require "flowservice.core"
 
 local HEAD_MAX = 64 * 1024 -- FS_WIRE_HEAD_MAX
@@ -14,6 +17,7 @@ local CHUNK_LINE_MAX = 4096 -- FS_WIRE_CHUNK_LINE_MAX
 local MAX_BODY = 1024 * 1024
 
 local concat, sort = table.concat, table.sort
+local unpack = table.unpack or unpack -- luacheck: ignore 143 (5.1's)
 
 -- Cut points for one way of reading: after each byte, after each CR, or
 -- up to 8 points from a Park-Miller generator (exact in doubles on 5.1).
@@ -50,12 +54,39 @@ local WAYS = { "whole", "bytes", "cr", 7, 1234, 99991, 31337 }
 -- Feeds reply one way (then EOF when eof); the outcome: what the last feed
 -- said, where the reply first was ready (bytes fed, or "eof"), reusable(),
 -- and result()'s values once ready.
+local pack = table.pack or function(...) return { n = select("#", ...), ... } end
+
+-- The same values, a retry_after read a second apart aside (the clock ticked).
+local function same_result(want, got, what)
+  local w, g = want[2], got[2]
+  if want[1] == nil and type(w) == "table" and type(g) == "table" and w.retry_after
+     and g.retry_after and math.abs(w.retry_after - g.retry_after) <= 1 then
+    g.retry_after = w.retry_after
+  end
+  assert.same(want, got, what)
+end
+
 local function read(reply, how, o)
   local t = core.wire_reader_for_tests(o.max_body or MAX_BODY)
-  local fed, out = 0, { ready = false }
+  local t2 = core.wire_reader_for_tests(o.max_body or MAX_BODY) -- read by feed_result
+  local fed, out, ended = 0, { ready = false }, nil
+  -- (asserts only on a difference: a reply byte by byte is thousands of feeds)
+  local function feed2(piece)
+    local r = pack(t2:feed_result(piece))
+    if ended then
+      if r.n ~= 1 or r[1] ~= true then assert.same({ n = 1, true }, r, "after the end: true alone") end
+    elseif r[1] then
+      ended = r
+      assert.is_boolean(r[2])
+    elseif r.n ~= 1 or r[1] ~= false then
+      assert.same({ n = 1, false }, r, "before the end: false alone")
+    end
+  end
   for _, piece in ipairs(pieces(reply, how)) do
     local ready, reusable = t:feed(piece)
+    feed2(piece)
     out.ready = ready
+    if ready ~= (ended ~= nil) then assert.equal(ready, ended ~= nil, "feed_result ends it where feed does") end
     -- a feed that ends the reply says what reusable() says then; others say nothing more
     if ready and not out.at then assert.equal(t:reusable(), reusable) else assert.is_nil(reusable) end
     fed = fed + #piece
@@ -63,13 +94,19 @@ local function read(reply, how, o)
   end
   if o.eof then
     out.ready = t:feed(nil)
+    feed2(nil)
     if out.ready and not out.at then out.at = "eof" end
   end
   out.reusable = t:reusable()
+  assert.equal(out.reusable, t2:reusable())
   if out.ready then
-    local r = { t:result() }
+    local r = pack(t:result())
+    same_result(r, pack(unpack(ended, 3, ended.n)), "feed_result's result is result()'s")
+    assert.has_error(function() t2:result() end, "flowservice: transfer result already taken")
     out.res, out.err, out.request_id, out.date = r[1], r[1] == nil and r[2] or nil, r[3], r[4]
     out.status = r[1] ~= nil and r[2] or nil
+  else
+    assert.is_nil(ended)
   end
   return out
 end
@@ -687,6 +724,23 @@ describe("the wire reply reader", function()
       assert.is_true(t:done())
       assert.equal("run-1", t:result().id)
       assert.has_error(function() t:result() end, "flowservice: transfer result already taken")
+    end)
+
+    it("feed_result gives the result with the feed that ends the reply (lean: no request id)", function()
+      local t = core.wire_reader_for_tests(MAX_BODY)
+      local r = ok_run()
+      assert.same({ false }, { t:feed_result(r:sub(1, 20), true) })
+      local done, reusable, res, status, request_id = t:feed_result(r:sub(21), true)
+      assert.is_true(done)
+      assert.is_true(reusable)
+      assert.same({ id = "run-1", etag = '"e1"' }, res)
+      assert.equal(200, status)
+      assert.is_nil(request_id)
+      assert.same({ true }, { t:feed_result("HTTP/1.1 200 OK\r\n") })
+      assert.is_false(t:reusable())
+      assert.has_error(function() t:result() end, "flowservice: transfer result already taken")
+      local t2 = core.wire_reader_for_tests(MAX_BODY)
+      assert.equal("test", select(5, t2:feed_result(r)))
     end)
 
     it("a cancelled transfer takes bytes and gives nothing", function()

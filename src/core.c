@@ -584,10 +584,19 @@ static int transfer_feed(lua_State *L) {
 ** transfer:result(lean) gives (one call where a reply comes in one read,
 ** as most do). false: more to come; true alone: it had ended before. */
 static int transfer_feed_result(lua_State *L) {
-  int n = transfer_feed(L);  /* checked self */
-  if (n < 2)
-    return n;
-  return 2 + call_results(L, (fs_call *)lua_touserdata(L, 1), lua_toboolean(L, 3));
+  int lean = lua_toboolean(L, 3), reusable, n;
+  lua_settop(L, 2);  /* what feed reads; its results go above */
+  if (transfer_feed(L) < 2)  /* checked self */
+    return 1;
+  reusable = lua_toboolean(L, -1);
+  lua_pop(L, 2);
+  n = call_results(L, (fs_call *)lua_touserdata(L, 1), lean);  /* its last n values */
+  luaL_checkstack(L, 2, "too many results");
+  lua_pushboolean(L, 1);
+  lua_insert(L, -(n + 1));
+  lua_pushboolean(L, reusable);
+  lua_insert(L, -(n + 1));
+  return n + 2;
 }
 
 /* transfer:reusable(): the connection can carry the next request. */
