@@ -310,15 +310,17 @@ static const char *make_request_id(fs_request *r) {
   b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);  /* version 4 */
   b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);  /* RFC 4122 variant */
   {
+    /* 8-4-4-4-12 hex digits: where each byte's two go */
     static const char hex[] = "0123456789abcdef";
-    size_t i, o = 0;
+    static const unsigned char at[16] = { 0, 2, 4, 6, 9, 11, 14, 16,
+                                          19, 21, 24, 26, 28, 30, 32, 34 };
+    size_t i;
     for (i = 0; i < sizeof b; i++) {
-      if (i == 4 || i == 6 || i == 8 || i == 10)
-        id[o++] = '-';
-      id[o++] = hex[b[i] >> 4];
-      id[o++] = hex[b[i] & 15];
+      id[at[i]] = hex[b[i] >> 4];
+      id[at[i] + 1] = hex[b[i] & 15];
     }
-    id[o] = '\0';
+    id[8] = id[13] = id[18] = id[23] = '-';
+    id[36] = '\0';
   }
   return id;
 }
@@ -432,13 +434,8 @@ struct fs_template {
   const char *own_request_id, *own_if_match;
   long own_timeout_ms;
   int own_headers;  /* it has headers: a table of the caller's, read each call */
-  /* the raw values it was made from, to recognise them: copies in block */
-  int present[O_COUNT];
-  const char *str[O_COUNT];
-  size_t len[O_COUNT];
-  lua_Number num[O_COUNT];
-  int boolean[O_COUNT];
-  /* what they mean, checked: strings in block */
+  /* what they mean, checked: strings in block (what a call reads first,
+  ** the raw values last) */
   const char *header[H_COUNT];
   const char *base_url, *op, *ca_file, *ca_path, *proxy;
   long connect_timeout_ms;
@@ -460,6 +457,12 @@ struct fs_template {
   ** kept in the registry (LUA_NOREF: not yet): pushed again by reference,
   ** not interned anew each call */
   int wire_refs[WIRE_REFS];
+  /* the raw values it was made from, to recognise them: copies in block */
+  int present[O_COUNT];
+  const char *str[O_COUNT];
+  size_t len[O_COUNT];
+  lua_Number num[O_COUNT];
+  int boolean[O_COUNT];
 };
 
 void fs_template_free(lua_State *L, fs_template *tmpl) {
@@ -1555,7 +1558,10 @@ int fs_request_wire_plain(fs_template *tm, fs_request *r) {
   for (i = 0; i < WIRE_REFS; i++)
     if (tm->wire_refs[i] == LUA_NOREF)
       return 0;
-  use_template(r, tm);
+  r->tmpl = tm;  /* what the call reads of use_template's (no header of it: the pieces are made) */
+  r->max_body = tm->max_body;
+  r->connect_timeout_ms = tm->connect_timeout_ms;
+  r->insecure = tm->insecure;
   r->timeout_ms = tm->own_timeout_ms;
   r->header[H_REQUEST_ID] = make_request_id(r);
   return 1;

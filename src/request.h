@@ -185,8 +185,8 @@ void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_
 ** those options set nothing a call changes but the timeout (no request_id,
 ** if_match or headers; no proxy) and tm, the template made from them, was
 ** sent over the wire before (fs_request_wire made its pieces). Then
-** fs_request_wire_plain fills r as fs_request_options would (the
-** template's values, a fresh request id) and returns 1, and
+** fs_request_wire_plain fills r with what the call reads (the template,
+** max_body, the timeouts, insecure, a fresh request id) and returns 1, and
 ** fs_request_wire_plain_push, for the run id (checked by the caller: len
 ** bytes, fs_run_id_problem), pushes what fs_request_wire pushes. Else 0, r
 ** untouched: the caller takes the general way.
