@@ -104,18 +104,7 @@ function _M.sketch()
   answer(run)
 end
 
-local request2
-function _M.floor2()
-  if not request2 then
-    request2 = request:gsub("Accept: application/json\r\n", "x-request-id: 139f181f-204f-4caf-b293-c8f9d4822079\r\nAccept: application/json\r\nUser-Agent: lua-flowservice/0.2.0 libcurl/7.88.1\r\n")
-  end
-  local r = request
-  request = request2
-  _M.floor0()
-  request = r
-end
-
-function _M.floor0()
+function _M.floor()
   local sock = ngx.socket.tcp()
   sock:settimeout(30000)
   local ok, err = sock:connect(host, port)
@@ -154,8 +143,7 @@ function _M.heap()
 end
 
 -- each handler, counted while it runs
-_M.floor = _M.floor0
-for _, name in ipairs { "flow", "wire", "sketch", "floor", "floor2" } do
+for _, name in ipairs { "flow", "wire", "sketch", "floor" } do
   local handler = _M[name]
   _M[name] = function()
     inflight = inflight + 1
