@@ -126,6 +126,13 @@ describe("the nginx transport's request", function()
   local function one_id(bytes) return (bytes:gsub(ID_LINE, "\r\nx-request-id: ID\r\n", 1)) end
   local UUID4 = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
 
+  -- a client whose own options name no request id (each call makes a fresh one)
+  local function own_client(extra)
+    local o = options(extra)
+    o.request_id = nil
+    return core.new(o), o
+  end
+
   -- n calls with no per-call options (the last ones on a spare): each one's bytes
   -- and values; their ids are fresh v4 UUIDs, no two the same.
   local function own_calls(c, n, run)
@@ -148,9 +155,7 @@ describe("the nginx transport's request", function()
   end
 
   it("with the client's own options: libcurl's request but for a fresh request id, every call", function()
-    local o = options()
-    o.request_id = nil
-    local c = core.new(o)
+    local c = own_client()
     assert.is_table(c:retrigger(RUN))
     local curl = server:requests()[1].raw_header
     assert.matches(UUID4, curl:match(ID_LINE))
@@ -168,10 +173,9 @@ describe("the nginx transport's request", function()
 
   it("with the client's own options: the same bytes under a base path, an op to escape, a user agent,"
     .. " insecure, timeouts, another run id each call", function()
-    local o = options { base_url = server.url .. "/data/foundation/flowservice/", op = "re trigger&x",
-      user_agent = "ua/2", insecure = true, timeout = 9, connect_timeout = 2, max_body = 4096 }
-    o.request_id = nil
-    local c = core.new(o)
+    local c, o = own_client { base_url = server.url .. "/data/foundation/flowservice/",
+      op = "re trigger&x", user_agent = "ua/2", insecure = true, timeout = 9, connect_timeout = 2,
+      max_body = 4096 }
     local runs = { RUN, "run-2", "a.b_c~d", RUN }
     local via_table = {}
     for i, run in ipairs(runs) do -- the options as a table: the general way, each call
@@ -206,9 +210,7 @@ describe("the nginx transport's request", function()
   end)
 
   it("with the client's own options after calls with others: each call's own options, in any order", function()
-    local o = options()
-    o.request_id = nil
-    local c = core.new(o)
+    local c = own_client()
     local plain = own_calls(c, 2)[2].bytes
     local other = options { access_token = "another-token" }
     local _, with_other = wire_retrigger(c, RUN, other) -- a new template, not the client's own
@@ -225,9 +227,7 @@ describe("the nginx transport's request", function()
   end)
 
   it("with the client's own options: a bad run id is false, before and after the first call", function()
-    local o = options()
-    o.request_id = nil
-    local c = core.new(o)
+    local c = own_client()
     for round = 1, 2 do
       for _, bad in ipairs { "a/b", "", "..", ".", "x y", 42 } do
         assert.is_false(c:wire_retrigger(bad, nil), tostring(bad) .. " in round " .. round)
