@@ -711,6 +711,89 @@ describe("the wire reply reader", function()
     end)
   end)
 
+  -- A feed that holds a whole head from the reply's first byte is read in one
+  -- pass (wire_fast) where the reply is of the common kind; run() reads each
+  -- reply whole and cut every other way (line by line, the general way): the
+  -- same outcome, whichever way took it.
+  describe("a whole head in one feed", function()
+    local BODY = '{"id":"run-1","etag":"\\"e1\\""}'
+    local function head(lines, body)
+      return concat(lines, "\r\n") .. "\r\n\r\n" .. (body or BODY)
+    end
+
+    it("reads the common reply as every cut of it does", function()
+      for _, lines in ipairs {
+        { "HTTP/1.1 200 OK", "Content-Length: " .. #BODY },
+        { "HTTP/1.1 201 Created", "Server: nginx", "Date: Tue, 01 Dec 2026 10:00:00 GMT",
+          "Content-Type: application/json", "Connection: keep-alive", "Content-Length: " .. #BODY },
+        { "HTTP/1.1 202", "CONTENT-LENGTH:\t" .. #BODY .. " ", "connection: Keep-Alive" },
+        { "HTTP/1.1 299 ", "Content-Length: 00" .. #BODY, "Content-Length: " .. #BODY },
+        { "HTTP/1.1 200 OK", "Connection: close", "Content-Length: " .. #BODY, "Retry-After: 7" },
+        { "HTTP/1.1 200 a reason, with: colons \1 and \127", "X-Empty:", "x: y",
+          "Content-Length: " .. #BODY },
+      } do
+        local out = run(head(lines))
+        assert.is_nil(out.err)
+        assert.same({ id = "run-1", etag = '"e1"' }, out.res)
+        assert.equal(tonumber(lines[1]:match("^HTTP/1%.1 (%d+)")), out.status)
+      end
+      local close = run(head { "HTTP/1.1 200 OK", "Connection: close", "Content-Length: " .. #BODY })
+      assert.is_false(close.reusable)
+      local keep = run(head { "HTTP/1.1 200 OK", "Content-Length: " .. #BODY, "Connection: keep-alive" })
+      assert.is_true(keep.reusable)
+    end)
+
+    it("reads a body of any length, none, or one still to come", function()
+      for _, body in ipairs { "", "1", "1234567", ("x"):rep(5000) } do
+        local out = run(head({ "HTTP/1.1 200 OK", "Content-Length: " .. #body }, body))
+        assert.is_true(out.ready)
+        assert.equal(200, out.err.status)
+        assert.equal(body, out.err.body)
+      end
+      local short = run(head({ "HTTP/1.1 200 OK", "Content-Length: 40" }, "abc"), { eof = true })
+      assert.equal(INCOMPLETE, short.err.message)
+      local whole = head({ "HTTP/1.1 200 OK", "Content-Length: " .. #BODY }, BODY)
+      local extra = run(whole .. "HTTP/1.1", { at = #whole })
+      assert_run(extra)
+      assert.is_false(extra.reusable)
+    end)
+
+    it("leaves every other kind to the general way, with the same outcome", function()
+      local len = "Content-Length: " .. #BODY
+      for _, case in ipairs {
+        { { "HTTP/1.1 200 OK", "Connection: keep-alive, close", len }, reusable = false },
+        { { "HTTP/1.1 200 OK", "Connection: upgrade", len }, reusable = true },
+        { { "HTTP/1.1 200 OK", "Content-Length: 3, " .. #BODY } },
+        { { "HTTP/1.1 200 OK", "Content-Length: " .. #BODY .. ", " .. #BODY } },
+        { { "HTTP/1.1 200 OK", "Content-Length: 99999999999999999999" } },
+        { { "HTTP/1.1 200 OK", "Transfer-Encoding: chunked" }, body = chunked(BODY, 5) },
+        { { "HTTP/1.1 204 No Content", len }, body = "" },
+        { { "HTTP/1.0 200 OK", len } },
+        { { "HTTP/1.1 100 Continue", "", "HTTP/1.1 200 OK", len } },
+        { { "HTTP/1.1 503 Busy", "Retry-After: 30", len } },
+        { { "HTTP/1.1 200 OK", " folded", len } },
+        { { "HTTP/1.1 200 OK", "Bad Name: x", len } },
+        { { "HTTP/1.1 200 OK", "X-Nul: a\0b", len } },
+        { { "HTTP/1.1 200 OK", "X-Cr: a\rb", len } },
+        { { "HTTP/1.1 200 O\0K", len } },
+        { { "HTTP/1.1 200 OK", "X: 1" }, eof = true },
+      } do
+        local out = run(head(case[1], case.body), { eof = case.eof })
+        assert.is_true(out.ready)
+        if case.reusable ~= nil then assert.equal(case.reusable, out.reusable) end
+      end
+      -- bare LF line ends: the general way too
+      assert_run(run("HTTP/1.1 200 OK\nContent-Length: " .. #BODY .. "\n\n" .. BODY))
+      -- a head just within the cap and one just past it
+      local pad = "X-Pad: "
+      local base = #head({ "HTTP/1.1 200 OK", len, pad }, "") -- the head bytes, the pad empty
+      local fits = run(head({ "HTTP/1.1 200 OK", len, pad .. ("p"):rep(HEAD_MAX - base) }))
+      assert_run(fits)
+      refused(head({ "HTTP/1.1 200 OK", len, pad .. ("p"):rep(HEAD_MAX - base + 1) }),
+        "the reply's head is too large")
+    end)
+  end)
+
   describe("the transfer methods", function()
     it("feed says false until the reply is complete; result() before that raises", function()
       local t = core.wire_reader_for_tests(MAX_BODY)

@@ -510,6 +510,105 @@ static size_t wire_step(fs_wire *w, fs_transfer *t, const char *data, size_t n) 
   }
 }
 
+/* ---------------------------------------------------------------------
+** The common reply in one pass
+*/
+
+/*
+** A feed that starts a reply and holds its whole head, read in one pass:
+** CRLF line ends, HTTP/1.1 with a 2xx status other than 204, a
+** Content-Length of digits, no Transfer-Encoding, Connection naming one
+** token, no folded line. The same fields, status, length and connection
+** state as the general way (the lines above) would make of it; the bytes of
+** the head taken. For anything else, or a head past FS_WIRE_HEAD_MAX, 0:
+** nothing of w set, and of t only what the general way sets again from
+** the status line on (the status, Date, Retry-After), which then reads it.
+*/
+static size_t wire_fast(fs_wire *w, fs_transfer *t, const char *data, size_t n) {
+  const char *end = data + n, *s = data, *lf;
+  unsigned long long length = 0;
+  int has_length = 0, keep_alive = 0, close = 0;
+  long status;
+  size_t len;
+  lf = (const char *)memchr(s, '\n', n);
+  if (lf == NULL || lf - s < 13 || (size_t)(lf + 1 - s) > FS_WIRE_HEAD_MAX || lf[-1] != '\r'
+      || memcmp(s, "HTTP/1.1 2", 10) != 0
+      || !is_digit(s[10]) || !is_digit(s[11]) || (lf - s > 13 && s[12] != ' '))
+    return 0;
+  len = (size_t)(lf - 1 - s);
+  status = 200 + (s[10] - '0') * 10 + (s[11] - '0');
+  if (status == 204 || memchr(s, '\0', len) != NULL || memchr(s, '\r', len) != NULL)
+    return 0;
+  t->status = status;
+  fs_transfer_new_response(t);
+  for (;;) {
+    const char *v;
+    size_t name, k;
+    s = lf + 1;
+    lf = (const char *)memchr(s, '\n', (size_t)(end - s));
+    if (lf == NULL || lf == s || lf[-1] != '\r' || (size_t)(lf + 1 - data) > FS_WIRE_HEAD_MAX)
+      return 0;
+    len = (size_t)(lf - 1 - s);
+    if (len == 0)
+      break;  /* the head's end */
+    for (name = 0; tchar[(unsigned char)s[name]]; name++)
+      ;  /* stops at the CR at the latest: not a tchar */
+    if (name == 0 || name == len || s[name] != ':' || memchr(s, '\0', len) != NULL
+        || memchr(s + name, '\r', len - name) != NULL)
+      return 0;
+    v = s + name + 1;
+    k = len - name - 1;
+    while (k > 0 && is_ows(*v))
+      v++, k--;
+    while (k > 0 && is_ows(v[k - 1]))
+      k--;
+    switch (name) {
+      case 4:
+      case 11:
+        fs_transfer_add_field(t, s, name, v, k);
+        break;
+      case 10:
+        if (!NAME_IS(s, name, "connection"))
+          break;
+        if (k == 5 && equals_ci(v, k, "close"))
+          close = 1;
+        else if (k == 10 && equals_ci(v, k, "keep-alive"))
+          keep_alive = 1;
+        else
+          return 0;
+        break;
+      case 14:
+        if (NAME_IS(s, name, "content-length")) {
+          unsigned long long x = 0;
+          size_t i;
+          for (i = 0; i < k && is_digit(v[i]) && x <= (ULLONG_MAX - 9) / 10; i++)
+            x = x * 10 + (unsigned)(v[i] - '0');
+          if (i == 0 || i < k || (has_length && x != length))
+            return 0;
+          has_length = 1;
+          length = x;
+        }
+        break;
+      case 17:
+        if (NAME_IS(s, name, "transfer-encoding"))
+          return 0;
+        break;
+      default:
+        break;
+    }
+  }
+  if (!has_length)
+    return 0;
+  w->status = status;
+  w->head_bytes = (size_t)(lf + 1 - data);
+  w->has_length = 1;
+  w->length = w->remaining = length;
+  w->keep_alive = keep_alive;
+  w->close = close;
+  w->phase = length == 0 ? WIRE_DONE : WIRE_LENGTH;
+  return w->head_bytes;
+}
+
 /* The server closed the connection. */
 FS_COLD static fs_wire_state wire_eof(fs_wire *w) {
   if (w->phase == WIRE_BAD)
@@ -528,6 +627,11 @@ fs_wire_state fs_wire_feed(fs_wire *w, fs_transfer *t, const char *data, size_t 
     return wire_eof(w);
   if (n > 0 && w->phase != WIRE_BAD)
     w->started = 1;
+  if (w->phase == WIRE_STATUS && w->head_bytes == 0 && w->line_len == 0 && n > 0) {
+    size_t used = wire_fast(w, t, data, n);  /* 0: the general way reads it */
+    data += used;
+    n -= used;
+  }
   while (n > 0 && w->phase != WIRE_DONE && w->phase != WIRE_BAD) {
     size_t used = wire_step(w, t, data, n);
     data += used;
