@@ -5,6 +5,8 @@
 ** LF comes; a line whole in one feed is read where it lies. Every check
 ** of a line's content waits for the whole line, and the caps count bytes
 ** as they come, so any split of the same bytes ends in the same state.
+** The common reply, its whole head in the feed that starts it, is read in
+** one pass (wire_fast) to the same state; anything else goes line by line.
 **
 ** Header fields go to fs_transfer_add_field (a status line to
 ** fs_transfer_new_response) and body bytes to fs_transfer_add_body, as
