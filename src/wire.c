@@ -133,6 +133,17 @@ static int name_equals(const char *s, const char *lower, size_t n) {
 
 #define NAME_IS(s, n, lower) ((n) == sizeof lower - 1 && name_equals(s, lower, n))
 
+/* A field value (n bytes at v) without the spaces and tabs around it:
+** where it starts, its length in *len. */
+static const char *trim_ows(const char *v, size_t n, size_t *len) {
+  while (n > 0 && is_ows(*v))
+    v++, n--;
+  while (n > 0 && is_ows(v[n - 1]))
+    n--;
+  *len = n;
+  return v;
+}
+
 /* The next element of a comma list (RFC 9110 5.6.1: empty elements and
 ** the OWS around them are skipped); 0 at its end. */
 static int list_next(const char *v, size_t n, size_t *pos, const char **item, size_t *len) {
@@ -375,12 +386,7 @@ static void read_field(fs_wire *w, fs_transfer *t, const char *s, size_t len, in
   }
   if (in_trailers)
     return;
-  v = s + name + 1;
-  n = len - name - 1;
-  while (n > 0 && is_ows(*v))
-    v++, n--;
-  while (n > 0 && is_ows(v[n - 1]))
-    n--;
+  v = trim_ows(s + name + 1, len - name - 1, &n);
   switch (name) {  /* lengths first: most names of a reply are none of these */
     case 4:   /* Date */
     case 11:  /* Retry-After */
@@ -558,12 +564,7 @@ static size_t wire_fast(fs_wire *w, fs_transfer *t, const char *data, size_t n) 
     if (name == 0 || name == len || s[name] != ':' || memchr(s, '\0', len) != NULL
         || memchr(s + name, '\r', len - name) != NULL)
       return 0;
-    v = s + name + 1;
-    k = len - name - 1;
-    while (k > 0 && is_ows(*v))
-      v++, k--;
-    while (k > 0 && is_ows(v[k - 1]))
-      k--;
+    v = trim_ows(s + name + 1, len - name - 1, &k);
     switch (name) {
       case 4:
       case 11:
