@@ -264,8 +264,6 @@ static int push_response(lua_State *L, const fs_call *c) {
   return 1;
 }
 
-/* Push what a finished call gives Lua, then free its buffers; lean: a
-** run action's success gives no request id (nil in its place). */
 /* A reply buffer is kept for a wire transfer's next call up to this size
 ** (a spare's: the nginx transport reuses them; its bytes are never read
 ** again, the next reply's length starts at 0). */
@@ -286,6 +284,8 @@ static void transfer_release(fs_call *c) {
   c->t.body_cap = cap;
 }
 
+/* Push what a finished call gives Lua, then free its buffers; lean: a
+** run action's success gives no request id (nil in its place). */
 static int call_results(lua_State *L, fs_call *c, int lean) {
   int n;
   if (c->taken)
@@ -406,10 +406,11 @@ static fs_call *wire_call_reuse(lua_State *L, fs_call *spare, int idx, size_t ma
   size_t body_cap = 0;
   if (spare == NULL)
     return wire_call_new(L, max_body, request_id);
-  transfer_release(spare);  /* keeping a small reply buffer */
-  body = spare->t.body;
-  body_cap = spare->t.body_cap;
-  spare->t.body = NULL;
+  if (spare->t.body_cap <= WIRE_KEEP_BODY) {  /* its result taken: nothing else is left */
+    body = spare->t.body;
+    body_cap = spare->t.body_cap;
+    spare->t.body = NULL;
+  }
   call_release(spare);
   memset(spare, 0, sizeof *spare);
   spare->t.body = body;  /* freed with the transfer, as a new one would be */
