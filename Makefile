@@ -34,7 +34,7 @@ TEST_LOG     := $(BUILD)/test-results.tap
 
 .PHONY: lint test-lint env rock all deps build trees compat asan noprereq testlib demo test test-lua test-lua5.3 \
         test-lua5.1 test-luajit test-asan test-noprereq test-valgrind bench bench-sandbox bench-postgresql \
-        bench-nginx bench-tick bench-callgrind clean fuzzers fuzz test-fuzz
+        bench-nginx bench-nginx-callgrind bench-tick bench-callgrind clean fuzzers fuzz test-fuzz
 
 all: build
 
@@ -335,6 +335,14 @@ bench-nginx: deps
 	@sh .ci/deps wrk
 	@$(MAKE) --no-print-directory trees
 	$(NO_PROXY_ENV) $(LUA) bench/nginx.lua
+
+# The same worker's handlers under callgrind: instructions and simulated
+# cache misses per request, in all and by object (bench/nginx_callgrind.lua:
+# BENCH_NGINX_CG_ONLY, BENCH_NGINX_CG_ROUNDS, BENCH_NGINX_CG_SECONDS, ...).
+bench-nginx-callgrind: deps
+	@sh .ci/deps wrk
+	@$(MAKE) --no-print-directory trees
+	$(NO_PROXY_ENV) $(LUA) bench/nginx_callgrind.lua
 
 # The pump's idle tick: one client:step() with 100 and 1000 re-triggers in
 # flight and nothing ready (bench/tick.lua).
