@@ -552,12 +552,13 @@ static void wire_settle(fs_call *c, fs_wire_state state) {
   t->errbuf[sizeof t->errbuf - 1] = '\0';
 }
 
-/* transfer:feed(data): the next bytes of the reply, nil when the server
-** closed the connection; true once the result is ready, and then whether
-** the connection can carry the next request (transfer:reusable()). Bytes
-** after that only make the connection not reusable. */
-static int transfer_feed(lua_State *L) {
-  fs_call *c = wire_check(L, 1);
+/* What one feed did: the reply is still coming, it ended with this
+** feed, or it had ended before (the bytes only noted). */
+enum { FEED_MORE, FEED_ENDED, FEED_AFTER };
+
+/* The bytes of the feed at stack index 2 (none: the server closed the
+** connection) to c's reader. */
+static int feed_once(lua_State *L, fs_call *c) {
   size_t n = 0;
   const char *data = lua_isnoneornil(L, 2) ? NULL : luaL_checklstring(L, 2, &n);
   fs_wire_state state;
@@ -566,16 +567,25 @@ static int transfer_feed(lua_State *L) {
     ** cancelled transfer's reader (still reading) is left alone */
     if (fs_wire_feed(c->wire, &c->t, "", 0) != FS_WIRE_MORE)
       (void)fs_wire_feed(c->wire, &c->t, data, n);
-    lua_pushboolean(L, 1);
-    return 1;
+    return FEED_AFTER;
   }
   state = fs_wire_feed(c->wire, &c->t, data, n);
-  if (state == FS_WIRE_MORE) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
+  if (state == FS_WIRE_MORE)
+    return FEED_MORE;
   wire_settle(c, state);
-  lua_pushboolean(L, 1);
+  return FEED_ENDED;
+}
+
+/* transfer:feed(data): the next bytes of the reply, nil when the server
+** closed the connection; true once the result is ready, and then whether
+** the connection can carry the next request (transfer:reusable()). Bytes
+** after that only make the connection not reusable. */
+static int transfer_feed(lua_State *L) {
+  fs_call *c = wire_check(L, 1);
+  int fed = feed_once(L, c);
+  lua_pushboolean(L, fed != FEED_MORE);
+  if (fed != FEED_ENDED)
+    return 1;
   lua_pushboolean(L, fs_wire_reusable(c->wire));
   return 2;
 }
@@ -585,17 +595,16 @@ static int transfer_feed(lua_State *L) {
 ** transfer:result(lean) gives (one call where a reply comes in one read,
 ** as most do). false: more to come; true alone: it had ended before. */
 static int transfer_feed_result(lua_State *L) {
-  int lean = lua_toboolean(L, 3), reusable, n;
-  lua_settop(L, 2);  /* what feed reads; its results go above */
-  if (transfer_feed(L) < 2)  /* checked self */
+  fs_call *c = wire_check(L, 1);
+  int lean = lua_toboolean(L, 3), fed = feed_once(L, c), n;
+  if (fed != FEED_ENDED) {
+    lua_pushboolean(L, fed == FEED_AFTER);
     return 1;
-  reusable = lua_toboolean(L, -1);
-  lua_pop(L, 2);
-  n = call_results(L, (fs_call *)lua_touserdata(L, 1), lean);  /* its last n values */
-  luaL_checkstack(L, 2, "too many results");
+  }
+  n = call_results(L, c, lean);  /* its last n values: what it leaves below them stays */
   lua_pushboolean(L, 1);
   lua_insert(L, -(n + 1));
-  lua_pushboolean(L, reusable);
+  lua_pushboolean(L, fs_wire_reusable(c->wire));
   lua_insert(L, -(n + 1));
   return n + 2;
 }

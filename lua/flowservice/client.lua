@@ -96,7 +96,6 @@ function _M.new(opts, argn, fname, level)
     end
   end
   local p = {
-    wire = own.transport == "nginx",
     retry = check_retry(own.retry or {}, argn, fname, level),
     deadline = check_deadline(own.deadline, argn, fname, level),
     log = own.log,
@@ -109,6 +108,7 @@ function _M.new(opts, argn, fname, level)
   local ok, handle = pcall(core.new, core_opts, p.auth ~= nil)
   if not ok then args.rethrow(handle, argn, fname, level) end
   p.handle, p.opts = handle, core_opts
+  if own.transport == "nginx" then p.wire = wire.new(handle) end -- its sender
   local self = setmetatable({
     base_url = core_opts.base_url or core.defaults.base_url,
     org_id = core_opts.org_id,
@@ -322,7 +322,7 @@ local function send_retrigger(p, run_id, opts, waiter)
   if opts == p.opts then opts = nil end
   local ngx = p.wire and wire.usable()
   if ngx then
-    run, status, request_id, date = wire.retrigger(ngx, p.handle, run_id, opts)
+    run, status, request_id, date = wire.retrigger(ngx, p.wire, run_id, opts)
   elseif waiter then
     local t = p.handle:submit_retrigger(run_id, opts)
     drive(p, t, waiter)
@@ -411,7 +411,7 @@ function Client:retrigger(run_id, overrides)
     if ngx or p.blocking then
       local run, status, date, _
       if ngx then
-        run, status, _, date = wire.retrigger(ngx, p.handle, run_id, nil, true)
+        run, status, _, date = wire.retrigger(ngx, p.wire, run_id, nil, true)
       else
         run, status, _, date = p.handle:retrigger(run_id, nil, true)
       end

@@ -13,7 +13,7 @@
 -- treat it as possibly acted on, as they do libcurl's.
 local ngxwait = require "flowservice.ngx"
 
-local pcall, setmetatable, tostring = pcall, setmetatable, tostring
+local pcall, tostring = pcall, tostring
 local format = string.format
 
 local _M = {}
@@ -30,30 +30,44 @@ function _M.usable()
   return ngx and ngx.socket and ngx or nil
 end
 
--- Spent transfers (their result taken) per client handle, made into the
--- next calls' transfers: a call then leaves no userdata for the collector
--- to finalise. At most SPARES a handle: what a burst left beyond is dropped.
+-- A client's sender: its core handle, and the spent transfers (their
+-- result taken) made into the next calls' transfers, so that a call leaves
+-- no userdata for the collector to finalise. At most SPARES: what a burst
+-- left beyond is dropped. The core's two methods a call makes are kept
+-- with it (the same functions for every handle: looked up once).
 local SPARES = 64
-local spares = setmetatable({}, { __mode = "k" })
 
-local function spare_of(handle)
-  local list = spares[handle]
-  if not list then
-    list = {}
-    spares[handle] = list
-  end
-  local n = #list
-  if n == 0 then return list, nil end
-  local t = list[n]
-  list[n] = nil
-  return list, t
+function _M.new(handle)
+  return { handle = handle, wire_retrigger = handle.wire_retrigger, spares = {}, n = 0,
+    pool = nil, pool_options = nil }
 end
 
+-- A spare transfer of w's, or nil.
+local function spare_of(w)
+  local n = w.n
+  if n == 0 then return nil end
+  local list = w.spares
+  local t = list[n]
+  list[n] = nil
+  w.n = n - 1
+  return t
+end
+
+local function keep(w, t)
+  local n = w.n
+  if n < SPARES then
+    n = n + 1
+    w.spares[n] = t
+    w.n = n
+  end
+end
+
+local feed_result -- transfer:feed_result, once a transfer was seen
+
 -- t's result (lean: no request id on success), then t kept for a later call.
-local function result(t, list, lean)
+local function result(t, w, lean)
   local run, status, request_id, date = t:result(lean)
-  local n = #list
-  if n < SPARES then list[n + 1] = t end
+  keep(w, t)
   return run, status, request_id, date
 end
 
@@ -62,26 +76,21 @@ local function step_of(err, step)
 end
 
 -- The failure of one step, for core's transfer (where: host:port).
-local function fail(t, list, sock, step, err, sent, host, port)
+local function fail(t, w, sock, step, err, sent, host, port)
   if sock then sock:close() end
   local what = step == "connect" and "connect to %s:%d failed: %s"
     or step == "tls" and "TLS with %s:%d failed: %s"
     or step == "send" and "sending to %s:%d failed: %s"
     or "reading the reply from %s:%d failed: %s"
   t:fail(step_of(err, step), format(what, host, port, err), sent)
-  return result(t, list)
+  return result(t, w)
 end
 
--- connect()'s options for a pool, one table per pool name (they are few:
--- one per scheme, host, port and trust), kept while the name is in use.
-local pools = setmetatable({}, { __mode = "v" })
-local function pool_options(pool)
-  local o = pools[pool]
-  if not o then
-    o = { pool = pool }
-    pools[pool] = o
-  end
-  return o
+-- connect()'s options for w's pool: one table, made again only when the
+-- pool's name changes (a call's options of its own can name another).
+local function pool_options(w, pool)
+  if w.pool ~= pool then w.pool, w.pool_options = pool, { pool = pool } end
+  return w.pool_options
 end
 
 -- sock:sslhandshake, which lua-resty-core 0.1.25 (Debian 12) can make raise
@@ -108,15 +117,16 @@ local function left(now, ends)
   return ms > 1 and ms or 1
 end
 
--- One attempt of client:retrigger over a cosocket: what core's transfer
--- result gives (run, status, request_id, date or nil, err; lean: no
--- request_id on success), or false for a bad run id (nothing sent).
-function _M.retrigger(ngx, handle, run_id, opts, lean)
-  local list, spare = spare_of(handle)
+-- One attempt of client:retrigger over a cosocket, w the client's sender
+-- (_M.new): what core's transfer result gives (run, status, request_id,
+-- date or nil, err; lean: no request_id on success), or false for a bad
+-- run id (nothing sent).
+function _M.retrigger(ngx, w, run_id, opts, lean)
+  local spare = spare_of(w)
   local t, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms =
-    handle:wire_retrigger(run_id, opts, spare)
+    w.wire_retrigger(w.handle, run_id, opts, spare)
   if not t then
-    list[#list + 1] = spare
+    if spare then keep(w, spare) end
     return false
   end
   local now = ngx.now -- the event loop's time: the loop moves it on
@@ -124,8 +134,8 @@ function _M.retrigger(ngx, handle, run_id, opts, lean)
   local ends = started + timeout_ms / 1000
   local sock = ngx.socket.tcp()
   sock:settimeouts(connect_ms < timeout_ms and connect_ms or timeout_ms, timeout_ms, timeout_ms)
-  local ok, err = sock:connect(host, port, pool_options(pool))
-  if not ok then return fail(t, list, nil, "connect", err, false, host, port) end
+  local ok, err = sock:connect(host, port, pool_options(w, pool))
+  if not ok then return fail(t, w, nil, "connect", err, false, host, port) end
   -- a new connection: connecting took time, and TLS is still to come (one
   -- from the pool took none: without TLS, a clock that has not moved says
   -- so at no cost)
@@ -134,7 +144,7 @@ function _M.retrigger(ngx, handle, run_id, opts, lean)
     sock:settimeouts(ms, ms, ms)
     if tls then
       ok, err = handshake(sock, host, verify)
-      if not ok then return fail(t, list, sock, "tls", err, false, host, port) end
+      if not ok then return fail(t, w, sock, "tls", err, false, host, port) end
       ms = left(now, ends)
       sock:settimeouts(ms, ms, ms)
     end
@@ -143,25 +153,26 @@ function _M.retrigger(ngx, handle, run_id, opts, lean)
   head, lines, tail = nil, nil, nil -- luacheck: ignore 311 (not kept while the reply is awaited)
   ok, err = sock:send(pieces) -- copies them before it can yield
   pieces[1], pieces[2], pieces[3] = nil, nil, nil
-  if not ok then return fail(t, list, sock, "send", err, true, host, port) end
+  if not ok then return fail(t, w, sock, "send", err, true, host, port) end
+  local feed = feed_result or t.feed_result
+  feed_result = feed
   while true do
     local data, rerr = sock:receiveany(READ_SIZE)
     if data then
       -- the reply's end comes with its result: one call for a reply in one read
-      local done, reusable, run, status, request_id, date = t:feed_result(data, lean)
+      local done, reusable, run, status, request_id, date = feed(t, data, lean)
       if done then
         if reusable then sock:setkeepalive(IDLE_MS) else sock:close() end
-        if reusable == nil then return result(t, list, lean) end -- it had ended before
-        local n = #list
-        if n < SPARES then list[n + 1] = t end
+        if reusable == nil then return result(t, w, lean) end -- it had ended before
+        keep(w, t)
         return run, status, request_id, date
       end
     elseif rerr == "closed" then
       t:feed(nil)
       sock:close()
-      return result(t, list, lean)
+      return result(t, w, lean)
     else
-      return fail(t, list, sock, "receive", rerr, true, host, port)
+      return fail(t, w, sock, "receive", rerr, true, host, port)
     end
     sock:settimeout(left(now, ends))
   end
