@@ -32,11 +32,13 @@ package.path = "./?.lua;" .. package.path
 
 local nginx = require "spec.support.nginx"
 local util = nginx.util
+local support = require "bench.support"
+local run, median = support.run, support.median
 
 local assert, ipairs, tonumber, tostring = assert, ipairs, tonumber, tostring
 local io_stderr, os_getenv = io.stderr, os.getenv
 local str_format = string.format
-local table_concat, table_sort = table.concat, table.sort
+local table_concat = table.concat
 
 local CONNS = {}
 for n in (os_getenv("BENCH_NGINX_CONNS") or "100,1000"):gmatch("%d+") do CONNS[#CONNS + 1] = tonumber(n) end
@@ -54,13 +56,6 @@ local LABEL = { floor = "floor: `ngx.socket.tcp` keep-alive POST by hand",
   wire = "lua-flowservice client, `transport = \"nginx\"`" }
 
 local function log(...) io_stderr:write(str_format(...), "\n") end
-
-local function run(cmd)
-  local out = util.capture(cmd .. " 2>&1; echo \" $?\"")
-  local body, rc = out:match("^(.-)%s*(%d+)%s*$")
-  if rc ~= "0" then error(str_format("command failed: %s\n%s", cmd, out), 0) end
-  return body
-end
 
 -- utime + stime of a process, in seconds
 local CLK_TCK = tonumber(run("getconf CLK_TCK")) or 100
@@ -130,14 +125,6 @@ local function heap_per_request(base, name, conns)
   local busy, inflight = read_heap(run(str_format("wrk -t1 -c%d -d3s --timeout 10s %s > /dev/null 2>&1 &"
     .. " sleep 1.5; %s; wait", conns, util.quote(base .. "/" .. name), heap)))
   return inflight > 0 and (busy - idle) * 1024 / inflight or 0 / 0, inflight
-end
-
-local function median(list)
-  local s = {}
-  for i, v in ipairs(list) do s[i] = v end
-  table_sort(s)
-  local n = #s
-  return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
 end
 
 local function main()

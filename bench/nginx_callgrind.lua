@@ -23,6 +23,8 @@ package.path = "./?.lua;" .. package.path
 
 local nginx = require "spec.support.nginx"
 local util = nginx.util
+local support = require "bench.support"
+local run, median = support.run, support.median
 
 local assert, error, ipairs, pairs, pcall, tonumber, tostring = assert, error, ipairs, pairs, pcall,
   tonumber, tostring
@@ -41,13 +43,6 @@ local SNAPSHOT = "build/bench/tree-5.1"
 local SHOWN = { "Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr" }
 
 local function log(...) io_stderr:write(str_format(...), "\n") end
-
-local function run(cmd)
-  local out = util.capture(cmd .. " 2>&1; echo \" $?\"")
-  local body, rc = out:match("^(.-)%s*(%d+)%s*$")
-  if rc ~= "0" then error(str_format("command failed: %s\n%s", cmd, out), 0) end
-  return body
-end
 
 local function completed(url, seconds)
   local out = run(str_format("wrk -t1 -c10 -d%ds --timeout 30s %s", seconds, util.quote(url)))
@@ -114,14 +109,6 @@ local function short(object)
   local base = object:match("([^/]+)$") or object
   base = base:gsub("%.so[%.%d]*$", ""):gsub("^lib", "")
   return base
-end
-
-local function median(list)
-  local s = {}
-  for i, v in ipairs(list) do s[i] = v end
-  table_sort(s)
-  local n = #s
-  return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
 end
 
 local function main(dumps)
