@@ -32,14 +32,19 @@ end
 
 -- A client's sender: its core handle, and the spent transfers (their
 -- result taken) made into the next calls' transfers, so that a call leaves
--- no userdata for the collector to finalise. At most SPARES: what a burst
--- left beyond is dropped. The core's two methods a call makes are kept
--- with it (the same functions for every handle: looked up once).
-local SPARES = 64
+-- no userdata for the collector to finalise. At most max_spares (SPARES):
+-- what a burst left beyond is dropped. As many as a worker has calls in
+-- flight at its busiest are worth keeping: with 1000 in flight, replies
+-- come in bursts of hundreds before the next requests arrive, and a cap of
+-- 64 made (and dropped) a transfer for one call in eight. A spare is ~0.9
+-- KiB and its reply buffer (up to 4 KiB, a run's reply ~0.1). The core's
+-- method a call makes is kept with it (the same function for every
+-- handle: looked up once).
+local SPARES = 1024
 
-function _M.new(handle)
+function _M.new(handle, max_spares)
   return { handle = handle, wire_retrigger = handle.wire_retrigger, spares = {}, n = 0,
-    pool = nil, pool_options = nil }
+    max = max_spares or SPARES, pool = nil, pool_options = nil }
 end
 
 -- A spare transfer of w's, or nil.
@@ -55,7 +60,7 @@ end
 
 local function keep(w, t)
   local n = w.n
-  if n < SPARES then
+  if n < w.max then
     n = n + 1
     w.spares[n] = t
     w.n = n

@@ -118,16 +118,17 @@ function _M.concurrent()
   ngx.say(cjson.encode(out))
 end
 
--- /spares?run=ID: a sender of flowservice.wire (its own core handle) and
--- its spent transfers: after each of three calls in turn, after a bad run
--- id, and after 80 calls at once, how many it keeps and (but for the 80)
--- whether the first call's transfer is still the one kept
+-- /spares?run=ID: a sender of flowservice.wire (its own core handle, at
+-- most 64 spares) and its spent transfers: after each of three calls in
+-- turn, after a bad run id, and after 40 and then 80 calls at once, how
+-- many it keeps and (but for the bursts) whether the first call's transfer
+-- is still the one kept
 function _M.spares()
   local core = require "flowservice.core"
   local wire = require "flowservice.wire"
   local handle = core.new { access_token = "fake-token", api_key = "fake-api-key",
     org_id = "FAKEORG@AdobeOrg", base_url = settings.url, timeout = 10 }
-  local w = wire.new(handle)
+  local w = wire.new(handle, 64)
   local out, first = {}, nil
   local function note(what, run, any_order)
     first = first or w.spares[1]
@@ -136,16 +137,20 @@ function _M.spares()
   end
   for i = 1, 3 do note("call " .. i, (wire.retrigger(ngx, w, ngx.var.arg_run, nil, true))) end
   note("bad run id", wire.retrigger(ngx, w, "a/b", nil, true) == false and {} or nil)
-  local threads = {}
-  for i = 1, 80 do
-    threads[i] = ngx.thread.spawn(function() return (wire.retrigger(ngx, w, ngx.var.arg_run, nil, true)) end)
+  local function burst(n)
+    local threads = {}
+    for i = 1, n do
+      threads[i] = ngx.thread.spawn(function() return (wire.retrigger(ngx, w, ngx.var.arg_run, nil, true)) end)
+    end
+    local ok_all = true
+    for _, th in ipairs(threads) do
+      local ok, run = ngx.thread.wait(th)
+      ok_all = ok_all and ok and type(run) == "table"
+    end
+    note(n .. " at once", ok_all and {} or nil, true) -- kept in the order they ended
   end
-  local ok_all = true
-  for _, th in ipairs(threads) do
-    local ok, run = ngx.thread.wait(th)
-    ok_all = ok_all and ok and type(run) == "table"
-  end
-  note("80 at once", ok_all and {} or nil, true) -- kept in the order they ended
+  burst(40)
+  burst(80)
   handle:close()
   ngx.say(cjson.encode(out))
 end
