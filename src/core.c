@@ -602,6 +602,8 @@ static int transfer_feed_result(lua_State *L) {
     return 1;
   }
   n = call_results(L, c, lean);  /* its last n values: what it leaves below them stays */
+  /* the two booleans: with the arguments and what call_results pushed, well
+  ** within the LUA_MINSTACK slots Lua gives a C function */
   lua_pushboolean(L, 1);
   lua_insert(L, -(n + 1));
   lua_pushboolean(L, fs_wire_reusable(c->wire));
