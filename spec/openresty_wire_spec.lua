@@ -159,17 +159,34 @@ describe("#openresty the nginx transport", function()
     assert.is_true(n > 30, "only " .. n .. " connections: the calls did not run at once")
   end)
 
-  it("makes a spent transfer the next call's: one kept for calls in turn, a burst's, up to its cap", function()
+  it("makes no transfer for a plain call, one for a call with options of its own, kept up to the cap", function()
     local out = call("/spares", "run=" .. h.runs.failed)
     assert.same({
-      { what = "call 1", ok = true, kept = 1, same = true },
-      { what = "call 2", ok = true, kept = 1, same = true },
-      { what = "call 3", ok = true, kept = 1, same = true },
-      { what = "bad run id", ok = true, kept = 1, same = true }, -- the spare it was given, given back
-      { what = "40 at once", ok = true, kept = 40 },
-      { what = "80 at once", ok = true, kept = 64 }, -- the sender's cap
+      { what = "call 1", ok = true, kept = 1 }, -- it built the plain way's request
+      { what = "call 2", ok = true, kept = 0 },
+      { what = "call 3", ok = true, kept = 0 },
+      { what = "bad run id", ok = true, kept = 0 },
+      { what = "40 at once", ok = true, kept = 0 },
+      { what = "40 at once, options of their own", ok = true, kept = 40 },
+      { what = "80 at once, options of their own", ok = true, kept = 64 }, -- the sender's cap
+      { what = "10 at once, the client closed meanwhile", ok = true, kept = 1 }, -- each next one's a spare
     }, out)
-    assert.equal(123, #posts()) -- nothing sent for the bad run id
+    assert.equal(173, #posts()) -- nothing sent for the bad run id
+  end)
+
+  it("reads a plain call's reply in pieces with a transfer made then, a spare the next time", function()
+    flow_service:scenario { slow_body = 0.2, times = 0 }
+    local out = call("/pieces", "run=" .. h.runs.failed)
+    local id = out[2].id
+    out[2].id = nil
+    assert.same({
+      { what = "call 1", ok = true, kept = 1 },
+      { what = "call 2", ok = true, kept = 1, same = true },
+      { what = "call 3", ok = true, kept = 1, same = true }, -- call 2's transfer again
+    }, out)
+    assert.is_string(id)
+    assert.equal(3, #posts())
+    assert.is_table(flow_service:run(id), "call 2's run is one the fake made")
   end)
 
   it("never sends twice: the server acts, then drops the connection before any reply", function()

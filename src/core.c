@@ -87,6 +87,10 @@ typedef struct fs_client {
   ** busy by a call that raised (its transfer stays the engine's until close) */
   fs_call *scratch;
   int scratch_busy;
+  /* the nginx transport's plain calls' reply reader (client:wire_reply),
+  ** the same way: busy while a reply is read, left busy by one that raised */
+  fs_call *wire_scratch;
+  int wire_scratch_busy;
   int closed;
 } fs_client;
 
@@ -400,21 +404,27 @@ static fs_call *wire_spare(lua_State *L, int idx) {
 /* wire_call_new, in the spare at idx (made anew in place: nothing of its
 ** last call kept but a small reply buffer's memory) when there is one;
 ** pushed. */
-static fs_call *wire_call_reuse(lua_State *L, fs_call *spare, int idx, size_t max_body,
-                                const char *request_id) {
+/* c, a wire transfer whose result was taken (or a zeroed one), zeroed
+** again but for a small reply buffer's memory, which it keeps. */
+static void wire_call_renew(fs_call *c) {
   char *body = NULL;
   size_t body_cap = 0;
+  if (c->t.body_cap <= WIRE_KEEP_BODY) {  /* its result taken: nothing else is left */
+    body = c->t.body;
+    body_cap = c->t.body_cap;
+    c->t.body = NULL;
+  }
+  call_release(c);
+  memset(c, 0, sizeof *c);
+  c->t.body = body;  /* freed with the transfer, as a new one would be */
+  c->t.body_cap = body_cap;
+}
+
+static fs_call *wire_call_reuse(lua_State *L, fs_call *spare, int idx, size_t max_body,
+                                const char *request_id) {
   if (spare == NULL)
     return wire_call_new(L, max_body, request_id);
-  if (spare->t.body_cap <= WIRE_KEEP_BODY) {  /* its result taken: nothing else is left */
-    body = spare->t.body;
-    body_cap = spare->t.body_cap;
-    spare->t.body = NULL;
-  }
-  call_release(spare);
-  memset(spare, 0, sizeof *spare);
-  spare->t.body = body;  /* freed with the transfer, as a new one would be */
-  spare->t.body_cap = body_cap;
+  wire_call_renew(spare);
   call_init(L, spare, FS_RUN_ACTION, request_id);
   wire_call_fill(spare, max_body);
   lua_pushvalue(L, idx);
@@ -640,6 +650,11 @@ static void client_free(lua_State *L, fs_client *c) {
     free(c->scratch);
     c->scratch = NULL;
   }
+  if (c->wire_scratch != NULL) {
+    call_release(c->wire_scratch);
+    free(c->wire_scratch);
+    c->wire_scratch = NULL;
+  }
   fs_url_cache_free(&c->urls);
   fs_bytes_free(&c->wire_bytes);
   fs_template_free(L, c->tmpl);  /* transfers hold their own share of its lines */
@@ -789,17 +804,21 @@ static int wire_results(lua_State *L, const fs_request *r) {
 ** spare: a transfer of an earlier call whose result was taken, made into
 ** this call's transfer (and returned) instead of a new one.
 */
+static void wire_request_init(lua_State *L, fs_client *client, fs_request *r) {
+  memset(r, 0, sizeof *r);
+  r->cache = &client->urls;
+  r->default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
+  r->engine = &client->engine;
+  r->tmpl_slot = &client->tmpl;
+  r->wire_bytes = &client->wire_bytes;
+}
+
 static int client_wire_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
   fs_call *spare = wire_spare(L, 4);
   fs_request r;
   fs_call *c;
-  memset(&r, 0, sizeof r);
-  r.cache = &client->urls;
-  r.default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
-  r.engine = &client->engine;
-  r.tmpl_slot = &client->tmpl;
-  r.wire_bytes = &client->wire_bytes;
+  wire_request_init(L, client, &r);
   if (lua_isnoneornil(L, 3) && fs_request_wire_plain(client->tmpl, &r)) {
     size_t len;  /* the client's own options, its pieces made: the same bytes, directly */
     const char *run_id = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : NULL;
@@ -829,6 +848,116 @@ static int client_wire_retrigger(lua_State *L) {
   fs_wire_target_free(&c->wire_target);
   c->targeted = 0;
   return wire_results(L, &r);
+}
+
+/*
+** The commonest call of the nginx transport, a run action on the client's
+** own options (wire_retrigger's plain way), made without a transfer: while
+** its reply is awaited the call holds its request id and nothing else, and
+** a reply that comes whole in one read (as nearly every one does) is read
+** in the client's one reused transfer, in the cache from the last reply,
+** where a transfer of the call's own was last touched when its request
+** went out, the reply's whole latency before. A reply in pieces, or a
+** failure, gets a transfer of its own then, which reads it as
+** wire_retrigger's does.
+**   client:wire_plain(run_id) -> request_id, head, lines, tail, host, port,
+**     pool, tls, verify, timeout_ms, connect_timeout_ms, max_body
+**     (false for a bad run id, as client:retrigger; nil: not this way, the
+**     call takes wire_retrigger)
+**   client:wire_reply(data, request_id, max_body, lean) -> true, reusable
+**     and what transfer:result(lean) gives, when data is the whole reply
+**     (with whatever came after it); else false, nothing kept
+**   client:wire_transfer(request_id, max_body [, spare]) -> the call's
+**     transfer (its reply to be fed from the start, or transfer:fail)
+** wire_reply and wire_transfer work on a closed client too: a call in
+** flight ends as a transfer of wire_retrigger's would.
+*/
+static int client_wire_plain(lua_State *L) {
+  fs_client *client = client_check(L, 1);
+  fs_request r;
+  size_t len;
+  const char *run_id;
+  wire_request_init(L, client, &r);
+  if (!fs_request_wire_plain(client->tmpl, &r)) {
+    lua_pushnil(L);
+    return 1;
+  }
+  run_id = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : NULL;
+  if (run_id == NULL || fs_run_id_problem(run_id, len) != NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  luaL_checkstack(L, 13, "too many results");
+  lua_pushstring(L, r.header[H_REQUEST_ID]);
+  fs_request_wire_plain_push(L, &r, run_id, len);
+  (void)wire_results(L, &r);
+  lua_pushinteger(L, (lua_Integer)r.max_body);
+  return 12;
+}
+
+static size_t check_max_body(lua_State *L, int idx) {
+  lua_Integer max_body = luaL_checkinteger(L, idx);
+  luaL_argcheck(L, max_body >= 0, idx, "max_body must be >= 0");
+  return (size_t)max_body;
+}
+
+/* The client's wire scratch, made ready for a call's reply and busy; NULL
+** when closed, busy, out of memory, or for a request id too long for it. */
+static fs_call *wire_scratch(lua_State *L, fs_client *client, size_t max_body,
+                             const char *request_id, size_t id_len) {
+  fs_call *c = client->wire_scratch;
+  if (client->closed || client->wire_scratch_busy || id_len >= sizeof c->id_buf)
+    return NULL;
+  if (c == NULL) {
+    c = client->wire_scratch = (fs_call *)calloc(1, sizeof *c);
+    if (c == NULL)
+      return NULL;
+  } else {
+    wire_call_renew(c);
+  }
+  call_init(L, c, FS_RUN_ACTION, request_id);  /* into id_buf: nothing to raise */
+  wire_call_fill(c, max_body);
+  client->wire_scratch_busy = 1;
+  return c;
+}
+
+static int client_wire_reply(lua_State *L) {
+  fs_client *client = (fs_client *)check_class(L, 1, FS_UV_CLIENT_MT, FS_CLIENT_MT);
+  size_t n, id_len;
+  const char *data = luaL_checklstring(L, 2, &n);
+  const char *request_id = luaL_checklstring(L, 3, &id_len);
+  size_t max_body = check_max_body(L, 4);
+  int lean = lua_toboolean(L, 5), results;
+  fs_call *c = wire_scratch(L, client, max_body, request_id, id_len);
+  fs_wire_state state;
+  if (c == NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  state = fs_wire_feed(c->wire, &c->t, data, n);
+  if (state == FS_WIRE_MORE) {
+    client->wire_scratch_busy = 0;
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  wire_settle(c, state);
+  results = call_results(L, c, lean);
+  client->wire_scratch_busy = 0;
+  lua_pushboolean(L, 1);  /* within LUA_MINSTACK, as in transfer:feed_result */
+  lua_insert(L, -(results + 1));
+  lua_pushboolean(L, fs_wire_reusable(c->wire));
+  lua_insert(L, -(results + 1));
+  return results + 2;
+}
+
+static int client_wire_transfer(lua_State *L) {
+  (void)check_class(L, 1, FS_UV_CLIENT_MT, FS_CLIENT_MT);
+  {
+    const char *request_id = luaL_checkstring(L, 2);
+    size_t max_body = check_max_body(L, 3);
+    (void)wire_call_reuse(L, wire_spare(L, 4), 4, max_body, request_id);
+  }
+  return 1;
 }
 
 /* transfer:fail(what, message, sent): the cosocket failed before a whole
@@ -1093,7 +1222,8 @@ int luaopen_flowservice_core(lua_State *L) {
     {"retrigger", client_retrigger}, {"request", client_request},
     {"submit_retrigger", client_submit_retrigger}, {"submit", client_submit},
     {"prepare_retrigger", client_prepare_retrigger},
-    {"wire_retrigger", client_wire_retrigger},
+    {"wire_retrigger", client_wire_retrigger}, {"wire_plain", client_wire_plain},
+    {"wire_reply", client_wire_reply}, {"wire_transfer", client_wire_transfer},
     {"step", client_step}, {"wait", client_wait}, {"timeout", client_timeout},
     {"in_flight", client_in_flight}, {"fd", client_fd}, {"pump", client_pump},
     {"close", client_close}, {NULL, NULL}

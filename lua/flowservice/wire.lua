@@ -43,7 +43,8 @@ end
 local SPARES = 1024
 
 function _M.new(handle, max_spares)
-  return { handle = handle, wire_retrigger = handle.wire_retrigger, spares = {}, n = 0,
+  return { handle = handle, wire_retrigger = handle.wire_retrigger, wire_plain = handle.wire_plain,
+    wire_reply = handle.wire_reply, wire_transfer = handle.wire_transfer, spares = {}, n = 0,
     max = max_spares or SPARES, pool = nil, pool_options = nil }
 end
 
@@ -68,6 +69,14 @@ local function keep(w, t)
 end
 
 local feed_result -- transfer:feed_result, once a transfer was seen
+
+-- A plain call's transfer, made when it needs one (its reply in pieces, or
+-- a failure): a spare of w's made anew, or a new one.
+local function transfer_of(w, request_id, max_body)
+  local t = w.wire_transfer(w.handle, request_id, max_body, spare_of(w))
+  feed_result = feed_result or t.feed_result
+  return t
+end
 
 -- t's result (lean: no request id on success), then t kept for a later call.
 local function result(t, w, lean)
@@ -125,14 +134,27 @@ end
 -- One attempt of client:retrigger over a cosocket, w the client's sender
 -- (_M.new): what core's transfer result gives (run, status, request_id,
 -- date or nil, err; lean: no request_id on success), or false for a bad
--- run id (nothing sent).
+-- run id (nothing sent). A call on the client's own options (opts nil)
+-- takes the core's plain way: no transfer while the reply is awaited, the
+-- reply read by client:wire_reply when it comes whole in one read, and a
+-- transfer made (transfer_of) only for a reply in pieces or a failure.
 function _M.retrigger(ngx, w, run_id, opts, lean)
-  local spare = spare_of(w)
-  local t, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms =
-    w.wire_retrigger(w.handle, run_id, opts, spare)
-  if not t then
-    if spare then keep(w, spare) end
-    return false
+  local t, request_id, max_body, head, lines, tail, host, port, pool, tls, verify, timeout_ms,
+    connect_ms
+  if opts == nil then
+    request_id, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms,
+      max_body = w.wire_plain(w.handle, run_id)
+    if request_id == false then return false end
+  end
+  if request_id == nil then -- not the plain way: a transfer from the start
+    local spare = spare_of(w)
+    t, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms =
+      w.wire_retrigger(w.handle, run_id, opts, spare)
+    if not t then
+      if spare then keep(w, spare) end
+      return false
+    end
+    feed_result = feed_result or t.feed_result
   end
   local now = ngx.now -- the event loop's time: the loop moves it on
   local started = now()
@@ -140,7 +162,9 @@ function _M.retrigger(ngx, w, run_id, opts, lean)
   local sock = ngx.socket.tcp()
   sock:settimeouts(connect_ms < timeout_ms and connect_ms or timeout_ms, timeout_ms, timeout_ms)
   local ok, err = sock:connect(host, port, pool_options(w, pool))
-  if not ok then return fail(t, w, nil, "connect", err, false, host, port) end
+  if not ok then
+    return fail(t or transfer_of(w, request_id, max_body), w, nil, "connect", err, false, host, port)
+  end
   -- a new connection: connecting took time, and TLS is still to come (one
   -- from the pool took none: without TLS, a clock that has not moved says
   -- so at no cost)
@@ -149,7 +173,9 @@ function _M.retrigger(ngx, w, run_id, opts, lean)
     sock:settimeouts(ms, ms, ms)
     if tls then
       ok, err = handshake(sock, host, verify)
-      if not ok then return fail(t, w, sock, "tls", err, false, host, port) end
+      if not ok then
+        return fail(t or transfer_of(w, request_id, max_body), w, sock, "tls", err, false, host, port)
+      end
       ms = left(now, ends)
       sock:settimeouts(ms, ms, ms)
     end
@@ -158,26 +184,33 @@ function _M.retrigger(ngx, w, run_id, opts, lean)
   head, lines, tail = nil, nil, nil -- luacheck: ignore 311 (not kept while the reply is awaited)
   ok, err = sock:send(pieces) -- copies them before it can yield
   pieces[1], pieces[2], pieces[3] = nil, nil, nil
-  if not ok then return fail(t, w, sock, "send", err, true, host, port) end
-  local feed = feed_result or t.feed_result
-  feed_result = feed
+  if not ok then
+    return fail(t or transfer_of(w, request_id, max_body), w, sock, "send", err, true, host, port)
+  end
+  local wire_reply = w.wire_reply
   while true do
     local data, rerr = sock:receiveany(READ_SIZE)
     if data then
       -- the reply's end comes with its result: one call for a reply in one read
-      local done, reusable, run, status, request_id, date = feed(t, data, lean)
+      local done, reusable, run, status, rid, date
+      if t == nil then
+        done, reusable, run, status, rid, date = wire_reply(w.handle, data, request_id, max_body, lean)
+        if not done then t = transfer_of(w, request_id, max_body) end -- fed from the start
+      end
+      if t ~= nil then done, reusable, run, status, rid, date = feed_result(t, data, lean) end
       if done then
         if reusable then sock:setkeepalive(IDLE_MS) else sock:close() end
         if reusable == nil then return result(t, w, lean) end -- it had ended before
-        keep(w, t)
-        return run, status, request_id, date
+        if t ~= nil then keep(w, t) end
+        return run, status, rid, date
       end
     elseif rerr == "closed" then
+      t = t or transfer_of(w, request_id, max_body)
       t:feed(nil)
       sock:close()
       return result(t, w, lean)
     else
-      return fail(t, w, sock, "receive", rerr, true, host, port)
+      return fail(t or transfer_of(w, request_id, max_body), w, sock, "receive", rerr, true, host, port)
     end
     sock:settimeout(left(now, ends))
   end

@@ -118,41 +118,77 @@ function _M.concurrent()
   ngx.say(cjson.encode(out))
 end
 
--- /spares?run=ID: a sender of flowservice.wire (its own core handle, at
--- most 64 spares) and its spent transfers: after each of three calls in
--- turn, after a bad run id, and after 40 and then 80 calls at once, how
--- many it keeps and (but for the bursts) whether the first call's transfer
--- is still the one kept
-function _M.spares()
+-- A sender of flowservice.wire of its own (its own core handle, at most 64
+-- spares) and what it keeps, noted after each step: how many spares, and
+-- (where asked) whether the first one is the transfer noted first.
+local function sender()
   local core = require "flowservice.core"
   local wire = require "flowservice.wire"
-  local handle = core.new { access_token = "fake-token", api_key = "fake-api-key",
-    org_id = "FAKEORG@AdobeOrg", base_url = settings.url, timeout = 10 }
+  local function options()
+    return { access_token = "fake-token", api_key = "fake-api-key", org_id = "FAKEORG@AdobeOrg",
+      base_url = settings.url, timeout = 10 }
+  end
+  local handle = core.new(options())
   local w = wire.new(handle, 64)
   local out, first = {}, nil
-  local function note(what, run, any_order)
-    first = first or w.spares[1]
+  local s = { handle = handle, w = w, out = out, options = options() } -- a call's own: the same
+  function s.note(what, run, same)
+    if same then first = first or w.spares[1] end
     out[#out + 1] = { what = what, ok = type(run) == "table", kept = w.n,
-      same = not any_order and w.spares[1] == first or nil }
+      same = same and w.spares[1] ~= nil and w.spares[1] == first or nil }
   end
-  for i = 1, 3 do note("call " .. i, (wire.retrigger(ngx, w, ngx.var.arg_run, nil, true))) end
-  note("bad run id", wire.retrigger(ngx, w, "a/b", nil, true) == false and {} or nil)
-  local function burst(n)
+  function s.call(opts) return (wire.retrigger(ngx, w, ngx.var.arg_run, opts, true)) end
+  function s.drop() w.spares, w.n = {}, 0 end
+  -- n calls at once (opts: each call's options), noted once all have ended
+  function s.burst(what, n, opts, before_wait)
     local threads = {}
-    for i = 1, n do
-      threads[i] = ngx.thread.spawn(function() return (wire.retrigger(ngx, w, ngx.var.arg_run, nil, true)) end)
-    end
+    for i = 1, n do threads[i] = ngx.thread.spawn(s.call, opts) end
+    if before_wait then before_wait() end
     local ok_all = true
     for _, th in ipairs(threads) do
       local ok, run = ngx.thread.wait(th)
       ok_all = ok_all and ok and type(run) == "table"
     end
-    note(n .. " at once", ok_all and {} or nil, true) -- kept in the order they ended
+    s.note(what, ok_all and {} or nil)
   end
-  burst(40)
-  burst(80)
-  handle:close()
-  ngx.say(cjson.encode(out))
+  return s
+end
+
+-- /spares?run=ID: the first call on the client's own options builds what
+-- the plain way sends (a transfer, kept); with the spares dropped, plain
+-- calls in turn and at once make none, a bad run id none; calls with
+-- options of their own make a transfer each and keep a burst's, up to the
+-- cap; plain calls whose client is closed while they wait end all the same
+-- (with a transfer each then: the first reply's, then each next one's the
+-- spare the last left)
+function _M.spares()
+  local s = sender()
+  s.note("call 1", s.call())
+  s.drop()
+  s.note("call 2", s.call())
+  s.note("call 3", s.call())
+  s.note("bad run id", (require("flowservice.wire").retrigger(ngx, s.w, "a/b", nil, true)) == false and {} or nil)
+  s.burst("40 at once", 40)
+  s.burst("40 at once, options of their own", 40, s.options)
+  s.burst("80 at once, options of their own", 80, s.options)
+  s.drop()
+  s.burst("10 at once, the client closed meanwhile", 10, nil, function() s.handle:close() end)
+  ngx.say(cjson.encode(s.out))
+end
+
+-- /pieces?run=ID (the fake sending each body in two parts): a plain call
+-- whose reply comes in pieces gets a transfer then (or a spare), and its
+-- result is the whole reply's
+function _M.pieces()
+  local s = sender()
+  s.note("call 1", s.call())
+  s.drop()
+  local run = s.call()
+  s.note("call 2", run, true)
+  s.out[#s.out].id = run and run.id
+  s.note("call 3", s.call(), true)
+  s.handle:close()
+  ngx.say(cjson.encode(s.out))
 end
 
 return _M
