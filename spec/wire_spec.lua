@@ -9,8 +9,14 @@
 -- complete reply must be ready at its last byte, not before or after.
 -- Each way is read twice: by feed, then result(), and by feed_result
 -- (the nginx transport's: the result with the feed that ends the reply),
--- which must give the same.
+-- which must give the same; and the reply in one piece by a client's
+-- wire_reply too (a plain call's: no transfer), which must give what
+-- feed_result gives where that one piece ends the reply, else false.
 local core = require "flowservice.core"
+
+-- wire_reply's client: no request of its own is made, any options do
+local reply_client = core.new { access_token = "t", api_key = "k", org_id = "O@AdobeOrg",
+  base_url = "http://127.0.0.1:1" }
 
 local HEAD_MAX = 64 * 1024 -- FS_WIRE_HEAD_MAX
 local CHUNK_LINE_MAX = 4096 -- FS_WIRE_CHUNK_LINE_MAX
@@ -58,9 +64,10 @@ local pack = table.pack or function(...) return { n = select("#", ...), ... } en
 local function count_first(...) return select("#", ...), (...) end
 
 -- The same values, a retry_after read a second apart aside (the clock ticked).
-local function same_result(want, got, what)
-  local w, g = want[2], got[2]
-  if want[1] == nil and type(w) == "table" and type(g) == "table" and w.retry_after
+local function same_result(want, got, what, at)
+  at = at or 1 -- where the result starts (after feed_result's two booleans: 3)
+  local w, g = want[at + 1], got[at + 1]
+  if want[at] == nil and type(w) == "table" and type(g) == "table" and w.retry_after
      and g.retry_after and math.abs(w.retry_after - g.retry_after) <= 1 then
     g.retry_after = w.retry_after
   end
@@ -94,6 +101,14 @@ local function read(reply, how, o)
     if ready and not out.at then assert.equal(t:reusable(), reusable) else assert.is_nil(reusable) end
     fed = fed + #piece
     if out.ready and not out.at then out.at = fed end
+  end
+  if how == "whole" then
+    local plain = pack(reply_client:wire_reply(reply, "test", o.max_body or MAX_BODY))
+    if ended then
+      same_result(ended, plain, "wire_reply gives what feed_result gives", 3)
+    else
+      assert.same({ false, n = 1 }, plain, "wire_reply: false for a reply not whole in its bytes")
+    end
   end
   if o.eof then
     out.ready = t:feed(nil)
