@@ -1,10 +1,11 @@
 -- The nginx transport: a run action's bytes over ngx.socket.tcp, nginx's
 -- own event loop, instead of libcurl's. C builds the request (the same
--- options, checks and header lines as libcurl's, client:wire_retrigger)
--- and reads the reply (transfer:feed_result, src/wire.c); this module only moves
--- the bytes, so one attempt is: a pooled connection (TLS handshake on a new
--- one), one send, reads until the reply is whole, the connection back to
--- nginx's keep-alive pool if the reply allows.
+-- options, checks and header lines as libcurl's: client:wire_plain for a
+-- call on the client's own options, else client:wire_retrigger) and reads
+-- the reply (client:wire_reply, transfer:feed_result, src/wire.c); this
+-- module only moves the bytes, so one attempt is: a pooled connection (TLS
+-- handshake on a new one), one send, reads until the reply is whole, the
+-- connection back to nginx's keep-alive pool if the reply allows.
 --
 -- Sent once: the request is handed to the socket once and never again;
 -- nothing here retries. A failure before the send (connect, TLS) says
@@ -32,14 +33,16 @@ end
 
 -- A client's sender: its core handle, and the spent transfers (their
 -- result taken) made into the next calls' transfers, so that a call leaves
--- no userdata for the collector to finalise. At most max_spares (SPARES):
--- what a burst left beyond is dropped. As many as a worker has calls in
--- flight at its busiest are worth keeping: with 1000 in flight, replies
--- come in bursts of hundreds before the next requests arrive, and a cap of
--- 64 made (and dropped) a transfer for one call in eight. A spare is ~0.9
--- KiB and its reply buffer (up to 4 KiB, a run's reply ~0.1). The core's
--- method a call makes is kept with it (the same function for every
--- handle: looked up once).
+-- no userdata for the collector to finalise. A plain call (the client's
+-- own options) makes a transfer only for a reply in pieces or a failure;
+-- a call with options of its own makes one always. At most max_spares
+-- (SPARES): what a burst left beyond is dropped. As many as a worker has
+-- such calls in flight at its busiest are worth keeping: with 1000 in
+-- flight, replies come in bursts of hundreds before the next requests
+-- arrive, and a cap of 64 made (and dropped) a transfer for one call in
+-- eight. A spare is ~0.9 KiB and its reply buffer (up to 4 KiB, a run's
+-- reply ~0.1). The core's methods a call makes are kept with it (the same
+-- functions for every handle: looked up once).
 local SPARES = 1024
 
 function _M.new(handle, max_spares)
