@@ -401,9 +401,6 @@ static fs_call *wire_spare(lua_State *L, int idx) {
   return c;
 }
 
-/* wire_call_new, in the spare at idx (made anew in place: nothing of its
-** last call kept but a small reply buffer's memory) when there is one;
-** pushed. */
 /* c, a wire transfer whose result was taken (or a zeroed one), zeroed
 ** again but for a small reply buffer's memory, which it keeps. */
 static void wire_call_renew(fs_call *c) {
@@ -420,6 +417,9 @@ static void wire_call_renew(fs_call *c) {
   c->t.body_cap = body_cap;
 }
 
+/* wire_call_new, in the spare at idx (made anew in place: nothing of its
+** last call kept but a small reply buffer's memory) when there is one;
+** pushed. */
 static fs_call *wire_call_reuse(lua_State *L, fs_call *spare, int idx, size_t max_body,
                                 const char *request_id) {
   if (spare == NULL)
@@ -791,6 +791,16 @@ static int wire_results(lua_State *L, const fs_request *r) {
   return 11;
 }
 
+/* A wire call's request: the client's caches, engine, template and bytes. */
+static void wire_request_init(lua_State *L, fs_client *client, fs_request *r) {
+  memset(r, 0, sizeof *r);
+  r->cache = &client->urls;
+  r->default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
+  r->engine = &client->engine;
+  r->tmpl_slot = &client->tmpl;
+  r->wire_bytes = &client->wire_bytes;
+}
+
 /*
 ** The nginx transport (flowservice.wire): the run action client:retrigger
 ** would send, as bytes for a cosocket, and a transfer that reads the reply
@@ -804,15 +814,6 @@ static int wire_results(lua_State *L, const fs_request *r) {
 ** spare: a transfer of an earlier call whose result was taken, made into
 ** this call's transfer (and returned) instead of a new one.
 */
-static void wire_request_init(lua_State *L, fs_client *client, fs_request *r) {
-  memset(r, 0, sizeof *r);
-  r->cache = &client->urls;
-  r->default_user_agent = lua_tostring(L, FS_UV_USER_AGENT);
-  r->engine = &client->engine;
-  r->tmpl_slot = &client->tmpl;
-  r->wire_bytes = &client->wire_bytes;
-}
-
 static int client_wire_retrigger(lua_State *L) {
   fs_client *client = client_check(L, 1);
   fs_call *spare = wire_spare(L, 4);
@@ -922,6 +923,7 @@ static fs_call *wire_scratch(lua_State *L, fs_client *client, size_t max_body,
 }
 
 static int client_wire_reply(lua_State *L) {
+  /* closed or not (wire_scratch says no for a closed one) */
   fs_client *client = (fs_client *)check_class(L, 1, FS_UV_CLIENT_MT, FS_CLIENT_MT);
   size_t n, id_len;
   const char *data = luaL_checklstring(L, 2, &n);
@@ -951,12 +953,12 @@ static int client_wire_reply(lua_State *L) {
 }
 
 static int client_wire_transfer(lua_State *L) {
-  (void)check_class(L, 1, FS_UV_CLIENT_MT, FS_CLIENT_MT);
-  {
-    const char *request_id = luaL_checkstring(L, 2);
-    size_t max_body = check_max_body(L, 3);
-    (void)wire_call_reuse(L, wire_spare(L, 4), 4, max_body, request_id);
-  }
+  const char *request_id;
+  size_t max_body;
+  (void)check_class(L, 1, FS_UV_CLIENT_MT, FS_CLIENT_MT);  /* closed or not */
+  request_id = luaL_checkstring(L, 2);
+  max_body = check_max_body(L, 3);
+  (void)wire_call_reuse(L, wire_spare(L, 4), 4, max_body, request_id);
   return 1;
 }
 
