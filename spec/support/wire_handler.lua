@@ -176,9 +176,9 @@ function _M.spares()
   ngx.say(cjson.encode(s.out))
 end
 
--- /pieces?run=ID (the fake sending each body in two parts): a plain call
--- whose reply comes in pieces gets a transfer then (or a spare), and its
--- result is the whole reply's
+-- /pieces?run=ID (the fake sending a reply longer than one read takes): a
+-- plain call whose reply comes in pieces gets a transfer then (or a
+-- spare), and its result is the whole reply's
 function _M.pieces()
   local s = sender()
   s.note("call 1", s.call())
