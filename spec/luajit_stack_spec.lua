@@ -6,15 +6,15 @@
 -- (README, "The evening of 2026-12-03": at 1000 connections 1.47 -> 0.92 KiB
 -- of heap a request in flight when these calls moved ~16 slots lower). A
 -- change that puts them back up fails here, to be measured before it lands.
--- (LuaJIT's own modules, required when a test runs: the other profiles
--- load this file and skip its tests)
 
--- Each call instruction of f (not tail calls: they leave no frame of f's
--- below the callee): { a = the callee's register, callee = the field or
+-- Each call instruction of f: { a = the callee's register, tail = a tail
+-- call (it leaves no frame of f's below the callee), callee = the field or
 -- upvalue name last read into that register (TGETS, UGET), if any }.
+-- LuaJIT's own modules are required here, when a test runs: the other
+-- profiles load this file and skip its tests.
 local function calls(f)
-  local jutil, vmdef = require "jit.util", require "jit.vmdef"
-  local band, rshift = require("bit").band, require("bit").rshift
+  local jutil, vmdef, bit = require "jit.util", require "jit.vmdef", require "bit"
+  local band, rshift = bit.band, bit.rshift
   local list, name = {}, {}
   local pc = 1
   while true do
@@ -23,8 +23,8 @@ local function calls(f)
     local code = band(ins, 0xff)
     local op = vmdef.bcnames:sub(code * 6 + 1, code * 6 + 6):gsub(" +$", "")
     local a = band(rshift(ins, 8), 0xff)
-    if op == "CALL" or op == "CALLM" then
-      list[#list + 1] = { a = a, callee = name[a] }
+    if op == "CALL" or op == "CALLM" or op == "CALLT" or op == "CALLMT" then
+      list[#list + 1] = { a = a, tail = op == "CALLT" or op == "CALLMT", callee = name[a] }
     elseif op == "TGETS" then
       name[a] = jutil.funck(f, -band(rshift(ins, 16), 0xff) - 1) -- C: a string constant, -(C+1)
     elseif op == "UGET" then
@@ -37,13 +37,23 @@ end
 
 local function highest(f)
   local top = -1
-  for _, c in ipairs(calls(f)) do if c.a > top then top = c.a end end
+  for _, c in ipairs(calls(f)) do if not c.tail and c.a > top then top = c.a end end
   return top
 end
 
-local function at(f, callee)
-  for _, c in ipairs(calls(f)) do if c.callee == callee then return c.a end end
-  error("no call to " .. callee)
+local function at(f, callee, tail)
+  for _, c in ipairs(calls(f)) do
+    if c.callee == callee and c.tail == (tail or false) then return c.a end
+  end
+  error("no " .. (tail and "tail " or "") .. "call to " .. callee)
+end
+
+local function upvalue(f, wanted)
+  for i = 1, math.huge do
+    local name, value = debug.getupvalue(f, i)
+    if name == nil then error("no upvalue " .. wanted) end
+    if name == wanted then return value end
+  end
 end
 
 describe("#luajit the nginx transport's stack", function()
@@ -59,6 +69,7 @@ describe("#luajit the nginx transport's stack", function()
       sandbox = "prod", base_url = "http://127.0.0.1:9" }
     local retrigger = client.retrigger
     assert.equals(5, at(retrigger, "first_attempt"))
+    at(upvalue(retrigger, "first_attempt"), "retrigger", true) -- wire.retrigger's: raises if not a tail call
     client:close()
   end)
 end)

@@ -399,7 +399,9 @@ end
 
 -- A plain call's first attempt: over the cosocket (ngx) or libcurl. Its
 -- own function so that the transport's frames start four stack slots
--- lower (a tail call: this frame is gone by then).
+-- lower (a tail call: this frame is gone by then; spec/luajit_stack_spec).
+-- libcurl's stays a plain call, as it was, so that an argument error the
+-- core raises still names its method.
 local function first_attempt(p, ngx, run_id)
   if ngx then return wire.retrigger(ngx, p.wire, run_id, nil, true) end
   local run, status, request_id, date = p.handle:retrigger(run_id, nil, true)
