@@ -74,6 +74,7 @@ local function check_deadline(d, argn, fname, level)
 end
 
 -- flowservice.new(opts); argn/fname/level say where errors point.
+local after_first -- defined below: the client's sender (flowservice.wire) ends plain calls in it
 function _M.new(opts, argn, fname, level)
   argn, fname, level = argn or 1, fname or "new", (level or 1) + 1
   if type(opts) ~= "table" then
@@ -108,7 +109,11 @@ function _M.new(opts, argn, fname, level)
   local ok, handle = pcall(core.new, core_opts, p.auth ~= nil)
   if not ok then args.rethrow(handle, argn, fname, level) end
   p.handle, p.opts = handle, core_opts
-  if own.transport == "nginx" then p.wire = wire.new(handle) end -- its sender
+  if own.transport == "nginx" then -- its sender
+    p.wire = wire.new(handle, function(run_id, run, status, _, date) -- only under LuaJIT
+      return after_first(p, run_id, run, status, date, 2)
+    end)
+  end
   local self = setmetatable({
     base_url = core_opts.base_url or core.defaults.base_url,
     org_id = core_opts.org_id,
@@ -397,15 +402,25 @@ local function call_options(p, overrides, argn, fname, level)
   return o, deadline
 end
 
--- A plain call's first attempt: over the cosocket (ngx) or libcurl. Its
--- own function so that the transport's frames start four stack slots
--- lower (a tail call: this frame is gone by then; spec/luajit_stack_spec).
--- libcurl's stays a plain call, as it was, so that an argument error the
--- core raises still names its method.
-local function first_attempt(p, ngx, run_id)
-  if ngx then return wire.retrigger(ngx, p.wire, run_id, nil, true) end
-  local run, status, request_id, date = p.handle:retrigger(run_id, nil, true)
-  return run, status, request_id, date
+-- A plain call after its first attempt: run, status and date its results
+-- (run false: the core's check of the run id refused it, nothing sent).
+-- level: where an error points, the caller of client:retrigger (2 when
+-- this is tail-called in its place, as the nginx transport's sender does).
+function after_first(p, run_id, run, status, date, level)
+  if run == false then
+    args.run_id(run_id, 1, "retrigger", level)
+    error("flowservice: the run id checks disagree", level) -- not reached: they are one
+  end
+  if run then
+    if date ~= (p.clock and p.clock.raw) then saw_date(p, nil, date) end
+    return run
+  end
+  if status.date then saw_date(p, status.date) end
+  local err
+  run, err = call(p, "POST", nil, true, p.opts, nil, send_retrigger, run_id,
+    waiter_of(p, nil, level), true, status)
+  if run then return run end
+  return nil, err
 end
 
 -- client:retrigger(run_id [, opts]) -> { id, etag } or nil, err
@@ -419,22 +434,12 @@ function Client:retrigger(run_id, overrides)
   local p = private[self]
   if overrides == nil and p and p.plain then
     local ngx = p.wire and wire.usable()
-    if ngx or p.blocking then
-      local run, status, _, date = first_attempt(p, ngx, run_id)
-      if run == false then -- the core's check of the run id refused it: nothing sent
-        args.run_id(run_id, 1, "retrigger", 2)
-        error("flowservice: the run id checks disagree", 2) -- not reached: they are one
-      end
-      if run then
-        if date ~= (p.clock and p.clock.raw) then saw_date(p, nil, date) end
-        return run
-      end
-      if status.date then saw_date(p, status.date) end
-      local err
-      run, err = call(p, "POST", nil, true, p.opts, nil, send_retrigger, run_id,
-        waiter_of(p, nil, 2), true, status)
-      if run then return run end
-      return nil, err
+    if ngx then return wire.plain(ngx, p.wire, run_id) end
+    if p.blocking then
+      local run, status, _, date = p.handle:retrigger(run_id, nil, true)
+      local err -- not a tail call: Lua 5.1 leaves no caller's position to a tail-called frame
+      run, err = after_first(p, run_id, run, status, date, 3)
+      return run, err
     end
   end
   p = open(self, 2)

@@ -31,8 +31,9 @@ function _M.usable()
   return ngx and ngx.socket and ngx or nil
 end
 
--- A client's sender: its core handle, and the spent transfers (their
--- result taken) made into the next calls' transfers, so that a call leaves
+-- A client's sender: its core handle, finish (the client's end of a plain
+-- call: _M.plain tail-calls it with the run id and the attempt's results),
+-- and the spent transfers (their result taken) made into the next calls' transfers, so that a call leaves
 -- no userdata for the collector to finalise. A plain call (the client's
 -- own options) makes a transfer only for a reply in pieces or a failure;
 -- a call with options of its own makes one always. At most max_spares
@@ -45,10 +46,13 @@ end
 -- functions for every handle: looked up once).
 local SPARES = 1024
 
-function _M.new(handle, max_spares)
+function _M.new(handle, finish, max_spares)
   return { handle = handle, wire_retrigger = handle.wire_retrigger, wire_plain = handle.wire_plain,
     wire_reply = handle.wire_reply, wire_transfer = handle.wire_transfer, spares = {}, n = 0,
-    max = max_spares or SPARES, pool = nil, pool_options = nil }
+    max = max_spares or SPARES, pool = nil, pool_options = nil, finish = finish,
+    -- the client's own options, once a plain call has read them (learn)
+    host = nil, port = nil, tls = nil, verify = nil, timeout_ms = nil, timeout_s = nil,
+    connect_ms = nil, max_body = nil, own_pool = nil }
 end
 
 -- A spare transfer of w's, or nil.
@@ -134,59 +138,135 @@ local function left(now, ends)
   return ms > 1 and ms or 1
 end
 
+-- A new connection (none from the pool): its timeouts set to what is left
+-- of the call's, after a TLS handshake if the target has TLS. Nothing is
+-- sent yet: a failure is the TLS step's, not sent.
+local function fresh(now, sock, host, tls, verify, ends)
+  local ms = left(now, ends)
+  sock:settimeouts(ms, ms, ms)
+  if not tls then return true end
+  local ok, err = handshake(sock, host, verify)
+  if not ok then return nil, err end
+  ms = left(now, ends)
+  sock:settimeouts(ms, ms, ms)
+  return true
+end
+
+-- The reply from its first read on (data, or rerr for a read that failed),
+-- fed to t from its start: a reply in pieces, or a failed read. What core's
+-- transfer result gives (lean: no request_id on success).
+local function rest(ngx, w, sock, t, data, rerr, ends, lean, host, port)
+  while true do
+    if data then
+      local done, reusable, run, status, rid, date = feed_result(t, data, lean)
+      if done then
+        if reusable then sock:setkeepalive(IDLE_MS) else sock:close() end
+        if reusable == nil then return result(t, w, lean) end -- it had ended before
+        keep(w, t)
+        return run, status, rid, date
+      end
+    elseif rerr == "closed" then
+      t:feed(nil)
+      sock:close()
+      return result(t, w, lean)
+    else
+      return fail(t, w, sock, "receive", rerr, true, host, port)
+    end
+    sock:settimeout(left(ngx.now, ends))
+    data, rerr = sock:receiveany(READ_SIZE)
+  end
+end
+
 -- One attempt of client:retrigger over a cosocket, w the client's sender
 -- (_M.new): what core's transfer result gives (run, status, request_id,
 -- date or nil, err; lean: no request_id on success), or false for a bad
--- run id (nothing sent). A call on the client's own options (opts nil)
--- takes the core's plain way: no transfer while the reply is awaited, the
--- reply read by client:wire_reply when it comes whole in one read, and a
--- transfer made (transfer_of) only for a reply in pieces or a failure.
+-- run id (nothing sent). The general way: a transfer from the start, for a
+-- call with options of its own (and for a client whose options the core's
+-- plain way does not take).
 function _M.retrigger(ngx, w, run_id, opts, lean)
-  -- What reading the reply needs; the rest is scoped to the block. nginx
-  -- reuses request coroutines with the stacks they grew to, so a value live
-  -- at this function's deepest call is a slot of every waiting request's
-  -- stack (measured: at 1000 connections 1.47 -> 0.92 KiB of heap a request
-  -- in flight, stacks of 150-200 slots -> 83-150, README)
-  local t, request_id, max_body, host, port, sock, ends
+  local spare = spare_of(w)
+  local t, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms =
+    w.wire_retrigger(w.handle, run_id, opts, spare)
+  if not t then
+    if spare then keep(w, spare) end
+    return false
+  end
+  feed_result = feed_result or t.feed_result
+  local now = ngx.now -- the event loop's time: the loop moves it on
+  local started = now()
+  local ends = started + timeout_ms / 1000
+  local sock = ngx.socket.tcp()
+  sock:settimeouts(connect_ms < timeout_ms and connect_ms or timeout_ms, timeout_ms, timeout_ms)
+  local ok, err = sock:connect(host, port, pool_options(w, pool))
+  if not ok then return fail(t, w, nil, "connect", err, false, host, port) end
+  -- a new connection: connecting took time, and TLS is still to come (one
+  -- from the pool took none: without TLS, a clock that has not moved says
+  -- so at no cost)
+  if (tls or now() ~= started) and sock:getreusedtimes() == 0 then
+    ok, err = fresh(now, sock, host, tls, verify, ends)
+    if not ok then return fail(t, w, sock, "tls", err, false, host, port) end
+  end
+  pieces[1], pieces[2], pieces[3] = head, lines, tail
+  ok, err = sock:send(pieces) -- copies them before it can yield
+  pieces[1], pieces[2], pieces[3] = nil, nil, nil
+  if not ok then return fail(t, w, sock, "send", err, true, host, port) end
+  local data, rerr = sock:receiveany(READ_SIZE)
+  return rest(ngx, w, sock, t, data, rerr, ends, lean, host, port)
+end
+
+-- What a plain call takes of the client's own options, which never change:
+-- read with its first request (the core's plain way gives them each time;
+-- from then on the call binds only what is its own).
+local function learn(w, run_id)
+  local request_id, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms,
+    max_body = w.wire_plain(w.handle, run_id)
+  if request_id then
+    w.host, w.port, w.tls, w.verify, w.max_body = host, port, tls, verify, max_body
+    w.timeout_ms, w.timeout_s = timeout_ms, timeout_ms / 1000
+    w.connect_ms = connect_ms < timeout_ms and connect_ms or timeout_ms
+    w.own_pool = { pool = pool }
+  end
+  return request_id, head, lines, tail
+end
+
+-- A plain call (client:retrigger on the client's own options) whole: its
+-- attempt, then w's finish (the client's) tail-called with the attempt's
+-- results and the run id, run false for a bad one. Client:retrigger
+-- tail-calls this, so the transport's frames start where its own did; and
+-- as nginx reuses request coroutines with the stacks they grew to, every
+-- value live at a call here is a stack slot of every waiting request: so
+-- the call's own values only (the client's constants are w's), the
+-- request's pieces scoped to the send, no transfer while the reply is
+-- awaited (client:wire_reply reads a reply that comes whole in one read;
+-- one in pieces, or a failure, gets one then). spec/luajit_stack_spec.lua
+-- holds the registers; the README says what it measured.
+function _M.plain(ngx, w, run_id)
+  local request_id, sock, ends
   do
-    local head, lines, tail, pool, tls, verify, timeout_ms, connect_ms
-    if opts == nil then
-      request_id, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms,
-        max_body = w.wire_plain(w.handle, run_id)
-      if request_id == false then return false end
+    local head, lines, tail
+    if w.host then
+      request_id, head, lines, tail = w.wire_plain(w.handle, run_id)
+    else
+      request_id, head, lines, tail = learn(w, run_id)
     end
-    if request_id == nil then -- not the plain way: a transfer from the start
-      local spare = spare_of(w)
-      t, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms =
-        w.wire_retrigger(w.handle, run_id, opts, spare)
-      if not t then
-        if spare then keep(w, spare) end
-        return false
-      end
-      feed_result = feed_result or t.feed_result
+    if not request_id then -- false: a bad run id, nil: not the core's plain way
+      if request_id == false then return w.finish(run_id, false) end
+      return w.finish(run_id, _M.retrigger(ngx, w, run_id, nil, true))
     end
-    local now = ngx.now -- the event loop's time: the loop moves it on
-    local started = now()
-    ends = started + timeout_ms / 1000
+    local started = ngx.now()
+    ends = started + w.timeout_s
     sock = ngx.socket.tcp()
-    sock:settimeouts(connect_ms < timeout_ms and connect_ms or timeout_ms, timeout_ms, timeout_ms)
-    local ok, err = sock:connect(host, port, pool_options(w, pool))
+    sock:settimeouts(w.connect_ms, w.timeout_ms, w.timeout_ms)
+    local ok, err = sock:connect(w.host, w.port, w.own_pool)
     if not ok then
-      return fail(t or transfer_of(w, request_id, max_body), w, nil, "connect", err, false, host, port)
+      return w.finish(run_id, fail(transfer_of(w, request_id, w.max_body), w, nil, "connect",
+        err, false, w.host, w.port))
     end
-    -- a new connection: connecting took time, and TLS is still to come (one
-    -- from the pool took none: without TLS, a clock that has not moved says
-    -- so at no cost)
-    if (tls or now() ~= started) and sock:getreusedtimes() == 0 then
-      local ms = left(now, ends)
-      sock:settimeouts(ms, ms, ms)
-      if tls then
-        ok, err = handshake(sock, host, verify)
-        if not ok then
-          return fail(t or transfer_of(w, request_id, max_body), w, sock, "tls", err, false, host, port)
-        end
-        ms = left(now, ends)
-        sock:settimeouts(ms, ms, ms)
+    if (w.tls or ngx.now() ~= started) and sock:getreusedtimes() == 0 then
+      ok, err = fresh(ngx.now, sock, w.host, w.tls, w.verify, ends)
+      if not ok then
+        return w.finish(run_id, fail(transfer_of(w, request_id, w.max_body), w, sock, "tls",
+          err, false, w.host, w.port))
       end
     end
     pieces[1], pieces[2], pieces[3] = head, lines, tail
@@ -194,35 +274,21 @@ function _M.retrigger(ngx, w, run_id, opts, lean)
     ok, err = sock:send(pieces) -- copies them before it can yield
     pieces[1], pieces[2], pieces[3] = nil, nil, nil
     if not ok then
-      return fail(t or transfer_of(w, request_id, max_body), w, sock, "send", err, true, host, port)
+      return w.finish(run_id, fail(transfer_of(w, request_id, w.max_body), w, sock, "send",
+        err, true, w.host, w.port))
     end
   end
-  while true do
-    local data, rerr = sock:receiveany(READ_SIZE)
-    if data then
-      -- the reply's end comes with its result: one call for a reply in one read
-      local done, reusable, run, status, rid, date
-      if t == nil then
-        done, reusable, run, status, rid, date = w.wire_reply(w.handle, data, request_id, max_body, lean)
-        if not done then t = transfer_of(w, request_id, max_body) end -- fed from the start
-      end
-      if t ~= nil then done, reusable, run, status, rid, date = feed_result(t, data, lean) end
-      if done then
-        if reusable then sock:setkeepalive(IDLE_MS) else sock:close() end
-        if reusable == nil then return result(t, w, lean) end -- it had ended before
-        if t ~= nil then keep(w, t) end
-        return run, status, rid, date
-      end
-    elseif rerr == "closed" then
-      t = t or transfer_of(w, request_id, max_body)
-      t:feed(nil)
-      sock:close()
-      return result(t, w, lean)
-    else
-      return fail(t or transfer_of(w, request_id, max_body), w, sock, "receive", rerr, true, host, port)
+  local data, rerr = sock:receiveany(READ_SIZE)
+  if data then -- the reply's end comes with its result: one call for a reply in one read
+    local done, reusable, run, status, rid, date = w.wire_reply(w.handle, data, request_id,
+      w.max_body, true)
+    if done then
+      if reusable then sock:setkeepalive(IDLE_MS) else sock:close() end
+      return w.finish(run_id, run, status, rid, date)
     end
-    sock:settimeout(left(ngx.now, ends))
   end
+  return w.finish(run_id, rest(ngx, w, sock, transfer_of(w, request_id, w.max_body), data, rerr,
+    ends, true, w.host, w.port))
 end
 
 return _M
