@@ -169,6 +169,21 @@ function check_own(client, run, bytes)
     if one_id(got) ~= one_id(bytes) then
       fail(format("call %d with the client's own options sent %q, with the table %q", i, got, bytes))
     end
+    -- the plain way (client:wire_plain, lean on the last call): the same
+    -- bytes, its middle piece the call's x-request-id line alone
+    local pok, phead, pline, ptail = pcall(client.wire_plain, client, run, i == 3)
+    wire()
+    if not pok then fail(format("wire_plain, call %d, raised: %s", i, tostring(phead))) end
+    if phead == false then fail(format("wire_plain, call %d, refused the run id", i)) end
+    if phead then
+      if not find(pline, "^x%-request%-id: [^%z\1-\31\127]+\r\n$") then
+        fail(format("wire_plain's line %q is not one x-request-id line", pline))
+      end
+      got = phead .. pline .. ptail
+      if one_id(got) ~= one_id(bytes) then
+        fail(format("wire_plain, call %d, sent %q, with the table %q", i, got, bytes))
+      end
+    end
   end
 end
 

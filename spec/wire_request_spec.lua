@@ -456,22 +456,31 @@ describe("the nginx transport's request", function()
     local REPLY = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
     local function reply(body) return REPLY:format(#body, body) end
     local ONE = '{"id":"one","etag":"\\"1\\""}'
+    -- a plain call's own line, which holds its request id
+    local function line(id) return "x-request-id: " .. id .. "\r\n" end
+    local function id_of(l) return l:match("^x%-request%-id: (.*)\r\n$") end
 
     it("is not open before a first call built the template; then gives wire_retrigger's bytes and values", function()
       local c = own_client { max_body = 4096, timeout = 9 }
       assert.is_nil(c:wire_plain(RUN)) -- nothing built yet: the caller takes wire_retrigger
       local general = own_calls(c, 2)[2]
-      for _ = 1, 3 do
-        local r = pack(c:wire_plain(RUN))
-        assert.equal(12, r.n)
-        local id, bytes = r[1], r[2] .. r[3] .. r[4]
-        assert.matches(UUID4, id)
-        assert.equal("x-request-id: " .. id .. "\r\n", r[3], "its request id is the one it sends")
+      local seen = {}
+      for i = 1, 4 do
+        local lean = i > 2
+        local r = pack(c:wire_plain(RUN, lean))
+        assert.equal(lean and 3 or 11, r.n)
+        local bytes = r[1] .. r[2] .. r[3]
+        local id = id_of(r[2])
+        assert.matches(UUID4, id) -- the call's line: its request id, the one it sends
+        assert.is_nil(seen[id], "a fresh request id each call")
+        seen[id] = true
         assert.equal(one_id(general.bytes), one_id(bytes))
-        assert.equal(general.head, r[2])
-        assert.equal(general.tail, r[4])
-        assert.same(general.values, { unpack(r, 5, 11) })
-        assert.equal(4096, r[12]) -- max_body, for the reply
+        assert.equal(general.head, r[1])
+        assert.equal(general.tail, r[3])
+        if not lean then
+          assert.same(general.values, { unpack(r, 4, 10) })
+          assert.equal(4096, r[11]) -- max_body, for the reply
+        end
       end
       c:close()
     end)
@@ -490,6 +499,7 @@ describe("the nginx transport's request", function()
       own_calls(c, 1)
       for _, bad in ipairs { "a/b", "", "..", "x y", 42 } do
         assert.is_false(c:wire_plain(bad), tostring(bad))
+        assert.same({ false, n = 1 }, pack(c:wire_plain(bad, true)), tostring(bad))
       end
       c:close()
     end)
@@ -498,9 +508,10 @@ describe("the nginx transport's request", function()
       local c = own_client()
       own_calls(c, 1)
       for i = 1, 3 do
-        local id = c:wire_plain(RUN)
-        local r = pack(c:wire_reply(reply(ONE), id, 1024, i ~= 2))
-        local t = c:wire_transfer(id, 1024)
+        local l = select(2, c:wire_plain(RUN, true))
+        local id = id_of(l)
+        local r = pack(c:wire_reply(reply(ONE), l, 1024, i ~= 2))
+        local t = c:wire_transfer(l, 1024)
         local want = pack(t:feed_result(reply(ONE), i ~= 2))
         assert.same(want, r)
         local expected = { true, true, { id = "one", etag = '"1"' }, 200, id, n = 5 }
@@ -509,16 +520,16 @@ describe("the nginx transport's request", function()
       end
       -- an error, its request id in it; bytes after the reply: not reusable
       local done, reusable, run, err = c:wire_reply(
-        "HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}", "id-404", 1024, true)
+        "HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}", line("id-404"), 1024, true)
       assert.is_true(done)
       assert.is_true(reusable)
       assert.is_nil(run)
       assert.same({ kind = "http", sent = true, request_id = "id-404", status = 404, body = "{}" }, err)
-      local done2, reusable2, run2 = c:wire_reply(reply(ONE) .. "HTTP/1.1", "id-2", 1024, true)
+      local done2, reusable2, run2 = c:wire_reply(reply(ONE) .. "HTTP/1.1", line("id-2"), 1024, true)
       assert.is_true(done2)
       assert.is_false(reusable2)
       assert.equal("one", run2.id)
-      local _, _, _, too_large = c:wire_reply(reply(ONE), "id-3", 4, true) -- max_body
+      local _, _, _, too_large = c:wire_reply(reply(ONE), line("id-3"), 4, true) -- max_body
       assert.equal("decode", too_large.kind)
       c:close()
     end)
@@ -528,40 +539,50 @@ describe("the nginx transport's request", function()
       own_calls(c, 1)
       local whole = reply(ONE)
       local part = whole:sub(1, #whole - 5)
-      assert.same({ false, n = 1 }, pack(c:wire_reply(part, "id-1", 1024)))
-      local t = c:wire_transfer("id-1", 1024)
+      assert.same({ false, n = 1 }, pack(c:wire_reply(part, line("id-1"), 1024)))
+      local t = c:wire_transfer(line("id-1"), 1024)
       assert.is_false(t:feed_result(part))
       local r = pack(t:feed_result(whole:sub(#whole - 4)))
       assert.same({ true, true, { id = "one", etag = '"1"' }, 200, "id-1", n = 5 }, r)
       -- the next whole reply is its own, nothing of the part before in it
-      assert.equal("one", select(3, c:wire_reply(whole, "id-2", 1024)).id)
+      assert.equal("one", select(3, c:wire_reply(whole, line("id-2"), 1024)).id)
       c:close()
     end)
 
     it("makes a transfer with a request id and max_body, from a spare when given one", function()
       local c = own_client()
-      local t = c:wire_transfer("id-a", 1024)
+      local t = c:wire_transfer(line("id-a"), 1024)
       t:fail("connect", "connect to 127.0.0.1:1 failed: refused", false)
       local _, err = t:result()
       assert.equal("id-a", err.request_id)
       assert.is_false(err.sent)
-      local t2 = c:wire_transfer("id-b", 2, t)
+      local t2 = c:wire_transfer(line("id-b"), 2, t)
       assert.is_true(rawequal(t, t2))
       local _, _, _, err2 = t2:feed_result(reply(ONE))
       assert.equal("decode", err2.kind) -- its own max_body
       assert.equal("id-b", err2.request_id)
-      assert.has_error(function() c:wire_transfer("id-c", 1024, c:wire_transfer("x", 1)) end,
+      assert.has_error(function() c:wire_transfer(line("id-c"), 1024, c:wire_transfer(line("x"), 1)) end,
         "bad argument #3 to 'wire_transfer' (a wire transfer whose result was taken expected)")
-      assert.has_error(function() c:wire_transfer("id-c", -1) end,
+      assert.has_error(function() c:wire_transfer(line("id-c"), -1) end,
         "bad argument #2 to 'wire_transfer' (max_body must be >= 0)")
+      -- a request id alone, or a line not ended by CRLF, is not a call's line
+      for _, bad in ipairs { "id-c", "x-request-id: id-c", "x-request-id: id-c\n", "X-Request-Id: a\r\n",
+          "x-request-id:\r\n" } do
+        assert.has_error(function() c:wire_transfer(bad, 1024) end,
+          "bad argument #1 to 'wire_transfer' (the call's line from wire_plain expected)")
+        assert.has_error(function() c:wire_reply(reply(ONE), bad, 1024) end,
+          "bad argument #2 to 'wire_reply' (the call's line from wire_plain expected)")
+      end
+      local empty = c:wire_transfer(line(""), 1024) -- what the line holds is the id, even none
+      assert.equal("", select(5, empty:feed_result(reply(ONE))))
       c:close()
     end)
 
     it("reads a reply without the scratch for a request id too long for it (a transfer then)", function()
       local c = own_client()
-      assert.same({ false, n = 1 }, pack(c:wire_reply(reply(ONE), ("x"):rep(40), 1024)))
-      assert.is_true((c:wire_reply(reply(ONE), ("x"):rep(39), 1024)))
-      local long = c:wire_transfer(("x"):rep(100), 1024)
+      assert.same({ false, n = 1 }, pack(c:wire_reply(reply(ONE), line(("x"):rep(40)), 1024)))
+      assert.is_true((c:wire_reply(reply(ONE), line(("x"):rep(39)), 1024)))
+      local long = c:wire_transfer(line(("x"):rep(100)), 1024)
       assert.equal(("x"):rep(100), select(5, long:feed_result(reply(ONE))))
       c:close()
     end)
@@ -569,11 +590,12 @@ describe("the nginx transport's request", function()
     it("ends a call in flight when its client was closed meanwhile: false, then a transfer", function()
       local c = own_client()
       own_calls(c, 1)
-      local id = c:wire_plain(RUN)
+      local l = select(2, c:wire_plain(RUN, true))
+      local id = id_of(l)
       c:close()
       assert.has_error(function() c:wire_plain(RUN) end, "flowservice: client is closed")
-      assert.same({ false, n = 1 }, pack(c:wire_reply(reply(ONE), id, 1024)))
-      local t = c:wire_transfer(id, 1024)
+      assert.same({ false, n = 1 }, pack(c:wire_reply(reply(ONE), l, 1024)))
+      local t = c:wire_transfer(l, 1024)
       assert.same({ true, true, { id = "one", etag = '"1"' }, 200, id, n = 5 }, pack(t:feed_result(reply(ONE))))
     end)
   end)

@@ -103,7 +103,7 @@ local function read(reply, how, o)
     if out.ready and not out.at then out.at = fed end
   end
   if how == "whole" then
-    local plain = pack(reply_client:wire_reply(reply, "test", o.max_body or MAX_BODY))
+    local plain = pack(reply_client:wire_reply(reply, "x-request-id: test\r\n", o.max_body or MAX_BODY))
     if ended then
       same_result(ended, plain, "wire_reply gives what feed_result gives", 3)
     else

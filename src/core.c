@@ -351,23 +351,23 @@ static fs_call *call_check(lua_State *L, int idx) {
   return (fs_call *)check_class(L, idx, FS_UV_TRANSFER_MT, FS_TRANSFER_MT);
 }
 
-/* Fill c (zeroed): its kind and the x-request-id it sends. */
-static void call_init(lua_State *L, fs_call *c, int kind, const char *request_id) {
-  size_t n = strlen(request_id);
+/* Fill c (zeroed): its kind and the x-request-id it sends (n bytes). */
+static void call_init(lua_State *L, fs_call *c, int kind, const char *request_id, size_t n) {
   c->kind = kind;
   c->request_id = n < sizeof c->id_buf ? c->id_buf : (char *)malloc(n + 1);
   if (c->request_id == NULL)
     luaL_error(L, "flowservice: out of memory");
-  memcpy(c->request_id, request_id, n + 1);
+  memcpy(c->request_id, request_id, n);
+  c->request_id[n] = '\0';
 }
 
 /* A transfer's userdata, pushed; nothing acquired for it yet. */
-static fs_call *call_new(lua_State *L, int kind, const char *request_id) {
+static fs_call *call_new(lua_State *L, int kind, const char *request_id, size_t n) {
   fs_call *c = (fs_call *)lua_newuserdata(L, sizeof *c);
   memset(c, 0, sizeof *c);
   luaL_getmetatable(L, FS_TRANSFER_MT);
   lua_setmetatable(L, -2);  /* from here on __gc frees what we acquire */
-  call_init(L, c, kind, request_id);
+  call_init(L, c, kind, request_id, n);
   return c;
 }
 
@@ -382,8 +382,9 @@ static void wire_call_fill(fs_call *c, size_t max_body) {
 
 /* A run action's transfer with a reply reader: the nginx transport's,
 ** fed by transfer:feed or ended by transfer:fail. */
-static fs_call *wire_call_new(lua_State *L, size_t max_body, const char *request_id) {
-  fs_call *c = call_new(L, FS_RUN_ACTION, request_id);
+static fs_call *wire_call_new(lua_State *L, size_t max_body, const char *request_id,
+                              size_t n) {
+  fs_call *c = call_new(L, FS_RUN_ACTION, request_id, n);
   wire_call_fill(c, max_body);
   return c;
 }
@@ -421,11 +422,11 @@ static void wire_call_renew(fs_call *c) {
 ** last call kept but a small reply buffer's memory) when there is one;
 ** pushed. */
 static fs_call *wire_call_reuse(lua_State *L, fs_call *spare, int idx, size_t max_body,
-                                const char *request_id) {
+                                const char *request_id, size_t n) {
   if (spare == NULL)
-    return wire_call_new(L, max_body, request_id);
+    return wire_call_new(L, max_body, request_id, n);
   wire_call_renew(spare);
-  call_init(L, spare, FS_RUN_ACTION, request_id);
+  call_init(L, spare, FS_RUN_ACTION, request_id, n);
   wire_call_fill(spare, max_body);
   lua_pushvalue(L, idx);
   return spare;
@@ -439,9 +440,9 @@ static fs_call *call_start(lua_State *L, fs_client *client, int kind,
   fs_call *c = blocking ? call_scratch(client) : NULL;
   CURLcode rc;
   if (c == NULL) {
-    c = call_new(L, kind, r->header[H_REQUEST_ID]);
+    c = call_new(L, kind, r->header[H_REQUEST_ID], strlen(r->header[H_REQUEST_ID]));
   } else {
-    call_init(L, c, kind, r->header[H_REQUEST_ID]);
+    call_init(L, c, kind, r->header[H_REQUEST_ID], strlen(r->header[H_REQUEST_ID]));
     c->t.kept = 1;  /* freed only after the engine (client_free) */
   }
   rc = fs_transfer_prepare(&c->t, &client->engine, r->max_body, kind == FS_RUN_ACTION,
@@ -634,7 +635,7 @@ static int transfer_reusable(lua_State *L) {
 static int core_wire_reader_for_tests(lua_State *L) {
   lua_Integer max_body = luaL_checkinteger(L, 1);
   luaL_argcheck(L, max_body >= 0, 1, "max_body must be >= 0");
-  (void)wire_call_new(L, (size_t)max_body, "test");
+  (void)wire_call_new(L, (size_t)max_body, "test", 4);
   return 1;
 }
 
@@ -827,9 +828,10 @@ static int client_wire_retrigger(lua_State *L) {
       lua_pushboolean(L, 0);
       return 1;
     }
-    (void)wire_call_reuse(L, spare, 4, r.max_body, r.header[H_REQUEST_ID]);
+    (void)wire_call_reuse(L, spare, 4, r.max_body, r.header[H_REQUEST_ID],
+                          strlen(r.header[H_REQUEST_ID]));
     luaL_checkstack(L, 12, "too many results");
-    fs_request_wire_plain_push(L, &r, run_id, len);
+    fs_request_wire_plain_push(L, &r, run_id, len, 1);
     return wire_results(L, &r);
   }
   own_options(L, 1, 3, &r);
@@ -838,7 +840,8 @@ static int client_wire_retrigger(lua_State *L) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  c = wire_call_reuse(L, spare, 4, r.max_body, r.header[H_REQUEST_ID]);
+  c = wire_call_reuse(L, spare, 4, r.max_body, r.header[H_REQUEST_ID],
+                      strlen(r.header[H_REQUEST_ID]));
   luaL_checkstack(L, 12, "too many results");  /* the pieces, then the values after them */
   c->targeted = 1;  /* fs_request_wire may fill it, then raise */
   /* pushes the bytes (three pieces), host, port, pool, tls */
@@ -854,27 +857,31 @@ static int client_wire_retrigger(lua_State *L) {
 /*
 ** The commonest call of the nginx transport, a run action on the client's
 ** own options (wire_retrigger's plain way), made without a transfer: while
-** its reply is awaited the call holds its request id and nothing else, and
-** a reply that comes whole in one read (as nearly every one does) is read
+** its reply is awaited the call holds its own line of the request (its
+** request id in it) and nothing else, and a reply that comes whole in one read (as nearly every one does) is read
 ** in the client's one reused transfer, in the cache from the last reply,
 ** where a transfer of the call's own was last touched when its request
 ** went out, the reply's whole latency before. A reply in pieces, or a
 ** failure, gets a transfer of its own then, which reads it as
 ** wire_retrigger's does.
-**   client:wire_plain(run_id) -> request_id, head, lines, tail, host, port,
-**     pool, tls, verify, timeout_ms, connect_timeout_ms, max_body
-**     (false for a bad run id, as client:retrigger; nil: not this way, the
-**     call takes wire_retrigger)
-**   client:wire_reply(data, request_id, max_body, lean) -> true, reusable
-**     and what transfer:result(lean) gives, when data is the whole reply
-**     (with whatever came after it); else false, nothing kept
-**   client:wire_transfer(request_id, max_body [, spare]) -> the call's
-**     transfer (its reply to be fed from the start, or transfer:fail)
+**   client:wire_plain(run_id [, lean]) -> head, line, tail, host, port,
+**     pool, tls, verify, timeout_ms, connect_timeout_ms, max_body; lean:
+**     the request's three pieces only (false for a bad run id, as
+**     client:retrigger; nil: not this way, the call takes wire_retrigger).
+**     line, the middle piece, is the call's own: "x-request-id: ID\r\n".
+**   client:wire_reply(data, line, max_body, lean) -> true, reusable and
+**     what transfer:result(lean) gives, when data is the whole reply (with
+**     whatever came after it); else false, nothing kept
+**   client:wire_transfer(line, max_body [, spare]) -> the call's transfer
+**     (its reply to be fed from the start, or transfer:fail)
+** The call keeps its line, not a request id string of its own (one string
+** a call fewer made): wire_reply and wire_transfer read the id from it.
 ** wire_reply and wire_transfer work on a closed client too: a call in
 ** flight ends as a transfer of wire_retrigger's would.
 */
 static int client_wire_plain(lua_State *L) {
   fs_client *client = client_check(L, 1);
+  int lean = lua_toboolean(L, 3);
   fs_request r;
   size_t len;
   const char *run_id;
@@ -888,12 +895,26 @@ static int client_wire_plain(lua_State *L) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  luaL_checkstack(L, 13, "too many results");
-  lua_pushstring(L, r.header[H_REQUEST_ID]);
-  fs_request_wire_plain_push(L, &r, run_id, len);
+  if (lean) {
+    fs_request_wire_plain_push(L, &r, run_id, len, 0);  /* within LUA_MINSTACK */
+    return 3;
+  }
+  luaL_checkstack(L, 12, "too many results");
+  fs_request_wire_plain_push(L, &r, run_id, len, 1);
   (void)wire_results(L, &r);
   lua_pushinteger(L, (lua_Integer)r.max_body);
-  return 12;
+  return 11;
+}
+
+/* The request id in a plain call's line at idx ("x-request-id: ID\r\n",
+** as wire_plain gave it), and its length; raises for anything else. */
+static const char *wire_line_id(lua_State *L, int idx, size_t *id_len) {
+  size_t n, p = sizeof FS_ID_LINE - 1;
+  const char *line = luaL_checklstring(L, idx, &n);
+  luaL_argcheck(L, n >= p + 2 && memcmp(line, FS_ID_LINE, p) == 0 && line[n - 2] == '\r'
+                && line[n - 1] == '\n', idx, "the call's line from wire_plain expected");
+  *id_len = n - p - 2;
+  return line + p;
 }
 
 static size_t check_max_body(lua_State *L, int idx) {
@@ -916,7 +937,7 @@ static fs_call *wire_scratch(lua_State *L, fs_client *client, size_t max_body,
   } else {
     wire_call_renew(c);
   }
-  call_init(L, c, FS_RUN_ACTION, request_id);  /* into id_buf: nothing to raise */
+  call_init(L, c, FS_RUN_ACTION, request_id, id_len);  /* into id_buf: nothing to raise */
   wire_call_fill(c, max_body);
   client->wire_scratch_busy = 1;
   return c;
@@ -927,7 +948,7 @@ static int client_wire_reply(lua_State *L) {
   fs_client *client = (fs_client *)check_class(L, 1, FS_UV_CLIENT_MT, FS_CLIENT_MT);
   size_t n, id_len;
   const char *data = luaL_checklstring(L, 2, &n);
-  const char *request_id = luaL_checklstring(L, 3, &id_len);
+  const char *request_id = wire_line_id(L, 3, &id_len);
   size_t max_body = check_max_body(L, 4);
   int lean = lua_toboolean(L, 5), results;
   fs_call *c = wire_scratch(L, client, max_body, request_id, id_len);
@@ -954,11 +975,11 @@ static int client_wire_reply(lua_State *L) {
 
 static int client_wire_transfer(lua_State *L) {
   const char *request_id;
-  size_t max_body;
+  size_t max_body, id_len;
   (void)check_class(L, 1, FS_UV_CLIENT_MT, FS_CLIENT_MT);  /* closed or not */
-  request_id = luaL_checkstring(L, 2);
+  request_id = wire_line_id(L, 2, &id_len);
   max_body = check_max_body(L, 3);
-  (void)wire_call_reuse(L, wire_spare(L, 4), 4, max_body, request_id);
+  (void)wire_call_reuse(L, wire_spare(L, 4), 4, max_body, request_id, id_len);
   return 1;
 }
 

@@ -1121,9 +1121,9 @@ static void add_call_headers(lua_State *L, fs_transfer *t, const fs_request *r) 
   if (r->header[H_IF_MATCH] != NULL)
     add_header(L, t, header_names[H_IF_MATCH], r->header[H_IF_MATCH]);
   add_extra_headers(L, t, r);
-  if (n + sizeof "x-request-id: " <= sizeof t->id_line && !is_blank(id, n)) {
-    memcpy(t->id_line, "x-request-id: ", sizeof "x-request-id: " - 1);
-    memcpy(t->id_line + sizeof "x-request-id: " - 1, id, n + 1);
+  if (n + sizeof FS_ID_LINE <= sizeof t->id_line && !is_blank(id, n)) {
+    memcpy(t->id_line, FS_ID_LINE, sizeof FS_ID_LINE - 1);
+    memcpy(t->id_line + sizeof FS_ID_LINE - 1, id, n + 1);
     t->id_node.data = t->id_line;
     t->id_node.next = NULL;
     own = &t->id_node;
@@ -1568,7 +1568,7 @@ int fs_request_wire_plain(fs_template *tm, fs_request *r) {
 }
 
 void fs_request_wire_plain_push(lua_State *L, const fs_request *r, const char *run_id,
-                                size_t len) {
+                                size_t len, int full) {
   fs_template *tm = r->tmpl;
   const fs_wire_target *w = &tm->wire;
   fs_bytes *b = r->wire_bytes;
@@ -1579,11 +1579,13 @@ void fs_request_wire_plain_push(lua_State *L, const fs_request *r, const char *r
   bytes_add(L, b, tm->url_tail, tm->url_tail_len);
   bytes_add(L, b, w->host_line, w->host_line_len);
   bytes_push(L, b);
-  bytes_add(L, b, "x-request-id: ", sizeof "x-request-id: " - 1);  /* the call's one line */
+  bytes_add(L, b, FS_ID_LINE, sizeof FS_ID_LINE - 1);  /* the call's one line */
   bytes_add(L, b, id, strlen(id));
   bytes_add(L, b, "\r\n", 2);
   bytes_push(L, b);
   lua_rawgeti(L, LUA_REGISTRYINDEX, tm->wire_refs[WIRE_REF_TAIL]);
+  if (!full)
+    return;
   lua_rawgeti(L, LUA_REGISTRYINDEX, tm->wire_refs[WIRE_REF_HOST]);
   lua_pushinteger(L, (lua_Integer)w->port);
   lua_rawgeti(L, LUA_REGISTRYINDEX, tm->wire_refs[WIRE_REF_POOL]);

@@ -188,12 +188,15 @@ void fs_request_wire(lua_State *L, fs_transfer *t, const fs_request *r, fs_wire_
 ** fs_request_wire_plain fills r with what the call reads (the template,
 ** max_body, the timeouts, insecure, a fresh request id) and returns 1, and
 ** fs_request_wire_plain_push, for the run id (checked by the caller: len
-** bytes, fs_run_id_problem), pushes what fs_request_wire pushes. Else 0, r
-** untouched: the caller takes the general way.
+** bytes, fs_run_id_problem), pushes what fs_request_wire pushes (not full:
+** the three pieces only). Else 0, r untouched: the caller takes the general
+** way. The middle piece is the call's x-request-id line, FS_ID_LINE and
+** the id, ended by CRLF.
 */
+#define FS_ID_LINE "x-request-id: "
 int fs_request_wire_plain(fs_template *tm, fs_request *r);
 void fs_request_wire_plain_push(lua_State *L, const fs_request *r, const char *run_id,
-                                size_t len);
+                                size_t len, int full);
 
 #ifdef FS_FUZZING
 /* Test-only (fuzz/request.c): each URL and header list as built, before

@@ -78,9 +78,10 @@ end
 local feed_result -- transfer:feed_result, once a transfer was seen
 
 -- A plain call's transfer, made when it needs one (its reply in pieces, or
--- a failure): a spare of w's made anew, or a new one.
-local function transfer_of(w, request_id, max_body)
-  local t = w.wire_transfer(w.handle, request_id, max_body, spare_of(w))
+-- a failure): a spare of w's made anew, or a new one. line: the call's
+-- x-request-id line (client:wire_plain's), which holds its request id.
+local function transfer_of(w, line, max_body)
+  local t = w.wire_transfer(w.handle, line, max_body, spare_of(w))
   feed_result = feed_result or t.feed_result
   return t
 end
@@ -215,18 +216,18 @@ function _M.retrigger(ngx, w, run_id, opts, lean)
 end
 
 -- What a plain call takes of the client's own options, which never change:
--- read with its first request (the core's plain way gives them each time;
--- from then on the call binds only what is its own).
+-- read with its first request (from then on the core gives a call only what
+-- is its own: the request's pieces).
 local function learn(w, run_id)
-  local request_id, head, lines, tail, host, port, pool, tls, verify, timeout_ms, connect_ms,
-    max_body = w.wire_plain(w.handle, run_id)
-  if request_id then
+  local head, line, tail, host, port, pool, tls, verify, timeout_ms, connect_ms, max_body =
+    w.wire_plain(w.handle, run_id)
+  if head then
     w.host, w.port, w.tls, w.verify, w.max_body = host, port, tls, verify, max_body
     w.timeout_ms, w.timeout_s = timeout_ms, timeout_ms / 1000
     w.connect_ms = connect_ms < timeout_ms and connect_ms or timeout_ms
     w.own_pool = { pool = pool }
   end
-  return request_id, head, lines, tail
+  return head, line, tail
 end
 
 -- A plain call (client:retrigger on the client's own options) whole: its
@@ -236,21 +237,22 @@ end
 -- as nginx reuses request coroutines with the stacks they grew to, every
 -- value live at a call here is a stack slot of every waiting request: so
 -- the call's own values only (the client's constants are w's), the
--- request's pieces scoped to the send, no transfer while the reply is
+-- request's pieces scoped to the send but its own line (its x-request-id,
+-- the request id the reply is read under), no transfer while the reply is
 -- awaited (client:wire_reply reads a reply that comes whole in one read;
 -- one in pieces, or a failure, gets one then). spec/luajit_stack_spec.lua
 -- holds the registers; the README says what it measured.
 function _M.plain(ngx, w, run_id)
-  local request_id, sock, ends
+  local line, sock, ends
   do
-    local head, lines, tail
+    local head, tail
     if w.host then
-      request_id, head, lines, tail = w.wire_plain(w.handle, run_id)
+      head, line, tail = w.wire_plain(w.handle, run_id, true)
     else
-      request_id, head, lines, tail = learn(w, run_id)
+      head, line, tail = learn(w, run_id)
     end
-    if not request_id then -- false: a bad run id, nil: not the core's plain way
-      if request_id == false then return w.finish(run_id, false) end
+    if not head then -- false: a bad run id, nil: not the core's plain way
+      if head == false then return w.finish(run_id, false) end
       return w.finish(run_id, _M.retrigger(ngx, w, run_id, nil, true))
     end
     local started = ngx.now()
@@ -259,35 +261,35 @@ function _M.plain(ngx, w, run_id)
     sock:settimeouts(w.connect_ms, w.timeout_ms, w.timeout_ms)
     local ok, err = sock:connect(w.host, w.port, w.own_pool)
     if not ok then
-      return w.finish(run_id, fail(transfer_of(w, request_id, w.max_body), w, nil, "connect",
+      return w.finish(run_id, fail(transfer_of(w, line, w.max_body), w, nil, "connect",
         err, false, w.host, w.port))
     end
     if (w.tls or ngx.now() ~= started) and sock:getreusedtimes() == 0 then
       ok, err = fresh(ngx.now, sock, w.host, w.tls, w.verify, ends)
       if not ok then
-        return w.finish(run_id, fail(transfer_of(w, request_id, w.max_body), w, sock, "tls",
+        return w.finish(run_id, fail(transfer_of(w, line, w.max_body), w, sock, "tls",
           err, false, w.host, w.port))
       end
     end
-    pieces[1], pieces[2], pieces[3] = head, lines, tail
-    head, lines, tail = nil, nil, nil -- luacheck: ignore 311 (not kept while the reply is awaited)
+    pieces[1], pieces[2], pieces[3] = head, line, tail
+    head, tail = nil, nil -- luacheck: ignore 311 (not kept while the reply is awaited)
     ok, err = sock:send(pieces) -- copies them before it can yield
     pieces[1], pieces[2], pieces[3] = nil, nil, nil
     if not ok then
-      return w.finish(run_id, fail(transfer_of(w, request_id, w.max_body), w, sock, "send",
+      return w.finish(run_id, fail(transfer_of(w, line, w.max_body), w, sock, "send",
         err, true, w.host, w.port))
     end
   end
   local data, rerr = sock:receiveany(READ_SIZE)
   if data then -- the reply's end comes with its result: one call for a reply in one read
-    local done, reusable, run, status, rid, date = w.wire_reply(w.handle, data, request_id,
+    local done, reusable, run, status, rid, date = w.wire_reply(w.handle, data, line,
       w.max_body, true)
     if done then
       if reusable then sock:setkeepalive(IDLE_MS) else sock:close() end
       return w.finish(run_id, run, status, rid, date)
     end
   end
-  return w.finish(run_id, rest(ngx, w, sock, transfer_of(w, request_id, w.max_body), data, rerr,
+  return w.finish(run_id, rest(ngx, w, sock, transfer_of(w, line, w.max_body), data, rerr,
     ends, true, w.host, w.port))
 end
 
