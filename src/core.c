@@ -858,8 +858,9 @@ static int client_wire_retrigger(lua_State *L) {
 ** The commonest call of the nginx transport, a run action on the client's
 ** own options (wire_retrigger's plain way), made without a transfer: while
 ** its reply is awaited the call holds its own line of the request (its
-** request id in it) and nothing else, and a reply that comes whole in one read (as nearly every one does) is read
-** in the client's one reused transfer, in the cache from the last reply,
+** request id in it) and nothing else, and a reply that comes whole in one
+** read (as nearly every one does) is read in the client's one reused
+** transfer, in the cache from the last reply,
 ** where a transfer of the call's own was last touched when its request
 ** went out, the reply's whole latency before. A reply in pieces, or a
 ** failure, gets a transfer of its own then, which reads it as
